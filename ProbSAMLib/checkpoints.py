@@ -1,0 +1,211 @@
+"""Weights: the manifest of known files, the cache, SHA-256 verification, and ProbSAM safetensors files.
+
+Official SAM checkpoints are torch pickles (`sam_vit_*.pth`) verified by SHA-256 before loading.
+ProbSAM weights (prior, posterior, projection, fine-tuned decoder; for the tiny model everything) are
+safetensors with the model config stored as JSON in the file's metadata, so a file rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from .config import ProbSAMConfig
+
+FORMAT = "probsam-v1"
+PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
+
+
+class CheckpointError(ValueError):
+    """A weights file is missing, corrupt, of the wrong model, or cannot be fetched."""
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    name: str
+    filename: str
+    url: Optional[str]
+    sha256: Optional[str]
+    size: Optional[int]  # bytes, for progress display only; the SHA-256 is the check
+    licence: str
+    description: str
+    bundled: bool = False
+
+
+MANIFEST: Dict[str, WeightsEntry] = {
+    "sam_vit_b": WeightsEntry(
+        "sam_vit_b", "sam_vit_b_01ec64.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375_042_383,
+        "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-B image encoder and decoder"),
+    "sam_vit_l": WeightsEntry(
+        "sam_vit_l", "sam_vit_l_0b3195.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1_249_524_607,
+        "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-L image encoder and decoder"),
+    "sam_vit_h": WeightsEntry(
+        "sam_vit_h", "sam_vit_h_4b8939.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2_564_550_879,
+        "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-H image encoder and decoder"),
+    "demo": WeightsEntry(
+        "demo", "probsam_tiny_demo.safetensors", None, None, None, "Apache-2.0",
+        "DEMO model: tiny ProbSAM trained on the rendered LIDC contour phantom. Not for clinical use.",
+        bundled=True),
+}
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: $PROBSAM_CACHE, else the platform's user cache directory."""
+    override = os.environ.get("PROBSAM_CACHE")
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("ProbSAMSlicer", appauthor=False)) / "weights"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: Optional[str]) -> None:
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: SHA-256 {actual} does not match the expected {expected}. The file is corrupt, "
+            f"truncated or a different model; delete it and download it again."
+        )
+
+
+def entry_path(entry: WeightsEntry) -> Path:
+    return PACKAGE_MODELS / entry.filename if entry.bundled else cache_dir() / entry.filename
+
+
+def resolve_weights(name: str, path: Optional[Path] = None, download: bool = True, progress: bool = True) -> Path:
+    """A verified local file for manifest entry `name`: the given path, the cache, or a fresh download."""
+    if name not in MANIFEST:
+        raise CheckpointError(f"unknown weights {name!r}; known: {', '.join(sorted(MANIFEST))}")
+    entry = MANIFEST[name]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"weights file {path} does not exist")
+        verify_sha256(path, entry.sha256)
+        return path
+    target = entry_path(entry)
+    if target.is_file():
+        verify_sha256(target, entry.sha256)
+        return target
+    if entry.bundled:
+        raise CheckpointError(f"the bundled weights {target} are missing from this installation")
+    if not download:
+        raise CheckpointError(_offline_message(entry, target))
+    _download(entry, target, progress)
+    return target
+
+
+def _offline_message(entry: WeightsEntry, target: Path) -> str:
+    return (f"{entry.filename} is not available offline. Download it from {entry.url} on a machine with "
+            f"internet access and either put it at {target} or pass its path with --checkpoint.")
+
+
+def _download(entry: WeightsEntry, target: Path, progress: bool) -> None:
+    """Download to a temporary name, verify, then move into place: no partial file is ever left."""
+    from tqdm.auto import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=entry.filename + ".", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or entry.size or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=entry.filename, disable=not progress) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    bar.update(len(block))
+        verify_sha256(Path(tmp_name), entry.sha256)
+        os.replace(tmp_name, target)
+    except OSError as error:  # URLError is an OSError
+        raise CheckpointError(f"could not download {entry.url}: {error}. " + _offline_message(entry, target)) from error
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def load_torch_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
+    """An official SAM .pth as a state dict, with a clear error for truncated or foreign files."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError...
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def save_probsam(model: torch.nn.Module, path: Path, heads_only: bool = False, extra: Optional[dict] = None) -> None:
+    """Write a ProbSAM model (or, for large SAMs, everything but the frozen image encoder) as safetensors.
+
+    The file is written to a temporary name and renamed, so an interrupted save never leaves a
+    truncated file at `path`.
+    """
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if heads_only:
+        state = {k: v for k, v in state.items() if not k.startswith("sam.image_encoder.")}
+    metadata = {"format": FORMAT, "config": model.config.to_json(),
+                "contents": "heads" if heads_only else "full", "extra": json.dumps(extra or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp_name, metadata=metadata)
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def read_probsam_file(path: Path) -> Tuple[ProbSAMConfig, Dict[str, torch.Tensor], Dict[str, str]]:
+    """(config, state dict, metadata) of a ProbSAM safetensors file; CheckpointError if it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # SafetensorError for truncated/garbled headers and data
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a ProbSAM checkpoint (no {FORMAT} config)")
+    return ProbSAMConfig.from_json(metadata["config"]), state, metadata
+
+
+def copy_into_cache(source: Path, name: str) -> Path:
+    """Verify a user-supplied file for manifest entry `name` and copy it into the cache (offline sites)."""
+    entry = MANIFEST[name]
+    verify_sha256(Path(source), entry.sha256)
+    target = entry_path(entry)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, target)
+    return target

@@ -1,0 +1,106 @@
+"""Configuration of a Probabilistic SAM model.
+
+One dataclass holds everything needed to rebuild a model from scratch; it is stored as JSON next to
+every checkpoint (in the safetensors metadata) so a weights file always carries its architecture.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+# SAM's image-encoder variants (segment_anything/build_sam.py) plus a tiny one for tests and the demo.
+ENCODER_VARIANTS: Dict[str, Dict[str, Any]] = {
+    "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
+    "vit_l": dict(embed_dim=1024, depth=24, num_heads=16, global_attn_indexes=(5, 11, 17, 23)),
+    "vit_b": dict(embed_dim=768, depth=12, num_heads=12, global_attn_indexes=(2, 5, 8, 11)),
+    "tiny": dict(embed_dim=128, depth=4, num_heads=4, global_attn_indexes=(1, 3)),
+}
+
+# Lung window (centre, width) in HU: the window radiologists read nodules in.
+LUNG_WINDOW: Tuple[float, float] = (-600.0, 1500.0)
+
+
+@dataclass
+class ProbSAMConfig:
+    """Architecture and preprocessing of one ProbSAM model.
+
+    Arguments:
+      encoder: one of ENCODER_VARIANTS ("vit_b", "vit_l", "vit_h", "tiny").
+      img_size: the encoder's square input size (SAM: 1024).
+      patch_size: ViT patch size; the image embedding is img_size // patch_size on a side.
+      prompt_dim: channels of the image embedding and prompt tokens (SAM: 256).
+      decoder_mlp_dim: MLP width in the mask decoder's two-way transformer (SAM: 2048).
+      window_size: ViT windowed-attention size (SAM: 14).
+      latent_dim: size of z.
+      latent_hidden: channels of the prior/posterior conv trunk.
+      latent_to_dense: also add a projection of z to the dense prompt embedding (off = the paper).
+      window: CT window (centre, width) in HU used to map HU to [0, 1]; None = images already in [0, 1].
+      freeze_encoder: keep the image encoder fixed in training (the default; enables embedding caches).
+    """
+
+    encoder: str = "vit_b"
+    img_size: int = 1024
+    patch_size: int = 16
+    prompt_dim: int = 256
+    decoder_mlp_dim: int = 2048
+    window_size: int = 14
+    latent_dim: int = 6
+    latent_hidden: int = 128
+    latent_to_dense: bool = False
+    window: Tuple[float, float] | None = LUNG_WINDOW
+    freeze_encoder: bool = True
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODER_VARIANTS:
+            raise ValueError(
+                f"unknown encoder {self.encoder!r}; choose one of {sorted(ENCODER_VARIANTS)}"
+            )
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
+        if self.latent_dim < 1:
+            raise ValueError(f"latent_dim must be >= 1, got {self.latent_dim}")
+        if self.window is not None:
+            self.window = (float(self.window[0]), float(self.window[1]))
+            if self.window[1] <= 0:
+                raise ValueError(f"window width must be positive, got {self.window[1]}")
+
+    @property
+    def embedding_size(self) -> int:
+        """Side of the image embedding grid."""
+        return self.img_size // self.patch_size
+
+    @property
+    def low_res_size(self) -> int:
+        """Side of the mask decoder's logits (4x the embedding grid)."""
+        return 4 * self.embedding_size
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ProbSAMConfig":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)} (written by a newer ProbSAMLib?)")
+        if data.get("window") is not None:
+            data["window"] = tuple(data["window"])
+        return cls(**data)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "ProbSAMConfig":
+        """The standard configurations: SAM's three sizes at 1024², and the tiny test/demo model."""
+        if name == "tiny":
+            base = dict(encoder="tiny", img_size=128, patch_size=8, prompt_dim=128,
+                        decoder_mlp_dim=512, window_size=8, latent_hidden=64)
+        elif name in ("vit_b", "vit_l", "vit_h"):
+            base = dict(encoder=name)
+        else:
+            raise ValueError(f"unknown model preset {name!r}; choose tiny, vit_b, vit_l or vit_h")
+        base.update(overrides)
+        return cls(**base)

@@ -1,0 +1,93 @@
+"""Image and box preprocessing: HU -> window -> SAM's input frame, and logits back to the crop.
+
+SAM expects an RGB image in 0..255, resized so its longest side equals the encoder's input size,
+normalised with SAM's pixel mean/std and padded bottom-right to a square (Sam.preprocess does the last
+two steps). Boxes go through the same resize; logits come back through the inverse.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def window_ct(hu: np.ndarray | torch.Tensor, window: Optional[Tuple[float, float]]):
+    """Map CT intensities in HU to [0, 1] with a (centre, width) window; None = already in [0, 1]."""
+    if window is None:
+        return hu.clip(0.0, 1.0) if isinstance(hu, np.ndarray) else hu.clamp(0.0, 1.0)
+    centre, width = window
+    scaled = (hu - (centre - width / 2.0)) / width
+    return scaled.clip(0.0, 1.0) if isinstance(hu, np.ndarray) else scaled.clamp(0.0, 1.0)
+
+
+def resized_shape(height: int, width: int, target: int) -> Tuple[int, int]:
+    """Shape after resizing so that the longest side equals `target` (SAM's ResizeLongestSide)."""
+    scale = target / max(height, width)
+    return int(round(height * scale)), int(round(width * scale))
+
+
+def images_to_model_input(
+    images01: torch.Tensor, img_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
+) -> torch.Tensor:
+    """Grey images in [0, 1] -> SAM's normalised, padded encoder input.
+
+    Arguments:
+      images01: (B, H, W) float in [0, 1].
+      pixel_mean, pixel_std: SAM's (3, 1, 1) buffers in 0..255 units.
+
+    Returns:
+      (B, 3, img_size, img_size) float tensor.
+    """
+    if images01.ndim != 3:
+        raise ValueError(f"expected images shaped (B, H, W), got {tuple(images01.shape)}")
+    h, w = images01.shape[-2:]
+    new_h, new_w = resized_shape(h, w, img_size)
+    x = images01.unsqueeze(1).float() * 255.0
+    if (new_h, new_w) != (h, w):
+        x = F.interpolate(x, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    x = x.expand(-1, 3, -1, -1)
+    x = (x - pixel_mean) / pixel_std
+    return F.pad(x, (0, img_size - new_w, 0, img_size - new_h))
+
+
+def boxes_to_model_frame(boxes: torch.Tensor, image_hw: Sequence[int], img_size: int) -> torch.Tensor:
+    """(..., 4) boxes (x1, y1, x2, y2) in image pixels -> the encoder's input frame."""
+    h, w = image_hw
+    new_h, new_w = resized_shape(h, w, img_size)
+    scale = torch.tensor([new_w / w, new_h / h, new_w / w, new_h / h], dtype=boxes.dtype,
+                         device=boxes.device)
+    return boxes * scale
+
+
+def logits_to_image(logits: torch.Tensor, image_hw: Sequence[int], img_size: int) -> torch.Tensor:
+    """Decoder logits (..., h, w) on the padded square -> logits on the original (H, W) image.
+
+    Upsample to the padded input, crop the padding away, resize to the image (Sam.postprocess_masks).
+    """
+    lead = logits.shape[:-2]
+    x = logits.reshape(-1, 1, *logits.shape[-2:]).float()
+    x = F.interpolate(x, (img_size, img_size), mode="bilinear", align_corners=False)
+    new_h, new_w = resized_shape(image_hw[0], image_hw[1], img_size)
+    x = x[..., :new_h, :new_w]
+    if (new_h, new_w) != tuple(image_hw):
+        x = F.interpolate(x, tuple(image_hw), mode="bilinear", align_corners=False)
+    return x.reshape(*lead, *image_hw)
+
+
+def masks_to_low_res(masks: torch.Tensor, image_hw: Sequence[int], img_size: int, low_res: int) -> torch.Tensor:
+    """Binary masks (..., H, W) on the image -> soft targets (..., low_res, low_res) on the decoder grid.
+
+    The inverse path of logits_to_image: resize to the model frame, pad, area-downsample. Used for the
+    posterior's input and as the training target at the decoder's native resolution.
+    """
+    lead = masks.shape[:-2]
+    x = masks.reshape(-1, 1, *masks.shape[-2:]).float()
+    new_h, new_w = resized_shape(image_hw[0], image_hw[1], img_size)
+    if (new_h, new_w) != tuple(image_hw):
+        x = F.interpolate(x, (new_h, new_w), mode="bilinear", align_corners=False)
+    x = F.pad(x, (0, img_size - new_w, 0, img_size - new_h))
+    x = F.adaptive_avg_pool2d(x, (low_res, low_res))
+    return x.reshape(*lead, low_res, low_res)
