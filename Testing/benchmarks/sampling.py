@@ -1,0 +1,79 @@
+"""Benchmark: the cost of 16 ProbSAM samples relative to one deterministic SAM box prediction.
+
+Prints, measured side by side in one run for each model:
+  - sam_1:        one deterministic box prediction (encode + decode 1 mask), what SAM costs;
+  - probsam_16:   16 samples as ProbSAMLib does it (encode ONCE, decode 16 latents in one batched pass);
+  - reference_16: 16 samples as the reference implementation does it (a full forward, encoder
+                  included, for every sample);
+and the ratios probsam_16 / sam_1 and reference_16 / probsam_16. Random weights: timing only.
+
+    python Testing/benchmarks/sampling.py                       # tiny and vit_b on the chosen device
+    python Testing/benchmarks/sampling.py --models tiny --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from ProbSAMLib import ProbSAMConfig, build_probsam
+from ProbSAMLib.device import autocast, choose_device
+
+
+def timed(fn, device, repeats):
+    """Median wall time of fn() over `repeats` runs after one warm-up, synchronising CUDA."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_model(name: str, device: torch.device, repeats: int, n: int = 16):
+    model = build_probsam(ProbSAMConfig.preset(name), seed=0).to(device).eval()
+    size = model.config.img_size
+    image = torch.rand(1, size, size, device=device)
+    box = torch.tensor([[size * 0.3, size * 0.3, size * 0.6, size * 0.6]], device=device)
+    gen = torch.Generator().manual_seed(0)
+
+    @torch.no_grad()
+    def predict(n_samples: int, mode: str = "sample"):
+        with autocast(device):
+            emb = model.encode(image)
+            z = model.latents(emb, box, n_samples, gen, mode)
+            return model.decode(emb, box, z)
+
+    sam_1 = timed(lambda: predict(1, "mean"), device, repeats)
+    probsam_n = timed(lambda: predict(n), device, repeats)
+    reference_n = timed(lambda: [predict(1) for _ in range(n)], device, max(1, repeats // 3))
+    return sam_1, probsam_n, reference_n
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", default=["tiny", "vit_b"])
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = choose_device(args.device)
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    print(f"device {device} ({precision}), torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(f"{'model':<7} {'sam_1 s':>9} {'probsam_16 s':>13} {'reference_16 s':>15} "
+          f"{'probsam/sam':>12} {'reference/probsam':>18}")
+    for name in args.models:
+        sam_1, probsam_n, reference_n = bench_model(name, device, args.repeats)
+        print(f"{name:<7} {sam_1:9.4f} {probsam_n:13.4f} {reference_n:15.4f} "
+              f"{probsam_n / sam_1:12.2f} {reference_n / probsam_n:18.2f}")
+
+
+if __name__ == "__main__":
+    main()
