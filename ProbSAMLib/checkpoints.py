@@ -121,8 +121,10 @@ def resolve_weights(name: str, path: Optional[Path] = None, download: bool = Tru
 
 
 def _offline_message(entry: WeightsEntry, target: Path) -> str:
+    flag = "--sam-checkpoint" if entry.name.startswith("sam_") else "--checkpoint"
     return (f"{entry.filename} is not available offline. Download it from {entry.url} on a machine with "
-            f"internet access and either put it at {target} or pass its path with --checkpoint.")
+            f"internet access and either put it at {target}, pass its path with {flag}, or install it with "
+            f"`probsam fetch {entry.name} --from FILE`.")
 
 
 def _download(entry: WeightsEntry, target: Path, progress: bool) -> None:

@@ -107,7 +107,7 @@ def test_sha256_mismatch_is_refused(tmp_path, monkeypatch):
 
 def test_missing_weights_offline_say_where_to_put_them(tmp_path, monkeypatch):
     monkeypatch.setenv("PROBSAM_CACHE", str(tmp_path / "cache"))
-    with pytest.raises(CheckpointError, match=r"sam_vit_b_01ec64\.pth.*cache.*--checkpoint"):
+    with pytest.raises(CheckpointError, match=r"sam_vit_b_01ec64\.pth.*cache.*--sam-checkpoint.*probsam fetch sam_vit_b"):
         checkpoints.resolve_weights("sam_vit_b", download=False)
 
 

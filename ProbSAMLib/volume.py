@@ -1,0 +1,312 @@
+"""Sampling a CT volume: one 3D box -> N coherent 3D segmentations and their uncertainty volumes.
+
+The model is 2D: it works on axial slices ``volume[k]`` ((J, I) = rows y, columns x) with the box's
+per-slice 2D box (``geometry.slice_boxes_2d``). For every slice of the voxel box:
+
+1. Context window. The model sees a square window centred on the box, of side
+   ``max(min_context, longest box side + 2 * CONTEXT_MARGIN_PX)`` pixels, shifted to stay inside the
+   slice and cut to the slice where the slice is smaller. ``min_context`` is the crop size the model was
+   trained on (``config.extra["context_size"]``), else its input size ``config.img_size`` — so the tiny
+   demo model sees a 128² crop as in training, and SAM (1024) sees the whole 512² slice as SAM does.
+   The window is the same on every slice, since the voxel box is a block of the grid.
+2. Encoding in chunks of ``slice_batch`` slices (the encoder runs once per slice). ``None`` chooses the
+   chunk from free memory; a CUDA out-of-memory error halves it and retries the chunk.
+3. Coherent latents. The prior P(z | slice, box) depends on the slice, so "one z per sample" means one
+   standard-normal draw eps_n (N, L) per sample, taken once from the seeded CPU generator and used on
+   every slice k as z_kn = mu_k + sigma_k * eps_n: sample n sits at the same place in every slice's
+   prior (the same "reader"), and is a coherent 3D segmentation. ``z_mode="per_slice"`` draws a fresh
+   eps for every slice instead (slices independent; for comparison). All eps are drawn before any slice
+   is processed, so the result does not depend on ``slice_batch``.
+4. Decoding the N samples of a chunk in one pass; probabilities of the box's pixels are kept, the rest
+   of the window is discarded (the box is the prompt: the object is inside it). Masks are
+   probability > 0.5. Outside the voxel box every output is 0.
+
+Arrays are numpy ``(K, J, I)`` / ``(N, K, J, I)`` on the input's full grid (CONTRACTS.md). The full-grid
+arrays are allocated with ``np.zeros``, whose untouched pages the OS does not commit: memory in use
+grows with the box, not the volume.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import report
+from .config import ENCODER_VARIANTS
+from .device import autocast
+from .geometry import VolumeGeometry, VoxelBox, slice_boxes_2d
+from .model import ProbSAM
+from .preprocess import boxes_to_model_frame
+from .sampling import images_to_unit, make_generator, sample_from_embeddings
+from .uncertainty import uncertainty_maps
+
+THRESHOLD = 0.5
+CONTEXT_MARGIN_PX = 16
+Z_MODES = ("per_sample", "per_slice")
+# Chunks larger than this gain nothing on a CPU and only cost memory.
+_CPU_MAX_BATCH = 8
+_GPU_MAX_BATCH = 32
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """Raised when ``cancel()`` returned True; no partial result is returned."""
+
+
+@dataclass
+class VolumeSamplingResult:
+    """N sampled masks and the uncertainty volumes, on the input volume's full grid.
+
+    masks (N, K, J, I) bool; mean_probability, entropy (nats), variance, mutual_information (K, J, I)
+    float32, 0 outside the box; summary: JSON-ready dict (see ``report.volume_summary``).
+    eps (Kb, N, L) and z (Kb, N, L): the standard-normal draws and the latents used on each of the
+    box's Kb slices (eps is the same on every slice with z_mode "per_sample").
+    """
+
+    masks: np.ndarray
+    mean_probability: np.ndarray
+    entropy: np.ndarray
+    variance: np.ndarray
+    mutual_information: np.ndarray
+    voxel_box: VoxelBox
+    geometry: VolumeGeometry
+    summary: dict
+    eps: Optional[np.ndarray] = field(default=None, repr=False)
+    z: Optional[np.ndarray] = field(default=None, repr=False)
+
+
+# --- the context window -------------------------------------------------------------------------------
+def min_context_size(model: ProbSAM) -> int:
+    """Side in pixels of the smallest window the model should see (its training crop or input size)."""
+    return int(model.config.extra.get("context_size", model.config.img_size))
+
+
+def context_window(box2d, image_hw, min_side: int, margin: int = CONTEXT_MARGIN_PX) -> tuple:
+    """The (r0, r1, c0, c1) window (end exclusive) around a 2D box (x1, y1, x2, y2) on an (H, W) slice."""
+    x1, y1, x2, y2 = box2d
+    side = max(int(min_side), int(max(x2 - x1, y2 - y1)) + 2 * margin)
+    window = []
+    for lo, hi, size in ((y1, y2, image_hw[0]), (x1, x2, image_hw[1])):
+        extent = min(side, size)
+        start = int(round((lo + hi) / 2 - extent / 2))
+        start = min(max(start, 0), size - extent)
+        window += [start, start + extent]
+    return tuple(window)
+
+
+# --- chunk size -----------------------------------------------------------------------------------------
+def _bytes_per_slice(model: ProbSAM, n_samples: int, half: bool) -> int:
+    """A generous estimate of the peak memory one slice needs in the encoder and the N-sample decoder."""
+    config = model.config
+    variant = ENCODER_VARIANTS[config.encoder]
+    tokens = config.embedding_size ** 2
+    element = 2 if half else 4
+    # SAM's global attention materialises (heads, T, T) scores; softmax and rel-pos keep ~3 copies.
+    attention = 3 * variant["num_heads"] * tokens ** 2 * element
+    activations = 16 * tokens * variant["embed_dim"] * element
+    # Decoder: N logit maps upsampled to img_size², in float32, plus the resized copies.
+    decoder = 3 * n_samples * config.img_size ** 2 * 4
+    return attention + activations + decoder
+
+
+def _available_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    if device.type == "cpu":
+        try:
+            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+        except (ValueError, OSError, AttributeError):  # not on Linux/macOS
+            return 2 << 30
+    return 1 << 30  # MPS reports no free memory; stay modest
+
+
+def choose_slice_batch(model: ProbSAM, n_samples: int, n_slices: int) -> int:
+    """Slices per chunk: half the free memory divided by the per-slice estimate, within [1, cap]."""
+    device = model.device
+    per_slice = _bytes_per_slice(model, n_samples, half=device.type == "cuda")
+    budget = _available_bytes(device) // 2
+    cap = _GPU_MAX_BATCH if device.type == "cuda" else _CPU_MAX_BATCH
+    return int(max(1, min(cap, n_slices, budget // per_slice)))
+
+
+# --- sampling -------------------------------------------------------------------------------------------
+def _draw_noise(generator: torch.Generator, n_slices: int, n_samples: int, latent_dim: int,
+                z_mode: str) -> torch.Tensor:
+    """(Kb, N, L) standard-normal eps on the CPU: one draw per sample, or one per slice and sample."""
+    if z_mode == "per_sample":
+        eps = torch.randn((n_samples, latent_dim), generator=generator)
+        return eps.unsqueeze(0).expand(n_slices, -1, -1).contiguous()
+    return torch.randn((n_slices, n_samples, latent_dim), generator=generator)
+
+
+@torch.no_grad()
+def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict):
+    """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU."""
+    device = model.device
+    start = time.perf_counter()
+    images01 = images_to_unit(model, np.array(images_hu, dtype=np.float32))  # a writable copy for torch
+    with autocast(device):
+        embeddings = model.encode(images01.to(device)).float()
+    _sync(device)
+    timings["encode_s"] += time.perf_counter() - start
+
+    start = time.perf_counter()
+    image_hw = tuple(images01.shape[-2:])
+    boxes = torch.tensor([box_in_window], dtype=torch.float32, device=device).expand(len(images_hu), 4)
+    prior = model.prior_distribution(embeddings, boxes_to_model_frame(boxes, image_hw, model.config.img_size))
+    mu, sigma = prior.base_dist.loc, prior.base_dist.scale  # (B, L)
+    z = mu.unsqueeze(1) + sigma.unsqueeze(1) * eps.to(device, mu.dtype)
+    probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], z=z)
+    _sync(device)
+    timings["decode_s"] += time.perf_counter() - start
+    return probs, z
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _is_oom(error: BaseException) -> bool:
+    oom = getattr(torch.cuda, "OutOfMemoryError", ())
+    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
+
+
+def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: torch.Tensor, batch: int,
+                progress: ProgressFn, cancel: Optional[CancelFn]):
+    """All slices of ``region`` (Kb, h, w), ``batch`` at a time; the box part of every probability map.
+
+    Returns probabilities (N, Kb, Jb, Ib), z (Kb, N, L), the final batch, the OOM retries and timings.
+    """
+    n_slices, n_samples = eps.shape[:2]
+    rows, cols = crop
+    probs_box = np.zeros((n_samples, n_slices, rows.stop - rows.start, cols.stop - cols.start), np.float32)
+    z_used = np.zeros(tuple(eps.shape), dtype=np.float32)
+    timings = {"encode_s": 0.0, "decode_s": 0.0}
+    oom_retries, done = 0, 0
+    while done < n_slices:
+        if cancel is not None and cancel():
+            raise Cancelled("sampling was cancelled")
+        stop = min(done + batch, n_slices)
+        try:
+            probs, z = _sample_chunk(model, region[done:stop], box_in_window, eps[done:stop], timings)
+        except Exception as error:  # out of GPU memory: halve the chunk and retry it
+            if not _is_oom(error):
+                raise
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if batch == 1:
+                raise RuntimeError("out of GPU memory with a single slice per batch; use a smaller model or "
+                                   "--device cpu") from error
+            batch, oom_retries = max(1, batch // 2), oom_retries + 1
+            continue
+        probs_box[:, done:stop] = probs[:, :, rows, cols].transpose(0, 1).float().cpu().numpy()
+        z_used[done:stop] = z.float().cpu().numpy()
+        done = stop
+        progress(0.9 * done / n_slices, f"slices {done}/{n_slices}")
+    if cancel is not None and cancel():
+        raise Cancelled("sampling was cancelled")
+    return probs_box, z_used, batch, oom_retries, timings
+
+
+def _check_inputs(volume_hu, geometry: VolumeGeometry, voxel_box: VoxelBox, n_samples: int, z_mode: str):
+    volume = np.asarray(volume_hu)
+    if volume.ndim != 3:
+        raise ValueError(f"the volume must be a 3D array (K, J, I), got shape {volume.shape}")
+    if volume.shape != geometry.shape:
+        raise ValueError(f"volume shape {volume.shape} does not match the geometry (K, J, I) {geometry.shape}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if z_mode not in Z_MODES:
+        raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
+    if any(h > s for h, s in zip(voxel_box.hi, geometry.size)):
+        raise ValueError(f"voxel box {voxel_box.lo}..{voxel_box.hi} reaches past the volume {geometry.size}")
+    width, height, _ = voxel_box.size
+    if width < 2 or height < 2:
+        raise ValueError(f"the box is only {width} x {height} voxels in the slice plane; draw it around the "
+                         f"whole object (at least 2 x 2 voxels)")
+    return volume
+
+
+def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box: VoxelBox,
+                  n_samples: int = 16, seed: Optional[int] = None, z_mode: str = "per_sample",
+                  slice_batch: Optional[int] = None, progress: Optional[ProgressFn] = None,
+                  cancel: Optional[CancelFn] = None) -> VolumeSamplingResult:
+    """N coherent 3D samples of the object in ``voxel_box`` and the uncertainty volumes.
+
+    Arguments:
+      model: a ProbSAM in eval mode on its device (``build.load_model``).
+      volume_hu: (K, J, I) CT in HU (or [0, 1] when ``model.config.window`` is None).
+      geometry: the volume's grid; voxel_box: the box (``geometry.voxel_box_from_*``).
+      seed: None draws a seed, which the summary records, so every run can be repeated.
+      z_mode: "per_sample" (one draw per sample, used on every slice) or "per_slice".
+      slice_batch: slices per encoder chunk; None = chosen from free memory.
+      progress: ``progress(fraction, message)``; cancel: ``cancel() -> bool``, checked between chunks.
+    """
+    started = time.perf_counter()
+    volume = _check_inputs(volume_hu, geometry, voxel_box, n_samples, z_mode)
+    model.eval()
+    report_progress = progress or (lambda fraction, message: None)
+    seed_given = seed is not None
+    seed = int(seed) if seed_given else secrets.randbits(63)
+
+    slices = slice_boxes_2d(voxel_box)
+    x1, y1, x2, y2 = slices[0][1]
+    r0, r1, c0, c1 = context_window((x1, y1, x2, y2), volume.shape[1:], min_context_size(model))
+    region = volume[voxel_box.lo[2]:voxel_box.hi[2], r0:r1, c0:c1]
+    if not np.isfinite(region).all():
+        raise ValueError(f"the volume holds {int(region.size - np.isfinite(region).sum())} NaN or infinite "
+                         f"values around the box; fix or mask them before segmenting")
+    box_in_window = (x1 - c0, y1 - r0, x2 - c0, y2 - r0)
+
+    n_slices = len(slices)
+    eps = _draw_noise(make_generator(seed), n_slices, n_samples, model.config.latent_dim, z_mode)
+    batch = int(slice_batch) if slice_batch else choose_slice_batch(model, n_samples, n_slices)
+    if batch < 1:
+        raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
+    report_progress(0.0, f"sampling {n_samples} masks on {n_slices} slices")
+    crop = (slice(y1 - r0, y2 - r0), slice(x1 - c0, x2 - c0))
+    probs_box, z_used, batch, oom_retries, timings = _run_chunks(
+        model, region, box_in_window, crop, eps, batch, report_progress, cancel)
+
+    report_progress(0.9, "uncertainty maps and summary")
+    result = _assemble(probs_box, geometry, voxel_box)
+    result.eps, result.z = eps.numpy().astype(np.float32), z_used
+    settings = {"n_samples": n_samples, "seed": seed, "seed_given": seed_given, "z_mode": z_mode,
+                "threshold": THRESHOLD, "slice_batch": batch, "oom_retries": oom_retries,
+                "device": str(model.device), "context_window_rc": [r0, r1, c0, c1],
+                "encoder": model.config.encoder, "latent_dim": model.config.latent_dim}
+    result.summary = report.volume_summary(result, settings, timings)
+    timings["total_s"] = time.perf_counter() - started
+    result.summary["timings_s"] = {key: round(value, 4) for key, value in timings.items()}
+    report_progress(1.0, "done")
+    return result
+
+
+def _assemble(probs_box: np.ndarray, geometry: VolumeGeometry, voxel_box: VoxelBox) -> VolumeSamplingResult:
+    """Uncertainty on the box, then everything placed on the full grid (zeros outside the box)."""
+    maps = uncertainty_maps(probs_box)
+    inside = voxel_box.slices()
+    n = probs_box.shape[0]
+
+    def full(values: np.ndarray, dtype, lead: tuple = ()) -> np.ndarray:
+        out = np.zeros(lead + geometry.shape, dtype=dtype)
+        out[(slice(None),) * len(lead) + inside] = values
+        return out
+
+    return VolumeSamplingResult(
+        masks=full(probs_box > THRESHOLD, bool, (n,)),
+        mean_probability=full(maps.mean_probability, np.float32),
+        entropy=full(maps.entropy, np.float32),
+        variance=full(maps.variance, np.float32),
+        mutual_information=full(maps.mutual_information, np.float32),
+        voxel_box=voxel_box, geometry=geometry, summary={})

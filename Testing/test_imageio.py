@@ -1,0 +1,246 @@
+"""Volume reading, atomic output folders, images, sample files and Slicer .seg.nrrd files."""
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from ProbSAMLib import nrrd
+from ProbSAMLib.geometry import VolumeGeometry
+from ProbSAMLib.imageio import (AtomicOutputDir, MultipleSeriesError, OutputExistsError, VolumeReadError,
+                                distinct_colors, read_segment_metadata, read_segmentation, read_volume,
+                                write_image, write_sample_files, write_segmentation)
+
+C, S = np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30))
+T, U = np.cos(np.deg2rad(12)), np.sin(np.deg2rad(12))
+OBLIQUE = np.array([[C, -S, 0], [S, C, 0], [0, 0, 1]]) @ np.array([[1, 0, 0], [0, T, -U], [0, U, T]])
+GEOMETRY = VolumeGeometry((18, 14, 9), (-30.5, 12.25, 101.0), (0.7, 0.8, 2.5), OBLIQUE)
+
+
+def sample_image(values=None, geometry=GEOMETRY, dtype=np.int16):
+    if values is None:
+        values = np.arange(np.prod(geometry.shape)).reshape(geometry.shape) % 2000 - 1000
+    return geometry.apply_to(sitk.GetImageFromArray(values.astype(dtype)))
+
+
+# --- reading ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("suffix", [".nrrd", ".nii.gz", ".mha"])
+def test_read_volume_files_keep_geometry_and_values(tmp_path, suffix):
+    image = sample_image()
+    sitk.WriteImage(image, str(tmp_path / f"ct{suffix}"))
+    volume = read_volume(tmp_path / f"ct{suffix}")
+    assert volume.GetPixelID() == sitk.sitkFloat32
+    # NIfTI stores geometry in float32: a looser tolerance there.
+    assert VolumeGeometry.from_sitk(volume).isclose(GEOMETRY, 1e-4)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(volume), sitk.GetArrayFromImage(image))
+
+
+def write_dicom_series(folder, values, uid, description, prefix):
+    """A CT series, one file per slice, written with SimpleITK (origin (0, 0, 0), spacing .8/.8/2.5)."""
+    image = sitk.GetImageFromArray(values.astype(np.int16))
+    image.SetSpacing((0.8, 0.8, 2.5))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    for k in range(values.shape[0]):
+        piece = image[:, :, k]
+        for tag, value in (("0008|0060", "CT"), ("0008|103e", description), ("0020|000d", "1.2.3.4.5"),
+                           ("0020|000e", uid), ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(k + 1)),
+                           ("0008|0018", f"{uid}.{k + 1}"), ("0018|0050", "2.5"),
+                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))):
+            piece.SetMetaData(tag, value)
+        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
+        writer.Execute(piece)
+
+
+def test_dicom_folder_one_and_two_series(tmp_path):
+    first = np.arange(4 * 6 * 5).reshape(4, 6, 5) - 50
+    write_dicom_series(tmp_path, first, "1.2.3.4.5.1", "lung window", "a")
+    volume = read_volume(tmp_path)
+    assert volume.GetSize() == (5, 6, 4)
+    np.testing.assert_allclose(volume.GetSpacing(), (0.8, 0.8, 2.5), atol=1e-6)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(volume), first)
+
+    write_dicom_series(tmp_path, first[:3] + 1000, "1.2.3.4.5.2", "bone", "b")
+    with pytest.raises(MultipleSeriesError) as info:
+        read_volume(tmp_path)
+    message = str(info.value)
+    assert "2 DICOM series" in message and "1.2.3.4.5.1  (4 files, CT, 'lung window')" in message
+    assert "1.2.3.4.5.2  (3 files, CT, 'bone')" in message and "series_uid" in message
+    assert sorted(s["files"] for s in info.value.series) == [3, 4]
+    chosen = read_volume(tmp_path, series_uid="1.2.3.4.5.2")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(chosen), first[:3] + 1000)
+    with pytest.raises(VolumeReadError, match="series 9.9 is not in"):
+        read_volume(tmp_path, series_uid="9.9")
+    with pytest.raises(VolumeReadError, match="2D image.*whole series"):
+        read_volume(tmp_path / "a000.dcm")
+
+
+def test_read_volume_rejects_unusable_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        read_volume(tmp_path / "nope.nrrd")
+    (tmp_path / "notes.nrrd").write_text("not an image")
+    with pytest.raises(VolumeReadError, match="cannot read"):
+        read_volume(tmp_path / "notes.nrrd")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(VolumeReadError, match="no DICOM series"):
+        read_volume(tmp_path / "empty")
+
+    sitk.WriteImage(sitk.Image([8, 8], sitk.sitkInt16), str(tmp_path / "flat.nrrd"))
+    with pytest.raises(VolumeReadError, match="2D image"):
+        read_volume(tmp_path / "flat.nrrd")
+    sitk.WriteImage(sitk.Image([4, 4, 4, 3], sitk.sitkInt16), str(tmp_path / "time.nrrd"))
+    with pytest.raises(VolumeReadError, match="4D image"):
+        read_volume(tmp_path / "time.nrrd")
+    sitk.WriteImage(sitk.Image([4, 4, 4], sitk.sitkVectorUInt8, 3), str(tmp_path / "rgb.nrrd"))
+    with pytest.raises(VolumeReadError, match="3 components"):
+        read_volume(tmp_path / "rgb.nrrd")
+    values = np.zeros(GEOMETRY.shape, np.float32)
+    values[2, 3, 4], values[5, 6, 7] = np.nan, np.inf
+    sitk.WriteImage(sample_image(values, dtype=np.float32), str(tmp_path / "nan.nrrd"))
+    with pytest.raises(VolumeReadError, match="2 non-finite"):
+        read_volume(tmp_path / "nan.nrrd")
+
+
+def test_4d_volume_with_one_time_point_is_accepted(tmp_path):
+    sitk.WriteImage(sitk.Image([5, 4, 3, 1], sitk.sitkInt16), str(tmp_path / "one.nrrd"))
+    assert read_volume(tmp_path / "one.nrrd").GetSize() == (5, 4, 3)
+
+
+# --- atomic output folder ---------------------------------------------------------------------------
+def test_atomic_output_dir_success_failure_existing_and_force(tmp_path):
+    out = tmp_path / "run"
+    with AtomicOutputDir(out) as tmp:
+        assert tmp != out and tmp.parent == tmp_path
+        (tmp / "a.txt").write_text("first")
+        assert not out.exists()
+    assert (out / "a.txt").read_text() == "first"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    with pytest.raises(OutputExistsError, match="already exists"):
+        with AtomicOutputDir(out):
+            pass
+    with pytest.raises(RuntimeError):  # force, but the run fails: the old output stays untouched
+        with AtomicOutputDir(out, force=True) as tmp:
+            (tmp / "b.txt").write_text("half")
+            raise RuntimeError("model crashed")
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt"]
+    with AtomicOutputDir(out, force=True) as tmp:
+        (tmp / "b.txt").write_text("second")
+    assert sorted(p.name for p in out.iterdir()) == ["b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+    fresh = tmp_path / "new" / "run"
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicOutputDir(fresh) as tmp:
+            (tmp / "c.txt").write_text("half")
+            raise KeyboardInterrupt
+    assert not fresh.exists() and list((tmp_path / "new").iterdir()) == []
+
+
+# --- images, samples, colours -----------------------------------------------------------------------
+def test_write_image_and_sample_files(tmp_path):
+    values = np.random.default_rng(1).random(GEOMETRY.shape).astype(np.float32)
+    write_image(values, GEOMETRY, tmp_path / "u.nrrd")
+    back = sitk.ReadImage(str(tmp_path / "u.nrrd"))
+    assert VolumeGeometry.from_sitk(back).isclose(GEOMETRY, 1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), values)
+    with pytest.raises(ValueError, match="does not match"):
+        write_image(values[1:], GEOMETRY, tmp_path / "bad.nrrd")
+
+    masks = np.random.default_rng(2).random((3,) + GEOMETRY.shape) > 0.5
+    paths = write_sample_files(masks, GEOMETRY, tmp_path)
+    assert [p.name for p in paths] == ["sample_00.nrrd", "sample_01.nrrd", "sample_02.nrrd"]
+    for mask, path in zip(masks, paths):
+        image = sitk.ReadImage(str(path))
+        assert image.GetPixelID() == sitk.sitkUInt8
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), mask)
+
+
+def test_distinct_colors():
+    colors = distinct_colors(35)
+    assert len(set(colors)) == 35
+    assert all(0.0 <= c <= 1.0 for rgb in colors for c in rgb)
+    assert colors[0] == pytest.approx((0x4E / 255, 0x79 / 255, 0xA7 / 255), abs=1e-4)
+    assert distinct_colors(3) == colors[:3]
+
+
+# --- Slicer segmentation ----------------------------------------------------------------------------
+def overlapping_masks(count=4):
+    masks = np.zeros((count,) + GEOMETRY.shape, bool)
+    for n in range(count):
+        masks[n, 2:6, 3 + n:9, 4:10 + n] = True  # nested, overlapping samples
+    masks[-1, 0, 0, 0] = True
+    return masks
+
+
+def test_seg_nrrd_round_trip_with_oblique_geometry(tmp_path):
+    masks = overlapping_masks(4)
+    names, colors = ["s0", "s1", "s2", "s3"], distinct_colors(4)
+    path = write_segmentation(masks, GEOMETRY, tmp_path / "samples.seg.nrrd", names=names, colors=colors,
+                              tags=[{"ProbSAM.sample": str(n)} for n in range(4)])
+    back, geometry, back_names = read_segmentation(path)
+    np.testing.assert_array_equal(back, masks)
+    assert geometry.isclose(GEOMETRY, 1e-9) and back_names == names
+    meta = read_segment_metadata(path)
+    assert [m["color"] for m in meta] == [pytest.approx(c, abs=1e-12) for c in colors]
+    assert [m["layer"] for m in meta] == [0, 1, 2, 3] and meta[2]["tags"] == {"ProbSAM.sample": "2"}
+    assert len({m["id"] for m in meta}) == 4
+
+
+def test_seg_nrrd_header_is_what_slicer_writes(tmp_path):
+    masks = overlapping_masks(3)
+    masks[-1, 0, 0, 0] = False
+    path = write_segmentation(masks, GEOMETRY, tmp_path / "s.seg.nrrd")
+    fields, keyvalues = nrrd.read_header(path)
+    assert fields["kinds"] == "list domain domain domain" and fields["encoding"] == "gzip"
+    assert fields["space"] == "left-posterior-superior" and fields["space directions"].startswith("none (")
+    assert fields["sizes"] == "3 10 8 6"  # cropped to the union (i 4..11, j 3..8, k 2..5) plus one voxel
+    assert keyvalues["Segmentation_MasterRepresentation"] == "Binary labelmap"
+    assert keyvalues["Segmentation_ContainedRepresentationNames"] == "Binary labelmap|"
+    assert keyvalues["Segmentation_ReferenceImageExtentOffset"] == "3 2 1"
+    assert keyvalues["Segment0_Extent"] == "1 6 1 6 1 4" and keyvalues["Segment1_LabelValue"] == "1"
+    assert keyvalues["Segmentation_ConversionParameters"].startswith("Reference image geometry|")
+    # Independent check with ITK (Slicer's reader): N components, the file grid placed at the offset.
+    image = sitk.ReadImage(str(path))
+    assert image.GetNumberOfComponentsPerPixel() == 3 and image.GetSize() == (10, 8, 6)
+    np.testing.assert_allclose(image.GetOrigin(), GEOMETRY.index_to_physical([3, 2, 1]), atol=1e-9)
+    np.testing.assert_allclose(np.array(image.GetDirection()).reshape(3, 3), GEOMETRY.direction, atol=1e-9)
+    data = sitk.GetArrayFromImage(image)
+    np.testing.assert_array_equal(data[..., 1], masks[1, 1:7, 2:10, 3:13])
+    back, geometry, _ = read_segmentation(path)  # placed back on the full grid at the offset
+    np.testing.assert_array_equal(back, masks)
+    assert geometry.isclose(GEOMETRY, 1e-9)
+
+
+def test_seg_nrrd_single_empty_and_uncropped(tmp_path):
+    one = overlapping_masks(1)
+    path = write_segmentation(one, GEOMETRY, tmp_path / "one.seg.nrrd", names=["only"], crop=False)
+    fields, _ = nrrd.read_header(path)
+    assert fields["dimension"] == "3" and fields["sizes"] == "18 14 9"
+    back, geometry, names = read_segmentation(path)
+    np.testing.assert_array_equal(back, one)
+    assert names == ["only"] and geometry.isclose(GEOMETRY, 1e-9)
+
+    empty = np.zeros((2,) + GEOMETRY.shape, bool)
+    back, geometry, _ = read_segmentation(write_segmentation(empty, GEOMETRY, tmp_path / "e.seg.nrrd"))
+    assert back.shape == empty.shape and not back.any() and geometry.isclose(GEOMETRY, 1e-9)
+    with pytest.raises(ValueError, match="one name"):
+        write_segmentation(one, GEOMETRY, tmp_path / "x.seg.nrrd", names=["a", "b"])
+    with pytest.raises(ValueError, match=r"\(N, K, J, I\)"):
+        write_segmentation(one[0], GEOMETRY, tmp_path / "x.seg.nrrd")
+
+
+def test_reads_slicer_files_with_shared_layers(tmp_path):
+    # Slicer packs non-overlapping segments into one layer with different label values.
+    labels = np.zeros(GEOMETRY.shape, np.uint8)
+    labels[1:3, 2:5, 3:6], labels[5:7, 8:10, 9:12] = 1, 2
+    image = sample_image(labels, dtype=np.uint8)
+    for key, value in {"Segment0_ID": "a", "Segment0_Name": "liver", "Segment0_LabelValue": "1",
+                       "Segment0_Layer": "0", "Segment0_Extent": "3 5 2 4 1 2", "Segment1_ID": "b",
+                       "Segment1_Name": "lesion", "Segment1_LabelValue": "2", "Segment1_Layer": "0",
+                       "Segment1_Extent": "9 11 8 9 5 6"}.items():
+        image.SetMetaData(key, value)
+    sitk.WriteImage(image, str(tmp_path / "slicer.seg.nrrd"))
+    masks, geometry, names = read_segmentation(tmp_path / "slicer.seg.nrrd")
+    assert names == ["liver", "lesion"] and geometry.isclose(GEOMETRY, 1e-9)
+    np.testing.assert_array_equal(masks[0], labels == 1)
+    np.testing.assert_array_equal(masks[1], labels == 2)

@@ -1,0 +1,1 @@
+"""Training tools for ProbSAMSlicer: data sets (phantom, LIDC DICOM, LIDC pickle) and training."""

@@ -1,0 +1,252 @@
+"""The on-disk slice data set shared by the phantom, the LIDC DICOM path and the pickle importer.
+
+A data set is a directory (see Training/README.md for the full description):
+
+    images.npy          (S, H, W) int16 HU, or float32 in [0, 1] when meta["intensity"] == "unit"
+    masks.npy           (S, 4, H, W) bool, one mask a reader slot (empty when the reader is absent)
+    reader_present.npy  (S, 4) bool, which reader slots hold a real annotation of the nodule
+    slices.csv          one row a slice (columns: COLUMNS + the per-reader rating columns)
+    splits.json         patient-level train / val / test split with its seed
+    meta.json           format, version, source, intensity, crop size, counts, build parameters
+
+Only slices where at least one reader's mask is non-empty are stored. Writing goes to a temporary
+directory that is renamed into place when complete, so a data set on disk is always whole.
+No torch here: this module is the reader for scripts and the base of Training/datasets.py.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+
+FORMAT = "probsam-lidc-slices"
+VERSION = 1
+N_READERS = 4
+RATING_NAMES = ("subtlety", "internalStructure", "calcification", "sphericity", "margin",
+                "lobulation", "spiculation", "texture", "malignancy")
+RATING_COLUMNS = tuple(f"{name}_{r}" for r in range(N_READERS) for name in RATING_NAMES)
+ANNOTATION_COLUMNS = tuple(f"annotation_id_{r}" for r in range(N_READERS))
+COLUMNS = ("index", "patient_id", "series_uid", "scan_id", "nodule_id", "k", "z_mm", "crop_row0",
+           "crop_col0", "n_readers", "n_marked", "truncated", "source_key") + ANNOTATION_COLUMNS \
+    + RATING_COLUMNS
+_INT_COLUMNS = {"index", "scan_id", "k", "crop_row0", "crop_col0", "n_readers", "n_marked",
+                "truncated"} | set(ANNOTATION_COLUMNS) | set(RATING_COLUMNS)
+_FLOAT_COLUMNS = {"z_mm"}
+SPLIT_FRACTIONS = (0.64, 0.16, 0.20)
+
+
+@dataclass
+class Chunk:
+    """A batch of slices ready to write: images (n, H, W), masks (n, 4, H, W) bool,
+    present (n, 4) bool and one row dict a slice (keys from COLUMNS; missing ones default)."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    present: np.ndarray
+    rows: list
+
+    @property
+    def n(self) -> int:
+        return len(self.rows)
+
+    def load(self) -> "Chunk":
+        return self
+
+
+def empty_chunk(height: int, width: int, dtype=np.int16) -> Chunk:
+    return Chunk(np.zeros((0, height, width), dtype), np.zeros((0, N_READERS, height, width), bool),
+                 np.zeros((0, N_READERS), bool), [])
+
+
+def concat_chunks(chunks: Sequence[Chunk]) -> Chunk:
+    return Chunk(*(np.concatenate([getattr(c, name) for c in chunks])
+                   for name in ("images", "masks", "present")), [r for c in chunks for r in c.rows])
+
+
+def slices_from_volume(image: np.ndarray, reader_masks: np.ndarray, row: dict,
+                       z_positions: Optional[Sequence[float]] = None, k0: int = 0) -> Chunk:
+    """Axial slices of one nodule volume where at least one reader marked something.
+
+    image: (K, H, W); reader_masks: (R, K, H, W) bool with R <= 4 readers (the rest become empty,
+    absent slots); row: the nodule's columns, completed here with k, z_mm, n_readers, n_marked.
+    """
+    n_readers, depth = reader_masks.shape[:2]
+    if n_readers > N_READERS or image.shape != reader_masks.shape[1:]:
+        raise ValueError(f"image {image.shape} / masks {reader_masks.shape} do not match")
+    marked = reader_masks.reshape(n_readers, depth, -1).any(axis=2)  # (R, K)
+    keep = np.nonzero(marked.any(axis=0))[0]
+    masks = np.zeros((len(keep), N_READERS) + image.shape[1:], dtype=bool)
+    masks[:, :n_readers] = reader_masks[:, keep].transpose(1, 0, 2, 3)
+    present = np.zeros((len(keep), N_READERS), dtype=bool)
+    present[:, :n_readers] = True
+    rows = [dict(row, k=int(k0 + k), n_readers=n_readers, n_marked=int(marked[:, k].sum()),
+                 z_mm=float(z_positions[k]) if z_positions is not None else float("nan"))
+            for k in keep]
+    return Chunk(np.ascontiguousarray(image[keep]), masks, present, rows)
+
+
+def make_splits(patient_ids: Iterable[str], seed: int = 0) -> dict:
+    """Patient-level 64/16/20 split: 20 % of patients to test, then 20 % of the rest to val
+    (the PHiSeg convention of two 80/20 splits), from one seeded permutation of the sorted ids."""
+    ids = np.array(sorted(set(patient_ids)), dtype=object)
+    order = list(ids[np.random.default_rng(seed).permutation(len(ids))])
+
+    def count(n: int) -> int:  # ceil like scikit-learn, but never empty the training side
+        return min(math.ceil(0.2 * n), n - 1) if n > 1 else 0
+
+    n_test = count(len(order))
+    test, rest = order[:n_test], order[n_test:]
+    n_val = count(len(rest))
+    return {"seed": int(seed), "fractions": list(SPLIT_FRACTIONS), "unit": "patient",
+            "train": sorted(rest[n_val:]), "val": sorted(rest[:n_val]), "test": sorted(test)}
+
+
+def check_output(out, force: bool) -> Path:
+    """Refuse to overwrite an existing data set unless `force` (checked before any work)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it")
+    return out
+
+
+def _counts(rows: List[dict]) -> dict:
+    """Nodule and slice counts by number of readers, for meta.json and the build report."""
+    nodules = {}
+    for r in rows:
+        nodules[r["nodule_id"]] = r["n_readers"]
+    by_slice = Counter(r["n_readers"] for r in rows)
+    by_nodule = Counter(nodules.values())
+    return {"n_slices": len(rows), "n_nodules": len(nodules),
+            "n_patients": len({r["patient_id"] for r in rows}),
+            "slices_by_readers": {str(k): by_slice[k] for k in sorted(by_slice)},
+            "nodules_by_readers": {str(k): by_nodule[k] for k in sorted(by_nodule)}}
+
+
+def _write_csv(path: Path, rows: List[dict]) -> None:
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="", extrasaction="raise")
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def write_dataset(out, chunks: Sequence, meta: dict, seed: int = 0, force: bool = False) -> dict:
+    """Write chunks (anything with `.n` and `.load() -> Chunk`) as one data set at `out`.
+
+    Arrays are streamed into memory-mapped .npy files in a temporary sibling directory, which is
+    renamed to `out` at the end. Returns the final meta dict.
+    """
+    out = check_output(out, force)
+    chunks = [c for c in chunks if c.n > 0]
+    if not chunks:
+        raise ValueError("no slice with a non-empty mask: nothing to write")
+    first = chunks[0].load()
+    total = sum(c.n for c in chunks)
+    height, width = first.images.shape[1:]
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    open_memmap = np.lib.format.open_memmap
+    images = open_memmap(tmp / "images.npy", "w+", first.images.dtype, (total, height, width))
+    masks = open_memmap(tmp / "masks.npy", "w+", bool, (total, N_READERS, height, width))
+    present = open_memmap(tmp / "reader_present.npy", "w+", bool, (total, N_READERS))
+    rows, start = [], 0
+    for ref in chunks:
+        chunk = ref.load()
+        stop = start + chunk.n
+        images[start:stop], masks[start:stop] = chunk.images, chunk.masks
+        present[start:stop] = chunk.present
+        rows += [dict(r, index=start + i) for i, r in enumerate(chunk.rows)]
+        start = stop
+    for array in (images, masks, present):
+        array.flush()
+    del images, masks, present
+    _write_csv(tmp / "slices.csv", rows)
+    splits = make_splits((r["patient_id"] for r in rows), seed)
+    (tmp / "splits.json").write_text(json.dumps(splits, indent=1))
+    meta = dict(meta, format=FORMAT, version=VERSION, crop=[int(height), int(width)],
+                dtype=str(first.images.dtype), created=datetime.now(timezone.utc).isoformat(
+                    timespec="seconds"), **_counts(rows))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    _replace_dir(tmp, out)
+    return meta
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _parse(name: str, value: str):
+    if name in _INT_COLUMNS:
+        return int(value) if value not in ("", "False", "True") else int(value == "True")
+    if name in _FLOAT_COLUMNS:
+        return float(value) if value else float("nan")
+    return value
+
+
+class SliceDataset:
+    """A data set opened read-only: arrays memory-mapped, the slice table in memory.
+
+    images (S, H, W), masks (S, 4, H, W), present (S, 4) cover the whole data set; `indices` are the
+    slice indices of the selected split (all slices when split is None); len() and [] use them.
+    """
+
+    def __init__(self, path, split: Optional[str] = None):
+        self.path = Path(path)
+        if not (self.path / "meta.json").is_file():
+            raise FileNotFoundError(f"{self.path} is not a data set (no meta.json)")
+        self.meta = json.loads((self.path / "meta.json").read_text())
+        if self.meta.get("format") != FORMAT or self.meta.get("version", 0) > VERSION:
+            raise ValueError(f"{self.path}: unsupported format {self.meta.get('format')} "
+                             f"v{self.meta.get('version')}")
+        self.splits = json.loads((self.path / "splits.json").read_text())
+        self.images = np.load(self.path / "images.npy", mmap_mode="r")
+        self.masks = np.load(self.path / "masks.npy", mmap_mode="r")
+        self.present = np.load(self.path / "reader_present.npy", mmap_mode="r")
+        with open(self.path / "slices.csv", newline="") as fh:
+            records = list(csv.DictReader(fh))
+        self.table = {name: np.array([_parse(name, r[name]) for r in records])
+                      for name in (records[0].keys() if records else COLUMNS)}
+        self.split = split
+        if split is None:
+            self.indices = np.arange(len(records))
+        elif split in ("train", "val", "test"):
+            chosen = set(self.splits[split])
+            in_split = [p in chosen for p in self.table["patient_id"]]
+            self.indices = np.nonzero(np.array(in_split, dtype=bool))[0]
+        else:
+            raise ValueError(f"split must be train, val, test or None, not {split!r}")
+
+    @property
+    def intensity(self) -> str:
+        return self.meta["intensity"]
+
+    @property
+    def patient_ids(self) -> np.ndarray:
+        return self.table["patient_id"][self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        index = int(self.indices[i])
+        return {"image": np.asarray(self.images[index]), "masks": np.asarray(self.masks[index]),
+                "present": np.asarray(self.present[index]), "intensity": self.intensity,
+                "patient_id": str(self.table["patient_id"][index]), "index": index}
+
+
+def load_dataset(path, split: Optional[str] = None) -> SliceDataset:
+    """Open a data set directory, optionally restricted to the 'train', 'val' or 'test' patients."""
+    return SliceDataset(path, split)

@@ -1,0 +1,114 @@
+"""Import the widely used preprocessed LIDC pickle (the Probabilistic U-Net / PHiSeg set).
+
+    python Training/import_pickle.py data_lidc.pickle --out data/lidc_pickle
+
+The pickle is a dict keyed by slice name (they begin with the patient ID, "LIDC-IDRI-dddd_..."),
+each value {'image': 128 x 128 float in [0, 1], 'masks': 4 x (128 x 128) binary, 'series_uid': str}.
+It becomes a data set in the common format (Training/README.md) with "intensity": "unit": the
+images are kept as they are (float32), not converted back to HU. The pickle does not say which
+readers annotated a nodule at all, so every reader slot is marked present and an empty mask counts
+as that reader's "no nodule here".
+"""
+from __future__ import annotations
+
+import argparse
+import pickle
+import re
+import sys
+from pathlib import Path
+from typing import Mapping, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from Training.dataset_format import N_READERS, Chunk, check_output, write_dataset  # noqa: E402
+
+_PATIENT = re.compile(r"LIDC-IDRI-\d+")
+_SLICE = re.compile(r"[_-]?slice[_-]?(\d+)", re.IGNORECASE)
+
+
+def load_lidc_pickle(path) -> dict:
+    """Read the pickle (a plain dict; only open pickles you trust: unpickling runs code)."""
+    with open(path, "rb") as fh:
+        data = pickle.load(fh)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{path}: expected a dict of slices, got {type(data).__name__}")
+    return data
+
+
+def _ids(key: str, series_uid: str):
+    """(patient_id, nodule_id, slice number or -1) parsed from a slice key, best effort."""
+    match = _PATIENT.search(key)
+    patient = match.group(0) if match else series_uid  # fall back to the series: still no leak
+    slice_match = _SLICE.search(key)
+    nodule = _SLICE.sub("", key) if slice_match else f"{patient}_{series_uid}"
+    return patient, nodule, int(slice_match.group(1)) if slice_match else -1
+
+
+def pickle_chunk(data: Mapping) -> tuple:
+    """(Chunk, number of slices dropped because every mask is empty), keys in sorted order."""
+    keys = sorted(data)
+    images, masks, rows, dropped = [], [], [], 0
+    for key in keys:
+        entry = data[key]
+        slice_masks = np.stack([np.asarray(m) > 0.5 for m in entry["masks"]])
+        if slice_masks.shape[0] != N_READERS:
+            raise ValueError(f"slice {key!r}: {slice_masks.shape[0]} masks, expected {N_READERS}")
+        if not slice_masks.any():
+            dropped += 1
+            continue
+        image = np.asarray(entry["image"], dtype=np.float32)
+        if image.shape != slice_masks.shape[1:]:
+            raise ValueError(f"slice {key!r}: image {image.shape} vs masks {slice_masks.shape[1:]}")
+        series = str(entry.get("series_uid", ""))
+        patient, nodule, number = _ids(str(key), series)
+        images.append(image)
+        masks.append(slice_masks)
+        rows.append({"patient_id": patient, "series_uid": series, "scan_id": -1,
+                     "nodule_id": nodule, "k": number, "z_mm": float("nan"),
+                     "crop_row0": -1, "crop_col0": -1,
+                     "n_readers": N_READERS, "n_marked": int(slice_masks.any(axis=(1, 2)).sum()),
+                     "truncated": 0, "source_key": str(key)})
+    if not rows:
+        raise ValueError("the pickle holds no slice with a non-empty mask")
+    present = np.ones((len(rows), N_READERS), dtype=bool)
+    return Chunk(np.stack(images), np.stack(masks), present, rows), dropped
+
+
+def import_pickle(pickle_path, out, seed: int = 0, force: bool = False,
+                  data: Optional[Mapping] = None) -> dict:
+    """Convert the pickle at `pickle_path` (or an already loaded `data` dict) into a data set."""
+    check_output(out, force)
+    data = load_lidc_pickle(pickle_path) if data is None else data
+    chunk, dropped = pickle_chunk(data)
+    value_range = (float(chunk.images.min()), float(chunk.images.max()))
+    if value_range[0] < -1e-3 or value_range[1] > 1 + 1e-3:
+        raise ValueError(f"pickle images span {value_range}, expected [0, 1]")
+    meta = {"source": "lidc-pickle", "intensity": "unit", "pickle": str(pickle_path),
+            "dropped_empty_slices": dropped}
+    return write_dataset(out, [chunk], meta, seed=seed, force=force)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("pickle", type=Path, help="the LIDC pickle (e.g. data_lidc.pickle)")
+    parser.add_argument("--out", required=True, type=Path, help="output data set directory")
+    parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
+    parser.add_argument("--force", action="store_true", help="replace an existing data set")
+    args = parser.parse_args(argv)
+    if not args.pickle.is_file():
+        parser.error(f"{args.pickle} not found")
+    try:
+        meta = import_pickle(args.pickle, args.out, args.seed, args.force)
+    except (FileExistsError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: {meta['n_slices']} slices, {meta['n_patients']} patients "
+          f"({meta['dropped_empty_slices']} slices without any mask left out)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
