@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import threading
 import time
 
@@ -29,6 +28,8 @@ from ProbSAMLib.device import autocast, choose_device
 from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_ijk
 from ProbSAMLib.sampling import images_to_unit
 from ProbSAMLib.volume import context_window, min_context_size, sample_volume
+
+from sampling import timed  # the shared timing helper of Testing/benchmarks/sampling.py (same folder)
 
 
 class PeakRSS:
@@ -75,20 +76,6 @@ def synthetic_ct(slices: int):
     k, j, i = np.ogrid[:geometry.shape[0], :512, :512]
     volume[((k - geometry.shape[0] // 2) * 1.25) ** 2 + ((j - 260) * 0.7) ** 2 + ((i - 250) * 0.7) ** 2 < 100] = 20
     return volume, geometry
-
-
-def timed(fn, device, repeats: int) -> float:
-    fn()  # warm-up: allocator, kernels, thread pools
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def bench(name: str, device: torch.device, slices: int, samples: int, repeats: int) -> dict:
