@@ -1,0 +1,453 @@
+"""ProbSAMSlicer: many plausible segmentations per box (Probabilistic SAM) in 3D Slicer.
+
+Place one or more Markups ROIs around an object in a CT volume, click "Sample masks": each ROI gets N
+segmentation nodes (one plausible mask each), an uncertainty volume and a table of sizes. The sampling is
+ProbSAMLib.volume.sample_volume, the same path as the ``probsam`` CLI.
+
+Slicer imports every module at start-up, so nothing here imports torch or installs anything at import
+time; ProbSAMLib's torch-dependent parts are imported inside the functions that need them.
+"""
+
+import logging
+import os
+import sys
+from typing import Annotated, Optional
+
+import qt
+import vtk
+
+import slicer
+from slicer.i18n import tr as _
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (ScriptedLoadableModule, ScriptedLoadableModuleLogic,
+                                           ScriptedLoadableModuleTest, ScriptedLoadableModuleWidget)
+from slicer.util import VTKObservationMixin
+from slicer import vtkMRMLMarkupsROINode, vtkMRMLScalarVolumeNode
+
+
+def _addRepositoryRootToPath() -> None:
+    """Run from a source checkout (module path added by hand), ProbSAMLib is one level up; installed, it
+    sits next to this file, which Slicer already has on sys.path."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "ProbSAMLib", "__init__.py")) and root not in sys.path:
+        sys.path.append(root)
+
+
+_addRepositoryRootToPath()
+
+from ProbSAMSlicerLib import dependencies, jobs, outputs  # noqa: E402  (needs the path above)
+from ProbSAMSlicerLib.roi_geometry import roi_voxel_box, volume_geometry  # noqa: E402
+
+MODELS = ["demo", "vit_b", "vit_l", "vit_h", "file"]
+DEVICES = ["auto", "cuda", "cpu"]
+UNCERTAINTY_KINDS = ["entropy", "variance", "mutual_information"]
+# GPU memory (GiB) below which sampling with a model is likely to run out of memory or crawl.
+SMALL_GPU_GIB = {"demo": 1, "file": 2, "vit_b": 4, "vit_l": 6, "vit_h": 8}
+
+
+# --- module -------------------------------------------------------------------------------------------
+class ProbSAMSlicer(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("ProbSAM Sampler")
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = []
+        self.parent.contributors = ["ProbSAMSlicer contributors"]
+        self.parent.helpText = _(
+            "Probabilistic Segment Anything: place a Markups ROI around an object, click <b>Sample masks</b> "
+            "and get N plausible segmentations (one node per sample), an uncertainty volume (entropy, variance "
+            "or mutual information) and a table of per-sample volume and diameter.<br><br>"
+            "<b>What the model is:</b> SAM's image encoder and mask decoder plus a latent prior; each sample "
+            "is one draw of the latent, so the spread of the masks shows how uncertain the outline is.<br>"
+            "<b>What it is not:</b> the bundled demo model is a tiny network trained on <i>rendered phantom "
+            "data</i> (LIDC reader outlines drawn into synthetic CT). It is a demonstration, not validated on "
+            "real scans, and <b>not for clinical use</b>: no diagnosis, no treatment decisions.<br><br>"
+            "See docs/SLICER_GUIDE.md in the repository for installation and a walkthrough.")
+        self.parent.acknowledgementText = _(
+            "Built on Segment Anything (Meta AI, Apache-2.0) and 3D Slicer. The demo data derives from "
+            "LIDC-IDRI reader outlines (The Cancer Imaging Archive). PyTorch is installed through the "
+            "SlicerPyTorch extension.")
+
+
+# --- parameters ---------------------------------------------------------------------------------------
+@parameterNodeWrapper
+class ProbSAMSlicerParameterNode:
+    """Everything the user sets; saved with the scene."""
+
+    inputVolume: vtkMRMLScalarVolumeNode
+    roi: vtkMRMLMarkupsROINode
+    allROIs: bool = False  # sample every Markups ROI in the scene, each with its own outputs
+    numberOfSamples: Annotated[int, WithinRange(1, 64)] = 16
+    seed: int = 0
+    model: Annotated[str, Choice(MODELS)] = "demo"
+    checkpointPath: str = ""  # ProbSAM weights file ("file"; heads for vit_*)
+    samCheckpointPath: str = ""  # official SAM .pth for offline sites (vit_*)
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    uncertaintyKind: Annotated[str, Choice(UNCERTAINTY_KINDS)] = "entropy"
+
+
+# --- widget -------------------------------------------------------------------------------------------
+class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    POLL_MS = 100
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._jobVolume = None
+        self._outputs = []
+        self._timer = None
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/ProbSAMSlicer.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = ProbSAMSlicerLogic()
+        for combo, items in ((self.ui.modelComboBox, MODELS), (self.ui.deviceComboBox, DEVICES),
+                             (self.ui.uncertaintyKindComboBox, UNCERTAINTY_KINDS)):
+            if combo.count == 0:
+                combo.addItems(items)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(self.POLL_MS)
+        self._timer.connect("timeout()", self.onPollJob)
+        self.ui.sampleButton.connect("clicked(bool)", self.onSampleButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.browseCheckpointButton.connect("clicked(bool)", lambda: self.onBrowse("checkpointPath"))
+        self.ui.browseSamCheckpointButton.connect("clicked(bool)", lambda: self.onBrowse("samCheckpointPath"))
+        self.ui.sampleSpinBox.connect("valueChanged(int)", self.onSampleIndexChanged)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        self.onCancelButton()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        self.onCancelButton()
+        self._outputs = []
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if not self._parameterNode.inputVolume:
+            self._parameterNode.inputVolume = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLScalarVolumeNode")
+        if not self._parameterNode.roi:
+            self._parameterNode.roi = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLMarkupsROINode")
+
+    def setParameterNode(self, inputParameterNode: Optional[ProbSAMSlicerParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateButtons)
+            self._updateButtons()
+
+    def _updateButtons(self, caller=None, event=None) -> None:
+        problem = self.logic.inputProblem(self._parameterNode) if self._parameterNode else _("no parameters")
+        running = self._job is not None
+        self.ui.sampleButton.enabled = problem is None and not running
+        self.ui.sampleButton.toolTip = problem or _("Sample masks in every selected ROI")
+        self.ui.cancelButton.enabled = running
+
+    def onBrowse(self, parameterName: str) -> None:
+        """Load weights from a file: the offline path when downloads are blocked."""
+        path = qt.QFileDialog.getOpenFileName(
+            slicer.util.mainWindow(), _("Weights file"), "", "Weights (*.safetensors *.pth);;All files (*)")
+        if path:
+            setattr(self._parameterNode, parameterName, path)
+
+    def onSampleButton(self) -> None:
+        p = self._parameterNode
+        with slicer.util.tryWithErrorDisplay(_("Sampling could not start."), waitCursor=True):
+            self.ui.statusLabel.text = _("Checking Python packages...")
+            slicer.app.processEvents()
+            self.logic.ensureDependencies(ask=True)
+            settings = self.logic.settingsFromParameters(p)
+            warning = self.logic.gpuMemoryWarning(settings)
+            self.ui.deviceWarningLabel.text = warning or ""
+            self._jobVolume = p.inputVolume
+            self._job = self.logic.startProcessing(p.inputVolume, self.logic.roiNodesFromParameters(p), settings)
+            self.ui.progressBar.value = 0
+            self._timer.start()
+        self._updateButtons()
+
+    def onCancelButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = _("Cancelling after the current slices...")
+
+    def onPollJob(self) -> None:
+        job = self._job
+        fraction, message = job.progress()
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+        if not job.done:
+            return
+        self._timer.stop()
+        self._job = None
+        self._finish(job)
+        self._updateButtons()
+
+    def _finish(self, job) -> None:
+        from ProbSAMLib.volume import Cancelled
+
+        try:
+            self._outputs = self.logic.finishProcessing(job, self._jobVolume)
+        except Cancelled:
+            self.ui.statusLabel.text = _("Cancelled: nothing was added to the scene.")
+            return
+        except Exception as error:
+            logging.exception("ProbSAM sampling failed")
+            self.ui.statusLabel.text = _("Failed: nothing was added to the scene.")
+            slicer.util.errorDisplay(_("Sampling failed: {error}").format(error=error))
+            return
+        self.logic.showOutputs(self._jobVolume, self._outputs)
+        self._fillResultsTable(self._outputs)
+        self.ui.sampleSpinBox.maximum = max((len(o.segmentationNodes) for o in self._outputs), default=0)
+        self.ui.sampleSpinBox.value = 0
+        self.ui.statusLabel.text = _("Done. Research software, not for clinical use.")
+
+    def _fillResultsTable(self, roiOutputs: list) -> None:
+        """Rows: every sample of every ROI, then mean and sd per ROI (the table nodes hold the same)."""
+        rows = []
+        for out in roiOutputs:
+            for sample in out.summary["samples"]:
+                rows.append((out.roiName, sample["name"], sample["volume_mm3"], sample["longest_axial_diameter_mm"]))
+            spread = out.summary["spread"]
+            for stat in ("mean", "sd"):
+                rows.append((out.roiName, stat, spread["volume_mm3"][stat], spread["longest_axial_diameter_mm"][stat]))
+        table = self.ui.resultsTable
+        table.setRowCount(len(rows))
+        for r, row in enumerate(rows):
+            for c, value in enumerate(row):
+                text = value if isinstance(value, str) else f"{value or 0.0:.1f}"
+                table.setItem(r, c, qt.QTableWidgetItem(text))
+
+    def onSampleIndexChanged(self, value: int) -> None:
+        """0 shows all samples; n shows sample n alone, in every ROI."""
+        for out in self._outputs:
+            self.logic.showSample(out, value - 1)
+
+
+# --- logic --------------------------------------------------------------------------------------------
+class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
+    """Usable without the GUI: ``process`` runs synchronously and returns the created nodes."""
+
+    def __init__(self) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._models = jobs.ModelCache()
+
+    def getParameterNode(self):
+        return ProbSAMSlicerParameterNode(super().getParameterNode())
+
+    # dependencies
+    @staticmethod
+    def missingDependencies() -> list:
+        return dependencies.missing_dependencies()
+
+    @staticmethod
+    def ensureDependencies(ask: bool = True) -> list:
+        """Install what is missing (asking when ``ask``); DependencyError with a message otherwise."""
+        return dependencies.ensure_dependencies(ask)
+
+    # parameters -> arguments
+    @staticmethod
+    def roiNodesFromParameters(p) -> list:
+        if p.allROIs:
+            return list(slicer.util.getNodesByClass("vtkMRMLMarkupsROINode"))
+        return [p.roi] if p.roi else []
+
+    @staticmethod
+    def settingsFromParameters(p) -> jobs.SamplingSettings:
+        return jobs.SamplingSettings(int(p.numberOfSamples), int(p.seed), p.model, p.checkpointPath,
+                                     p.samCheckpointPath, p.device, p.uncertaintyKind)
+
+    def inputProblem(self, p) -> Optional[str]:
+        """Why "Sample masks" cannot run with these parameters, or None."""
+        if not p.inputVolume:
+            return _("Select an input volume.")
+        if not self.roiNodesFromParameters(p):
+            return _("Place a Markups ROI around the object.")
+        if p.model == "file" and not p.checkpointPath:
+            return _("Choose a weights file for model 'file'.")
+        return None
+
+    @staticmethod
+    def gpuMemoryWarning(settings: jobs.SamplingSettings) -> Optional[str]:
+        """A warning when the chosen GPU is small for the model (torch is installed by now)."""
+        import torch
+
+        if settings.device == "cpu" or not torch.cuda.is_available():
+            if settings.device == "auto" and settings.model.startswith("vit"):
+                return _("No usable GPU: SAM models on the CPU take minutes per ROI.")
+            return None
+        gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+        need = SMALL_GPU_GIB.get(settings.model, 2)
+        if gib < need:
+            return _("The GPU has {gib:.1f} GiB; model {model} wants about {need} GiB. If it runs out of memory, "
+                     "choose device 'cpu'.").format(gib=gib, model=settings.model, need=need)
+        return None
+
+    # the work
+    @staticmethod
+    def prepareRequests(inputVolume, roiNodes: list):
+        """Main thread: a numpy copy of the volume, its geometry and one voxel box per ROI."""
+        if inputVolume is None:
+            raise ValueError(_("no input volume"))
+        if not roiNodes:
+            raise ValueError(_("no ROI: place a Markups ROI around the object"))
+        requests, geometry = [], None
+        for roi in roiNodes:
+            voxelBox, geometry = roi_voxel_box(roi, inputVolume)
+            if voxelBox.warning:
+                logging.warning(f"ProbSAM: ROI '{roi.GetName()}': {voxelBox.warning}")
+            requests.append(jobs.SamplingRequest(roi.GetName(), voxelBox))
+        volume = slicer.util.arrayFromVolume(inputVolume).astype("float32", copy=True)
+        return volume, geometry or volume_geometry(inputVolume), requests
+
+    def process(self, inputVolume, roiNodes, numberOfSamples: int = 16, seed: Optional[int] = 0,
+                model: str = "demo", checkpointPath: str = "", samCheckpointPath: str = "", device: str = "auto",
+                uncertaintyKind: str = "entropy", progress=None, cancel=None) -> list:
+        """Sample every ROI in the calling thread, then build the nodes; a list of RoiOutputs.
+
+        ``roiNodes``: one ROI node or a list. ``progress(fraction, message)``; ``cancel() -> bool``:
+        True raises ProbSAMLib.volume.Cancelled and nothing is added to the scene.
+        """
+        roiNodes = list(roiNodes) if isinstance(roiNodes, (list, tuple)) else [roiNodes]
+        settings = jobs.SamplingSettings(int(numberOfSamples), seed, model, checkpointPath or "",
+                                         samCheckpointPath or "", device, uncertaintyKind)
+        self._checkSettings(settings)
+        volume, geometry, requests = self.prepareRequests(inputVolume, roiNodes)
+        results = jobs.run_sampling(volume, geometry, requests, settings, self._models, progress, cancel)
+        return outputs.build_outputs(inputVolume, [r.roiName for r in requests], results, uncertaintyKind)
+
+    def startProcessing(self, inputVolume, roiNodes: list, settings: jobs.SamplingSettings) -> jobs.SamplingJob:
+        """The widget's path: the same work on a worker thread; poll the job, then ``finishProcessing``."""
+        self._checkSettings(settings)
+        volume, geometry, requests = self.prepareRequests(inputVolume, roiNodes)
+        job = jobs.SamplingJob(volume, geometry, requests, settings, self._models)
+        job.requests, job.settings = requests, settings
+        return job.start()
+
+    @staticmethod
+    def finishProcessing(job: jobs.SamplingJob, inputVolume) -> list:
+        """Main thread, after ``job.done``: re-raise its error (Cancelled included) or build the nodes."""
+        if job.error is not None:
+            raise job.error
+        return outputs.build_outputs(inputVolume, [r.roiName for r in job.requests], job.results,
+                                     job.settings.uncertaintyKind)
+
+    @staticmethod
+    def _checkSettings(settings: jobs.SamplingSettings) -> None:
+        if not 1 <= settings.numberOfSamples <= 64:
+            raise ValueError(_("number of samples must be 1..64"))
+        if settings.uncertaintyKind not in UNCERTAINTY_KINDS:
+            raise ValueError(_("uncertainty must be one of {kinds}").format(kinds=", ".join(UNCERTAINTY_KINDS)))
+        if settings.model not in MODELS:
+            raise ValueError(_("model must be one of {models}").format(models=", ".join(MODELS)))
+
+    # display
+    @staticmethod
+    def showOutputs(inputVolume, roiOutputs: list) -> None:
+        if roiOutputs:
+            outputs.show_uncertainty(inputVolume, roiOutputs[-1])
+
+    @staticmethod
+    def showSample(roiOutput, index: int) -> None:
+        outputs.show_sample(roiOutput, index)
+
+
+# --- test (runs inside Slicer: Reload and Test, or the generic tests) ----------------------------------
+class ProbSAMSlicerTest(ScriptedLoadableModuleTest):
+    """A phantom CT and an ROI built in code, the demo model on the CPU, assertions on the nodes.
+
+    ``modelArguments`` and ``minimumDice`` are attributes so that the CI stand-in can run the same test
+    with a small random model (whose masks say nothing about quality, hence its Dice floor of 0).
+    """
+
+    modelArguments = {"model": "demo", "device": "cpu"}
+    minimumDice = 0.5
+    numberOfSamples = 4
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_ProbSAMSlicer_phantom()
+
+    def _phantomScene(self):
+        import numpy as np
+        import SimpleITK as sitk
+
+        from ProbSAMLib.cli import demo_box
+        from ProbSAMLib.geometry import VolumeGeometry
+        from ProbSAMLib.phantom import demo_volume
+
+        phantom = demo_volume(0, seed=0)
+        geometry = VolumeGeometry.from_sitk(phantom.image)
+        array = sitk.GetArrayFromImage(phantom.image).astype(np.float32)
+        volumeNode = slicer.util.addVolumeFromArray(array, geometry.ijk_to_ras_matrix(), "ProbSAM phantom")
+        box = demo_box(phantom.reader_masks, geometry)
+        lo, hi = np.array(box.lo) - 0.5, np.array(box.hi) - 0.5  # outer voxel edges
+        corners = geometry.index_to_physical(np.array([lo, hi])) * np.array([-1.0, -1.0, 1.0])  # LPS -> RAS
+        roiNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "Nodule")
+        roiNode.SetCenter(*((corners[0] + corners[1]) / 2))
+        roiNode.SetSize(*np.abs(corners[1] - corners[0]))
+        reference = phantom.reader_masks.mean(axis=0) >= 0.5
+        return volumeNode, roiNode, reference
+
+    def test_ProbSAMSlicer_phantom(self):
+        import numpy as np
+
+        from ProbSAMLib.metrics import dice
+
+        self.delayDisplay("Building a phantom CT and an ROI")
+        volumeNode, roiNode, reference = self._phantomScene()
+        logic = ProbSAMSlicerLogic()
+        logic.ensureDependencies(ask=False)
+        result = logic.process(volumeNode, [roiNode], numberOfSamples=self.numberOfSamples, seed=0,
+                               **self.modelArguments)
+        self.assertEqual(len(result), 1)
+        out = result[0]
+        self.assertEqual(len(out.segmentationNodes), self.numberOfSamples)
+        self.assertEqual(len(slicer.util.getNodesByClass("vtkMRMLSegmentationNode")), self.numberOfSamples)
+        uncertainty = out.uncertaintyVolumeNode
+        self.assertEqual(uncertainty.GetImageData().GetDimensions(), volumeNode.GetImageData().GetDimensions())
+        expected, actual = vtk.vtkMatrix4x4(), vtk.vtkMatrix4x4()
+        volumeNode.GetIJKToRASMatrix(expected)
+        uncertainty.GetIJKToRASMatrix(actual)
+        for r in range(4):
+            for c in range(4):
+                self.assertAlmostEqual(actual.GetElement(r, c), expected.GetElement(r, c), places=6)
+        masks = []
+        for node in out.segmentationNodes:
+            segmentId = node.GetSegmentation().GetNthSegmentID(0)
+            masks.append(slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volumeNode) > 0)
+        majority = np.mean(masks, axis=0) >= 0.5
+        score = dice(majority, reference)
+        self.delayDisplay(f"Dice of the samples' majority vote with the readers' majority: {score:.3f}")
+        self.assertGreaterEqual(score, self.minimumDice)
+        self.assertEqual(out.tableNode.GetNumberOfRows(), self.numberOfSamples + 2)
+        self.delayDisplay("Test passed")

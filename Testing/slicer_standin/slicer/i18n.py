@@ -1,0 +1,5 @@
+"""STAND-IN for ``slicer.i18n`` (a mock): tr returns the text untranslated."""
+
+
+def tr(text):
+    return text
