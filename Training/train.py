@@ -1,0 +1,232 @@
+"""Train Probabilistic SAM (or the Prob U-Net baseline) on a slice data set. Read top to bottom.
+
+    python Training/train.py Training/configs/phantom_tiny.yaml                 # one process
+    python Training/train.py Training/configs/phantom_tiny.yaml lr=3e-4 max_steps=500 --no-cache
+    python Training/train.py Training/configs/phantom_tiny.yaml --resume        # continue from ckpt.pt
+    torchrun --nproc_per_node=4 Training/train.py Training/configs/lidc_vit_b.yaml   # DDP, one GPU each
+
+Each step: a seeded batch of slices, one present reader per slice as the target, the union box of all
+readers (with jitter) as the prompt, BCE + Dice + beta*KL. Every ``eval_interval`` steps: GED@16 on a
+fixed validation subset; the best model by that GED goes to best.safetensors; ckpt.pt holds everything
+needed for an exact resume (weights, optimiser, step, best score). Logs: TensorBoard + log.jsonl in out/.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python Training/train.py` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ProbSAMLib.device import autocast, choose_device
+from Training import embedding_cache
+from Training.batches import SliceBatches, batch_positions, choose_readers, step_rng, validation_positions
+from Training.config import load_config
+from Training.dataset_format import load_dataset
+from Training.evaluate import evaluate_slices, summarise
+from Training.learners import build_learner
+
+# ---- settings -------------------------------------------------------------------------------------------
+parser = argparse.ArgumentParser(description="Train ProbSAM or the Prob U-Net baseline.")
+parser.add_argument("config", nargs="?", help="Training/configs/*.yaml")
+parser.add_argument("overrides", nargs="*", help="key=value settings that replace the config file's")
+parser.add_argument("--no-cache", action="store_true", help="encode images every step (to fine-tune the encoder)")
+parser.add_argument("--resume", action="store_true", help="continue the run in `out` from its ckpt.pt")
+args = parser.parse_args()
+if args.config and "=" in args.config:  # only overrides were given
+    args.overrides.insert(0, args.config)
+    args.config = None
+cfg = load_config(args.config, args.overrides)
+out = Path(cfg.out)
+if args.resume:
+    if not (out / "ckpt.pt").is_file():
+        sys.exit(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
+    cfg = load_config(str(out / "config.yaml"), args.overrides)
+elif (out / "ckpt.pt").exists():
+    sys.exit(f"{out} already holds a run (ckpt.pt); pass --resume to continue it or choose another out=")
+if args.no_cache:
+    cfg.cache = False
+    cfg.freeze_encoder = False  # the point of --no-cache is to train the encoder
+
+# ---- processes and devices ---------------------------------------------------------------------------
+distributed = "RANK" in os.environ
+if distributed:  # launched by torchrun
+    rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+else:
+    rank, world_size = 0, 1
+    device = choose_device(cfg.device)
+main_process = rank == 0
+if cfg.num_threads:
+    torch.set_num_threads(cfg.num_threads)
+torch.manual_seed(cfg.seed)
+use_bf16 = cfg.bf16 and device.type == "cuda"
+
+
+def barrier() -> None:
+    if distributed:
+        dist.barrier()
+
+
+# ---- data, model, optimiser ------------------------------------------------------------------------------
+train_data = SliceBatches(load_dataset(cfg.data, "train"), box_margin=cfg.box_margin)
+val_data = SliceBatches(load_dataset(cfg.data, "val"), box_margin=cfg.box_margin)
+learner = build_learner(cfg, train_data.dataset.intensity).to(device)
+use_cache = learner.caches_embeddings and cfg.cache
+if main_process:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    n_params = sum(p.numel() for p in learner.parameters() if p.requires_grad)
+    print(f"{cfg.model} ({cfg.preset if cfg.model == 'probsam' else cfg.unet_channels}): {n_params / 1e6:.2f}M "
+          f"trainable parameters on {device} x{world_size}; embedding cache {'on' if use_cache else 'off'}")
+
+train_cache = val_cache = None
+if use_cache:  # rank 0 encodes every slice once; the others wait, then everyone memory-maps the file
+    cache_dir = out / "embedding_cache"
+    paths = {split: embedding_cache.cache_file(cache_dir, data, split, learner.model)
+             for split, data in (("train", train_data), ("val", val_data))}
+    if main_process:
+        for split, data in (("train", train_data), ("val", val_data)):
+            embedding_cache.build_cache(learner.model, data, paths[split])
+    barrier()
+    train_cache, val_cache = (embedding_cache.open_cache(paths[s]) for s in ("train", "val"))
+
+decay = [p for p in learner.parameters() if p.requires_grad and p.dim() >= 2]
+no_decay = [p for p in learner.parameters() if p.requires_grad and p.dim() < 2]
+optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+step, best_ged = 0, math.inf
+if args.resume:
+    state = torch.load(out / "ckpt.pt", map_location=device, weights_only=False)
+    learner.load_state_dict(state["learner"])
+    optimiser.load_state_dict(state["optimiser"])
+    step, best_ged = state["step"], state["best_ged"]
+    if main_process:
+        print(f"resumed at step {step} (best validation GED@16 {best_ged:.4f})")
+model = DistributedDataParallel(learner, find_unused_parameters=True) if distributed else learner
+
+
+def learning_rate(step: int) -> float:
+    """Linear warm-up, then cosine decay to min_lr over lr_decay_steps (nanoGPT's schedule)."""
+    decay_steps = cfg.lr_decay_steps or cfg.max_steps
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, decay_steps - cfg.warmup_steps))
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - cfg.min_lr)
+
+
+def validation_ged() -> dict:
+    positions = validation_positions(len(val_data), cfg.eval_slices, cfg.seed)
+    embeddings_of = (lambda p: embedding_cache.cached_embeddings(val_cache, p, device)) if use_cache else None
+    rows = evaluate_slices(learner, val_data, positions, (cfg.eval_samples,), cfg.seed, 32, device,
+                           embeddings_of, progress=False)
+    learner.train()
+    return summarise(rows)
+
+
+def save_checkpoint() -> None:
+    """ckpt.pt for resuming, written atomically (an interrupted save keeps the previous one)."""
+    state = {"learner": learner.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
+             "best_ged": best_ged, "config": cfg.to_dict()}
+    torch.save(state, out / "ckpt.pt.part")
+    os.replace(out / "ckpt.pt.part", out / "ckpt.pt")
+
+
+writer = None
+if main_process:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out / "tensorboard"))
+    except ImportError:
+        print("tensorboard is not installed: logging to log.jsonl only (pip install tensorboard)")
+log_file = open(out / "log.jsonl", "a") if main_process else None
+
+
+def log(record: dict) -> None:
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    if writer:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                writer.add_scalar(key, value, record["step"])
+
+
+# ---- the loop -------------------------------------------------------------------------------------------
+learner.train()
+bar = tqdm(total=cfg.max_steps, initial=step, disable=not main_process, desc="training")
+started = time.perf_counter()
+while step < cfg.max_steps:
+    lr = learning_rate(step)
+    for group in optimiser.param_groups:
+        group["lr"] = lr
+    # Everything random in a step derives from (seed, step, rank): a resumed run repeats it exactly.
+    positions = batch_positions(len(train_data), cfg.batch_size, step, cfg.seed, rank, world_size)
+    rng = step_rng(cfg.seed, step, rank)
+    batch = train_data.read(positions, rng, cfg.box_jitter, cfg.box_jitter_max_px, flip=cfg.flip and not use_cache)
+    readers = choose_readers(batch.present, rng)
+    targets = batch.masks[torch.arange(len(readers)), readers]
+    torch.manual_seed(int(step_rng(cfg.seed, step, rank, stream=1).integers(2**62)))
+    embeddings = embedding_cache.cached_embeddings(train_cache, positions, device) if use_cache else None
+
+    with autocast(device, use_bf16):
+        parts = model(batch.images.to(device), batch.boxes.to(device), targets.to(device), step, embeddings=embeddings)
+    optimiser.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
+    optimiser.step()
+    step += 1
+    bar.update(1)
+
+    if main_process and (step % cfg.log_interval == 0 or step == cfg.max_steps):
+        record = {"step": step, "lr": lr, "grad_norm": float(grad_norm),
+                  "seconds": round(time.perf_counter() - started, 2),
+                  **{f"train/{k}": float(v.detach()) for k, v in parts.items()}}
+        log(record)
+        bar.set_postfix(loss=f"{record['train/loss']:.1f}", kl=f"{record['train/kl']:.2f}")
+    if step % cfg.eval_interval == 0 or step == cfg.max_steps:
+        if main_process:
+            scores = validation_ged()
+            ged16 = scores[f"ged@{cfg.eval_samples}"]
+            log({"step": step, **{f"val/{k}": v for k, v in scores.items()}})
+            tqdm.write(f"step {step}: val GED@{cfg.eval_samples} {ged16:.4f}, HM-IoU "
+                       f"{scores[f'hm_iou@{cfg.eval_samples}']:.4f}, diversity {scores[f'diversity@{cfg.eval_samples}']:.4f}")
+            if ged16 < best_ged:
+                best_ged = ged16
+                learner.save(out / "best.safetensors", extra={"step": step, "val_ged16": ged16, "config": cfg.to_dict()})
+            save_checkpoint()
+        barrier()
+
+bar.close()
+if distributed:  # every replica must hold the same weights after DDP's all-reduced updates
+    checksum = torch.stack([p.detach().double().sum() for p in learner.parameters()]).sum().reshape(1).to(device)
+    checksums = [torch.zeros_like(checksum) for _ in range(world_size)]
+    dist.all_gather(checksums, checksum)
+    if main_process:
+        spread = float(torch.cat(checksums).max() - torch.cat(checksums).min())
+        log({"step": step, "world_size": world_size, "replica_checksum_spread": spread})
+        print(f"{world_size} replicas, weight checksum spread {spread:.3g}")
+if main_process:
+    learner.save(out / "last.safetensors", extra={"step": step, "config": cfg.to_dict()})
+    print(f"done: {step} steps in {time.perf_counter() - started:.0f} s; best validation GED@{cfg.eval_samples} "
+          f"{best_ged:.4f} -> {out / 'best.safetensors'}")
+    log_file.close()
+    if writer:
+        writer.close()
+if distributed:
+    dist.destroy_process_group()
