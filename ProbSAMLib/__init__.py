@@ -24,6 +24,7 @@ def __getattr__(name):
         "load_probsam": ("build", "load_probsam"),
         "load_model": ("build", "load_model"),
         "sample_masks": ("sampling", "sample_masks"),
+        "sample_volume": ("volume", "sample_volume"),
         "save_probsam": ("checkpoints", "save_probsam"),
         "choose_device": ("device", "choose_device"),
     }
