@@ -160,29 +160,34 @@ def load_torch_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
     return state
 
 
-def save_probsam(model: torch.nn.Module, path: Path, heads_only: bool = False, extra: Optional[dict] = None) -> None:
-    """Write a ProbSAM model (or, for large SAMs, everything but the frozen image encoder) as safetensors.
-
-    The file is written to a temporary name and renamed, so an interrupted save never leaves a
-    truncated file at `path`.
-    """
+def save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    """Write tensors + string metadata to `path` through a temporary name and a rename, so an
+    interrupted save never leaves a truncated file; the file gets the usual permissions (umask)."""
     from safetensors.torch import save_file
 
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if heads_only:
-        state = {k: v for k, v in state.items() if not k.startswith("sam.image_encoder.")}
-    metadata = {"format": FORMAT, "config": model.config.to_json(),
-                "contents": "heads" if heads_only else "full", "extra": json.dumps(extra or {})}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
     os.close(fd)
     try:
         save_file(state, tmp_name, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp creates 0600; weights are meant to be shared
         os.replace(tmp_name, path)
     finally:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+
+
+def save_probsam(model: torch.nn.Module, path: Path, heads_only: bool = False, extra: Optional[dict] = None) -> None:
+    """Write a ProbSAM model (or, for large SAMs, everything but the frozen image encoder) as safetensors."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if heads_only:
+        state = {k: v for k, v in state.items() if not k.startswith("sam.image_encoder.")}
+    metadata = {"format": FORMAT, "config": model.config.to_json(),
+                "contents": "heads" if heads_only else "full", "extra": json.dumps(extra or {})}
+    save_safetensors(state, path, metadata)
 
 
 def read_probsam_file(path: Path) -> Tuple[ProbSAMConfig, Dict[str, torch.Tensor], Dict[str, str]]:

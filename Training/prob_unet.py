@@ -19,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributions import Independent, Normal
 
+from ProbSAMLib.checkpoints import save_safetensors
 from ProbSAMLib.model import TrainingOutput
 
 FORMAT = "prob-unet-baseline-v1"
@@ -137,24 +138,10 @@ class ProbUNet(nn.Module):
 
 
 def save_prob_unet(model: ProbUNet, path: Path, extra: Optional[dict] = None) -> None:
-    """safetensors with the architecture in the metadata; written to a temporary name, then renamed."""
-    import os
-    import tempfile
-
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """safetensors with the architecture in the metadata (atomic write, as for ProbSAM files)."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={"format": FORMAT, "config": json.dumps(model.config),
-                                        "extra": json.dumps(extra or {})})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    save_safetensors(state, path, {"format": FORMAT, "config": json.dumps(model.config),
+                                   "extra": json.dumps(extra or {})})
 
 
 def load_prob_unet(path: Path) -> ProbUNet:
