@@ -20,6 +20,7 @@ from ProbSAMLib import ProbSAMConfig, build_probsam, checkpoints, cli, save_prob
 from ProbSAMLib.geometry import Box3D, VolumeGeometry, voxel_box_from_physical
 from ProbSAMLib.imageio import read_segmentation
 from ProbSAMLib.markups import write_roi_json
+from Testing.helpers import write_dicom_series
 
 torch.set_num_threads(1)
 
@@ -173,20 +174,7 @@ def test_negative_first_coordinate_needs_no_equals_sign(files, tmp_path):
 
 
 # --- bad input: a clear message, exit status 2, no output --------------------------------------------------
-def write_dicom_series(folder, values, uid, prefix):
-    image = sitk.GetImageFromArray(values.astype(np.int16))
-    image.SetSpacing((0.8, 0.8, 2.5))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(values.shape[0]):
-        piece = image[:, :, k]
-        for tag, value in (("0008|0060", "CT"), ("0020|000d", "1.2.3"), ("0020|000e", uid),
-                           ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(k + 1)),
-                           ("0008|0018", f"{uid}.{k + 1}"),
-                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))):
-            piece.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
-        writer.Execute(piece)
+
 
 
 def bad_inputs(files, root):

@@ -12,14 +12,10 @@ import SimpleITK as sitk
 
 from ProbSAMLib.geometry import (Box3D, BoxOutsideVolumeError, VolumeGeometry, VoxelBox, slice_boxes_2d,
                                  voxel_box_from_cli, voxel_box_from_ijk, voxel_box_from_physical)
+from Testing.helpers import rotation
 
 
-def rotation(axis, degrees):
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    m = np.eye(3)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
+
 
 
 # Rotated 30° about z, then tilted 12° about x: every index axis is oblique.

@@ -9,6 +9,7 @@ from ProbSAMLib.geometry import VolumeGeometry
 from ProbSAMLib.imageio import (AtomicOutputDir, MultipleSeriesError, OutputExistsError, VolumeReadError,
                                 distinct_colors, read_segment_metadata, read_segmentation, read_volume,
                                 write_image, write_sample_files, write_segmentation)
+from Testing.helpers import write_dicom_series
 
 C, S = np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30))
 T, U = np.cos(np.deg2rad(12)), np.sin(np.deg2rad(12))
@@ -34,32 +35,18 @@ def test_read_volume_files_keep_geometry_and_values(tmp_path, suffix):
     np.testing.assert_array_equal(sitk.GetArrayFromImage(volume), sitk.GetArrayFromImage(image))
 
 
-def write_dicom_series(folder, values, uid, description, prefix):
-    """A CT series, one file per slice, written with SimpleITK (origin (0, 0, 0), spacing .8/.8/2.5)."""
-    image = sitk.GetImageFromArray(values.astype(np.int16))
-    image.SetSpacing((0.8, 0.8, 2.5))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    for k in range(values.shape[0]):
-        piece = image[:, :, k]
-        for tag, value in (("0008|0060", "CT"), ("0008|103e", description), ("0020|000d", "1.2.3.4.5"),
-                           ("0020|000e", uid), ("0020|0037", "1\\0\\0\\0\\1\\0"), ("0020|0013", str(k + 1)),
-                           ("0008|0018", f"{uid}.{k + 1}"), ("0018|0050", "2.5"),
-                           ("0020|0032", "\\".join(map(str, image.TransformIndexToPhysicalPoint((0, 0, k)))))):
-            piece.SetMetaData(tag, value)
-        writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
-        writer.Execute(piece)
+
 
 
 def test_dicom_folder_one_and_two_series(tmp_path):
     first = np.arange(4 * 6 * 5).reshape(4, 6, 5) - 50
-    write_dicom_series(tmp_path, first, "1.2.3.4.5.1", "lung window", "a")
+    write_dicom_series(tmp_path, first, "1.2.3.4.5.1", "a", "lung window")
     volume = read_volume(tmp_path)
     assert volume.GetSize() == (5, 6, 4)
     np.testing.assert_allclose(volume.GetSpacing(), (0.8, 0.8, 2.5), atol=1e-6)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(volume), first)
 
-    write_dicom_series(tmp_path, first[:3] + 1000, "1.2.3.4.5.2", "bone", "b")
+    write_dicom_series(tmp_path, first[:3] + 1000, "1.2.3.4.5.2", "b", "bone")
     with pytest.raises(MultipleSeriesError) as info:
         read_volume(tmp_path)
     message = str(info.value)

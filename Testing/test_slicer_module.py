@@ -17,6 +17,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 import slicer_standin  # noqa: E402
+from Testing.helpers import rotation as rotation3  # noqa: E402
 
 N_SAMPLES = 3
 SHAPE_KJI = (6, 48, 48)
@@ -54,11 +55,9 @@ def model_args(weights):
 
 # --- scene builders -----------------------------------------------------------------------------------
 def rotation(axis: int, degrees: float) -> np.ndarray:
-    a = np.radians(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [k for k in range(3) if k != axis]
+    """4x4 homogeneous form of Testing.helpers.rotation (MRML matrices are 4x4)."""
     m = np.eye(4)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
+    m[:3, :3] = rotation3(axis, degrees)
     return m
 
 

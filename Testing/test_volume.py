@@ -19,16 +19,12 @@ from ProbSAMLib.report import longest_axial_diameter_mm
 from ProbSAMLib.sampling import images_to_unit, sample_from_embeddings
 from ProbSAMLib.volume import (Cancelled, choose_slice_batch, context_window, min_context_size,
                                sample_volume)
+from Testing.helpers import rotation
 
 torch.set_num_threads(1)
 
 
-def rotation(axis, degrees):
-    c, s = np.cos(np.deg2rad(degrees)), np.sin(np.deg2rad(degrees))
-    i, j = [a for a in range(3) if a != axis]
-    m = np.eye(3)
-    m[i, i], m[i, j], m[j, i], m[j, j] = c, -s, s, c
-    return m
+
 
 
 LPS = np.eye(3)
