@@ -137,3 +137,16 @@ def print_report(report: BuildReport, out) -> None:
               "(rerun with --force to retry just these):")
         for f in report.failed:
             print(f"  {f['patient_id']}  {f['series_uid']}  {f['error']}")
+
+
+def add_build_arguments(parser, pad_help: str, seed_help: str) -> None:
+    """The options every data-set builder CLI shares (make_phantom.py, prepare_lidc.py)."""
+    parser.add_argument("--out", required=True, type=Path, help="output data set directory")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--scans", type=int, help="only the first N annotated scans")
+    which.add_argument("--patients", nargs="+", metavar="ID", help="only these patient IDs")
+    parser.add_argument("--crop", type=int, default=128, help="in-plane crop size (default 128)")
+    parser.add_argument("--pad-slices", type=int, default=2, help=pad_help)
+    parser.add_argument("--seed", type=int, default=0, help=seed_help)
+    parser.add_argument("--work-dir", type=Path, help="partial results (default OUT.work)")
+    parser.add_argument("--force", action="store_true", help="replace an existing data set")

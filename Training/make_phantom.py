@@ -20,7 +20,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ProbSAMLib.phantom import render_nodule_volume, stable_seed  # noqa: E402
-from Training.build_dataset import BuildReport, build, print_report  # noqa: E402
+from Training.build_dataset import BuildReport, add_build_arguments, build, print_report  # noqa: E402
 from Training.dataset_format import concat_chunks, empty_chunk, slices_from_volume  # noqa: E402
 from Training.lidc_nodules import LIDCNodule, scan_nodules, select_scans  # noqa: E402
 
@@ -65,16 +65,8 @@ def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[s
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, type=Path, help="output data set directory")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--scans", type=int, help="only the first N annotated scans")
-    which.add_argument("--patients", nargs="+", metavar="ID", help="only these patient IDs")
-    parser.add_argument("--crop", type=int, default=128, help="in-plane crop size (default 128)")
-    parser.add_argument("--pad-slices", type=int, default=2,
-                        help="extra slices rendered above and below each nodule (default 2)")
-    parser.add_argument("--seed", type=int, default=0, help="rendering and split seed (default 0)")
-    parser.add_argument("--work-dir", type=Path, help="partial results (default OUT.work)")
-    parser.add_argument("--force", action="store_true", help="replace an existing data set")
+    add_build_arguments(parser, pad_help="extra slices rendered above and below each nodule (default 2)",
+                        seed_help="rendering and split seed (default 0)")
     args = parser.parse_args(argv)
     if args.crop < 16 or args.crop > 512:
         parser.error("--crop must be between 16 and 512")

@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
-from Training.build_dataset import BuildReport, build, print_report  # noqa: E402
+from Training.build_dataset import BuildReport, add_build_arguments, build, print_report  # noqa: E402
 from Training.dataset_format import (check_output, concat_chunks, empty_chunk,  # noqa: E402
                                      slices_from_volume)
 from Training.lidc_nodules import IMAGE_SIZE, scan_nodules, select_scans  # noqa: E402
@@ -87,17 +87,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dicom-root", required=True, type=Path,
                         help="folder holding the LIDC-IDRI-dddd patient folders")
-    parser.add_argument("--out", required=True, type=Path, help="output data set directory")
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--scans", type=int, help="only the first N annotated scans")
-    which.add_argument("--patients", nargs="+", metavar="ID", help="only these patient IDs")
-    parser.add_argument("--crop", type=int, default=128, help="in-plane crop size (default 128)")
-    parser.add_argument("--pad-slices", type=int, default=2,
-                        help="slices kept above and below each nodule's annotations (default 2; "
-                             "only slices with a reader mark are written)")
-    parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
-    parser.add_argument("--work-dir", type=Path, help="partial results (default OUT.work)")
-    parser.add_argument("--force", action="store_true", help="replace an existing data set")
+    add_build_arguments(parser, pad_help="slices kept above and below each nodule's annotations (default 2; "
+                                         "only slices with a reader mark are written)",
+                        seed_help="split seed (default 0)")
     args = parser.parse_args(argv)
     if args.crop < 16 or args.crop > IMAGE_SIZE:
         parser.error(f"--crop must be between 16 and {IMAGE_SIZE}")
