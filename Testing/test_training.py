@@ -138,6 +138,18 @@ def test_refuses_to_overwrite_a_run(data_dir, tmp_path):
     assert again.returncode != 0 and "--resume" in again.stderr
 
 
+def test_bad_settings_stop_with_a_message_and_write_nothing(data_dir, tmp_path):
+    script = [sys.executable, str(ROOT / "Training" / "train.py")]
+    cases = {"unknown setting 'bath_size'": [f"data={data_dir}", "bath_size=4"],
+             "is not a data set": [f"data={tmp_path / 'nowhere'}"],
+             "no checkpoint": [f"data={data_dir}", "--resume"]}
+    for expected, settings in cases.items():
+        done = subprocess.run([*script, *settings, f"out={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                              text=True, encoding="utf-8", errors="replace")
+        assert done.returncode != 0 and expected in done.stderr and "Traceback" not in done.stderr, done.stderr
+        assert not (tmp_path / "run").exists()
+
+
 def test_two_process_gloo_ddp_keeps_replicas_identical(data_dir, tmp_path):
     out = tmp_path / "ddp"
     done = train(f"data={data_dir}", *TINY_RUN, f"out={out}", "max_steps=3", "eval_interval=3", nproc=2)
@@ -198,3 +210,12 @@ def test_evaluate_writes_a_side_by_side_table(data_dir, tmp_path):
         assert scores["slices"] == 5 and 0 <= scores["hm_iou@4"] <= 1 and 0 <= scores["ged@8"] <= 2
     per_slice = (out / "per_slice_probsam.csv").read_text().splitlines()
     assert len(per_slice) == 6
+    # an existing --out is never overwritten without --force; a missing weights file is named
+    before = table
+    with pytest.raises(SystemExit):
+        evaluate.main(["--data", str(data_dir), "--model", str(tmp_path / "probsam" / "best.safetensors"),
+                       "--out", str(out)])
+    with pytest.raises(SystemExit):
+        evaluate.main(["--data", str(data_dir), "--model", str(tmp_path / "nope.safetensors"),
+                       "--out", str(tmp_path / "other")])
+    assert (out / "results.md").read_text() == before and not (tmp_path / "other").exists()

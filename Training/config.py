@@ -62,7 +62,10 @@ class TrainConfig:
 
 def _parse_value(text: str) -> Any:
     """YAML typing for overrides: 3 -> int, 1e-3 -> float, false -> bool, [1, 2] -> list."""
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(f"cannot read the value {text!r}: {error}") from None
     if isinstance(value, str):  # YAML reads "1e-3" as a string; accept it as the float it means
         try:
             return float(value)
@@ -90,7 +93,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
     """Defaults, then the YAML file, then ``key=value`` overrides (later wins)."""
     config = TrainConfig()
     if path:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"{path} is not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
         _apply(config, data, str(path))

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ProbSAMLib import metrics
 from ProbSAMLib.device import autocast, choose_device
+from ProbSAMLib.imageio import AtomicOutputDir
 from Training.batches import SliceBatches, validation_positions
 from Training.dataset_format import load_dataset
 
@@ -107,7 +108,7 @@ def protocol_text(data: str, split: str, n_slices: int, sizes, margin: float, se
 
 def write_results(out: Path, results: Dict[str, Dict[str, float]], per_slice: Dict[str, List[dict]],
                   protocol: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
+    """Every file into ``out``, which must be a folder being filled (see AtomicOutputDir in main)."""
     (out / "results.md").write_text(markdown_table(results, protocol))
     keys = sorted({k for r in results.values() for k in r})
     with open(out / "results.csv", "w", newline="") as fh:
@@ -139,10 +140,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
     names = args.name or [Path(m).resolve().parent.name for m in args.model]
     if len(names) != len(args.model):
         parser.error("give one --name per --model")
+    if len(set(names)) != len(names):
+        parser.error(f"model names must differ, got {names}; pass --name for each --model")
+    missing = [m for m in args.model if not Path(m).is_file()]
+    if missing:
+        parser.error(f"no weights file at {', '.join(missing)}")
+    if Path(args.out).exists() and not args.force:
+        parser.error(f"{args.out} already exists; choose another --out or pass --force to replace it")
     device = choose_device(args.device)
     batches = SliceBatches(load_dataset(args.data, args.split), box_margin=args.box_margin)
     positions = validation_positions(len(batches), args.max_slices, args.seed)
@@ -154,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         results[name] = summarise(per_slice[name])
         print(name, json.dumps({k: round(v, 4) for k, v in results[name].items()}))
     protocol = protocol_text(args.data, args.split, len(positions), sizes, args.box_margin, args.seed)
-    write_results(Path(args.out), results, per_slice, protocol)
+    with AtomicOutputDir(args.out, force=args.force) as tmp:  # nothing under --out until complete
+        write_results(tmp, results, per_slice, protocol)
     print(markdown_table(results, protocol))
     return 0
 

@@ -44,18 +44,24 @@ parser.add_argument("config", nargs="?", help="Training/configs/*.yaml")
 parser.add_argument("overrides", nargs="*", help="key=value settings that replace the config file's")
 parser.add_argument("--no-cache", action="store_true", help="encode images every step (to fine-tune the encoder)")
 parser.add_argument("--resume", action="store_true", help="continue the run in `out` from its ckpt.pt")
-args = parser.parse_args()
+args = parser.parse_intermixed_args()  # flags may come before, between or after key=value
 if args.config and "=" in args.config:  # only overrides were given
     args.overrides.insert(0, args.config)
     args.config = None
-cfg = load_config(args.config, args.overrides)
-out = Path(cfg.out)
-if args.resume:
-    if not (out / "ckpt.pt").is_file():
-        sys.exit(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
-    cfg = load_config(str(out / "config.yaml"), args.overrides)
-elif (out / "ckpt.pt").exists():
+try:
+    cfg = load_config(args.config, args.overrides)
+    out = Path(cfg.out)
+    if args.resume:
+        if not (out / "ckpt.pt").is_file():
+            sys.exit(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
+        cfg = load_config(str(out / "config.yaml"), args.overrides)
+except (OSError, ValueError) as error:  # a missing/garbled config file or a mistyped setting
+    sys.exit(f"error: {error}")
+if not args.resume and (out / "ckpt.pt").exists():
     sys.exit(f"{out} already holds a run (ckpt.pt); pass --resume to continue it or choose another out=")
+if not Path(cfg.data, "meta.json").is_file():
+    sys.exit(f"error: {cfg.data} is not a data set (no meta.json); build one with Training/make_phantom.py "
+             f"or Training/prepare_lidc.py")
 if args.no_cache:
     cfg.cache = False
     cfg.freeze_encoder = False  # the point of --no-cache is to train the encoder
