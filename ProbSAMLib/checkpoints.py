@@ -20,12 +20,13 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .config import ProbSAMConfig
+from .errors import WeightsError
 
 FORMAT = "probsam-v1"
 PACKAGE_MODELS = Path(__file__).resolve().parent / "models"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(WeightsError):
     """A weights file is missing, corrupt, of the wrong model, or cannot be fetched."""
 
 
@@ -58,7 +59,10 @@ MANIFEST: Dict[str, WeightsEntry] = {
         "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2_564_550_879,
         "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-H image encoder and decoder"),
     "demo": WeightsEntry(
-        "demo", "probsam_tiny_demo.safetensors", None, None, None, "Apache-2.0",
+        # The bundled file is checked like a download: a bit flip or a half-copied install is refused.
+        # Retraining the demo model means updating this line (Testing/test_bad_inputs_cli.py checks it).
+        "demo", "probsam_tiny_demo.safetensors", None,
+        "993fe11112b1c4b326c12318c4dac37d3078f694a0fc5aed623d85bbb2bd373b", 8_290_336, "Apache-2.0",
         "DEMO model: tiny ProbSAM trained on the rendered LIDC contour phantom. Not for clinical use.",
         bundled=True),
 }
@@ -205,14 +209,59 @@ def read_probsam_file(path: Path) -> Tuple[ProbSAMConfig, Dict[str, torch.Tensor
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
     if metadata.get("format") != FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path} is a safetensors file but not a ProbSAM checkpoint (no {FORMAT} config)")
-    return ProbSAMConfig.from_json(metadata["config"]), state, metadata
+    return config_from_metadata(metadata["config"], path), state, metadata
+
+
+# Integer fields of ProbSAMConfig that size tensors: a file claiming 0 or "abc" must not reach torch.
+_POSITIVE_INT_FIELDS = ("img_size", "patch_size", "prompt_dim", "decoder_mlp_dim", "window_size", "latent_dim",
+                        "latent_hidden")
+
+
+def config_from_metadata(text: str, path) -> ProbSAMConfig:
+    """The ProbSAMConfig stored in a weights file, or CheckpointError naming the bad field."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{path}: its stored model config is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: its stored model config is not a JSON object")
+    for key in _POSITIVE_INT_FIELDS:
+        value = data.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1 << 16:
+            raise CheckpointError(f"{path}: its stored model config has {key} = {value!r}; expected a positive "
+                                  f"whole number (the file is corrupt or not a ProbSAM checkpoint)")
+    window = data.get("window")
+    if window is not None and not (isinstance(window, list) and len(window) == 2
+                                   and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)):
+        raise CheckpointError(f"{path}: its stored model config has window = {window!r}; expected [centre, width]")
+    for key in ("latent_to_dense", "freeze_encoder"):
+        if not isinstance(data.get(key, False), bool):
+            raise CheckpointError(f"{path}: its stored model config has {key} = {data[key]!r}; expected true/false")
+    if not isinstance(data.get("extra", {}), dict) or not isinstance(data.get("encoder", "vit_b"), str):
+        raise CheckpointError(f"{path}: its stored model config has a wrong 'extra' or 'encoder' field")
+    try:
+        return ProbSAMConfig.from_json(json.dumps(data))
+    except (TypeError, ValueError, ZeroDivisionError) as error:
+        raise CheckpointError(f"{path}: its stored model config is not usable ({error})") from None
 
 
 def copy_into_cache(source: Path, name: str) -> Path:
-    """Verify a user-supplied file for manifest entry `name` and copy it into the cache (offline sites)."""
+    """Verify a user-supplied file for manifest entry `name` and copy it into the cache (offline sites).
+
+    Bundled entries are refused: the cache is the only place this writes, never the installed package.
+    """
     entry = MANIFEST[name]
+    if entry.bundled:
+        raise CheckpointError(f"{name!r} is bundled with ProbSAM and cannot be replaced")
     verify_sha256(Path(source), entry.sha256)
     target = entry_path(entry)
     target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(source, target)
+    fd, tmp_name = tempfile.mkstemp(prefix=entry.filename + ".", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp_name)
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
     return target

@@ -6,29 +6,32 @@
     probsam info
     probsam fetch sam_vit_b [--from FILE]
 
-Bad input ends with one line ``probsam: error: ...`` and exit status 2, and leaves no output behind:
-results are written to a temporary folder beside --out and moved into place only when complete.
-Set PROBSAM_DEBUG=1 to see the traceback instead.
+Bad input or settings end with one line ``probsam: error: ...`` and exit status 2, a failure at run time
+with status 1, Ctrl-C with 130 (SIGTERM 143); the status follows the error's type (ProbSAMLib.errors).
+Nothing is left behind: results are written by ProbSAMLib.outputdir.OutputFolder into a temporary folder
+beside --out and moved into place only when complete; --force never replaces a folder that holds an
+input, the working folder, home, / or a folder ProbSAM did not write. PROBSAM_DEBUG=1 shows tracebacks.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import sys
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import __version__
+from . import __version__, errors
+from .errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUNTIME  # noqa: F401 (kept for importers)
+from .errors import SettingsError
 
 MODEL_NAMES = ("demo", "vit_b", "vit_l", "vit_h", "file")
-EXIT_INPUT, EXIT_RUNTIME, EXIT_INTERRUPTED = 2, 1, 130
+MAX_SEED = 2 ** 63 - 1
 
 
-class UsageError(ValueError):
+class UsageError(SettingsError):
     """Bad arguments that argparse cannot see (e.g. an option that does not fit the model)."""
 
 
@@ -42,8 +45,8 @@ def _model_options(parser: argparse.ArgumentParser, default: str) -> None:
                        help="ProbSAM weights file (full model, or heads for vit_*)")
     group.add_argument("--sam-checkpoint", type=Path, metavar="PATH",
                        help="official SAM .pth for vit_* (else the cache, else a download)")
-    group.add_argument("--offline", action="store_true", default=bool(os.environ.get("PROBSAM_OFFLINE")),
-                       help="never download weights (also PROBSAM_OFFLINE=1)")
+    group.add_argument("--offline", action="store_true",
+                       help="never download weights (also PROBSAM_OFFLINE=1; PROBSAM_OFFLINE=0 means online)")
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
 
 
@@ -122,28 +125,42 @@ def _say(args, text: str) -> None:
         print(text, file=sys.stderr)
 
 
-def _check_output(args) -> None:
-    """Refuse an existing --out before any work is done (AtomicOutputDir checks again at the end)."""
-    from .imageio import OutputExistsError
+def _inputs(args) -> list:
+    """Every file or folder the command reads: --force may never delete them."""
+    names = ("input", "roi", "checkpoint", "sam_checkpoint")
+    return [getattr(args, name) for name in names if getattr(args, name, None) is not None]
 
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"output path {out} exists and is not a folder")
-    if out.exists() and not args.force:
-        raise OutputExistsError(f"output folder {out} already exists; choose another --out or add --force "
-                                f"to replace it")
+
+def _output_folder(args):
+    from .outputdir import OutputFolder
+
+    return OutputFolder(args.out, args.force, inputs=_inputs(args))
+
+
+def _check_output(args) -> None:
+    """Refuse an unusable --out before any work is done (the writer checks again at the end)."""
+    _output_folder(args).check()
 
 
 def _check_numbers(args) -> None:
+    from .device import choose_device
+
     if args.samples < 1:
         raise UsageError(f"--samples must be at least 1, got {args.samples}")
     if args.slice_batch is not None and args.slice_batch < 1:
         raise UsageError(f"--slice-batch must be at least 1, got {args.slice_batch}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     if args.model not in MODEL_NAMES:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)} "
                          f"(probsam info lists them and their weights)")
     if args.model == "file" and args.checkpoint is None:
         raise UsageError("--model file needs --checkpoint PATH to a ProbSAM .safetensors file")
+    for option, path in (("--checkpoint", args.checkpoint), ("--sam-checkpoint", args.sam_checkpoint)):
+        if path is not None and not Path(path).is_file():
+            raise errors.WeightsError(f"{option} {path}: no such file")
+    args.offline = args.offline or errors.env_flag("PROBSAM_OFFLINE")
+    choose_device(args.device)  # an unavailable device is refused before any reading
 
 
 def _load_model(args):
@@ -239,9 +256,9 @@ def cmd_sample(args) -> None:
     result = _sample(args, model, volume, geometry, voxel_box)
     extra = {"command": "sample", "probsam_version": __version__, "model": _model_description(args),
              "input": {"path": str(args.input), "series_uid": args.series_uid}, "request": request}
-    with imageio.AtomicOutputDir(args.out, args.force) as tmp:
+    with _output_folder(args) as tmp:
         report.write_outputs(result, tmp, split=args.split, extra_summary=extra, tags=_tags(args, result))
-    result.summary["files"] = sorted(p.name for p in Path(args.out).iterdir())
+    result.summary["files"] = sorted(p.name for p in Path(args.out).iterdir() if not p.name.startswith("."))
     _print_report(args, result, Path(args.out))
 
 
@@ -289,14 +306,14 @@ def cmd_demo(args) -> None:
                               "readers.seg.nrrd",
                       "vs_readers": {"ged": metrics.ged(samples, readers), "hm_iou": metrics.hm_iou(samples, readers),
                                      "dmax": metrics.dmax(samples, readers)}}}
-    with imageio.AtomicOutputDir(args.out, args.force) as tmp:
+    with _output_folder(args) as tmp:
         imageio.write_image(volume, geometry, tmp / "ct.nrrd", np.int16)
         imageio.write_segmentation(phantom.reader_masks, geometry, tmp / "readers.seg.nrrd",
                                    names=[f"Reader {n + 1}" for n in range(len(readers))])
         report.write_montage(tmp / "montage.png", volume, result, title)
         report.write_outputs(result, tmp, split=args.split, extra_summary=extra, tags=_tags(args, result),
                              other_files=("ct.nrrd", "readers.seg.nrrd", "montage.png"))
-    result.summary["files"] = sorted(p.name for p in Path(args.out).iterdir())
+    result.summary["files"] = sorted(p.name for p in Path(args.out).iterdir() if not p.name.startswith("."))
     _print_report(args, result, Path(args.out))
     if not args.quiet:
         print(f"Open {Path(args.out) / 'montage.png'} to look, or load ct.nrrd and samples.seg.nrrd in 3D Slicer.")
@@ -343,12 +360,15 @@ def cmd_fetch(args) -> None:
 
     if args.name not in checkpoints.MANIFEST:
         raise UsageError(f"unknown weights {args.name!r}; known: {', '.join(checkpoints.MANIFEST)}")
+    if checkpoints.MANIFEST[args.name].bundled:
+        raise UsageError(f"{args.name!r} is bundled with ProbSAM and cannot be fetched or replaced; use "
+                         f"--model file --checkpoint FILE to run other weights")
     if args.source is not None:
         if not args.source.is_file():
-            raise FileNotFoundError(f"weights file {args.source} does not exist")
+            raise errors.WeightsError(f"weights file {args.source} does not exist")
         path = checkpoints.copy_into_cache(args.source, args.name)
     else:
-        path = checkpoints.resolve_weights(args.name)
+        path = checkpoints.resolve_weights(args.name, download=not errors.env_flag("PROBSAM_OFFLINE"))
     print(f"{args.name}: {path}")
 
 
@@ -368,31 +388,29 @@ def _warnings_as_lines():
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``probsam`` console script; returns the exit status."""
-    from .volume import Cancelled
+    """Entry point of the ``probsam`` console script; returns the exit status.
 
+    Everything after argument parsing, imports of torch included, runs inside the handler, so Ctrl-C or
+    SIGTERM at any moment ends with one line and no output folder.
+    """
     parser = build_parser()
     args = parser.parse_args(_join_negative_box(sys.argv[1:] if argv is None else argv))
     try:
-        with _warnings_as_lines():
-            COMMANDS[args.command](args)
+        with errors.terminate_as_exception():
+            errors.pause_point("startup")  # test hook: a signal before the heavy imports
+            from .volume import Cancelled
+
+            try:
+                with _warnings_as_lines():
+                    COMMANDS[args.command](args)
+            except Cancelled:
+                print("probsam: cancelled; nothing was written", file=sys.stderr)
+                return EXIT_INTERRUPTED
         return 0
-    except KeyboardInterrupt:
-        print("probsam: interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except Cancelled:
-        print("probsam: cancelled; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except (ValueError, OSError, RuntimeError) as error:  # bad input (ValueError, OSError) or a failed run
-        if os.environ.get("PROBSAM_DEBUG"):
+    except (Exception, KeyboardInterrupt, errors.Terminated) as error:
+        if errors.debugging():
             raise
-        print(f"probsam: error: {error}", file=sys.stderr)
-        return EXIT_RUNTIME if isinstance(error, RuntimeError) and not _is_device_error(error) else EXIT_INPUT
-
-
-def _is_device_error(error: BaseException) -> bool:
-    # choose_device raises RuntimeError for an unavailable --device: that is a usage error.
-    return "was requested but" in str(error)
+        return errors.report("probsam", error)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from .errors import DeviceError, SettingsError
+
 
 def mps_works() -> bool:
     """MPS reported available AND able to run a small op (some macOS/torch combinations are not)."""
@@ -29,19 +31,25 @@ def choose_device(preference: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if preference.startswith("cuda"):
+        index = preference[len("cuda"):]
+        if index and not (index[0] == ":" and index[1:].isdigit()):
+            raise SettingsError(f"unknown device {preference!r}; use auto, cpu, cuda, cuda:N or mps")
         if not torch.cuda.is_available():
-            raise RuntimeError(
+            raise DeviceError(
                 "CUDA was requested but torch.cuda.is_available() is False (no NVIDIA GPU, a driver "
                 f"older than this CUDA build of torch {torch.__version__}, or a CPU-only torch). Use --device cpu."
             )
+        if index and int(index[1:]) >= torch.cuda.device_count():
+            raise DeviceError(f"{preference} was requested but only {torch.cuda.device_count()} CUDA "
+                              f"device(s) are present")
         return torch.device(preference)
     if preference == "mps":
         if not mps_works():
-            raise RuntimeError("MPS was requested but is not available in this torch build / macOS. Use --device cpu.")
+            raise DeviceError("MPS was requested but is not available in this torch build / macOS. Use --device cpu.")
         return torch.device("mps")
     if preference == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"unknown device {preference!r}; use auto, cpu, cuda, cuda:N or mps")
+    raise SettingsError(f"unknown device {preference!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
 def autocast(device: torch.device, enabled: bool = True):

@@ -262,6 +262,7 @@ class VoxelBox:
 
 
 _AXIS_NAMES = ("i", "j", "k")
+_FAR = 1_000_000  # voxels past the volume beyond which a corner's exact position no longer matters
 
 
 def voxel_box_from_ijk(lo, hi, geometry: VolumeGeometry) -> VoxelBox:
@@ -269,7 +270,8 @@ def voxel_box_from_ijk(lo, hi, geometry: VolumeGeometry) -> VoxelBox:
     corners = np.array([lo, hi], dtype=np.float64).reshape(2, 3)
     if not np.all(np.isfinite(corners)) or np.any(corners != np.round(corners)):
         raise ValueError(f"voxel indices must be integers, got {corners.tolist()}")
-    corners = corners.astype(np.int64)
+    # Far-away corners (1e20) would overflow int64: anything past the volume clamps the same way.
+    corners = np.clip(corners, -_FAR, np.array(geometry.size) + _FAR).astype(np.int64)
     first, last = corners.min(axis=0), corners.max(axis=0)
     return _clamp(first, last + 1, geometry, f"index box {first.tolist()}..{last.tolist()} (inclusive)")
 
@@ -291,8 +293,11 @@ def voxel_box_from_physical(box: Box3D, geometry: VolumeGeometry) -> VoxelBox:
     extent = np.array(geometry.size) - 0.5
     if np.any(cmax < -0.5) or np.any(cmin > extent):
         raise BoxOutsideVolumeError(_outside_message(box, geometry, cmin, cmax))
-    first = np.ceil(cmin - _INDEX_EPS).astype(np.int64)
-    last = np.floor(cmax + _INDEX_EPS).astype(np.int64)
+    # A box reaching far past the volume (±1e20 mm) is clamped like any other: cut the span first, so
+    # the float -> int64 conversion cannot overflow.
+    cmin_c, cmax_c = (np.clip(c, -_FAR, np.array(geometry.size) + _FAR) for c in (cmin, cmax))
+    first = np.ceil(cmin_c - _INDEX_EPS).astype(np.int64)
+    last = np.floor(cmax_c + _INDEX_EPS).astype(np.int64)
     for axis in range(3):
         if last[axis] < first[axis]:
             raise ValueError(

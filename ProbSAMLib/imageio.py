@@ -7,9 +7,9 @@ One implementation for the CLI, the Slicer module and scripts. Arrays are ``(K, 
 from __future__ import annotations
 
 import colorsys
-import os
-import shutil
-import tempfile
+import gzip
+import warnings
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,10 +17,12 @@ import numpy as np
 import SimpleITK as sitk
 
 from . import nrrd
+from .errors import InputError
 from .geometry import VolumeGeometry
+from .outputdir import AtomicOutputDir, OutputExistsError, OutputFolder  # noqa: F401 (the one writer)
 
 
-class VolumeReadError(ValueError):
+class VolumeReadError(InputError):
     """The input exists but is not a usable 3D single-channel volume."""
 
 
@@ -30,10 +32,6 @@ class MultipleSeriesError(VolumeReadError):
     def __init__(self, message: str, series: list):
         super().__init__(message)
         self.series = series
-
-
-class OutputExistsError(FileExistsError):
-    """The output folder exists and replacing it was not asked for."""
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -51,8 +49,40 @@ def read_volume(path, series_uid: Optional[str] = None) -> sitk.Image:
     else:
         if series_uid is not None:
             raise ValueError("series_uid applies only to a DICOM folder, not to a single file")
+        _check_complete_gzip(path)
         image, is_dicom = _read_file(path)
-    return _validated(image, path, is_dicom)
+    image = _validated(image, path, is_dicom)
+    _warn_if_not_hu(image, path)
+    return image
+
+
+class IntensityWarning(UserWarning):
+    """The voxel values do not look like CT Hounsfield units."""
+
+
+def _warn_if_not_hu(image: sitk.Image, path: Path) -> None:
+    """CT in HU has air near -1000 and rarely anything above a few thousand; say so when that is not seen."""
+    values = sitk.GetArrayViewFromImage(image)
+    low, high = float(values.min()), float(values.max())
+    if low >= -100 or low < -3100 or high > 30000:
+        warnings.warn(IntensityWarning(
+            f"{path}: voxel values span {low:g}..{high:g}, which does not look like CT in Hounsfield units "
+            f"(air is about -1000 HU). MR, cone-beam CT or DICOM without its rescale slope/intercept give "
+            f"wrong masks; convert the volume to HU first"), stacklevel=3)
+
+
+def _check_complete_gzip(path: Path) -> None:
+    """A gzip-compressed file (.nii.gz, ...) must decode to its end: ITK reads a cut one as zeros."""
+    with open(path, "rb") as handle:
+        if handle.read(2) != b"\x1f\x8b":
+            return
+    try:
+        with gzip.open(path, "rb") as stream:
+            while stream.read(1 << 22):
+                pass
+    except (EOFError, OSError, zlib.error) as error:
+        raise VolumeReadError(f"{path} is a compressed file that does not decode completely ({error}); "
+                              f"it is truncated or corrupt: copy or download it again") from None
 
 
 def _short(error: Exception) -> str:
@@ -97,20 +127,55 @@ def _read_dicom_folder(folder: Path, series_uid: Optional[str]) -> sitk.Image:
                               f"readable as DICOM images); give a DICOM series folder or a volume file")
     if series_uid is None and len(uids) > 1 or series_uid is not None and series_uid not in uids:
         series = [_series_info(folder, uid) for uid in uids]
-        listing = "\n".join(f"  {s['uid']}  ({s['files']} files"
+        listing = "; ".join(f"{s['uid']} ({s['files']} files"
                             + (f", {s['modality']}" if s["modality"] else "")
                             + (f", '{s['description']}'" if s["description"] else "") + ")" for s in series)
         if series_uid is None:
             raise MultipleSeriesError(f"{folder} holds {len(uids)} DICOM series; choose one with its "
-                                      f"series UID (series_uid / --series-uid):\n{listing}", series)
-        raise VolumeReadError(f"series {series_uid} is not in {folder}; it holds:\n{listing}")
+                                      f"series UID (series_uid / --series-uid): {listing}", series)
+        raise VolumeReadError(f"series {series_uid} is not in {folder}; it holds: {listing}")
     files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(folder), series_uid or uids[0])
+    _check_slice_positions(files, folder)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
         return reader.Execute()
     except RuntimeError as error:
         raise VolumeReadError(f"cannot read the DICOM series in {folder}: {_short(error)}") from None
+
+
+def _header(file: str) -> sitk.ImageFileReader:
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(file)
+    reader.ReadImageInformation()
+    return reader
+
+
+def _check_slice_positions(files: Sequence[str], folder: Path) -> None:
+    """Refuse a series with missing slices or uneven spacing (read as evenly spaced, it would be distorted)."""
+    if len(files) < 3:
+        return
+    try:
+        headers = [_header(f) for f in files]
+        positions = np.array([[float(v) for v in h.GetMetaData("0020|0032").split("\\")] for h in headers])
+        orientation = [float(v) for v in headers[0].GetMetaData("0020|0037").split("\\")]
+    except (RuntimeError, ValueError):
+        return  # no positions in the headers: nothing to check against
+    normal = np.cross(orientation[:3], orientation[3:6])
+    if positions.shape[1] != 3 or not np.linalg.norm(normal) > 0.5:
+        return
+    steps = np.diff(positions @ normal)
+    typical = float(np.median(np.abs(steps)))
+    if typical <= 1e-6:
+        raise VolumeReadError(f"the DICOM series in {folder} has slices at the same position "
+                              f"(duplicates?); remove the duplicates or give a single series")
+    odd = np.flatnonzero(np.abs(np.abs(steps) - typical) > 0.05 * typical + 1e-3)
+    if len(odd):
+        shown = ", ".join(f"{abs(steps[n]):.3g} mm after slice {n}" for n in odd[:4])
+        raise VolumeReadError(
+            f"the DICOM series in {folder} has missing slices or uneven slice spacing (typical "
+            f"{typical:.3g} mm; {shown}{' ...' if len(odd) > 4 else ''}); ProbSAM needs evenly spaced slices: "
+            f"supply the complete series or resample it to even spacing first")
 
 
 def _validated(image: sitk.Image, path: Path, is_dicom: bool) -> sitk.Image:
@@ -136,63 +201,6 @@ def _validated(image: sitk.Image, path: Path, is_dicom: bool) -> sitk.Image:
         raise VolumeReadError(f"{path} contains {bad} non-finite voxel values (NaN or infinity) out of "
                               f"{values.size}; fix or mask them before segmenting")
     return image
-
-
-# --- output folder ----------------------------------------------------------------------------------
-class AtomicOutputDir:
-    """``with AtomicOutputDir(out) as tmp:`` write into ``tmp``; on success it becomes ``out``.
-
-    The temporary folder sits beside ``out`` (same file system, so the final rename is atomic). If ``out``
-    exists: refused with :class:`OutputExistsError` unless ``force``; with ``force`` the old folder is
-    replaced only once the new one is complete. On an exception the temporary folder is removed, so no
-    half-written output is ever left under ``out``'s name.
-    """
-
-    def __init__(self, out_dir, force: bool = False):
-        self.out_dir = Path(out_dir).absolute()
-        self.force = force
-        self.tmp: Optional[Path] = None
-
-    def _check_target(self):
-        if self.out_dir.exists() or self.out_dir.is_symlink():
-            if not self.out_dir.is_dir():
-                raise OutputExistsError(f"output path {self.out_dir} exists and is not a folder")
-            if not self.force:
-                raise OutputExistsError(f"output folder {self.out_dir} already exists; choose another or "
-                                        f"allow replacing it (--force / force=True)")
-
-    def __enter__(self) -> Path:
-        self._check_target()
-        self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.tmp-", dir=self.out_dir.parent))
-        # mkdtemp makes it private (0700); give it the usual folder mode. Not derived from the umask:
-        # reading that means setting it, process-wide, racing with other threads (Slicer's workers).
-        os.chmod(self.tmp, 0o755)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        try:
-            if exc_type is None:
-                self._check_target()  # it may have appeared while we were writing
-                self._move_into_place()
-        finally:
-            if self.tmp is not None and self.tmp.exists():
-                shutil.rmtree(self.tmp, ignore_errors=True)
-        return False
-
-    def _move_into_place(self):
-        if not self.out_dir.exists():
-            os.rename(self.tmp, self.out_dir)
-            return
-        old = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.old-", dir=self.out_dir.parent))
-        old.rmdir()  # only the unique name was wanted
-        os.rename(self.out_dir, old)
-        try:
-            os.rename(self.tmp, self.out_dir)
-        except OSError:
-            os.rename(old, self.out_dir)  # put the previous output back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # --- writing images ---------------------------------------------------------------------------------

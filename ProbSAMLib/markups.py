@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 
+from .errors import InputError
 from .geometry import Box3D
 
 SCHEMA_URL = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
@@ -25,7 +26,7 @@ SCHEMA_URL = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Lo
 _UNIT_TO_MM = {"mm": 1.0, "um": 1e-3}
 
 
-class MarkupsError(ValueError):
+class MarkupsError(InputError):
     """The file is not a usable Slicer ROI markups file."""
 
 
@@ -113,15 +114,19 @@ def _vector(markup: dict, key: str, count: int, where: str) -> np.ndarray:
 
 
 def _roi_to_box(markup: dict, where: str) -> Box3D:
-    system = str(markup.get("coordinateSystem", "LPS")).upper()  # the schema's default is LPS
-    if system not in ("LPS", "RAS"):
+    system = markup.get("coordinateSystem", "LPS")  # the schema's default is LPS
+    if not isinstance(system, str) or system.upper() not in ("LPS", "RAS"):
         raise MarkupsError(f"{where}: unknown coordinateSystem {system!r} (expected LPS or RAS)")
+    system = system.upper()
     units = markup.get("coordinateUnits", "mm")
     if isinstance(units, list):  # coded entry [code, scheme, meaning]
         units = units[0] if units else "mm"
-    if units not in _UNIT_TO_MM:
+    if not isinstance(units, str) or units not in _UNIT_TO_MM:
         raise MarkupsError(f"{where}: unsupported coordinateUnits {units!r} (expected mm or um)")
-    if markup.get("insideOut", False):
+    inside_out = markup.get("insideOut", False)
+    if not isinstance(inside_out, bool):
+        raise MarkupsError(f"{where}: 'insideOut' must be true or false, got {inside_out!r}")
+    if inside_out:
         raise MarkupsError(f"{where}: the ROI is 'inside out', which cannot be used as a box prompt")
     scale = _UNIT_TO_MM[units]
     center = _vector(markup, "center", 3, where) * scale

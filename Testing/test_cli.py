@@ -6,6 +6,7 @@ script. The model is a tiny random ProbSAM saved to a file (`--model file --chec
 here depends on the bundled demo weights except the test that says so.
 """
 
+import errno
 import json
 import subprocess
 import sys
@@ -77,10 +78,10 @@ def test_console_script_end_to_end(files, tmp_path):
     done = subprocess.run(command + ["sample", str(files["lps"]), "--box", "14,16,3,29,31,9", "--box-space",
                                      "ijk", "--samples", "4", "--seed", "0", "--out", str(out), "--model",
                                      "file", "--checkpoint", str(files["model"]), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", timeout=300)
     assert done.returncode == 0, done.stderr
     assert "4 samples" in done.stdout and "not for clinical use" in done.stdout
-    assert sorted(p.name for p in out.iterdir()) == sorted(OUTPUT_IMAGES + ("samples.seg.nrrd", "summary.json"))
+    assert sorted(p.name for p in out.iterdir() if p.name != ".probsam-output") == sorted(OUTPUT_IMAGES + ("samples.seg.nrrd", "summary.json"))
     summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["n_samples"] == 4 and summary["model"]["name"] == "file"
     assert summary["box"]["ijk_first"] == [14, 16, 3] and summary["box"]["ijk_last"] == [29, 31, 9]
@@ -155,13 +156,18 @@ def test_same_seed_gives_identical_files(files, tmp_path):
 
 def test_existing_output_needs_force(files, tmp_path, capsys):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / "keep.txt").write_text("old")
     args = ["sample", files["lps"], "--box", "14,16,3,29,31,9", "--box-space", "ijk", "--samples", 2, "--out", out]
+    assert run(files, *args) == 0
+    (out / "keep.txt").write_text("old")
     assert run(files, *args) == 2
     assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
-    assert run(files, *args, "--force") == 0
+    assert run(files, *args, "--force") == 0  # a folder probsam wrote (marker inside) may be replaced
     assert not (out / "keep.txt").exists() and (out / "samples.seg.nrrd").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    assert run(files, *args[:-1], mine, "--force") == 2  # ...a folder it did not write may not
+    assert "not written by ProbSAM" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "mine"
 
 
 def test_negative_first_coordinate_needs_no_equals_sign(files, tmp_path):
@@ -204,7 +210,7 @@ def bad_inputs(files, root):
         "not an image": ([root / "notes.nrrd"] + box, True, "cannot read"),
         "missing input": ([root / "nope.nrrd"] + box, True, "not found"),
         "several series": ([root / "dicom", "--box", "2,2,0,10,10,2", "--box-space", "ijk"], True,
-                           "1.2.3.2  (4 files"),
+                           "1.2.3.2 (4 files"),
         "not an ROI": ([ct, "--roi", root / "points.mrk.json"], True, "no ROI markup"),
         "unknown model": ([ct] + box + ["--model", "vit_z"], False, "unknown model 'vit_z'"),
         "checksum": ([ct] + box + ["--model", "vit_b", "--sam-checkpoint", root / "fake_sam.pth"], False,
@@ -250,14 +256,15 @@ def test_dicom_folder_with_several_series_lets_the_user_choose(files, tmp_path, 
 def test_a_failure_while_writing_leaves_no_output(files, tmp_path, monkeypatch, capsys):
     from ProbSAMLib import report
 
-    def broken(*args, **kwargs):
-        raise OSError("disk full (simulated)")
+    def broken(data, path, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(path))
 
     monkeypatch.setattr(report, "write_json", broken)
     out = tmp_path / "o"
     assert run(files, "sample", files["lps"], "--box", "14,16,3,29,31,9", "--box-space", "ijk", "--samples", 2,
-               "--out", out) == 2
-    assert "disk full" in capsys.readouterr().err
+               "--out", out) == 1  # a failure at run time, not bad input
+    err = capsys.readouterr().err
+    assert err.startswith("probsam: error: no space left on device while writing") and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []
 
 
@@ -267,7 +274,7 @@ def test_demo_writes_everything_and_a_montage(files, tmp_path):
 
     out = tmp_path / "demo"
     assert run(files, "demo", "--out", out, "--samples", 4) == 0
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in out.iterdir() if p.name != ".probsam-output"}
     assert {"ct.nrrd", "readers.seg.nrrd", "montage.png", "samples.seg.nrrd", "summary.json"} <= names
     assert set(OUTPUT_IMAGES) <= names
     with Image.open(out / "montage.png") as image:

@@ -1,0 +1,163 @@
+"""Error classes by kind, their exit statuses, and the one place each entry point turns them into a line.
+
+Every entry point (``probsam``, the Training scripts) ends a failed run with ONE line
+``<prog>: error: <what is wrong>`` on stderr, no traceback, and an exit status chosen by the error's
+TYPE, never by its message text:
+
+    2    bad input or settings: SettingsError, InputError, WeightsError, DeviceError, and the standard
+         ValueError / FileNotFoundError / FileExistsError / NotADirectoryError / IsADirectoryError
+    1    a failure at run time: any other OSError (full disk, permissions), RuntimeError, MemoryError
+    130  Ctrl-C (SIGINT); 143 for SIGTERM
+
+Set PROBSAM_DEBUG=1 to get the traceback instead. ``pause_point(name)`` is a test hook: with
+PROBSAM_TEST_PAUSE=name the process says so on stderr and waits for a line on stdin, so a test can
+send a signal at exactly that point without sleeping.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import signal
+import sys
+from typing import Optional
+
+EXIT_RUNTIME, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+
+
+class ProbSAMError(Exception):
+    """Base of ProbSAMLib's own errors (mixed into ValueError / RuntimeError for older callers)."""
+
+
+class SettingsError(ProbSAMError, ValueError):
+    """A setting (command-line option, config value) has the wrong type, range or combination."""
+
+
+class InputError(ProbSAMError, ValueError):
+    """An input file or folder is missing, unreadable, incomplete or not what it must be."""
+
+
+class WeightsError(InputError):
+    """A weights file is missing, corrupt, of another model, or cannot be fetched."""
+
+
+class DeviceError(ProbSAMError, RuntimeError):
+    """The requested device (cuda, mps) is not available here."""
+
+
+class OutputRefusedError(SettingsError):
+    """The output folder may not be written or replaced (it exists, holds an input, is a home...)."""
+
+
+class Terminated(BaseException):
+    """SIGTERM, turned into an exception so that ``finally`` blocks clean up (like KeyboardInterrupt)."""
+
+
+_INPUT_OS_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
+def exit_status(error: BaseException) -> int:
+    """The exit status for an exception that ended a run (see the module docstring)."""
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    if isinstance(error, Terminated):
+        return EXIT_TERMINATED
+    if isinstance(error, (SettingsError, InputError, DeviceError)):
+        return EXIT_INPUT
+    if isinstance(error, _INPUT_OS_ERRORS):
+        return EXIT_INPUT
+    if isinstance(error, ValueError):  # the library's own checks (shapes, ranges) raise ValueError
+        return EXIT_INPUT
+    return EXIT_RUNTIME
+
+
+def message(error: BaseException) -> str:
+    """One line describing ``error`` (the first line of its text; a full disk says so plainly)."""
+    if isinstance(error, KeyboardInterrupt):
+        return "interrupted"
+    if isinstance(error, Terminated):
+        return "terminated"
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        where = f" while writing {error.filename}" if error.filename else ""
+        return f"no space left on device{where}; free some space or choose another output folder"
+    if isinstance(error, MemoryError):
+        return "out of memory; use fewer samples, a smaller box or a smaller --slice-batch"
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.strerror}: {error.filename}"
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def report(prog: str, error: BaseException, nothing_written: bool = True) -> int:
+    """Print the one ``prog: error: ...`` line for ``error`` and return its exit status."""
+    status = exit_status(error)
+    if status in (EXIT_INTERRUPTED, EXIT_TERMINATED):
+        tail = "; nothing was written" if nothing_written else ""
+        print(f"{prog}: {message(error)}{tail}", file=sys.stderr)
+    else:
+        print(f"{prog}: error: {message(error)}", file=sys.stderr)
+    return status
+
+
+def debugging() -> bool:
+    return os.environ.get("PROBSAM_DEBUG", "") not in ("", "0")
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def terminate_as_exception():
+    """While inside: SIGTERM raises :class:`Terminated` (main thread only), so temporary output is removed."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def install_script_handler(prog: str) -> None:
+    """For top-level scripts (train.py): SIGTERM as :class:`Terminated`, and an uncaught exception ends the
+    process with the one-line message and its exit status instead of a traceback."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def hook(kind, error, tb):
+        if debugging():
+            sys.__excepthook__(kind, error, tb)
+            code = 1
+        else:
+            code = report(prog, error, nothing_written=False)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)  # the status must follow the error type; a normal exit would always give 1
+
+    sys.excepthook = hook
+
+
+def env_flag(name: str, default: bool = False) -> bool:
+    """A yes/no environment variable: 1/true/yes/on or 0/false/no/off (any case); anything else is an error."""
+    value = os.environ.get(name)
+    if value is None or value.strip() == "":
+        return default
+    text = value.strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"environment variable {name}={value!r} is not a yes/no value (use 1 or 0)")
+
+
+def pause_point(name: str, stream: Optional[object] = None) -> None:
+    """Test hook: with PROBSAM_TEST_PAUSE=<name>, say ``paused at <name>`` and wait for a line on stdin."""
+    if os.environ.get("PROBSAM_TEST_PAUSE") != name:
+        return
+    out = stream or sys.stderr
+    print(f"paused at {name}", file=out, flush=True)
+    sys.stdin.readline()
