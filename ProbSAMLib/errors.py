@@ -123,6 +123,14 @@ def terminate_as_exception():
         signal.signal(signal.SIGTERM, previous)
 
 
+_FAILURE_CALLBACKS: list = []
+
+
+def on_failure(callback) -> None:
+    """Run ``callback()`` if a script set up by :func:`install_script_handler` ends with an error."""
+    _FAILURE_CALLBACKS.append(callback)
+
+
 def install_script_handler(prog: str) -> None:
     """For top-level scripts (train.py): SIGTERM as :class:`Terminated`, and an uncaught exception ends the
     process with the one-line message and its exit status instead of a traceback."""
@@ -134,6 +142,11 @@ def install_script_handler(prog: str) -> None:
             code = 1
         else:
             code = report(prog, error, nothing_written=False)
+        for callback in reversed(_FAILURE_CALLBACKS):
+            try:
+                callback()
+            except Exception:  # cleaning up must not hide the error already reported
+                pass
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # the status must follow the error type; a normal exit would always give 1

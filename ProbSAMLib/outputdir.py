@@ -16,7 +16,8 @@ How it writes:
 
 What it refuses, with or without ``force``, after resolving symbolic links: an ``out`` that is not a
 folder, that holds one of the ``inputs`` at any depth, that is the working folder or one above it, the
-home folder or ``/``, and any existing folder without the marker (one this writer did not make).
+home folder or one above it (``/`` included), and any existing folder without the marker (one this
+writer did not make).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from .errors import OutputRefusedError
 MARKER = ".probsam-output"
 
 
-class OutputExistsError(OutputRefusedError, ):
+class OutputExistsError(OutputRefusedError):
     """The output folder exists and replacing it was not asked for."""
 
 
@@ -64,20 +65,8 @@ class OutputFolder:
     # --- checks ---------------------------------------------------------------------------------------
     def check(self) -> None:
         """Raise OutputRefusedError if ``out`` may not be written; call it before any long work."""
-        out = self.out_dir
-        real = out.resolve()
-        protected = {Path("/").resolve(), Path.home().resolve()}
-        if real in protected:
-            raise OutputRefusedError(f"{self.option} {out} is {'the home folder' if real != Path('/') else '/'}; "
-                                     f"choose a new folder for the results")
-        cwd = Path.cwd().resolve()
-        if _is_within(cwd, real):
-            raise OutputRefusedError(f"{self.option} {out} is the working folder or a folder above it; "
-                                     f"choose a new folder for the results")
-        for path in self.inputs:
-            if _is_within(path.resolve(), real):
-                raise OutputRefusedError(f"{self.option} {out} holds the input {path}; choose a folder that "
-                                         f"holds none of the inputs")
+        self.check_location()
+        out, real = self.out_dir, self.out_dir.resolve()
         if not (out.exists() or out.is_symlink()):
             return
         if not out.exists():
@@ -92,6 +81,27 @@ class OutputFolder:
             raise OutputRefusedError(f"{self.option} {out} exists and was not written by ProbSAM (no {MARKER} "
                                      f"marker), so --force will not replace it; remove it yourself or choose "
                                      f"another folder")
+
+    def check_location(self) -> None:
+        """The refusals that hold whether or not ``out`` exists: /, home, the working folder or one above
+        it, a folder holding an input, an existing file."""
+        out = self.out_dir
+        real = out.resolve()
+        if real == Path("/").resolve():
+            raise OutputRefusedError(f"{self.option} {out} is /; choose a new folder for the results")
+        cwd = Path.cwd().resolve()
+        if _is_within(cwd, real):
+            raise OutputRefusedError(f"{self.option} {out} is the working folder or a folder above it; "
+                                     f"choose a new folder for the results")
+        if _is_within(Path.home().resolve(), real):
+            raise OutputRefusedError(f"{self.option} {out} is the home folder or one above it; choose a new "
+                                     f"folder for the results")
+        if real.exists() and not real.is_dir():
+            raise OutputRefusedError(f"{self.option} {out} exists and is not a folder")
+        for path in self.inputs:
+            if _is_within(path.resolve(), real):
+                raise OutputRefusedError(f"{self.option} {out} holds the input {path}; choose a folder that "
+                                         f"holds none of the inputs")
 
     # --- temporary and stale folders ------------------------------------------------------------------
     def _sibling(self, kind: str, pid: int) -> Path:

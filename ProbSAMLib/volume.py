@@ -16,7 +16,8 @@ per-slice 2D box (``geometry.slice_boxes_2d``). For every slice of the voxel box
    every slice k as z_kn = mu_k + sigma_k * eps_n: sample n sits at the same place in every slice's
    prior (the same "reader"), and is a coherent 3D segmentation. ``z_mode="per_slice"`` draws a fresh
    eps for every slice instead (slices independent; for comparison). All eps are drawn before any slice
-   is processed, so the result does not depend on ``slice_batch``.
+   is processed, and each slice runs through the model on its own, so the result does not depend on
+   ``slice_batch`` (nor on free memory): same seed, byte-identical files on one machine.
 4. Decoding the N samples of a chunk in one pass; probabilities of the box's pixels are kept, the rest
    of the window is discarded (the box is the prompt: the object is inside it). Masks are
    probability > 0.5. Outside the voxel box every output is 0.
@@ -40,6 +41,7 @@ import torch
 from . import report
 from .config import ENCODER_VARIANTS
 from .device import autocast
+from .errors import SettingsError
 from .geometry import VolumeGeometry, VoxelBox, slice_boxes_2d
 from .model import ProbSAM
 from .preprocess import boxes_to_model_frame
@@ -122,11 +124,52 @@ def _available_bytes(device: torch.device) -> int:
         free, _ = torch.cuda.mem_get_info(device)
         return int(free)
     if device.type == "cpu":
-        try:
-            return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-        except (ValueError, OSError, AttributeError):  # not on Linux/macOS
-            return 2 << 30
+        return _host_available_bytes()
     return 1 << 30  # MPS reports no free memory; stay modest
+
+
+def _host_available_bytes() -> int:
+    """Memory the OS can give without swapping: MemAvailable (Linux), else free pages, else 2 GiB."""
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # not on Linux/macOS
+        return 2 << 30
+
+
+def estimate_bytes(model: ProbSAM, n_samples: int, voxel_box: VoxelBox) -> dict:
+    """Peak memory of one run: ``device`` for one slice in the model, ``host`` for the kept results."""
+    width, height, depth = voxel_box.size
+    box_voxels = width * height * depth
+    # probabilities (float32) + masks (bool) of every sample in the box, the four maps, the saved copies
+    host = n_samples * box_voxels * (4 + 1 + 1) + 4 * 4 * box_voxels
+    device = _bytes_per_slice(model, n_samples, half=model.device.type == "cuda")
+    return {"host": int(host), "device": int(device)}
+
+
+def check_fits(model: ProbSAM, n_samples: int, voxel_box: VoxelBox) -> None:
+    """Refuse, before any work, a run whose estimate exceeds the memory available (says what to change)."""
+    need = estimate_bytes(model, n_samples, voxel_box)
+    host_free = _host_available_bytes()
+    on_host = need["host"] + (need["device"] if model.device.type == "cpu" else 0)
+    problems = []
+    if on_host > host_free:
+        problems.append(f"about {on_host / 2**30:.1f} GiB of memory, {host_free / 2**30:.1f} GiB available")
+    if model.device.type == "cuda" and need["device"] > _available_bytes(model.device):
+        problems.append(f"about {need['device'] / 2**30:.1f} GiB of GPU memory for one slice, "
+                        f"{_available_bytes(model.device) / 2**30:.1f} GiB free")
+    if problems:
+        per_sample = max(1, on_host // max(1, n_samples))
+        fitting = max(0, int(host_free // per_sample) - 1)
+        raise SettingsError(f"{n_samples} samples on a box of {voxel_box.size[0]} x {voxel_box.size[1]} x "
+                            f"{voxel_box.size[2]} voxels need {' and '.join(problems)}; use fewer samples "
+                            f"(about {fitting} fit) or a smaller box")
 
 
 def choose_slice_batch(model: ProbSAM, n_samples: int, n_slices: int) -> int:
@@ -148,8 +191,20 @@ def _draw_noise(generator: torch.Generator, n_slices: int, n_samples: int, laten
     return torch.randn((n_slices, n_samples, latent_dim), generator=generator)
 
 
-@torch.no_grad()
 def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict):
+    """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU.
+
+    Every slice goes through the model on its own: batched matrix products round differently for different
+    batch sizes (last-bit differences), so grouping slices would make the files depend on the slice
+    batch (and so on free memory). One slice at a time, the same seed gives byte-identical files.
+    """
+    parts = [_sample_slices(model, images_hu[b:b + 1], box_in_window, eps[b:b + 1], timings)
+             for b in range(len(images_hu))]
+    return torch.cat([probs for probs, _ in parts]), torch.cat([z for _, z in parts])
+
+
+@torch.no_grad()
+def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict):
     """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU."""
     device = model.device
     start = time.perf_counter()
@@ -254,6 +309,7 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
     """
     started = time.perf_counter()
     volume = _check_inputs(volume_hu, geometry, voxel_box, n_samples, z_mode)
+    check_fits(model, n_samples, voxel_box)
     model.eval()
     report_progress = progress or (lambda fraction, message: None)
     seed_given = seed is not None

@@ -212,10 +212,8 @@ def test_evaluate_writes_a_side_by_side_table(data_dir, tmp_path):
     assert len(per_slice) == 6
     # an existing --out is never overwritten without --force; a missing weights file is named
     before = table
-    with pytest.raises(SystemExit):
-        evaluate.main(["--data", str(data_dir), "--model", str(tmp_path / "probsam" / "best.safetensors"),
-                       "--out", str(out)])
-    with pytest.raises(SystemExit):
-        evaluate.main(["--data", str(data_dir), "--model", str(tmp_path / "nope.safetensors"),
-                       "--out", str(tmp_path / "other")])
+    assert evaluate.main(["--data", str(data_dir), "--model", str(tmp_path / "probsam" / "best.safetensors"),
+                          "--out", str(out)]) == 2
+    assert evaluate.main(["--data", str(data_dir), "--model", str(tmp_path / "nope.safetensors"),
+                          "--out", str(tmp_path / "other")]) == 2
     assert (out / "results.md").read_text() == before and not (tmp_path / "other").exists()

@@ -17,6 +17,8 @@ from typing import Callable, List, Sequence
 
 import numpy as np
 
+from ProbSAMLib.errors import InputError, SettingsError
+from ProbSAMLib.outputdir import OutputFolder
 from Training.dataset_format import Chunk, check_output, write_dataset
 
 
@@ -42,7 +44,7 @@ class ChunkStore:
         stamp = self.root / "params.json"
         if stamp.exists() and json.loads(stamp.read_text()) != params:
             if not force:
-                raise RuntimeError(f"work directory {self.root} was made with other parameters "
+                raise SettingsError(f"work directory {self.root} was made with other parameters "
                                    f"({stamp.read_text().strip()}); pass --force to start over")
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
@@ -114,7 +116,7 @@ def build(out, scans: Sequence, make_chunk: Callable, meta: dict, params: dict,
         bar.set_postfix(slices=n_slices, failed=len(failed))
     if not any(store.get(key).n for key in done):
         reasons = "; ".join(f"{f['patient_id']}: {f['error']}" for f in failed[:3])
-        raise RuntimeError(f"no slices to write ({len(failed)} of {len(scans)} series failed"
+        raise InputError(f"no slices to write ({len(failed)} of {len(scans)} series failed"
                            + (f": {reasons}" if reasons else "") + ")")
     infos = [store.info(key) for key in done]
     totals = {name: int(sum(i.get(name, 0) for i in infos)) for name in infos[0]} if infos else {}
@@ -137,6 +139,20 @@ def print_report(report: BuildReport, out) -> None:
               "(rerun with --force to retry just these):")
         for f in report.failed:
             print(f"  {f['patient_id']}  {f['series_uid']}  {f['error']}")
+
+
+def check_build_arguments(args, max_crop: int, inputs=()) -> None:
+    """The shared options' ranges, the output and the work folder, before anything is read or created."""
+    from Training import guards
+
+    guards.at_least("--scans", args.scans, 1)
+    guards.at_least("--pad-slices", args.pad_slices, 0)
+    guards.at_least("--seed", args.seed, 0)
+    if not 16 <= args.crop <= max_crop:
+        raise SettingsError(f"--crop must be between 16 and {max_crop}, got {args.crop}")
+    check_output(args.out, args.force, inputs=inputs)
+    if args.work_dir is not None:
+        OutputFolder(args.work_dir, True, inputs=inputs, option="--work-dir").check_location()
 
 
 def add_build_arguments(parser, pad_help: str, seed_help: str) -> None:

@@ -6,11 +6,15 @@ written next to the checkpoints and logged, so a run can always be repeated.
 from __future__ import annotations
 
 import dataclasses
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
+
+from ProbSAMLib.errors import SettingsError
 
 
 @dataclass
@@ -65,7 +69,7 @@ def _parse_value(text: str) -> Any:
     try:
         value = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise ValueError(f"cannot read the value {text!r}: {error}") from None
+        raise SettingsError(f"cannot read the value {text!r}: {' '.join(str(error).split())}") from None
     if isinstance(value, str):  # YAML reads "1e-3" as a string; accept it as the float it means
         try:
             return float(value)
@@ -80,29 +84,97 @@ def _apply(config: TrainConfig, values: Dict[str, Any], source: str) -> None:
         if key not in fields:
             close = [name for name in fields if name.startswith(key[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
-            raise ValueError(f"{source}: unknown setting {key!r}{hint}")
+            raise SettingsError(f"{source}: unknown setting {key!r}{hint}")
         default = getattr(config, key)
         if isinstance(default, bool) and not isinstance(value, bool):
-            raise ValueError(f"{source}: {key} must be true or false, got {value!r}")
+            raise SettingsError(f"{source}: {key} must be true or false, got {value!r}")
         if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         setattr(config, key, value)
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """Defaults, then the YAML file, then ``key=value`` overrides (later wins)."""
+    """Defaults, then the YAML file, then ``key=value`` overrides (later wins); checked by ``validate``."""
     config = TrainConfig()
     if path:
+        if not Path(path).is_file():
+            raise SettingsError(f"config file {path} not found")
         try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path} is not valid YAML: {error}") from None
+            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            raise SettingsError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+            raise SettingsError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
         _apply(config, data, str(path))
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r} is not key=value")
+            raise SettingsError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
         _apply(config, {key.strip().replace("-", "_"): _parse_value(text)}, "command line")
+    validate(config)
     return config
+
+
+# --- validation: every setting's type and range, before a script creates anything ---------------------
+MODELS = ("probsam", "prob_unet")
+PRESETS = ("tiny", "vit_b", "vit_l", "vit_h")
+
+
+def _at_least(low):
+    return lambda v: v >= low, f"at least {low}"
+
+
+def _positive():
+    return lambda v: v > 0, "greater than 0"
+
+
+_RANGES = {
+    "box_margin": _at_least(0), "box_jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "box_jitter_max_px": _at_least(0), "latent_dim": _at_least(1), "beta": _at_least(0),
+    "dice_weight": _at_least(0), "anneal_steps": _at_least(0), "free_bits": _at_least(0),
+    "batch_size": _at_least(1), "max_steps": _at_least(1), "lr_decay_steps": _at_least(0), "lr": _positive(),
+    "min_lr": _at_least(0), "warmup_steps": _at_least(0), "weight_decay": _at_least(0),
+    "grad_clip": _at_least(0), "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
+    "eval_interval": _at_least(1), "eval_slices": _at_least(1), "eval_samples": _at_least(1),
+    "log_interval": _at_least(1), "num_threads": _at_least(0),
+    "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
+    "preset": (lambda v: v in PRESETS, f"one of {', '.join(PRESETS)}"),
+    "data": (lambda v: v != "", "a folder"), "out": (lambda v: v != "", "a folder"),
+    "unet_channels": (lambda v: len(v) >= 2 and all(c >= 1 for c in v), "a list of 2+ positive whole numbers"),
+}
+_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+def _type_ok(value, kind) -> bool:
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def validate(config: TrainConfig) -> None:
+    """Raise SettingsError for the first setting of the wrong type or out of range (names it and its value)."""
+    hints = typing.get_type_hints(TrainConfig)
+    for item in dataclasses.fields(TrainConfig):
+        value, kind = getattr(config, item.name), hints[item.name]
+        optional = type(None) in typing.get_args(kind)
+        if optional and value is None:
+            continue
+        base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
+        if typing.get_origin(base) in (list, List):
+            ok = isinstance(value, list) and all(_type_ok(v, int) for v in value)
+            expected = "a list of whole numbers"
+        else:
+            ok, expected = _type_ok(value, base), _TYPE_NAMES.get(base, base.__name__)
+        if not ok:
+            raise SettingsError(f"setting {item.name} must be {expected}, got {value!r}")
+        rule = _RANGES.get(item.name)
+        if rule is not None and not rule[0](value):
+            raise SettingsError(f"setting {item.name} must be {rule[1]}, got {value!r}")
+    if config.min_lr > config.lr:
+        raise SettingsError(f"setting min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
+    if config.device.lower() not in ("auto", "cpu", "mps") and not config.device.lower().startswith("cuda"):
+        raise SettingsError(f"setting device must be auto, cpu, cuda, cuda:N or mps, got {config.device!r}")

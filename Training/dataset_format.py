@@ -18,8 +18,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -27,6 +25,9 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
+
+from ProbSAMLib.errors import InputError
+from ProbSAMLib.outputdir import OutputFolder
 
 FORMAT = "probsam-lidc-slices"
 VERSION = 1
@@ -110,12 +111,10 @@ def make_splits(patient_ids: Iterable[str], seed: int = 0) -> dict:
             "train": sorted(rest[n_val:]), "val": sorted(rest[:n_val]), "test": sorted(test)}
 
 
-def check_output(out, force: bool) -> Path:
-    """Refuse to overwrite an existing data set unless `force` (checked before any work)."""
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; pass --force to replace it")
-    return out
+def check_output(out, force: bool, inputs=()) -> Path:
+    """Refuse an unusable output (exists without `force`, holds an input, ...) before any work."""
+    OutputFolder(out, force, inputs=inputs).check()
+    return Path(out)
 
 
 def _counts(rows: List[dict]) -> dict:
@@ -147,13 +146,15 @@ def write_dataset(out, chunks: Sequence, meta: dict, seed: int = 0, force: bool 
     out = check_output(out, force)
     chunks = [c for c in chunks if c.n > 0]
     if not chunks:
-        raise ValueError("no slice with a non-empty mask: nothing to write")
+        raise InputError("no slice with a non-empty mask: nothing to write")
+    with OutputFolder(out, force) as tmp:  # the one writer: nothing under `out` until complete
+        return _write_into(tmp, chunks, meta, seed)
+
+
+def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int) -> dict:
     first = chunks[0].load()
     total = sum(c.n for c in chunks)
     height, width = first.images.shape[1:]
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     open_memmap = np.lib.format.open_memmap
     images = open_memmap(tmp / "images.npy", "w+", first.images.dtype, (total, height, width))
     masks = open_memmap(tmp / "masks.npy", "w+", bool, (total, N_READERS, height, width))
@@ -176,16 +177,7 @@ def write_dataset(out, chunks: Sequence, meta: dict, seed: int = 0, force: bool 
                 dtype=str(first.images.dtype), created=datetime.now(timezone.utc).isoformat(
                     timespec="seconds"), **_counts(rows))
     (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-    _replace_dir(tmp, out)
     return meta
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
-    if out.exists():
-        out.rename(old)
-    tmp.rename(out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _parse(name: str, value: str):
@@ -206,19 +198,24 @@ class SliceDataset:
     def __init__(self, path, split: Optional[str] = None):
         self.path = Path(path)
         if not (self.path / "meta.json").is_file():
-            raise FileNotFoundError(f"{self.path} is not a data set (no meta.json)")
-        self.meta = json.loads((self.path / "meta.json").read_text())
-        if self.meta.get("format") != FORMAT or self.meta.get("version", 0) > VERSION:
-            raise ValueError(f"{self.path}: unsupported format {self.meta.get('format')} "
-                             f"v{self.meta.get('version')}")
-        self.splits = json.loads((self.path / "splits.json").read_text())
-        self.images = np.load(self.path / "images.npy", mmap_mode="r")
-        self.masks = np.load(self.path / "masks.npy", mmap_mode="r")
-        self.present = np.load(self.path / "reader_present.npy", mmap_mode="r")
-        with open(self.path / "slices.csv", newline="") as fh:
-            records = list(csv.DictReader(fh))
-        self.table = {name: np.array([_parse(name, r[name]) for r in records])
-                      for name in (records[0].keys() if records else COLUMNS)}
+            raise InputError(f"{self.path} is not a data set (no meta.json)")
+        self.meta = _read_json(self.path / "meta.json")
+        if not isinstance(self.meta, dict) or self.meta.get("format") != FORMAT \
+                or not isinstance(self.meta.get("version", 0), int) or self.meta.get("version", 0) > VERSION:
+            found = self.meta.get("format") if isinstance(self.meta, dict) else None
+            raise InputError(f"{self.path}: not a data set of format {FORMAT} v{VERSION} (found {found!r})")
+        self.splits = _read_json(self.path / "splits.json")
+        self.images, self.masks, self.present = (_read_array(self.path / name) for name in
+                                                 ("images.npy", "masks.npy", "reader_present.npy"))
+        try:
+            with open(self.path / "slices.csv", newline="") as fh:
+                records = list(csv.DictReader(fh))
+            self.table = {name: np.array([_parse(name, r[name]) for r in records])
+                          for name in (records[0].keys() if records else COLUMNS)}
+        except (OSError, ValueError, KeyError, TypeError, csv.Error) as error:
+            raise InputError(f"{self.path / 'slices.csv'} is missing or damaged ({error}); rebuild the data "
+                             f"set") from None
+        _check_consistent(self, len(records))
         self.split = split
         if split is None:
             self.indices = np.arange(len(records))
@@ -245,6 +242,38 @@ class SliceDataset:
         return {"image": np.asarray(self.images[index]), "masks": np.asarray(self.masks[index]),
                 "present": np.asarray(self.present[index]), "intensity": self.intensity,
                 "patient_id": str(self.table["patient_id"][index]), "index": index}
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise InputError(f"{path} is missing or damaged ({error}); rebuild the data set") from None
+
+
+def _read_array(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:  # a cut .npy: "mmap length is greater than file size"
+        raise InputError(f"{path} is missing, truncated or damaged ({error}); rebuild the data set") from None
+
+
+def _check_consistent(dataset: "SliceDataset", n_rows: int) -> None:
+    """Every array and the slice table describe the same slices, as meta.json counts them."""
+    expected = dataset.meta.get("n_slices", n_rows)
+    shapes = {"images.npy": dataset.images.shape, "masks.npy": dataset.masks.shape,
+              "reader_present.npy": dataset.present.shape}
+    wrong = [f"{name} {shape}" for name, shape in shapes.items() if not shape or shape[0] != expected]
+    if dataset.masks.ndim != 4 or dataset.images.ndim != 3 or dataset.masks.shape[2:] != dataset.images.shape[1:]:
+        wrong.append(f"images {dataset.images.shape} vs masks {dataset.masks.shape}")
+    if n_rows != expected:
+        wrong.append(f"slices.csv {n_rows} rows")
+    if wrong:
+        raise InputError(f"{dataset.path} is incomplete: meta.json counts {expected} slices but "
+                         f"{', '.join(wrong)}; rebuild the data set")
+    if not isinstance(dataset.splits, dict) or not all(isinstance(dataset.splits.get(k), list)
+                                                        for k in ("train", "val", "test")):
+        raise InputError(f"{dataset.path / 'splits.json'} does not list train, val and test patients")
 
 
 def load_dataset(path, split: Optional[str] = None) -> SliceDataset:

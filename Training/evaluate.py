@@ -27,9 +27,9 @@ from tqdm import tqdm
 
 from ProbSAMLib import metrics
 from ProbSAMLib.device import autocast, choose_device
-from ProbSAMLib.imageio import AtomicOutputDir
+from ProbSAMLib.errors import SettingsError, WeightsError
+from Training import guards
 from Training.batches import SliceBatches, validation_positions
-from Training.dataset_format import load_dataset
 
 THRESHOLD = 0.5
 COLUMNS = ["ged@16", "ged@100", "hm_iou@16", "ncc@16", "dmax@16", "dice_mean_annotator", "iou_mean_annotator",
@@ -108,7 +108,7 @@ def protocol_text(data: str, split: str, n_slices: int, sizes, margin: float, se
 
 def write_results(out: Path, results: Dict[str, Dict[str, float]], per_slice: Dict[str, List[dict]],
                   protocol: str) -> None:
-    """Every file into ``out``, which must be a folder being filled (see AtomicOutputDir in main)."""
+    """Every file into ``out``, which must be a folder being filled (the OutputFolder in main)."""
     (out / "results.md").write_text(markdown_table(results, protocol))
     keys = sorted({k for r in results.values() for k in r})
     with open(out / "results.csv", "w", newline="") as fh:
@@ -125,8 +125,12 @@ def write_results(out: Path, results: Dict[str, Dict[str, float]], per_slice: Di
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from Training.learners import load_learner
+    from Training.guards import run_main
 
+    return run_main("evaluate.py", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -143,30 +147,43 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
     names = args.name or [Path(m).resolve().parent.name for m in args.model]
-    if len(names) != len(args.model):
-        parser.error("give one --name per --model")
-    if len(set(names)) != len(names):
-        parser.error(f"model names must differ, got {names}; pass --name for each --model")
-    missing = [m for m in args.model if not Path(m).is_file()]
-    if missing:
-        parser.error(f"no weights file at {', '.join(missing)}")
-    if Path(args.out).exists() and not args.force:
-        parser.error(f"{args.out} already exists; choose another --out or pass --force to replace it")
+    check_arguments(args, names)
+    output = guards.output_folder(args.out, args.force, inputs=[args.data, args.sam_checkpoint, *args.model])
     device = choose_device(args.device)
-    batches = SliceBatches(load_dataset(args.data, args.split), box_margin=args.box_margin)
+    batches = SliceBatches(guards.load_split(args.data, args.split), box_margin=args.box_margin)
     positions = validation_positions(len(batches), args.max_slices, args.seed)
     sizes = sorted(set(args.samples))
     results, per_slice = {}, {}
     for name, path in zip(names, args.model):
-        learner = load_learner(Path(path), args.sam_checkpoint).to(device)
+        learner = guards.load_weights(path, args.sam_checkpoint).to(device)
         per_slice[name] = evaluate_slices(learner, batches, positions, sizes, args.seed, args.batch_size, device)
         results[name] = summarise(per_slice[name])
         print(name, json.dumps({k: round(v, 4) for k, v in results[name].items()}))
     protocol = protocol_text(args.data, args.split, len(positions), sizes, args.box_margin, args.seed)
-    with AtomicOutputDir(args.out, force=args.force) as tmp:  # nothing under --out until complete
+    with output as tmp:  # nothing under --out until complete
         write_results(tmp, results, per_slice, protocol)
     print(markdown_table(results, protocol))
     return 0
+
+
+def check_arguments(args, names: Sequence[str]) -> None:
+    """Every option's range and every input file, before anything is loaded or created."""
+    if len(names) != len(args.model):
+        raise SettingsError("give one --name per --model")
+    if len(set(names)) != len(names):
+        raise SettingsError(f"model names must differ, got {names}; pass --name for each --model")
+    for value in args.samples:
+        guards.at_least("--samples", value, 1)
+    guards.at_least("--max-slices", args.max_slices, 0)
+    guards.at_least("--batch-size", args.batch_size, 1)
+    guards.at_least("--seed", args.seed, 0)
+    if not np.isfinite(args.box_margin) or args.box_margin < 0:
+        raise SettingsError(f"--box-margin must be a finite number >= 0, got {args.box_margin}")
+    for path in args.model:
+        if not Path(path).is_file():
+            raise WeightsError(f"no weights file at {path}")
+    if args.sam_checkpoint is not None:
+        guards.existing_file("--sam-checkpoint", args.sam_checkpoint)
 
 
 if __name__ == "__main__":

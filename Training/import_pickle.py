@@ -23,19 +23,61 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
+from ProbSAMLib.errors import InputError  # noqa: E402
+from Training import guards  # noqa: E402
 from Training.dataset_format import N_READERS, Chunk, check_output, write_dataset  # noqa: E402
 
 _PATIENT = re.compile(r"LIDC-IDRI-\d+")
 _SLICE = re.compile(r"[_-]?slice[_-]?(\d+)", re.IGNORECASE)
 
 
+# What the LIDC pickle may contain: numpy arrays and scalars (plus the codec numpy uses for their bytes
+# under protocol 2); dicts, lists, strings and numbers need no lookup at all. Anything else is refused
+# before it is built, so a crafted file cannot run code.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+}
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _ALLOWED_GLOBALS:
+            raise InputError(f"the pickle wants to create {module}.{name}; only numpy arrays, dicts, lists, "
+                             f"strings and numbers are read (a file asking for more may run code)")
+        return super().find_class(module, name)
+
+
 def load_lidc_pickle(path) -> dict:
-    """Read the pickle (a plain dict; only open pickles you trust: unpickling runs code)."""
-    with open(path, "rb") as fh:
-        data = pickle.load(fh)
+    """Read the pickle with a restricted unpickler (numpy arrays, dicts, lists, strings, numbers only)."""
+    try:
+        with open(path, "rb") as fh:
+            data = _RestrictedUnpickler(fh).load()
+    except InputError:
+        raise
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError) as error:
+        raise InputError(f"{path} is not a readable pickle (empty, truncated or another format): "
+                         f"{error or type(error).__name__}") from None
     if not isinstance(data, Mapping):
-        raise ValueError(f"{path}: expected a dict of slices, got {type(data).__name__}")
+        raise InputError(f"{path}: expected a dict of slices, got {type(data).__name__}")
     return data
+
+
+def _entry_arrays(key, entry) -> tuple:
+    """(image (H, W) float32, masks (4, H, W) bool) of one slice entry, or InputError naming the key."""
+    if not isinstance(entry, Mapping) or "image" not in entry or "masks" not in entry:
+        raise InputError(f"slice {key!r}: expected a dict with 'image' and 'masks', got {type(entry).__name__}")
+    try:
+        image = np.asarray(entry["image"], dtype=np.float32)
+        masks = np.stack([np.asarray(m, dtype=np.float32) > 0.5 for m in entry["masks"]])
+    except (TypeError, ValueError) as error:
+        raise InputError(f"slice {key!r}: image or masks are not numeric arrays of one size ({error})") from None
+    if image.ndim != 2 or masks.ndim != 3:
+        raise InputError(f"slice {key!r}: image {image.shape} must be 2D and masks {masks.shape} a stack of 2D masks")
+    if not np.isfinite(image).all():
+        raise InputError(f"slice {key!r}: the image holds NaN or infinite values")
+    return image, masks
 
 
 def _ids(key: str, series_uid: str):
@@ -49,19 +91,20 @@ def _ids(key: str, series_uid: str):
 
 def pickle_chunk(data: Mapping) -> tuple:
     """(Chunk, number of slices dropped because every mask is empty), keys in sorted order."""
-    keys = sorted(data)
+    if not data:
+        raise InputError("the pickle holds no slices (an empty dict)")
+    keys = sorted(data, key=str)
     images, masks, rows, dropped = [], [], [], 0
     for key in keys:
         entry = data[key]
-        slice_masks = np.stack([np.asarray(m) > 0.5 for m in entry["masks"]])
+        image, slice_masks = _entry_arrays(key, entry)
         if slice_masks.shape[0] != N_READERS:
-            raise ValueError(f"slice {key!r}: {slice_masks.shape[0]} masks, expected {N_READERS}")
+            raise InputError(f"slice {key!r}: {slice_masks.shape[0]} masks, expected {N_READERS}")
         if not slice_masks.any():
             dropped += 1
             continue
-        image = np.asarray(entry["image"], dtype=np.float32)
         if image.shape != slice_masks.shape[1:]:
-            raise ValueError(f"slice {key!r}: image {image.shape} vs masks {slice_masks.shape[1:]}")
+            raise InputError(f"slice {key!r}: image {image.shape} vs masks {slice_masks.shape[1:]}")
         series = str(entry.get("series_uid", ""))
         patient, nodule, number = _ids(str(key), series)
         images.append(image)
@@ -72,7 +115,7 @@ def pickle_chunk(data: Mapping) -> tuple:
                      "n_readers": N_READERS, "n_marked": int(slice_masks.any(axis=(1, 2)).sum()),
                      "truncated": 0, "source_key": str(key)})
     if not rows:
-        raise ValueError("the pickle holds no slice with a non-empty mask")
+        raise InputError("the pickle holds no slice with a non-empty mask")
     present = np.ones((len(rows), N_READERS), dtype=bool)
     return Chunk(np.stack(images), np.stack(masks), present, rows), dropped
 
@@ -80,31 +123,33 @@ def pickle_chunk(data: Mapping) -> tuple:
 def import_pickle(pickle_path, out, seed: int = 0, force: bool = False,
                   data: Optional[Mapping] = None) -> dict:
     """Convert the pickle at `pickle_path` (or an already loaded `data` dict) into a data set."""
-    check_output(out, force)
+    check_output(out, force, inputs=[pickle_path] if pickle_path is not None else [])
     data = load_lidc_pickle(pickle_path) if data is None else data
     chunk, dropped = pickle_chunk(data)
     value_range = (float(chunk.images.min()), float(chunk.images.max()))
     if value_range[0] < -1e-3 or value_range[1] > 1 + 1e-3:
-        raise ValueError(f"pickle images span {value_range}, expected [0, 1]")
+        raise InputError(f"pickle images span {value_range}, expected [0, 1]")
     meta = {"source": "lidc-pickle", "intensity": "unit", "pickle": str(pickle_path),
             "dropped_empty_slices": dropped}
     return write_dataset(out, [chunk], meta, seed=seed, force=force)
 
 
 def main(argv=None) -> int:
+    from Training.guards import run_main
+
+    return run_main("import_pickle.py", lambda: _main(argv))
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pickle", type=Path, help="the LIDC pickle (e.g. data_lidc.pickle)")
     parser.add_argument("--out", required=True, type=Path, help="output data set directory")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing data set")
     args = parser.parse_args(argv)
-    if not args.pickle.is_file():
-        parser.error(f"{args.pickle} not found")
-    try:
-        meta = import_pickle(args.pickle, args.out, args.seed, args.force)
-    except (FileExistsError, ValueError, KeyError, pickle.UnpicklingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    guards.existing_file("pickle", args.pickle)
+    guards.at_least("--seed", args.seed, 0)
+    meta = import_pickle(args.pickle, args.out, args.seed, args.force)
     print(f"wrote {args.out}: {meta['n_slices']} slices, {meta['n_patients']} patients "
           f"({meta['dropped_empty_slices']} slices without any mask left out)")
     return 0

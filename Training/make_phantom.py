@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ProbSAMLib.phantom import render_nodule_volume, stable_seed  # noqa: E402
-from Training.build_dataset import BuildReport, add_build_arguments, build, print_report  # noqa: E402
+from Training.build_dataset import (BuildReport, add_build_arguments, build,  # noqa: E402
+                                    check_build_arguments, print_report)
 from Training.dataset_format import concat_chunks, empty_chunk, slices_from_volume  # noqa: E402
 from Training.lidc_nodules import LIDCNodule, scan_nodules, select_scans  # noqa: E402
 
@@ -64,18 +65,19 @@ def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[s
 
 
 def main(argv=None) -> int:
+    from Training.guards import run_main
+
+    return run_main("make_phantom.py", lambda: _main(argv))
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_build_arguments(parser, pad_help="extra slices rendered above and below each nodule (default 2)",
                         seed_help="rendering and split seed (default 0)")
     args = parser.parse_args(argv)
-    if args.crop < 16 or args.crop > 512:
-        parser.error("--crop must be between 16 and 512")
-    try:
-        report = make_phantom(args.out, args.scans, args.patients, args.crop, args.pad_slices,
-                              args.seed, args.force, args.work_dir)
-    except (FileExistsError, ValueError, RuntimeError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    check_build_arguments(args, max_crop=512)
+    report = make_phantom(args.out, args.scans, args.patients, args.crop, args.pad_slices,
+                          args.seed, args.force, args.work_dir)
     print_report(report, args.out)
     return 0
 

@@ -23,7 +23,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
-from Training.build_dataset import BuildReport, add_build_arguments, build, print_report  # noqa: E402
+from ProbSAMLib.errors import InputError  # noqa: E402
+
+from Training import guards  # noqa: E402
+from Training.build_dataset import (BuildReport, add_build_arguments, build,  # noqa: E402
+                                    check_build_arguments, print_report)
 from Training.dataset_format import (check_output, concat_chunks, empty_chunk,  # noqa: E402
                                      slices_from_volume)
 from Training.lidc_nodules import IMAGE_SIZE, scan_nodules, select_scans  # noqa: E402
@@ -66,13 +70,13 @@ def prepare_lidc(dicom_root, out, scans: Optional[int] = None,
                  seed: int = 0, force: bool = False, work_dir=None,
                  progress: bool = True) -> BuildReport:
     """Build the LIDC-IDRI data set at `out` from the DICOM files under `dicom_root`."""
-    check_output(out, force)
+    check_output(out, force, inputs=[dicom_root])
     root = Path(dicom_root)
     set_dicom_root(root)
     selected = select_scans(patients=patients, limit=scans)
     available = [s for s in selected if (root / s.patient_id).is_dir()]
     if not available:
-        raise FileNotFoundError(f"none of the {len(selected)} selected scans has a patient folder "
+        raise InputError(f"none of the {len(selected)} selected scans has a patient folder "
                                 f"(LIDC-IDRI-dddd) under {root}")
     missing = sorted({s.patient_id for s in selected} - {s.patient_id for s in available})
     params = {"crop": crop, "pad_slices": pad_slices, "dicom_root": str(root.resolve())}
@@ -84,6 +88,12 @@ def prepare_lidc(dicom_root, out, scans: Optional[int] = None,
 
 
 def main(argv=None) -> int:
+    from Training.guards import run_main
+
+    return run_main("prepare_lidc.py", lambda: _main(argv))
+
+
+def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dicom-root", required=True, type=Path,
                         help="folder holding the LIDC-IDRI-dddd patient folders")
@@ -91,14 +101,10 @@ def main(argv=None) -> int:
                                          "only slices with a reader mark are written)",
                         seed_help="split seed (default 0)")
     args = parser.parse_args(argv)
-    if args.crop < 16 or args.crop > IMAGE_SIZE:
-        parser.error(f"--crop must be between 16 and {IMAGE_SIZE}")
-    try:
-        report = prepare_lidc(args.dicom_root, args.out, args.scans, args.patients, args.crop,
-                              args.pad_slices, args.seed, args.force, args.work_dir)
-    except (FileExistsError, FileNotFoundError, ValueError, RuntimeError, ImportError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    guards.existing_folder("--dicom-root", args.dicom_root)
+    check_build_arguments(args, max_crop=IMAGE_SIZE, inputs=[args.dicom_root])
+    report = prepare_lidc(args.dicom_root, args.out, args.scans, args.patients, args.crop,
+                          args.pad_slices, args.seed, args.force, args.work_dir)
     print_report(report, args.out)
     missing = report.meta["patients_not_found_list"]
     if missing:

@@ -23,6 +23,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python Training/train.py` from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ProbSAMLib import errors  # noqa: E402 (first: Ctrl-C or a bad setting from here on is one line)
+
+errors.install_script_handler("train.py")
+errors.pause_point("startup")
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -33,8 +38,8 @@ from tqdm import tqdm
 from ProbSAMLib.device import autocast, choose_device
 from Training import embedding_cache
 from Training.batches import SliceBatches, batch_positions, choose_readers, step_rng, validation_positions
+from Training import guards
 from Training.config import load_config
-from Training.dataset_format import load_dataset
 from Training.evaluate import evaluate_slices, summarise
 from Training.learners import build_learner
 
@@ -48,20 +53,16 @@ args = parser.parse_intermixed_args()  # flags may come before, between or after
 if args.config and "=" in args.config:  # only overrides were given
     args.overrides.insert(0, args.config)
     args.config = None
-try:
-    cfg = load_config(args.config, args.overrides)
-    out = Path(cfg.out)
-    if args.resume:
-        if not (out / "ckpt.pt").is_file():
-            sys.exit(f"--resume: no checkpoint at {out / 'ckpt.pt'}")
-        cfg = load_config(str(out / "config.yaml"), args.overrides)
-except (OSError, ValueError) as error:  # a missing/garbled config file or a mistyped setting
-    sys.exit(f"error: {error}")
-if not args.resume and (out / "ckpt.pt").exists():
-    sys.exit(f"{out} already holds a run (ckpt.pt); pass --resume to continue it or choose another out=")
-if not Path(cfg.data, "meta.json").is_file():
-    sys.exit(f"error: {cfg.data} is not a data set (no meta.json); build one with Training/make_phantom.py "
-             f"or Training/prepare_lidc.py")
+# Every setting is checked (types, ranges, files, device, data set) before anything is created.
+cfg = load_config(args.config, args.overrides)
+out = Path(cfg.out)
+if args.resume:
+    guards.check_run_folder(out, resume=True)
+    cfg = load_config(str(out / "config.yaml"), args.overrides)
+out_existed = guards.check_run_folder(out, args.resume, inputs=[cfg.data, cfg.init, cfg.sam_checkpoint])
+for option in ("init", "sam_checkpoint"):
+    if getattr(cfg, option):
+        guards.existing_file(option, getattr(cfg, option))
 if args.no_cache:
     cfg.cache = False
     cfg.freeze_encoder = False  # the point of --no-cache is to train the encoder
@@ -91,11 +92,19 @@ def barrier() -> None:
 
 
 # ---- data, model, optimiser ------------------------------------------------------------------------------
-train_data = SliceBatches(load_dataset(cfg.data, "train"), box_margin=cfg.box_margin)
-val_data = SliceBatches(load_dataset(cfg.data, "val"), box_margin=cfg.box_margin)
+train_data = SliceBatches(guards.load_split(cfg.data, "train"), box_margin=cfg.box_margin)
+val_data = SliceBatches(guards.load_split(cfg.data, "val"), box_margin=cfg.box_margin)
 learner = build_learner(cfg, train_data.dataset.intensity).to(device)
 use_cache = learner.caches_embeddings and cfg.cache
+resume_state = guards.load_resume_state(out / "ckpt.pt", device) if args.resume else None  # before any write
+if resume_state is not None:
+    try:
+        learner.load_state_dict(resume_state["learner"])
+    except RuntimeError as error:
+        raise errors.InputError(f"{out / 'ckpt.pt'} does not fit the configured model: {errors.message(error)}") from None
 if main_process:
+    if not out_existed:  # a run that fails before its first checkpoint leaves no folder behind
+        errors.on_failure(lambda: guards.remove_unfinished_run(out))
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     n_params = sum(p.numel() for p in learner.parameters() if p.requires_grad)
@@ -118,11 +127,9 @@ no_decay = [p for p in learner.parameters() if p.requires_grad and p.dim() < 2]
 optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
 step, best_ged = 0, math.inf
-if args.resume:
-    state = torch.load(out / "ckpt.pt", map_location=device, weights_only=False)
-    learner.load_state_dict(state["learner"])
-    optimiser.load_state_dict(state["optimiser"])
-    step, best_ged = state["step"], state["best_ged"]
+if resume_state is not None:
+    optimiser.load_state_dict(resume_state["optimiser"])
+    step, best_ged = resume_state["step"], resume_state["best_ged"]
     if main_process:
         print(f"resumed at step {step} (best validation GED@16 {best_ged:.4f})")
 model = DistributedDataParallel(learner, find_unused_parameters=True) if distributed else learner
@@ -229,8 +236,9 @@ if distributed:  # every replica must hold the same weights after DDP's all-redu
         print(f"{world_size} replicas, weight checksum spread {spread:.3g}")
 if main_process:
     learner.save(out / "last.safetensors", extra={"step": step, "config": cfg.to_dict()})
+    best = f" -> {out / 'best.safetensors'}" if (out / "best.safetensors").is_file() else " (no best file: no evaluation ran)"
     print(f"done: {step} steps in {time.perf_counter() - started:.0f} s; best validation GED@{cfg.eval_samples} "
-          f"{best_ged:.4f} -> {out / 'best.safetensors'}")
+          f"{best_ged:.4f}{best}")
     log_file.close()
     if writer:
         writer.close()
