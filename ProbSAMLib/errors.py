@@ -131,6 +131,19 @@ def on_failure(callback) -> None:
     _FAILURE_CALLBACKS.append(callback)
 
 
+def finish_script(prog: str, error: BaseException, quiet: bool = False) -> int:
+    """What a script's uncaught ``error`` ends with: the line (unless ``quiet``), the registered clean-ups
+    (:func:`on_failure`, most recent first), and the exit status it returns."""
+    code = exit_status(error) if quiet else report(prog, error, nothing_written=False)
+    while _FAILURE_CALLBACKS:
+        callback = _FAILURE_CALLBACKS.pop()
+        try:
+            callback()
+        except Exception:  # cleaning up must not hide the error already reported
+            pass
+    return code
+
+
 def install_script_handler(prog: str) -> None:
     """For top-level scripts (train.py): SIGTERM as :class:`Terminated`, and an uncaught exception ends the
     process with the one-line message and its exit status instead of a traceback."""
@@ -139,14 +152,7 @@ def install_script_handler(prog: str) -> None:
     def hook(kind, error, tb):
         if debugging():
             sys.__excepthook__(kind, error, tb)
-            code = 1
-        else:
-            code = report(prog, error, nothing_written=False)
-        for callback in reversed(_FAILURE_CALLBACKS):
-            try:
-                callback()
-            except Exception:  # cleaning up must not hide the error already reported
-                pass
+        code = finish_script(prog, error, quiet=debugging())
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)  # the status must follow the error type; a normal exit would always give 1

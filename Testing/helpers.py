@@ -1,4 +1,7 @@
 """Small builders shared by several test modules (not tests themselves)."""
+import hashlib
+import os
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -33,3 +36,18 @@ def write_dicom_series(folder, values, uid: str, prefix: str, description: Optio
             piece.SetMetaData(tag, value)
         writer.SetFileName(str(folder / f"{prefix}{k:03d}.dcm"))
         writer.Execute(piece)
+
+
+def snapshot(folder: Path) -> dict:
+    """Every path under ``folder`` -> a hash of its contents ('dir' for folders, the target for links):
+    equal snapshots before and after a run mean nothing was created, changed or removed."""
+    state = {}
+    for path in sorted(Path(folder).rglob("*")):
+        key = str(path.relative_to(folder))
+        if path.is_symlink():
+            state[key] = "link:" + os.readlink(path)
+        elif path.is_dir():
+            state[key] = "dir"
+        else:
+            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return state

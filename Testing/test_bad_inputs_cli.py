@@ -28,7 +28,7 @@ from ProbSAMLib.geometry import VolumeGeometry
 from ProbSAMLib.markups import write_roi_json
 from ProbSAMLib.geometry import Box3D
 from ProbSAMLib.outputdir import MARKER, OutputFolder
-from Testing.helpers import write_dicom_series
+from Testing.helpers import snapshot, write_dicom_series
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,20 +62,6 @@ def model_file(tmp_path_factory):
     torch.nn.init.normal_(model.latent_projection.mlp[-1].weight, std=0.5)
     save_probsam(model, root / "tiny.safetensors")
     return root / "tiny.safetensors", model
-
-
-def snapshot(folder: Path) -> dict:
-    """Every path under ``folder`` -> a hash of its contents (folders: 'dir'; links: their target)."""
-    state = {}
-    for path in sorted(folder.rglob("*")):
-        key = str(path.relative_to(folder))
-        if path.is_symlink():
-            state[key] = "link:" + os.readlink(path)
-        elif path.is_dir():
-            state[key] = "dir"
-        else:
-            state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return state
 
 
 def make_world(root: Path, model_path: Path, model) -> dict:

@@ -98,7 +98,7 @@ def test_prepare_lidc_end_to_end(tmp_path, home):
     assert (tmp_path / "lidc.work").is_dir()
     for f in good_folder.iterdir():
         f.write_bytes(b"garbage")
-    assert main(["--dicom-root", str(root), "--out", str(out), "--patients", GOOD, BAD]) == 1
+    assert main(["--dicom-root", str(root), "--out", str(out), "--patients", GOOD, BAD]) == 2  # exists: bad input
     assert main(["--dicom-root", str(root), "--out", str(out), "--patients", GOOD, BAD,
                  "--force"]) == 0
     again = load_dataset(out)

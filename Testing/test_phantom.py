@@ -168,4 +168,4 @@ def test_phantom_build_is_deterministic(phantom_dir, tmp_path):
 
 def test_phantom_refuses_to_overwrite(phantom_dir):
     from Training.make_phantom import main
-    assert main(["--out", str(phantom_dir), "--scans", "1"]) == 1
+    assert main(["--out", str(phantom_dir), "--scans", "1"]) == 2  # exists: bad input

@@ -1,0 +1,306 @@
+"""The Training scripts under bad input: train.py, evaluate.py, import_pickle.py, make_phantom.py,
+prepare_lidc.py — one table, each case asserting the exit status (2 bad input or settings), exactly one
+``<script>: error: ...`` line naming the problem, no traceback, and that nothing was created, changed or
+removed (a hashed snapshot of the whole test folder before and after).
+
+train.py is a top-level script: the table runs it in-process with runpy and ends an uncaught error
+through ``errors.finish_script`` — the function its exception hook calls — and a few cases run it as a
+real subprocess to cover the hook itself. The data set is a tiny synthetic one written by
+``write_dataset`` (no pylidc), so the whole module takes seconds.
+"""
+
+import os
+import pickle
+import runpy
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from ProbSAMLib import errors
+from Testing.helpers import snapshot
+from Training import evaluate, import_pickle, make_phantom, prepare_lidc
+from Training.config import TrainConfig
+from Training.dataset_format import N_READERS, Chunk, write_dataset
+from Training.learners import build_learner
+
+torch.set_num_threads(1)
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "Training" / "train.py"
+
+
+def tiny_dataset(out: Path, n: int = 30, size: int = 64) -> Path:
+    rng = np.random.default_rng(0)
+    images = rng.normal(-800, 40, (n, size, size)).astype(np.int16)
+    masks = np.zeros((n, N_READERS, size, size), bool)
+    masks[:, :, 20:40, 22:42] = True
+    rows = [{"patient_id": f"LIDC-IDRI-{i % 6:04d}", "series_uid": f"1.{i % 6}", "scan_id": i % 6,
+             "nodule_id": f"n{i % 6}", "k": i, "z_mm": float(i), "crop_row0": 0, "crop_col0": 0,
+             "n_readers": N_READERS, "n_marked": N_READERS, "truncated": 0, "source_key": str(i)}
+            for i in range(n)]
+    write_dataset(out, [Chunk(images, masks, np.ones((n, N_READERS), bool), rows)],
+                  {"source": "test", "intensity": "hu"})
+    return out
+
+
+class Evil:
+    """Unpickling this would create a folder: a stand-in for any code a crafted pickle could run."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def make_world(root: Path) -> dict:
+    data = tiny_dataset(root / "data")
+    cut = tiny_dataset(root / "cut_data")
+    images = (cut / "images.npy").read_bytes()
+    (cut / "images.npy").write_bytes(images[:len(images) // 2])
+    foreign = root / "foreign_data"
+    foreign.mkdir()
+    (foreign / "meta.json").write_text('{"format": "something-else"}')
+    weights = root / "weights"
+    weights.mkdir()
+    build_learner(TrainConfig(preset="tiny", seed=0)).save(weights / "probsam.safetensors")
+    (weights / "garbage.safetensors").write_bytes(b"\x00garbage" * 100)
+    save_file({"x": torch.zeros(2)}, str(weights / "foreign.safetensors"), metadata={"format": "other"})
+    runs = root / "runs"
+    (runs / "garbage").mkdir(parents=True)
+    (runs / "garbage" / "ckpt.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+    (runs / "garbage" / "config.yaml").write_text(f"data: {data}\nout: {runs / 'garbage'}\npreset: tiny\n"
+                                                  f"batch_size: 2\nnum_threads: 1\n")
+    (runs / "evil").mkdir()
+    torch_pickle = runs / "evil" / "ckpt.pt"
+    with open(torch_pickle, "wb") as fh:
+        pickle.dump({"learner": Evil(root / "pwned_by_ckpt"), "optimiser": {}, "step": 0, "best_ged": 0.0}, fh)
+    (runs / "evil" / "config.yaml").write_text((runs / "garbage" / "config.yaml").read_text()
+                                               .replace("garbage", "evil"))
+    (runs / "notes").mkdir()
+    (runs / "notes" / "todo.txt").write_text("my notes")
+    (root / "configs").mkdir()
+    (root / "configs" / "list.yaml").write_text("- 1\n- 2\n")
+    (root / "configs" / "broken.yaml").write_text("lr: [1, 2\n")
+    pickles = root / "pickles"
+    pickles.mkdir()
+    good_entry = {"image": np.zeros((8, 8), np.float32), "masks": [np.ones((8, 8))] * 4, "series_uid": "1"}
+    content = {"empty": b"", "text": b"hello, not a pickle",
+               "evil": pickle.dumps({"LIDC-IDRI-0001_slice_1": Evil(root / "pwned_by_pickle")}),
+               "string_entry": pickle.dumps({"LIDC-IDRI-0001_slice_1": "not a dict"}),
+               "three_masks": pickle.dumps({"k": dict(good_entry, masks=[np.ones((8, 8))] * 3)}),
+               "shapes": pickle.dumps({"k": dict(good_entry, image=np.zeros((9, 9), np.float32))}),
+               "text_masks": pickle.dumps({"k": dict(good_entry, masks=["a", "b", "c", "d"])}),
+               "empty_dict": pickle.dumps({}), "a_list": pickle.dumps([1, 2, 3]),
+               "truncated": pickle.dumps({"k": good_entry})[:200]}
+    for name, blob in content.items():
+        (pickles / f"{name}.pickle").write_bytes(blob)
+    (root / "work").mkdir()
+    (root / "dicom" / "LIDC-IDRI-0001").mkdir(parents=True)
+    done = root / "done"  # an earlier output of the tools (with the marker)
+    done.mkdir()
+    (done / ".probsam-output").write_text("")
+    return {"root": root, "data": data, "cut": cut, "foreign": foreign, "weights": weights, "runs": runs,
+            "pickles": pickles, "done": done}
+
+
+def cases(w: dict) -> dict:
+    """name -> (script, argv, exit status, words)."""
+    root, data, runs, weights, pickles = w["root"], w["data"], w["runs"], w["weights"], w["pickles"]
+    new_run = f"out={runs / 'new'}"
+
+    def train(*settings):
+        return ("train.py", [f"data={data}", new_run, "preset=tiny", "num_threads=1", *settings])
+
+    def ev(*args, model=weights / "probsam.safetensors", data_dir=data, out=root / "results"):
+        return ("evaluate.py", ["--data", data_dir, "--model", model, "--out", out, "--max-slices", "2",
+                                "--samples", "2", *args])
+
+    def pk(name, *args):
+        return ("import_pickle.py", [pickles / f"{name}.pickle", "--out", root / "imported", *args])
+
+    table = {
+        "train: batch_size=abc": (*train("batch_size=abc"), 2, "batch_size must be a whole number"),
+        "train: lr=fast": (*train("lr=fast"), 2, "lr must be a number"),
+        "train: batch_size=0": (*train("batch_size=0"), 2, "batch_size must be at least 1"),
+        "train: max_steps=0": (*train("max_steps=0"), 2, "max_steps must be at least 1"),
+        "train: max_steps=-5": (*train("max_steps=-5"), 2, "max_steps must be at least 1"),
+        "train: lr=0": (*train("lr=0"), 2, "lr must be greater than 0"),
+        "train: cache=maybe": (*train("cache=maybe"), 2, "cache must be true or false"),
+        "train: unknown preset": (*train("preset=vit_q"), 2, "preset must be one of"),
+        "train: unknown model": (*train("model=unet"), 2, "model must be one of"),
+        "train: unet_channels=[8]": (*train("unet_channels=[8]"), 2, "unet_channels"),
+        "train: unknown device": (*train("device=gpu"), 2, "device must be"),
+        "train: unknown setting": (*train("bath_size=4"), 2, "unknown setting 'bath_size'"),
+        "train: not key=value": (*train("fast"), 2, "not key=value"),
+        "train: missing config": ("train.py", [root / "configs" / "none.yaml", f"data={data}", new_run], 2,
+                                  "not found"),
+        "train: config is a list": ("train.py", [root / "configs" / "list.yaml", new_run], 2, "mapping"),
+        "train: config not YAML": ("train.py", [root / "configs" / "broken.yaml", new_run], 2, "not valid YAML"),
+        "train: missing data set": ("train.py", [f"data={root / 'nowhere'}", new_run, "preset=tiny"], 2,
+                                    "is not a data set"),
+        "train: truncated data set": ("train.py", [f"data={w['cut']}", new_run, "preset=tiny"], 2, "truncated"),
+        "train: foreign data set": ("train.py", [f"data={w['foreign']}", new_run, "preset=tiny"], 2,
+                                    "not a data set of format"),
+        "train: missing init weights": (*train(f"init={root / 'none.safetensors'}"), 2, "no such file"),
+        "train: out is a folder of notes": ("train.py", [f"data={data}", f"out={runs / 'notes'}"], 2,
+                                            "not an empty folder"),
+        "train: out is the working folder": ("train.py", [f"data={data}", f"out={root / 'work'}"], 2,
+                                             "working folder"),
+        "train: out holds the data": ("train.py", [f"data={data}", f"out={data}"], 2, "holds the input"),
+        "train: --resume without ckpt": ("train.py", [f"data={data}", new_run, "--resume"], 2, "no checkpoint"),
+        "train: --resume garbage ckpt": ("train.py", [f"out={runs / 'garbage'}", "--resume"], 2,
+                                         "not a readable training checkpoint"),
+        "train: --resume ckpt with code": ("train.py", [f"out={runs / 'evil'}", "--resume"], 2,
+                                           "not a readable training checkpoint"),
+        "evaluate: --samples 0": (*ev("--samples", "0"), 2, "--samples must be at least 1"),
+        "evaluate: --max-slices -1": (*ev("--max-slices", "-1"), 2, "--max-slices must be at least 0"),
+        "evaluate: --batch-size 0": (*ev("--batch-size", "0"), 2, "--batch-size must be at least 1"),
+        "evaluate: --box-margin nan": (*ev("--box-margin", "nan"), 2, "--box-margin"),
+        "evaluate: corrupt weights": (*ev(model=weights / "garbage.safetensors"), 2, "not a usable"),
+        "evaluate: foreign weights": (*ev(model=weights / "foreign.safetensors"), 2, "not a usable"),
+        "evaluate: missing weights": (*ev(model=weights / "none.safetensors"), 2, "no weights file"),
+        "evaluate: missing data set": (*ev(data_dir=root / "nowhere"), 2, "is not a data set"),
+        "evaluate: truncated data set": (*ev(data_dir=w["cut"]), 2, "truncated"),
+        "evaluate: unknown device": (*ev("--device", "gpu"), 2, "unknown device"),
+        "evaluate: --out exists": (*ev(out=w["done"]), 2, "already exists"),
+        "evaluate: --out holds the weights": (*ev("--force", out=weights), 2, "holds the input"),
+        "evaluate: --out not ours": (*ev("--force", out=runs / "notes"), 2, "not written by ProbSAM"),
+        "import: empty file": (*pk("empty"), 2, "not a readable pickle"),
+        "import: not a pickle": (*pk("text"), 2, "not a readable pickle"),
+        "import: truncated pickle": (*pk("truncated"), 2, "not a readable pickle"),
+        "import: pickle with code": (*pk("evil"), 2, "only numpy arrays"),
+        "import: entry is a string": (*pk("string_entry"), 2, "expected a dict with 'image' and 'masks'"),
+        "import: three masks": (*pk("three_masks"), 2, "3 masks, expected 4"),
+        "import: image/mask shapes": (*pk("shapes"), 2, "image (9, 9) vs masks"),
+        "import: masks of text": (*pk("text_masks"), 2, "not numeric arrays"),
+        "import: empty dict": (*pk("empty_dict"), 2, "no slices"),
+        "import: a list": (*pk("a_list"), 2, "expected a dict of slices"),
+        "import: missing file": (*pk("none"), 2, "no such file"),
+        "import: --out holds the pickle": ("import_pickle.py", [pickles / "empty_dict.pickle", "--out", pickles,
+                                                                "--force"], 2, "holds the input"),
+        "phantom: --scans 0": ("make_phantom.py", ["--out", root / "ph", "--scans", "0"], 2, "--scans must be"),
+        "phantom: --scans -1": ("make_phantom.py", ["--out", root / "ph", "--scans", "-1"], 2, "--scans must be"),
+        "phantom: --crop 8": ("make_phantom.py", ["--out", root / "ph", "--crop", "8"], 2, "--crop must be"),
+        "phantom: --pad-slices -1": ("make_phantom.py", ["--out", root / "ph", "--pad-slices", "-1"], 2,
+                                     "--pad-slices must be"),
+        "phantom: --out exists": ("make_phantom.py", ["--out", w["done"]], 2, "already exists"),
+        "phantom: --work-dir is the working folder": ("make_phantom.py", ["--out", root / "ph", "--work-dir",
+                                                                          root / "work"], 2, "working folder"),
+        "lidc: missing --dicom-root": ("prepare_lidc.py", ["--dicom-root", root / "nowhere", "--out", root / "l"], 2,
+                                       "no such folder"),
+        "lidc: --scans -2": ("prepare_lidc.py", ["--dicom-root", root / "work", "--out", root / "l", "--scans", "-2"],
+                             2, "--scans must be"),
+        "lidc: --out holds the DICOM root": ("prepare_lidc.py", ["--dicom-root", root / "dicom", "--out",
+                                                                 root / "dicom", "--force"], 2, "holds the input"),
+    }
+    if not torch.cuda.is_available():
+        table["train: cuda without a GPU"] = (*train("device=cuda"), 2, "CUDA was requested")
+        table["evaluate: cuda without a GPU"] = (*ev("--device", "cuda"), 2, "CUDA was requested")
+    return table
+
+
+def run_train_in_process(argv, monkeypatch) -> int:
+    """train.py as `python Training/train.py ARGV`, its uncaught error ended as its exception hook ends it."""
+    previous_term = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)  # restored after the test
+    monkeypatch.setattr(sys, "argv", [str(TRAIN), *map(str, argv)])
+    try:
+        runpy.run_path(str(TRAIN), run_name="__main__")
+        return 0
+    except SystemExit as exit_:  # argparse
+        return exit_.code
+    except BaseException as error:  # noqa: B036 (what the hook receives)
+        return errors.finish_script("train.py", error)
+    finally:
+        signal.signal(signal.SIGTERM, previous_term)
+
+
+MAINS = {"evaluate.py": evaluate.main, "import_pickle.py": import_pickle.main,
+         "make_phantom.py": make_phantom.main, "prepare_lidc.py": prepare_lidc.main}
+
+
+def test_every_bad_input_fails_cleanly_and_touches_nothing(tmp_path, monkeypatch, capsys):
+    world = make_world(tmp_path)
+    monkeypatch.chdir(tmp_path / "work")
+    table = cases(world)
+    assert len(table) >= 20
+    for name, (script, argv, status, words) in table.items():
+        before = snapshot(tmp_path)
+        if script == "train.py":
+            code = run_train_in_process(argv, monkeypatch)
+        else:
+            code = MAINS[script]([str(a) for a in argv])
+        err = capsys.readouterr().err
+        error_lines = [line for line in err.splitlines() if "error:" in line]
+        assert code == status, (name, code, err)
+        assert len(error_lines) == 1 and error_lines[0].startswith(f"{script}: error: "), (name, err)
+        assert words in error_lines[0], (name, err)
+        assert "Traceback" not in err, (name, err)
+        assert snapshot(tmp_path) == before, name
+    assert not (tmp_path / "pwned_by_pickle").exists() and not (tmp_path / "pwned_by_ckpt").exists()
+
+
+def run_train(argv, cwd, **env):
+    return subprocess.run([sys.executable, str(TRAIN), *map(str, argv)], cwd=cwd, capture_output=True, text=True,
+                          encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **env),
+                          timeout=300)
+
+
+def test_train_script_hook_gives_one_line_and_the_status_by_type(tmp_path):
+    world = make_world(tmp_path)
+    before = snapshot(tmp_path)
+    for argv, status, words in (
+            ([f"data={world['data']}", f"out={tmp_path / 'run'}", "batch_size=abc"], 2, "batch_size must be"),
+            ([f"out={world['runs'] / 'garbage'}", "--resume"], 2, "not a readable training checkpoint")):
+        done = run_train(argv, tmp_path / "work")
+        assert done.returncode == status, done.stderr
+        assert done.stderr.strip().splitlines() == [done.stderr.strip()] and words in done.stderr, done.stderr
+        assert done.stderr.startswith("train.py: error: ") and "Traceback" not in done.stderr
+        assert snapshot(tmp_path) == before
+    assert not (world["runs"] / "garbage" / "embedding_cache").exists()  # nothing built before the ckpt check
+
+
+def test_train_script_interrupted_at_start_up(tmp_path):
+    child = subprocess.Popen([sys.executable, str(TRAIN), f"out={tmp_path / 'run'}"], cwd=tmp_path,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT), PROBSAM_TEST_PAUSE="startup"),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             encoding="utf-8", preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert child.stderr.readline().strip() == "paused at startup"  # waits for the child: no sleep
+    child.send_signal(signal.SIGINT)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 130 and err.strip() == "train.py: interrupted", err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_terminated_while_writing_leaves_nothing(tmp_path):
+    world = make_world(tmp_path)
+    before = snapshot(tmp_path)
+    argv = [sys.executable, str(ROOT / "Training" / "evaluate.py"), "--data", world["data"], "--model",
+            world["weights"] / "probsam.safetensors", "--out", tmp_path / "results", "--max-slices", "2",
+            "--samples", "2"]
+    child = subprocess.Popen([str(a) for a in argv], cwd=tmp_path / "work",
+                             env=dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
+                                      PROBSAM_TEST_PAUSE="writing"),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             encoding="utf-8")
+    for line in child.stderr:  # tqdm and the per-model lines come first
+        if line.strip() == "paused at writing":
+            break
+    assert list(tmp_path.glob(".results.tmp-*")), "the results were being written"
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 143 and "evaluate.py: terminated" in err and "Traceback" not in err, err
+    assert snapshot(tmp_path) == before
+
+
+def test_train_max_steps_below_one_is_refused_not_announced(tmp_path):
+    from Training.config import load_config
+
+    with pytest.raises(errors.SettingsError, match="max_steps must be at least 1"):
+        load_config(None, ["max_steps=0"])
