@@ -7,7 +7,14 @@ One implementation for the CLI, the Slicer module and scripts. Arrays are ``(K, 
 from __future__ import annotations
 
 import colorsys
+import contextlib
+import errno
 import gzip
+import os
+import shutil
+import sys
+import tempfile
+import threading
 import warnings
 import zlib
 from pathlib import Path
@@ -86,11 +93,50 @@ def _check_complete_gzip(path: Path) -> None:
 
 
 def _short(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    """The useful sentence of an ITK exception (which ends with file:line and matrix rows)."""
+    text = str(error)
+    if "determinant is 0" in text or "Bad direction" in text:
+        return "its direction matrix is singular (two axes point the same way, or one is zero)"
+    if "change spacing" in text:
+        return "it has a zero or negative voxel spacing"
+    errors = [line.split("ITK ERROR:", 1)[1].strip() for line in text.splitlines() if "ITK ERROR:" in line]
+    if errors:
+        return errors[-1].split("): ", 1)[-1][:300]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1][:300] if lines else type(error).__name__
 
 
+@contextlib.contextmanager
+def _native_messages_kept_on_failure():
+    """ITK's readers also print to the process's stderr (file descriptor 2) before raising. A failed read
+    is reported by our one error line, so that text is dropped; after a good read it is passed on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # redirecting fd 2 would swallow other threads' output
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        succeeded = False
+        try:
+            yield
+            succeeded = True
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if succeeded:
+                captured.seek(0)
+                text = captured.read()
+                if text:
+                    os.write(2, text)
+
+
 def _read_file(path: Path) -> tuple:
+    with _native_messages_kept_on_failure():
+        return _read_file_quietly(path)
+
+
+def _read_file_quietly(path: Path) -> tuple:
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -215,8 +261,18 @@ def write_image(array, reference_geometry: VolumeGeometry, path, dtype=None) -> 
     if array.dtype == bool:
         array = array.astype(np.uint8)
     image = reference_geometry.apply_to(sitk.GetImageFromArray(array))
-    sitk.WriteImage(image, str(path), useCompression=True)
+    try:
+        sitk.WriteImage(image, str(path), useCompression=True)
+    except RuntimeError as error:  # ITK reports a full disk as a multi-line dump: say what happened
+        raise _write_error(path, error) from None
     return Path(path)
+
+
+def _write_error(path, error: RuntimeError) -> OSError:
+    free = shutil.disk_usage(Path(path).parent).free if Path(path).parent.exists() else None
+    if "No space left" in str(error) or (free is not None and free < 1 << 20):
+        return OSError(errno.ENOSPC, "No space left on device", str(path))
+    return OSError(errno.EIO, f"cannot write the image ({_short(error)})", str(path))
 
 
 def write_sample_files(masks, geometry: VolumeGeometry, directory, prefix: str = "sample_") -> list:

@@ -77,6 +77,15 @@ def make_world(root: Path, model_path: Path, model) -> dict:
     whole = ct.read_bytes()
     (inputs / "cut.nrrd").write_bytes(whole[:len(whole) // 2])
     (inputs / "empty.nrrd").write_bytes(b"")
+    sitk.WriteImage(sitk.ReadImage(str(ct)), str(inputs / "ct.mha"), useCompression=True)
+    whole = (inputs / "ct.mha").read_bytes()
+    (inputs / "cut.mha").write_bytes(whole[:len(whole) // 2])
+    header = (b"NRRD0004\ntype: short\ndimension: 3\nspace: left-posterior-superior\nsizes: 8 8 4\n"
+              b"space directions: (1,0,0) (1,0,0) (0,0,1)\nkinds: domain domain domain\nendian: little\n"
+              b"encoding: raw\nspace origin: (0,0,0)\n\n")
+    voxels = np.full((4, 8, 8), -800, np.int16).tobytes()
+    (inputs / "singular.nrrd").write_bytes(header + voxels)
+    (inputs / "zero_spacing.nrrd").write_bytes(header.replace(b"(1,0,0) (1,0,0)", b"(1,0,0) (0,0,0)") + voxels)
     (inputs / "notes.nrrd").write_text("this is not an image")
     sitk.WriteImage(sitk.Image([32, 32], sitk.sitkInt16), str(inputs / "flat.nrrd"))
     sitk.WriteImage(sitk.Image([8, 8, 4, 3], sitk.sitkInt16), str(inputs / "time.nrrd"))
@@ -170,6 +179,9 @@ def cases(w: dict) -> dict:
         "truncated .nii.gz": (sample(inputs / "cut.nii.gz", *BOX), 2, "does not decode completely"),
         "truncated .nrrd": (sample(inputs / "cut.nrrd", *BOX), 2, "cannot read"),
         "empty file": (sample(inputs / "empty.nrrd", *BOX), 2, "cannot read"),
+        "truncated .mha": (sample(inputs / "cut.mha", *BOX), 2, "cannot read"),
+        "singular direction matrix": (sample(inputs / "singular.nrrd", *BOX), 2, "direction matrix is singular"),
+        "zero voxel spacing": (sample(inputs / "zero_spacing.nrrd", *BOX), 2, "zero or negative voxel spacing"),
         "DICOM with a missing slice": (sample(inputs / "gap", "--box", "2,2,0,9,9,3", "--box-space", "ijk"), 2,
                                        "missing slices or uneven"),
         "DICOM with a repeated position": (sample(inputs / "dup", "--box", "2,2,0,9,9,3", "--box-space", "ijk"),
@@ -430,3 +442,20 @@ def test_gzip_check_reads_a_whole_file(tmp_path):
     path.write_bytes(gzip.compress(b"x" * 100000)[:-8])  # only the trailer missing
     with pytest.raises(VolumeReadError, match="does not decode completely"):
         _check_complete_gzip(path)
+
+
+def test_a_full_disk_is_named_not_dumped(world, capsys, monkeypatch):
+    """ITK reports ENOSPC as a multi-line exception; the CLI says "no space left" and exits 1 (run time)."""
+    def full_disk(image, path, *args, **kwargs):
+        raise RuntimeError(f"Exception thrown in SimpleITK ImageFileWriter_Execute: itkNrrdImageIO.cxx:1092:\n"
+                           f"ITK ERROR: NrrdImageIO(0x55): Write: Error writing {path}:\n"
+                           f"[nrrd] nrrdSave: No space left on device\n")
+
+    monkeypatch.setattr(sitk, "WriteImage", full_disk)
+    before = snapshot(world["root"])
+    code = cli.main(["demo", "--out", str(world["root"] / "out"), "--samples", "2", "--quiet", "--model", "file",
+                     "--checkpoint", str(world["model"])])
+    err = capsys.readouterr().err
+    assert code == 1 and err.startswith("probsam: error: no space left on device while writing"), err
+    assert len(err.strip().splitlines()) == 1 and "ITK" not in err
+    assert snapshot(world["root"]) == before

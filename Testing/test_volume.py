@@ -224,17 +224,20 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(model, monkeyp
     volume, geometry = make_volume()
     voxel_box = voxel_box_from_ijk([10, 10, 0], [30, 30, 11], geometry)
     reference = sample_volume(model, volume, geometry, voxel_box, n_samples=3, seed=2, slice_batch=3)
-    encode = model.encode
+    from ProbSAMLib import volume as volume_module
+    sample_chunk = volume_module._sample_chunk
 
-    def tight_encode(images):
+    def tight_chunk(model, images, *args):  # a chunk of more than 3 slices does not fit (simulated)
         if images.shape[0] > 3:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
-        return encode(images)
+        return sample_chunk(model, images, *args)
 
-    monkeypatch.setattr(model, "encode", tight_encode)
+    monkeypatch.setattr(volume_module, "_sample_chunk", tight_chunk)
     result = sample_volume(model, volume, geometry, voxel_box, n_samples=3, seed=2, slice_batch=12)
+    monkeypatch.setattr(volume_module, "_sample_chunk", sample_chunk)
     assert result.summary["settings"]["oom_retries"] == 2 and result.summary["settings"]["slice_batch"] == 3
     np.testing.assert_array_equal(result.masks, reference.masks)
+    np.testing.assert_array_equal(result.mean_probability, reference.mean_probability)  # byte-identical
 
     monkeypatch.setattr(model, "encode", lambda images: (_ for _ in ()).throw(
         torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")))
