@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,27 @@ def test_offline_environment_variable_reads_yes_and_no(monkeypatch):
     monkeypatch.setenv("PROBSAM_OFFLINE", "maybe")
     with pytest.raises(errors.SettingsError, match="PROBSAM_OFFLINE"):
         errors.env_flag("PROBSAM_OFFLINE")
+
+
+def test_offline_variable_that_is_not_yes_or_no_is_a_usage_error(world, capsys, monkeypatch):
+    monkeypatch.setenv("PROBSAM_OFFLINE", "maybe")
+    check_fails_cleanly("PROBSAM_OFFLINE=maybe", ["sample", world["ct"], *BOX, "--out", world["root"] / "out",
+                                                  "--model", "file", "--checkpoint", world["model"]],
+                        2, "PROBSAM_OFFLINE='maybe'", world["root"], capsys)
+
+
+def test_values_that_are_not_hounsfield_units_are_warned_about(tmp_path):
+    from ProbSAMLib.imageio import IntensityWarning, read_volume
+
+    mr = np.random.default_rng(0).uniform(0, 1200, (6, 20, 20)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(mr), str(tmp_path / "mr.nrrd"))
+    with pytest.warns(IntensityWarning, match=r"span 0\.\.11\d\d.*does not look like CT"):
+        read_volume(tmp_path / "mr.nrrd")
+    ct = np.random.default_rng(0).uniform(-1000, 400, (6, 20, 20)).astype(np.int16)
+    sitk.WriteImage(sitk.GetImageFromArray(ct), str(tmp_path / "ct.nrrd"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        read_volume(tmp_path / "ct.nrrd")  # real HU: no warning
 
 
 # --- what is clamped, not refused --------------------------------------------------------------------------

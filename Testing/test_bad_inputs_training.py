@@ -304,3 +304,24 @@ def test_train_max_steps_below_one_is_refused_not_announced(tmp_path):
 
     with pytest.raises(errors.SettingsError, match="max_steps must be at least 1"):
         load_config(None, ["max_steps=0"])
+
+
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    """A failure at run time after train.py made its run folder (here: a full disk while building the
+    embedding cache) is one line, exit status 1, and the half-made folder is gone."""
+    import errno
+    from Training import embedding_cache
+
+    data = tiny_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+
+    def full_disk(model, data, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(embedding_cache, "build_cache", full_disk)
+    before = snapshot(tmp_path)
+    code = run_train_in_process([f"data={data}", f"out={tmp_path / 'run'}", "preset=tiny", "num_threads=1",
+                                 "batch_size=2", "max_steps=1"], monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 1 and "train.py: error: no space left on device while writing" in err, err
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
