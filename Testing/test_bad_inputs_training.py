@@ -149,7 +149,7 @@ def cases(w: dict) -> dict:
                                     "not a data set of format"),
         "train: missing init weights": (*train(f"init={root / 'none.safetensors'}"), 2, "no such file"),
         "train: out is a folder of notes": ("train.py", [f"data={data}", f"out={runs / 'notes'}"], 2,
-                                            "not an empty folder"),
+                                            "neither empty nor a train.py run"),
         "train: out is the working folder": ("train.py", [f"data={data}", f"out={root / 'work'}"], 2,
                                              "working folder"),
         "train: out holds the data": ("train.py", [f"data={data}", f"out={data}"], 2, "holds the input"),
@@ -325,3 +325,18 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
     err = capsys.readouterr().err
     assert code == 1 and "train.py: error: no space left on device while writing" in err, err
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_a_run_folder_left_by_a_killed_run_may_be_reused_a_foreign_one_not(tmp_path, monkeypatch):
+    from Training.guards import check_run_folder
+
+    monkeypatch.chdir(tmp_path)
+    left = tmp_path / "left"  # what train.py writes before its first checkpoint
+    (left / "embedding_cache").mkdir(parents=True)
+    (left / "config.yaml").write_text("lr: 0.001\n")
+    (left / "log.jsonl").write_text("")
+    assert check_run_folder(left, resume=False) is True
+    (left / "thesis.tex").write_text("not train.py's")
+    with pytest.raises(errors.OutputRefusedError, match="neither empty nor a train.py run"):
+        check_run_folder(left, resume=False)
+    assert check_run_folder(tmp_path / "new", resume=False) is False

@@ -16,8 +16,9 @@ from ProbSAMLib.errors import InputError, OutputRefusedError, SettingsError, Wei
 from ProbSAMLib.outputdir import OutputFolder
 
 
-def run_main(prog: str, main: Callable[[], int]) -> int:
-    """Run ``main()``; any error becomes one line and its exit status (PROBSAM_DEBUG=1: the traceback)."""
+def run_main(prog: str, main: Callable[[], int], nothing_written: bool = True) -> int:
+    """Run ``main()``; any error becomes one line and its exit status (PROBSAM_DEBUG=1: the traceback).
+    ``nothing_written``: whether an interrupted run may say so (the builders keep resumable work)."""
     try:
         with errors.terminate_as_exception():
             errors.pause_point("startup")
@@ -25,7 +26,7 @@ def run_main(prog: str, main: Callable[[], int]) -> int:
     except (Exception, KeyboardInterrupt, errors.Terminated) as error:
         if errors.debugging():
             raise
-        return errors.report(prog, error)
+        return errors.report(prog, error, nothing_written)
 
 
 def at_least(option: str, value, low) -> None:
@@ -65,9 +66,19 @@ def check_run_folder(out, resume: bool, inputs: Sequence = ()) -> bool:
     if (out / "ckpt.pt").exists():
         raise OutputRefusedError(f"{out} already holds a run (ckpt.pt); pass --resume to continue it or choose "
                                  f"another out=")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise OutputRefusedError(f"out={out} exists and is not an empty folder; choose a new folder for the run")
+    if out.exists() and not _unfinished_run(out):
+        raise OutputRefusedError(f"out={out} exists and is neither empty nor a train.py run; choose a new folder "
+                                 f"for the run")
     return out.exists()
+
+
+_RUN_FILES = {"config.yaml", "log.jsonl", "tensorboard", "embedding_cache"}
+
+
+def _unfinished_run(out: Path) -> bool:
+    """Empty, or only what train.py writes before its first checkpoint (a run killed outright): reusable."""
+    names = {p.name for p in out.iterdir()}
+    return not names or ("config.yaml" in names and names <= _RUN_FILES)
 
 
 def remove_unfinished_run(out: Path) -> None:

@@ -67,7 +67,7 @@ def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[s
 def main(argv=None) -> int:
     from Training.guards import run_main
 
-    return run_main("make_phantom.py", lambda: _main(argv))
+    return run_main("make_phantom.py", lambda: _main(argv), nothing_written=False)  # finished scans are kept
 
 
 def _main(argv=None) -> int:

@@ -90,7 +90,7 @@ def prepare_lidc(dicom_root, out, scans: Optional[int] = None,
 def main(argv=None) -> int:
     from Training.guards import run_main
 
-    return run_main("prepare_lidc.py", lambda: _main(argv))
+    return run_main("prepare_lidc.py", lambda: _main(argv), nothing_written=False)  # finished scans are kept
 
 
 def _main(argv=None) -> int:
