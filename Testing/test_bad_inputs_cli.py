@@ -422,24 +422,44 @@ def start_paused(argv, point, tmp_path):
     raise AssertionError("the child never paused: " + "".join(lines))
 
 
-@pytest.mark.parametrize("point, sig, status, replace", [
-    ("startup", signal.SIGINT, 130, False), ("startup", signal.SIGTERM, 143, False),
-    ("writing", signal.SIGTERM, 143, False), ("writing", signal.SIGINT, 130, True)])
-def test_a_signal_leaves_nothing_behind(world, tmp_path, point, sig, status, replace):
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_at_start_up_is_one_line(world, tmp_path, sig, status):
+    """Paused before torch is imported (the slow part of start-up), in a real child process."""
     out = tmp_path / "signal_out"
-    argv = ["sample", world["ct"], *BOX, "--samples", "2", "--out", out, "--model", "file", "--checkpoint",
-            world["model"], "--quiet"]
-    if replace:  # --force over an earlier output: the earlier one must survive
-        assert cli.main([str(a) for a in argv]) == 0
-        (out / "earlier.txt").write_text("kept")
-        argv.append("--force")
     before = snapshot(tmp_path)
-    child, _ = start_paused(argv, point, tmp_path)
+    child, _ = start_paused(["sample", world["ct"], *BOX, "--out", out], "startup", tmp_path)
     child.send_signal(sig)
     _, err = child.communicate(timeout=120)
     assert child.returncode == status, err
     assert "Traceback" not in err and "nothing was written" in err and len(err.strip().splitlines()) == 1, err
     assert snapshot(tmp_path) == before
+
+
+def signal_self_at(point, sig, monkeypatch):
+    """The pause hook, in-process: at ``point`` the process sends itself ``sig`` (as `kill` would)."""
+    def deliver(name, stream=None):
+        if name == point:
+            os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(errors, "pause_point", deliver)
+
+
+@pytest.mark.parametrize("replace", [False, True])
+def test_sigterm_while_writing_leaves_nothing_behind(world, tmp_path, capsys, monkeypatch, replace):
+    out = tmp_path / "signal_out"
+    argv = ["sample", str(world["ct"]), *BOX, "--samples", "2", "--out", str(out), "--model", "file",
+            "--checkpoint", str(world["model"]), "--quiet"]
+    if replace:  # --force over an earlier output: the earlier one must survive untouched
+        assert cli.main(argv) == 0
+        (out / "earlier.txt").write_text("kept")
+        argv.append("--force")
+    before = snapshot(tmp_path)
+    signal_self_at("writing", signal.SIGTERM, monkeypatch)
+    assert cli.main(argv) == 143
+    err = capsys.readouterr().err
+    assert err.strip() == "probsam: terminated; nothing was written", err
+    assert snapshot(tmp_path) == before
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is put back
 
 
 def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(world, tmp_path):
