@@ -185,7 +185,8 @@ def _read_dicom_folder(folder: Path, series_uid: Optional[str]) -> sitk.Image:
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(files)
     try:
-        return reader.Execute()
+        with _native_messages_kept_on_failure():
+            return reader.Execute()
     except RuntimeError as error:
         raise VolumeReadError(f"cannot read the DICOM series in {folder}: {_short(error)}") from None
 
