@@ -501,3 +501,17 @@ def test_a_full_disk_is_named_not_dumped(world, capsys, monkeypatch):
     assert code == 1 and err.startswith("probsam: error: no space left on device while writing"), err
     assert len(err.strip().splitlines()) == 1 and "ITK" not in err
     assert snapshot(world["root"]) == before
+
+
+def test_itk_native_messages_of_a_failed_read_are_not_printed(tmp_path):
+    """ITK's MetaImage reader writes 'data not read completely' straight to file descriptor 2 before it
+    raises; only our one error line may reach the user (a child process: capsys cannot see fd 2)."""
+    write_ct(tmp_path / "ct.mha")
+    whole = (tmp_path / "ct.mha").read_bytes()
+    (tmp_path / "cut.mha").write_bytes(whole[:len(whole) // 2])
+    code = ("import sys; from ProbSAMLib.imageio import read_volume\n"
+            "try:\n    read_volume(sys.argv[1])\nexcept ValueError as e:\n    print('error:', e, file=sys.stderr)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cut.mha")], capture_output=True, text=True,
+                          encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert done.stderr.startswith("error: cannot read") and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "MetaImage" not in done.stderr
