@@ -101,7 +101,8 @@ if resume_state is not None:
     try:
         learner.load_state_dict(resume_state["learner"])
     except RuntimeError as error:
-        raise errors.InputError(f"{out / 'ckpt.pt'} does not fit the configured model: {errors.message(error)}") from None
+        raise errors.InputError(f"{out / 'ckpt.pt'} does not fit the configured model: "
+                                f"{errors.message(error)}") from None
 if main_process:
     if not out_existed:  # a run that fails before its first checkpoint leaves no folder behind
         errors.on_failure(lambda: guards.remove_unfinished_run(out))
@@ -236,7 +237,8 @@ if distributed:  # every replica must hold the same weights after DDP's all-redu
         print(f"{world_size} replicas, weight checksum spread {spread:.3g}")
 if main_process:
     learner.save(out / "last.safetensors", extra={"step": step, "config": cfg.to_dict()})
-    best = f" -> {out / 'best.safetensors'}" if (out / "best.safetensors").is_file() else " (no best file: no evaluation ran)"
+    best = (f" -> {out / 'best.safetensors'}" if (out / "best.safetensors").is_file()
+            else " (no best file: no evaluation ran)")
     print(f"done: {step} steps in {time.perf_counter() - started:.0f} s; best validation GED@{cfg.eval_samples} "
           f"{best_ged:.4f}{best}")
     log_file.close()
