@@ -21,9 +21,11 @@ per-slice 2D box (``geometry.slice_boxes_2d``). For every slice of the voxel box
    of the window is discarded (the box is the prompt: the object is inside it). Masks are
    probability > 0.5. Outside the voxel box every output is 0.
 
-Arrays are numpy ``(K, J, I)`` / ``(N, K, J, I)`` on the input's full grid (CONTRACTS.md). The full-grid
-arrays are allocated with ``np.zeros``, whose untouched pages the OS does not commit: memory in use
-grows with the box, not the volume.
+The result holds box-sized arrays, ``(Kb, Jb, Ib)`` / ``(N, Kb, Jb, Ib)``, cut to the voxel box on the
+input's grid; ``voxel_box.lo`` is their offset. Nothing outside the box is computed, so nothing outside it
+is stored: a 512 x 512 x 300 CT costs what its box costs. ``result.on_full_grid(name)`` (or
+``place_on_grid``) puts one of them on the full grid, zeros outside the box, where a file must hold the
+whole volume (the CLI's outputs).
 """
 
 from __future__ import annotations
@@ -63,10 +65,11 @@ class Cancelled(Exception):
 
 @dataclass
 class VolumeSamplingResult:
-    """N sampled masks and the uncertainty volumes, on the input volume's full grid.
+    """N sampled masks and the uncertainty volumes, cut to the voxel box of the input volume's grid.
 
-    masks (N, K, J, I) bool; mean_probability, entropy (nats), variance, mutual_information (K, J, I)
-    float32, 0 outside the box; summary: JSON-ready dict (see ``report.volume_summary``).
+    masks (N, Kb, Jb, Ib) bool; mean_probability, entropy (nats), variance, mutual_information
+    (Kb, Jb, Ib) float32; the box's first voxel is ``voxel_box.lo`` (i, j, k) of ``geometry``.
+    summary: JSON-ready dict (see ``report.volume_summary``).
     eps (Kb, N, L) and z (Kb, N, L): the standard-normal draws and the latents used on each of the
     box's Kb slices (eps is the same on every slice with z_mode "per_sample").
     """
@@ -81,6 +84,18 @@ class VolumeSamplingResult:
     summary: dict
     eps: Optional[np.ndarray] = field(default=None, repr=False)
     z: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def on_full_grid(self, name: str) -> np.ndarray:
+        """``masks`` or one of the maps placed on the input's full grid, zeros outside the box."""
+        return place_on_grid(getattr(self, name), self.voxel_box, self.geometry.shape)
+
+
+def place_on_grid(values: np.ndarray, voxel_box: VoxelBox, shape_kji: tuple) -> np.ndarray:
+    """Box-sized ``(..., Kb, Jb, Ib)`` values on a ``(..., K, J, I)`` grid of zeros (same dtype)."""
+    lead = tuple(values.shape[:-3])
+    out = np.zeros(lead + tuple(shape_kji), dtype=values.dtype)
+    out[(slice(None),) * len(lead) + voxel_box.slices()] = values
+    return out
 
 
 # --- the context window -------------------------------------------------------------------------------
@@ -293,20 +308,12 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
 
 
 def _assemble(probs_box: np.ndarray, geometry: VolumeGeometry, voxel_box: VoxelBox) -> VolumeSamplingResult:
-    """Uncertainty on the box, then everything placed on the full grid (zeros outside the box)."""
+    """Masks and uncertainty maps of the box (box-sized; ``voxel_box.lo`` is their offset)."""
     maps = uncertainty_maps(probs_box)
-    inside = voxel_box.slices()
-    n = probs_box.shape[0]
-
-    def full(values: np.ndarray, dtype, lead: tuple = ()) -> np.ndarray:
-        out = np.zeros(lead + geometry.shape, dtype=dtype)
-        out[(slice(None),) * len(lead) + inside] = values
-        return out
-
     return VolumeSamplingResult(
-        masks=full(probs_box > THRESHOLD, bool, (n,)),
-        mean_probability=full(maps.mean_probability, np.float32),
-        entropy=full(maps.entropy, np.float32),
-        variance=full(maps.variance, np.float32),
-        mutual_information=full(maps.mutual_information, np.float32),
+        masks=probs_box > THRESHOLD,
+        mean_probability=maps.mean_probability.astype(np.float32, copy=False),
+        entropy=maps.entropy.astype(np.float32, copy=False),
+        variance=maps.variance.astype(np.float32, copy=False),
+        mutual_information=maps.mutual_information.astype(np.float32, copy=False),
         voxel_box=voxel_box, geometry=geometry, summary={})
