@@ -75,3 +75,13 @@ def model_entry(name: str) -> ModelEntry:
         from .checkpoints import CheckpointError
 
         raise CheckpointError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
+
+
+def weights_sha256(name: str, checkpoint: Optional[Path] = None) -> str:
+    """SHA-256 of the weights a model is loaded from (the ProbSAM file; else the manifest's entry)."""
+    from . import checkpoints
+
+    if checkpoint is not None:
+        return checkpoints.sha256_file(Path(checkpoint))
+    entry = checkpoints.MANIFEST["demo" if name == "demo" else f"sam_{name}"]
+    return entry.sha256 or checkpoints.sha256_file(checkpoints.entry_path(entry))

@@ -117,6 +117,17 @@ def context_window(box2d, image_hw, min_side: int, margin: int = CONTEXT_MARGIN_
     return tuple(window)
 
 
+def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple:
+    """(k0, k1, r0, r1, c0, c1), ends exclusive: the only voxels ``sample_volume`` reads for this box.
+
+    The box's slices times the context window. A caller that holds the volume elsewhere (the Slicer
+    module's worker process) sends just this block; the rest of the volume can be anything.
+    """
+    x1, y1, x2, y2 = slice_boxes_2d(voxel_box)[0][1]
+    r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
+    return voxel_box.lo[2], voxel_box.hi[2], r0, r1, c0, c1
+
+
 # --- chunk size -----------------------------------------------------------------------------------------
 def _bytes_per_slice(model: ProbSAM, n_samples: int, half: bool) -> int:
     """A generous estimate of the peak memory one slice needs in the encoder and the N-sample decoder."""
@@ -276,7 +287,7 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
 
     slices = slice_boxes_2d(voxel_box)
     x1, y1, x2, y2 = slices[0][1]
-    r0, r1, c0, c1 = context_window((x1, y1, x2, y2), volume.shape[1:], min_context_size(model))
+    _, _, r0, r1, c0, c1 = input_region(model, voxel_box, volume.shape)
     region = volume[voxel_box.lo[2]:voxel_box.hi[2], r0:r1, c0:c1]
     if not np.isfinite(region).all():
         raise ValueError(f"the volume holds {int(region.size - np.isfinite(region).sum())} NaN or infinite "
