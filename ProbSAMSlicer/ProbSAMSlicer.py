@@ -37,7 +37,7 @@ _addRepositoryRootToPath()
 
 from ProbSAMLib import __version__ as PROBSAM_VERSION  # noqa: E402  (cheap: no torch)
 from ProbSAMLib.registry import MODEL_NAMES, MODELS as MODEL_ENTRIES  # noqa: E402
-from ProbSAMSlicerLib import dependencies, outputs  # noqa: E402  (needs the path above)
+from ProbSAMSlicerLib import dependencies, outputs, sampling_process  # noqa: E402  (needs the path above)
 from ProbSAMSlicerLib.roi_geometry import matrix_to_numpy, roi_voxel_box  # noqa: E402
 from ProbSAMSlicerLib.sampling_process import (SamplingRequest, SamplingRun, SamplingSettings,  # noqa: E402
                                                WorkerProcess)
