@@ -18,7 +18,7 @@ worker -> client
   window   {id, region: (k0, k1, r0, r1, c0, c1)}   after loading the model: send me this block
   progress {id, fraction, message}
   result   {id, masks (N, Kb, Jb, Ib), entropy, variance, mutual_information, mean_probability (Kb, Jb, Ib),
-            lo, summary, model: {name, sha256, loads, reused}}
+            lo, summary, colors (N RGB, the CLI's segment colours), model: {name, sha256, loads, reused}}
   error    {id, kind: "cancelled" | "out_of_memory" | "error", message}
 """
 
@@ -130,6 +130,7 @@ class Server:
 
     def _sample(self, request: dict) -> None:
         from .geometry import VolumeGeometry, VoxelBox
+        from .imageio import distinct_colors
         from .volume import Cancelled, input_region, sample_volume
 
         rid = request["id"]
@@ -149,7 +150,7 @@ class Server:
                                seed=request.get("seed"), cancel=self.cancel.is_set,
                                progress=lambda f, m: self.send(type="progress", id=rid, fraction=f, message=m))
         self.send(type="result", id=rid, masks=result.masks, lo=voxel_box.lo, summary=result.summary,
-                  model=model_info, **{name: getattr(result, name) for name in MAP_NAMES})
+                  colors=distinct_colors(len(result.masks)), model=model_info, **{name: getattr(result, name) for name in MAP_NAMES})
 
     def _wait_for_region(self, rid) -> np.ndarray:
         from .volume import Cancelled

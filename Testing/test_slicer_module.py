@@ -280,3 +280,19 @@ def test_self_test_runs_on_slicer_core(slicer, module):
     """The module's own ProbSAMSlicerTest (bundled demo model, Dice floor), as Slicer's CTest runs it."""
     test = module.ProbSAMSlicerTest()
     test.runTest()
+
+
+def test_module_import_does_not_import_torch():
+    """Slicer imports every module at start-up: the module, its logic and its worker handle stay light."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; sys.path.insert(0, 'Testing'); import slicer_standin; slicer_standin.install(); "
+            "import ProbSAMSlicer; m = ProbSAMSlicer.ProbSAMSlicer(None); "
+            "l = ProbSAMSlicer.ProbSAMSlicerLogic(); "
+            "assert 'torch' not in sys.modules, 'torch imported at start-up'; print(m.parent.title)")
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ProbSAM" in done.stdout

@@ -194,16 +194,17 @@ def provenance(result: dict, version: str) -> dict:
 
 def _build_one(input_volume, roi_name: str, result: dict, uncertainty_kind: str, version: str,
                outputs: RoiOutputs) -> None:
-    """Fills ``outputs`` as it goes, so that a failure leaves a record of what to remove."""
-    from ProbSAMLib.imageio import distinct_colors
-    from ProbSAMLib.report import segment_names
+    """Fills ``outputs`` as it goes, so that a failure leaves a record of what to remove.
 
+    Names and colours come from the worker (the CLI's: ProbSAMLib.report / imageio), so that Slicer's
+    process does not import SimpleITK and scipy for them.
+    """
     sh = _subject_hierarchy()
     outputs.folderItemId = sh.CreateFolderItem(sh.GetSceneItemID(), f"ProbSAM {roi_name}")
     masks, lo_box = result["masks"], tuple(result["lo"])
     lo, hi = padded_box(lo_box, masks.shape[1:], input_volume.GetImageData().GetDimensions())
-    names = segment_names(len(masks))
-    for n, color in enumerate(distinct_colors(len(masks))):
+    names = [sample["name"] for sample in result["summary"]["samples"]]
+    for n, color in enumerate(result["colors"]):
         block = _padded_values(masks[n], lo_box, lo, hi, np.uint8)
         outputs.segmentationNodes.append(add_segmentation(input_volume, block, lo, f"{roi_name} {names[n]}", color))
     values = _padded_values(result[uncertainty_kind], lo_box, lo, hi, np.float32)
