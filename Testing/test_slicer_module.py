@@ -137,8 +137,8 @@ def test_saved_scene_reads_back_the_same_segments(slicer, module, logic, tiny_we
     roi = add_rotated_roi(slicer, volume, BLOB_CENTRE_IJK, (18.0, 16.0, 9.0))
     out = sample(logic, volume, [roi], tiny_weights)[0]
     for n, node in enumerate(out.segmentationNodes):
-        writer = slicer.vtkMRMLSegmentationStorageNode()
-        writer.SetCropToMinimumExtent(True)
+        writer = node.GetStorageNode()  # the module's: crops to the minimum extent
+        assert writer.GetCropToMinimumExtent()
         writer.SetFileName(str(tmp_path / f"s{n}.seg.nrrd"))
         assert writer.WriteData(node)
         copy = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "copy")
@@ -146,6 +146,8 @@ def test_saved_scene_reads_back_the_same_segments(slicer, module, logic, tiny_we
         reader.SetFileName(str(tmp_path / f"s{n}.seg.nrrd"))
         assert reader.ReadData(copy)
         assert copy.GetSegmentation().GetNthSegment(0).GetName() == node.GetSegmentation().GetNthSegment(0).GetName()
+        stored = segment_labelmap(copy)[0]
+        assert stored.size < np.prod(volume.GetImageData().GetDimensions()) / 4  # the file holds the box
         exported = [slicer.util.arrayFromSegmentBinaryLabelmap(s, s.GetSegmentation().GetNthSegmentID(0), volume)
                     for s in (node, copy)]
         np.testing.assert_array_equal(exported[0], exported[1])

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 
-from slicer_scene import logic, model_args, module, nodes_of_class, shared_worker, slicer, tiny_weights  # noqa: F401
+from slicer_scene import logic, module, nodes_of_class, shared_worker, slicer, tiny_weights  # noqa: F401
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="pauses the worker with SIGSTOP")
 N_SLICES = 24  # three chunks of eight slices on the CPU: room to act between two of them

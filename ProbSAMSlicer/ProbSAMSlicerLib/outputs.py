@@ -117,6 +117,8 @@ def add_segmentation(input_volume, mask_block: np.ndarray, lo, name: str, color)
         labelmap = oriented_labelmap(mask_block, lo, _ijk_to_ras(input_volume))
         if not slicer.vtkSlicerSegmentationsModuleLogic.SetBinaryLabelmapToSegment(labelmap, node, segment_id):
             raise RuntimeError(f"could not set the labelmap of segment '{name}'")
+        node.AddDefaultStorageNode()
+        node.GetStorageNode().SetCropToMinimumExtent(True)  # saved .seg.nrrd files stay box-sized too
     return node
 
 
