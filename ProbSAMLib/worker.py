@@ -12,7 +12,7 @@ client -> worker
   sample  {id, model: {name, checkpoint, sam_checkpoint, device}, ijk_to_ras (4x4), size_ijk, lo, hi,
            n_samples, seed}
   region  {id, values: float32 (k1-k0, r1-r0, c1-c0)}   the block the worker asked for
-  cancel  {}   stops the request in progress at its next slice chunk
+  cancel  {id}   stops that request at its next slice chunk (or before it starts)
   quit    {}
 worker -> client
   window   {id, region: (k0, k1, r0, r1, c0, c1)}   after loading the model: send me this block
@@ -94,7 +94,8 @@ class _Models:
 class Server:
     def __init__(self, inbox: BinaryIO, outbox: BinaryIO):
         self.outbox = outbox
-        self.cancel = threading.Event()
+        self.cancelled = set()  # request ids; a set, not one flag, so a late cancel cannot hit the next run
+        self.closing = False
         self.requests: "queue.Queue[Optional[dict]]" = queue.Queue()
         self.models = _Models()
         threading.Thread(target=self._read, args=(inbox,), name="ProbSAMWorkerInbox", daemon=True).start()
@@ -104,11 +105,11 @@ class Server:
         while True:
             message = read_frame(inbox)
             if message is None or message.get("type") == "quit":
-                self.cancel.set()
+                self.closing = True
                 self.requests.put(None)
                 return
             if message.get("type") == "cancel":
-                self.cancel.set()  # seen by sample_volume between chunks; the queued copy wakes a waiter
+                self.cancelled.add(message.get("id"))  # seen between chunks; the queued copy wakes a waiter
             self.requests.put(message)
 
     def send(self, **message) -> None:
@@ -121,7 +122,6 @@ class Server:
                 return
             if request.get("type") != "sample":
                 continue  # a stale "region" or "cancel" of a finished request
-            self.cancel.clear()
             try:
                 self._sample(request)
             except Exception as error:  # reported to the client, which shows it; the server lives on
@@ -134,25 +134,31 @@ class Server:
         from .volume import Cancelled, input_region, sample_volume
 
         rid = request["id"]
+
+        def cancel() -> bool:
+            return self.closing or rid in self.cancelled
+
+        if cancel():
+            raise Cancelled("sampling was cancelled")
         model, model_info = self.models.get(request["model"])
         geometry = VolumeGeometry.from_ijk_to_ras(np.asarray(request["ijk_to_ras"]), request["size_ijk"])
         voxel_box = VoxelBox(request["lo"], request["hi"])
         region = input_region(model, voxel_box, geometry.shape)
         self.send(type="window", id=rid, region=region)
-        values = self._wait_for_region(rid)
+        values = self._wait_for_region(rid, cancel)
         k0, k1, r0, r1, c0, c1 = region
         # Zero pages are not committed by the OS: only the block the model reads costs memory.
         volume = np.zeros(geometry.shape, dtype=np.float32)
         volume[k0:k1, r0:r1, c0:c1] = values
-        if self.cancel.is_set():
+        if cancel():
             raise Cancelled("sampling was cancelled")
         result = sample_volume(model, volume, geometry, voxel_box, n_samples=int(request["n_samples"]),
-                               seed=request.get("seed"), cancel=self.cancel.is_set,
+                               seed=request.get("seed"), cancel=cancel,
                                progress=lambda f, m: self.send(type="progress", id=rid, fraction=f, message=m))
         self.send(type="result", id=rid, masks=result.masks, lo=voxel_box.lo, summary=result.summary,
                   colors=distinct_colors(len(result.masks)), model=model_info, **{name: getattr(result, name) for name in MAP_NAMES})
 
-    def _wait_for_region(self, rid) -> np.ndarray:
+    def _wait_for_region(self, rid, cancel) -> np.ndarray:
         from .volume import Cancelled
 
         while True:
@@ -162,7 +168,7 @@ class Server:
                 raise Cancelled("the client closed the connection")
             if message.get("type") == "region" and message.get("id") == rid:
                 return message["values"]
-            if self.cancel.is_set():
+            if cancel():
                 raise Cancelled("sampling was cancelled")
 
 

@@ -353,17 +353,18 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
     def process(self, inputVolume, roiNodes, numberOfSamples: int = 16, seed: Optional[int] = 0,
                 model: str = "demo", checkpointPath: str = "", samCheckpointPath: str = "", device: str = "auto",
-                uncertaintyKind: str = "entropy") -> list:
+                uncertaintyKind: str = "entropy", progress=None, cancel=None) -> list:
         """Sample every ROI in the worker process, wait for it, then build the nodes; a list of RoiOutputs.
 
         ``roiNodes``: one ROI node or a list. Each RoiOutputs has ``segmentationNodes``,
         ``uncertaintyVolumeNode`` and ``tableNode``. A failure raises and adds nothing to the scene.
+        ``progress(fraction, message)``; ``cancel() -> bool``: True stops the run (ProbSAMLib.volume.Cancelled).
         """
         roiNodes = list(roiNodes) if isinstance(roiNodes, (list, tuple)) else [roiNodes]
         settings = SamplingSettings(int(numberOfSamples), seed, model, checkpointPath or "", samCheckpointPath or "",
                                     device, uncertaintyKind)
         run = self.startProcessing(inputVolume, roiNodes, settings)
-        run.wait()
+        run.wait(progress, cancel)
         return self.finishProcessing(run, inputVolume)
 
     def startProcessing(self, inputVolume, roiNodes: list, settings: SamplingSettings) -> SamplingRun:

@@ -131,3 +131,15 @@ def test_worker_runs_in_slicers_python(module, tmp_path, monkeypatch):
     (tmp_path / "PythonSlicer").chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(tmp_path / "SlicerApp-real"))
     assert module.sampling_process.python_executable() == str(tmp_path / "PythonSlicer")
+
+
+def test_process_cancel_callback_stops_the_run_and_adds_nothing(slicer, module, logic, tiny_weights):
+    """The scripting entry point: ``process(..., cancel=)`` is asked while it waits; True cancels."""
+    from ProbSAMLib.volume import Cancelled
+
+    volume, roi = tall_scene(slicer)
+    asked = []
+    with pytest.raises(Cancelled):
+        logic.process(volume, [roi], numberOfSamples=2, seed=0, model="file", checkpointPath=str(tiny_weights),
+                      device="cpu", cancel=lambda: asked.append(1) or True)
+    assert asked and not nodes_of_class(slicer, "vtkMRMLSegmentationNode")

@@ -75,6 +75,7 @@ class WorkerProcess:
         self.process = None
         self._messages = queue.Queue()
         self._stderr = collections.deque(maxlen=40)
+        self._ids = itertools.count(1)  # request ids, unique for as long as this handle lives
 
     @property
     def alive(self) -> bool:
@@ -128,6 +129,9 @@ class WorkerProcess:
         except queue.Empty:
             return None
 
+    def next_id(self) -> int:
+        return next(self._ids)
+
     def stderr_tail(self, lines: int = 8) -> str:
         return "\n".join(list(self._stderr)[-lines:])
 
@@ -143,9 +147,6 @@ class WorkerProcess:
                 self.process.wait(CANCEL_GRACE_S)
             except subprocess.TimeoutExpired:
                 self.process.kill()
-
-
-_run_ids = itertools.count(1)
 
 
 class SamplingRun:
@@ -173,7 +174,7 @@ class SamplingRun:
 
     def _submit(self, index: int) -> None:
         request, s = self.requests[index], self.settings
-        self._id = (next(_run_ids), index)
+        self._id = (self.worker.next_id(), index)
         model = {"name": s.model, "checkpoint": s.checkpointPath or None,
                  "sam_checkpoint": s.samCheckpointPath or None, "device": s.device}
         self.worker.send(type="sample", id=self._id, model=model, lo=request.voxelBox.lo, hi=request.voxelBox.hi,
@@ -185,7 +186,7 @@ class SamplingRun:
 
     def cancel(self) -> None:
         if not self.done and self._cancel_deadline is None:
-            self.worker.send(type="cancel")
+            self.worker.send(type="cancel", id=self._id)
             self._cancel_deadline = time.monotonic() + CANCEL_GRACE_S
 
     def poll(self, timeout: float = 0.0) -> bool:
@@ -205,10 +206,17 @@ class SamplingRun:
             timeout = 0.0
         return self.done
 
-    def wait(self) -> list:
-        """Block until done (``process()``); the results, or the run's error raised."""
+    def wait(self, progress: Optional[Callable] = None, cancel: Optional[Callable] = None) -> list:
+        """Block until done (``process()``); the results, or the run's error raised.
+
+        ``progress(fraction, message)`` is called as messages arrive; ``cancel() -> bool`` is asked between
+        them and True cancels the run (Cancelled is raised).
+        """
         while not self.poll(timeout=0.25):
-            pass
+            if progress is not None:
+                progress(*self.progress())
+            if cancel is not None and cancel():
+                self.cancel()
         if self.error is not None:
             raise self.error
         return self.results
@@ -219,6 +227,8 @@ class SamplingRun:
             self._finish(self._exit_error(message.get("returncode")))
         elif message.get("id") != self._id:
             return  # left over from a cancelled run
+        elif self._cancel_deadline is not None and kind in ("window", "result"):
+            self._finish(_cancelled("sampling was cancelled"))  # asked to stop: keep nothing
         elif kind == "window":
             values = self._read_region(self._id[1], tuple(message["region"]))
             self.worker.send(type="region", id=self._id, values=np.ascontiguousarray(values, dtype=np.float32))
