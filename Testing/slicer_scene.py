@@ -33,15 +33,22 @@ def slicer():
     slicer_standin.uninstall()
 
 
+# Each test module that imports a session fixture from here gets its own copy of the fixture; this cache
+# makes them share one weights file and one worker process.
+_SHARED = {}
+
+
 @pytest.fixture(scope="session")
 def tiny_weights(tmp_path_factory):
-    from ProbSAMLib import ProbSAMConfig
-    from ProbSAMLib.build import build_probsam
-    from ProbSAMLib.checkpoints import save_probsam
+    if "weights" not in _SHARED:
+        from ProbSAMLib import ProbSAMConfig
+        from ProbSAMLib.build import build_probsam
+        from ProbSAMLib.checkpoints import save_probsam
 
-    path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
-    save_probsam(build_probsam(ProbSAMConfig.preset("tiny"), seed=0), path)
-    return path
+        path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
+        save_probsam(build_probsam(ProbSAMConfig.preset("tiny"), seed=0), path)
+        _SHARED["weights"] = path
+    return _SHARED["weights"]
 
 
 @pytest.fixture
@@ -54,13 +61,14 @@ def module(slicer):
 @pytest.fixture(scope="session")
 def shared_worker():
     """One worker process for the tests that do not kill theirs (starting one imports torch: seconds)."""
-    slicer_standin.install()
-    from ProbSAMSlicerLib.sampling_process import WorkerProcess
+    if "worker" not in _SHARED:
+        slicer_standin.install()
+        from ProbSAMSlicerLib.sampling_process import WorkerProcess
 
-    worker = WorkerProcess()
-    slicer_standin.uninstall()
-    yield worker
-    worker.stop()
+        _SHARED["worker"] = WorkerProcess()
+        slicer_standin.uninstall()
+    yield _SHARED["worker"]
+    _SHARED["worker"].stop()
 
 
 @pytest.fixture
