@@ -19,7 +19,7 @@ per-slice 2D box (``geometry.slice_boxes_2d``). For every slice of the voxel box
    is processed, so the result does not depend on ``slice_batch``.
 4. Decoding the N samples of a chunk in one pass; probabilities of the box's pixels are kept, the rest
    of the window is discarded (the box is the prompt: the object is inside it). Masks are
-   probability > 0.5. Outside the voxel box every output is 0.
+   probability > 0.5. Outputs cover the voxel box only (zeros around it when placed on the full grid).
 
 The result holds box-sized arrays, ``(Kb, Jb, Ib)`` / ``(N, Kb, Jb, Ib)``, cut to the voxel box on the
 input's grid; ``voxel_box.lo`` is their offset. Nothing outside the box is computed, so nothing outside it
