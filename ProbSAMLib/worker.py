@@ -17,6 +17,7 @@ client -> worker
 worker -> client
   window   {id, region: (k0, k1, r0, r1, c0, c1)}   after loading the model: send me this block
   progress {id, fraction, message}
+  warning  {id, message}   e.g. a GPU small for the model (checked here: Slicer's process never touches CUDA)
   result   {id, masks (N, Kb, Jb, Ib), entropy, variance, mutual_information, mean_probability (Kb, Jb, Ib),
             lo, summary, colors (N RGB, the CLI's segment colours), model: {name, sha256, loads, reused}}
   error    {id, kind: "cancelled" | "out_of_memory" | "error", message}
@@ -141,6 +142,10 @@ class Server:
         if cancel():
             raise Cancelled("sampling was cancelled")
         model, model_info = self.models.get(request["model"])
+        warning = device_warning(request["model"].get("name"), request["model"].get("device") or "auto",
+                                 model.device.type, _gpu_gib(model.device))
+        if warning:
+            self.send(type="warning", id=rid, message=warning)
         geometry = VolumeGeometry.from_ijk_to_ras(np.asarray(request["ijk_to_ras"]), request["size_ijk"])
         voxel_box = VoxelBox(request["lo"], request["hi"])
         region = input_region(model, voxel_box, geometry.shape)
@@ -170,6 +175,26 @@ class Server:
                 return message["values"]
             if cancel():
                 raise Cancelled("sampling was cancelled")
+
+
+def _gpu_gib(device) -> Optional[float]:
+    import torch
+
+    return torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else None
+
+
+def device_warning(name: str, requested: str, device_type: str, gpu_gib: Optional[float]) -> Optional[str]:
+    """A warning when the device is a poor fit: a GPU smaller than the model wants, or SAM on the CPU."""
+    from .registry import model_entry
+
+    if device_type == "cuda":
+        need = model_entry(name).min_gpu_gib
+        if gpu_gib is not None and gpu_gib < need:
+            return (f"The GPU has {gpu_gib:.1f} GiB; model {name} wants about {need} GiB. If it runs out of "
+                    f"memory, choose device 'cpu' or fewer samples.")
+    elif device_type == "cpu" and requested == "auto" and name.startswith("vit"):
+        return "No usable GPU: SAM models on the CPU take minutes per ROI."
+    return None
 
 
 def _error_kind(error: BaseException) -> str:

@@ -196,7 +196,7 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 slicer.app.processEvents()
                 self.logic.ensureDependencies(ask=True)
                 settings = self.logic.settingsFromParameters(p)
-                self.ui.deviceWarningLabel.text = self.logic.gpuMemoryWarning(settings) or ""
+                self.ui.deviceWarningLabel.text = ""
                 self._runVolume = p.inputVolume
                 self._run = self.logic.startProcessing(p.inputVolume, self.logic.roiNodesFromParameters(p), settings)
                 self.ui.progressBar.value = 0
@@ -213,6 +213,7 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onPollJob(self) -> None:
         run = self._run
         run.poll()
+        self.ui.deviceWarningLabel.text = "\n".join(run.warnings)  # the worker checks the device
         fraction, message = run.progress()
         self.ui.progressBar.value = int(round(100 * fraction))
         self.ui.statusLabel.text = message
@@ -317,22 +318,6 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
             return _("Place a Markups ROI around the object.")
         if MODEL_ENTRIES[p.model].needs_checkpoint and not p.checkpointPath:
             return _("Choose a weights file for model '{model}'.").format(model=p.model)
-        return None
-
-    @staticmethod
-    def gpuMemoryWarning(settings: SamplingSettings) -> Optional[str]:
-        """A warning when the chosen GPU is small for the model (torch is installed by now)."""
-        import torch
-
-        if settings.device == "cpu" or not torch.cuda.is_available():
-            if settings.device == "auto" and settings.model.startswith("vit"):
-                return _("No usable GPU: SAM models on the CPU take minutes per ROI.")
-            return None
-        gib = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
-        need = MODEL_ENTRIES[settings.model].min_gpu_gib
-        if gib < need:
-            return _("The GPU has {gib:.1f} GiB; model {model} wants about {need} GiB. If it runs out of memory, "
-                     "choose device 'cpu'.").format(gib=gib, model=settings.model, need=need)
         return None
 
     # the work

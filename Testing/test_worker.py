@@ -83,3 +83,17 @@ def test_frames_only_on_stdout_and_cancel_by_request_id(noisy_worker, weights):
     out, err = noisy_worker.communicate(timeout=60)
     assert out == b"" and noisy_worker.returncode == 0
     assert b"a library printing on stdout" in err and b"a C library writing to fd 1" in err
+
+
+def test_device_warnings_come_from_the_worker():
+    """The worker checks the device (Slicer's own process never initialises CUDA)."""
+    from ProbSAMLib.registry import MODELS
+    from ProbSAMLib.worker import device_warning
+
+    need = MODELS["vit_h"].min_gpu_gib
+    assert "wants about" in device_warning("vit_h", "cuda", "cuda", need - 1) and "'cpu'" in \
+        device_warning("vit_h", "auto", "cuda", need - 1)
+    assert device_warning("vit_h", "cuda", "cuda", need + 1) is None
+    assert "minutes per ROI" in device_warning("vit_b", "auto", "cpu", None)
+    assert device_warning("vit_b", "cpu", "cpu", None) is None  # asked for the CPU: no surprise
+    assert device_warning("demo", "auto", "cpu", None) is None

@@ -163,6 +163,7 @@ class SamplingRun:
         self._geometry = {"ijk_to_ras": np.asarray(ijk_to_ras, dtype=float), "size_ijk": tuple(size_ijk)}
         self._read_region = read_region
         self.results, self.error, self.done = [], None, False
+        self.warnings = []  # from the worker (e.g. a GPU small for the model), for the user
         self._fraction, self._message = 0.0, "starting the sampling process"
         self._cancel_deadline = None
         self._id = None
@@ -232,6 +233,9 @@ class SamplingRun:
         elif kind == "window":
             values = self._read_region(self._id[1], tuple(message["region"]))
             self.worker.send(type="region", id=self._id, values=np.ascontiguousarray(values, dtype=np.float32))
+        elif kind == "warning":
+            logging.warning(f"ProbSAM: {message['message']}")
+            self.warnings.append(message["message"])
         elif kind == "progress":
             index, count = self._id[1], len(self.requests)
             self._fraction = (index + float(message["fraction"])) / count
