@@ -6,7 +6,6 @@ ProbSAM heads. `load_model` is what the CLI, the Slicer module and scripts call.
 
 from __future__ import annotations
 
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Optional
@@ -103,26 +102,13 @@ def load_model(
     device: str = "auto",
     download: bool = True,
 ) -> ProbSAM:
-    """The model a user asks for by name, ready for inference on the chosen device.
+    """The model a user asks for by name (``registry.MODEL_NAMES``), ready for inference on the device.
 
     name: "demo" (bundled tiny model; DEMO, rendered data, not for clinical use), "vit_b"/"vit_l"/"vit_h"
     (official SAM weights from `sam_checkpoint`, the cache or a download, plus ProbSAM heads from
     `checkpoint`), or "file" (a full ProbSAM safetensors file at `checkpoint`).
     """
-    if name == "demo":
-        model = load_probsam(checkpoints.resolve_weights("demo", checkpoint))
-    elif name in ("vit_b", "vit_l", "vit_h"):
-        sam_path = checkpoints.resolve_weights(f"sam_{name}", sam_checkpoint, download=download)
-        if checkpoint is not None:
-            model = load_probsam(Path(checkpoint), sam_checkpoint=sam_path)
-        else:
-            warnings.warn(f"no ProbSAM heads given for {name}: the prior is untrained, so every sample "
-                          f"equals SAM's own box prediction (no uncertainty). Pass --checkpoint HEADS.safetensors.")
-            model = build_probsam(ProbSAMConfig.preset(name), sam_checkpoint=sam_path)
-    elif name == "file":
-        if checkpoint is None:
-            raise CheckpointError("model 'file' needs --checkpoint PATH to a ProbSAM .safetensors file")
-        model = load_probsam(Path(checkpoint), sam_checkpoint=sam_checkpoint)
-    else:
-        raise CheckpointError(f"unknown model {name!r}; choose demo, vit_b, vit_l, vit_h or file")
+    from .registry import model_entry
+
+    model = model_entry(name).loader(checkpoint, sam_checkpoint, download)
     return model.to(choose_device(device)).eval()

@@ -26,8 +26,8 @@ from typing import Optional, Sequence
 from . import __version__, errors
 from .errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUNTIME  # noqa: F401 (kept for importers)
 from .errors import SettingsError
+from .registry import MODEL_NAMES
 
-MODEL_NAMES = ("demo", "vit_b", "vit_l", "vit_h", "file")
 MAX_SEED = 2 ** 63 - 1
 
 
@@ -266,24 +266,13 @@ def _tags(args, result) -> list:
     return [{"ProbSAMModel": args.model, "ProbSAMSample": str(n + 1)} for n in range(len(result.masks))]
 
 
-def demo_box(reader_masks, geometry, margin: int = 3):
-    """The voxel box around the readers' union: their slices, and ``margin`` voxels around in-plane."""
-    import numpy as np
-
-    from .geometry import voxel_box_from_ijk
-
-    k, j, i = np.nonzero(reader_masks.any(axis=0))
-    return voxel_box_from_ijk([i.min() - margin, j.min() - margin, k.min()],
-                              [i.max() + margin, j.max() + margin, k.max()], geometry)
-
-
 def cmd_demo(args) -> None:
     import numpy as np
     import SimpleITK as sitk
 
     from . import imageio, metrics, report
     from .geometry import VolumeGeometry
-    from .phantom import demo_count, demo_volume
+    from .phantom import demo_box, demo_count, demo_volume
 
     _check_numbers(args)
     _check_output(args)
@@ -297,7 +286,7 @@ def cmd_demo(args) -> None:
     volume = sitk.GetArrayFromImage(image)
     result = _sample(args, model, volume, geometry, voxel_box)
     inside = (slice(None),) + voxel_box.slices()
-    samples, readers = result.masks[inside], phantom.reader_masks[inside]
+    samples, readers = result.masks, phantom.reader_masks[inside]  # both cut to the box
     title = f"ProbSAM {'DEMO model' if args.model == 'demo' else args.model} on a rendered phantom CT " \
             f"(LIDC nodule outline {args.nodule}, {len(readers)} readers)"
     extra = {"command": "demo", "probsam_version": __version__, "model": _model_description(args),

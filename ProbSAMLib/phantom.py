@@ -278,3 +278,15 @@ def demo_volume(index: int = 0, seed: int = 0, in_plane: int = 128,
     volume.image.SetOrigin(tuple(np.array(origin) - offset_mm))
     volume.info = dict(nodule.info, demo_index=index, seed=seed)
     return volume
+
+
+def demo_box(reader_masks: np.ndarray, geometry, margin: int = 3):
+    """The VoxelBox around the readers' union (R, K, J, I): their slices, ``margin`` voxels around in-plane.
+
+    The box the demo (CLI and the Slicer self-test) prompts with, as a user would draw it.
+    """
+    from .geometry import voxel_box_from_ijk
+
+    k, j, i = np.nonzero(reader_masks.any(axis=0))
+    return voxel_box_from_ijk([i.min() - margin, j.min() - margin, k.min()],
+                              [i.max() + margin, j.max() + margin, k.max()], geometry)

@@ -118,15 +118,14 @@ def _spread(masks: np.ndarray, samples: list, voxel_mm3: float) -> dict:
 
 
 def volume_summary(result, settings: dict, timings: dict) -> dict:
-    """The JSON-ready summary of a VolumeSamplingResult (computed on the box; outside it all is 0)."""
+    """The JSON-ready summary of a VolumeSamplingResult (its arrays are the box's)."""
     geometry, box = result.geometry, result.voxel_box
-    inside = box.slices()
-    masks = result.masks[(slice(None),) + inside]
+    masks = result.masks
     noise = result.eps[0] if result.eps is not None and settings.get("z_mode") == "per_sample" else None
     samples = _per_sample(masks, geometry, box, noise)
-    entropy = result.entropy[inside]
+    entropy = result.entropy
     uncertainty = {"mean_entropy_in_box_nats": float(entropy.mean()), "max_entropy_nats": float(entropy.max()),
-                   "mean_mutual_information_in_box_nats": float(result.mutual_information[inside].mean())}
+                   "mean_mutual_information_in_box_nats": float(result.mutual_information.mean())}
     return {"disclaimer": DISCLAIMER, "settings": settings, "box": box_description(box, geometry),
             "geometry": geometry_description(geometry), "samples": samples,
             "spread": _spread(masks, samples, float(np.prod(geometry.spacing))),
@@ -148,17 +147,20 @@ def write_outputs(result, directory, split: bool = False, extra_summary: Optiona
     """Write a VolumeSamplingResult into ``directory`` (use imageio.AtomicOutputDir); returns the paths.
 
     samples.seg.nrrd (N overlapping segments), the four uncertainty volumes, summary.json, and with
-    ``split`` also sample_00.nrrd, sample_01.nrrd, ... All on the input's grid. ``other_files``: names
-    the caller writes into the folder too, listed in the summary's "files".
+    ``split`` also sample_00.nrrd, sample_01.nrrd, ... All on the input's full grid (the result's
+    box-sized arrays are placed there). ``other_files``: names the caller writes into the folder too,
+    listed in the summary's "files".
     """
     directory = Path(directory)
     count = len(result.masks)
-    paths = [imageio.write_segmentation(result.masks, result.geometry, directory / "samples.seg.nrrd",
+    masks = result.on_full_grid("masks")
+    paths = [imageio.write_segmentation(masks, result.geometry, directory / "samples.seg.nrrd",
                                         names=segment_names(count), tags=tags)]
     if split:
-        paths += imageio.write_sample_files(result.masks, result.geometry, directory)
+        paths += imageio.write_sample_files(masks, result.geometry, directory)
+    del masks
     for name in MAP_NAMES:
-        paths.append(imageio.write_image(getattr(result, name), result.geometry, directory / f"{name}.nrrd",
+        paths.append(imageio.write_image(result.on_full_grid(name), result.geometry, directory / f"{name}.nrrd",
                                          np.float32))
     summary = dict(result.summary, **(extra_summary or {}))
     summary["files"] = sorted([p.name for p in paths] + list(other_files) + ["summary.json"])
@@ -213,6 +215,14 @@ def _view_window(voxel_box: VoxelBox, shape_kji) -> tuple:
     return tuple(out)
 
 
+def _in_view(values_box: np.ndarray, voxel_box: VoxelBox, k: int, rows: slice, cols: slice) -> np.ndarray:
+    """Slice ``k`` of box-sized ``(..., Kb, Jb, Ib)`` values inside the (rows, cols) view, zeros around."""
+    out = np.zeros(values_box.shape[:-3] + (rows.stop - rows.start, cols.stop - cols.start), values_box.dtype)
+    r0, c0 = voxel_box.lo[1] - rows.start, voxel_box.lo[0] - cols.start
+    out[..., r0:r0 + values_box.shape[-2], c0:c0 + values_box.shape[-1]] = values_box[..., k - voxel_box.lo[2], :, :]
+    return out
+
+
 def _tile(rgb: np.ndarray, scale_yx) -> "object":
     from PIL import Image
 
@@ -252,8 +262,7 @@ def write_montage(path, volume_hu: np.ndarray, result, title: str, columns: int 
 
     geometry, box = result.geometry, result.voxel_box
     rows, cols = _view_window(box, geometry.shape)
-    inside = box.slices()
-    ks = _montage_slices(result.masks[(slice(None),) + inside], box.lo[2], columns)
+    ks = _montage_slices(result.masks, box.lo[2], columns)
     height, width = rows.stop - rows.start, cols.stop - cols.start
     spacing_y, spacing_x = geometry.spacing[1], geometry.spacing[0]
     base = tile_px / max(width, height * spacing_y / spacing_x)
@@ -264,8 +273,8 @@ def write_montage(path, volume_hu: np.ndarray, result, title: str, columns: int 
     for k in ks:
         ct01 = np.clip((volume_hu[k, rows, cols] - (centre - span / 2)) / span, 0, 1)
         box_rc = ((box.lo[1] - rows.start, box.hi[1] - rows.start), (box.lo[0] - cols.start, box.hi[0] - cols.start))
-        ct_tiles.append(_outlined(ct01, result.masks[:, k, rows, cols], colors, scale, box_rc))
-        entropy_tiles.append(_tile(colormap(result.entropy[k, rows, cols] / math.log(2)), scale))
+        ct_tiles.append(_outlined(ct01, _in_view(result.masks, box, k, rows, cols), colors, scale, box_rc))
+        entropy_tiles.append(_tile(colormap(_in_view(result.entropy, box, k, rows, cols) / math.log(2)), scale))
 
     font, small = _font(16), _font(13)
     tw, th = ct_tiles[0].size

@@ -20,11 +20,13 @@ per-slice 2D box (``geometry.slice_boxes_2d``). For every slice of the voxel box
    ``slice_batch`` (nor on free memory): same seed, byte-identical files on one machine.
 4. Decoding the N samples of a chunk in one pass; probabilities of the box's pixels are kept, the rest
    of the window is discarded (the box is the prompt: the object is inside it). Masks are
-   probability > 0.5. Outside the voxel box every output is 0.
+   probability > 0.5. Outputs cover the voxel box only (zeros around it when placed on the full grid).
 
-Arrays are numpy ``(K, J, I)`` / ``(N, K, J, I)`` on the input's full grid (CONTRACTS.md). The full-grid
-arrays are allocated with ``np.zeros``, whose untouched pages the OS does not commit: memory in use
-grows with the box, not the volume.
+The result holds box-sized arrays, ``(Kb, Jb, Ib)`` / ``(N, Kb, Jb, Ib)``, cut to the voxel box on the
+input's grid; ``voxel_box.lo`` is their offset. Nothing outside the box is computed, so nothing outside it
+is stored: a 512 x 512 x 300 CT costs what its box costs. ``result.on_full_grid(name)`` (or
+``place_on_grid``) puts one of them on the full grid, zeros outside the box, where a file must hold the
+whole volume (the CLI's outputs).
 """
 
 from __future__ import annotations
@@ -65,10 +67,11 @@ class Cancelled(Exception):
 
 @dataclass
 class VolumeSamplingResult:
-    """N sampled masks and the uncertainty volumes, on the input volume's full grid.
+    """N sampled masks and the uncertainty volumes, cut to the voxel box of the input volume's grid.
 
-    masks (N, K, J, I) bool; mean_probability, entropy (nats), variance, mutual_information (K, J, I)
-    float32, 0 outside the box; summary: JSON-ready dict (see ``report.volume_summary``).
+    masks (N, Kb, Jb, Ib) bool; mean_probability, entropy (nats), variance, mutual_information
+    (Kb, Jb, Ib) float32; the box's first voxel is ``voxel_box.lo`` (i, j, k) of ``geometry``.
+    summary: JSON-ready dict (see ``report.volume_summary``).
     eps (Kb, N, L) and z (Kb, N, L): the standard-normal draws and the latents used on each of the
     box's Kb slices (eps is the same on every slice with z_mode "per_sample").
     """
@@ -83,6 +86,18 @@ class VolumeSamplingResult:
     summary: dict
     eps: Optional[np.ndarray] = field(default=None, repr=False)
     z: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def on_full_grid(self, name: str) -> np.ndarray:
+        """``masks`` or one of the maps placed on the input's full grid, zeros outside the box."""
+        return place_on_grid(getattr(self, name), self.voxel_box, self.geometry.shape)
+
+
+def place_on_grid(values: np.ndarray, voxel_box: VoxelBox, shape_kji: tuple) -> np.ndarray:
+    """Box-sized ``(..., Kb, Jb, Ib)`` values on a ``(..., K, J, I)`` grid of zeros (same dtype)."""
+    lead = tuple(values.shape[:-3])
+    out = np.zeros(lead + tuple(shape_kji), dtype=values.dtype)
+    out[(slice(None),) * len(lead) + voxel_box.slices()] = values
+    return out
 
 
 # --- the context window -------------------------------------------------------------------------------
@@ -102,6 +117,17 @@ def context_window(box2d, image_hw, min_side: int, margin: int = CONTEXT_MARGIN_
         start = min(max(start, 0), size - extent)
         window += [start, start + extent]
     return tuple(window)
+
+
+def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple:
+    """(k0, k1, r0, r1, c0, c1), ends exclusive: the only voxels ``sample_volume`` reads for this box.
+
+    The box's slices times the context window. A caller that holds the volume elsewhere (the Slicer
+    module's worker process) sends just this block; the rest of the volume can be anything.
+    """
+    x1, y1, x2, y2 = slice_boxes_2d(voxel_box)[0][1]
+    r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
+    return voxel_box.lo[2], voxel_box.hi[2], r0, r1, c0, c1
 
 
 # --- chunk size -----------------------------------------------------------------------------------------
@@ -317,7 +343,7 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
 
     slices = slice_boxes_2d(voxel_box)
     x1, y1, x2, y2 = slices[0][1]
-    r0, r1, c0, c1 = context_window((x1, y1, x2, y2), volume.shape[1:], min_context_size(model))
+    _, _, r0, r1, c0, c1 = input_region(model, voxel_box, volume.shape)
     region = volume[voxel_box.lo[2]:voxel_box.hi[2], r0:r1, c0:c1]
     if not np.isfinite(region).all():
         raise ValueError(f"the volume holds {int(region.size - np.isfinite(region).sum())} NaN or infinite "
@@ -349,20 +375,12 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
 
 
 def _assemble(probs_box: np.ndarray, geometry: VolumeGeometry, voxel_box: VoxelBox) -> VolumeSamplingResult:
-    """Uncertainty on the box, then everything placed on the full grid (zeros outside the box)."""
+    """Masks and uncertainty maps of the box (box-sized; ``voxel_box.lo`` is their offset)."""
     maps = uncertainty_maps(probs_box)
-    inside = voxel_box.slices()
-    n = probs_box.shape[0]
-
-    def full(values: np.ndarray, dtype, lead: tuple = ()) -> np.ndarray:
-        out = np.zeros(lead + geometry.shape, dtype=dtype)
-        out[(slice(None),) * len(lead) + inside] = values
-        return out
-
     return VolumeSamplingResult(
-        masks=full(probs_box > THRESHOLD, bool, (n,)),
-        mean_probability=full(maps.mean_probability, np.float32),
-        entropy=full(maps.entropy, np.float32),
-        variance=full(maps.variance, np.float32),
-        mutual_information=full(maps.mutual_information, np.float32),
+        masks=probs_box > THRESHOLD,
+        mean_probability=maps.mean_probability.astype(np.float32, copy=False),
+        entropy=maps.entropy.astype(np.float32, copy=False),
+        variance=maps.variance.astype(np.float32, copy=False),
+        mutual_information=maps.mutual_information.astype(np.float32, copy=False),
         voxel_box=voxel_box, geometry=geometry, summary={})

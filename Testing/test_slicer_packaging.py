@@ -112,6 +112,7 @@ def test_top_level_cmake():
 def test_module_cmake_lists_exist_and_cover_the_module():
     text = (MODULE / "CMakeLists.txt").read_text(encoding="utf-8")
     assert "WITH_GENERIC_TESTS" in text and "slicerMacroBuildScriptedModule" in text
+    assert "slicer_add_python_unittest(SCRIPT ${MODULE_NAME}.py)" in text  # the self-test in CTest
     scripts = [s.replace("${MODULE_NAME}", "ProbSAMSlicer") for s in cmake_list(text, "MODULE_PYTHON_SCRIPTS")]
     resources = [s.replace("${MODULE_NAME}", "ProbSAMSlicer") for s in cmake_list(text, "MODULE_PYTHON_RESOURCES")]
     for path in scripts + resources:

@@ -85,11 +85,14 @@ def test_masks_fill_exactly_the_voxel_box_of_a_physical_box(always_on, direction
     assert (voxel_box.lo, voxel_box.hi) == sitk_voxel_range(geometry, box)
     result = sample_volume(always_on, volume, geometry, voxel_box, n_samples=3, seed=0)
     expected = block(geometry, voxel_box.lo, voxel_box.hi)
-    assert result.masks.shape == (3,) + geometry.shape
-    for mask in result.masks:
+    kb, jb, ib = voxel_box.size[::-1]
+    assert result.masks.shape == (3, kb, jb, ib) and result.entropy.shape == (kb, jb, ib)  # cut to the box
+    for mask in result.on_full_grid("masks"):
         np.testing.assert_array_equal(mask, expected)
     assert result.geometry is geometry
-    assert not result.mean_probability[~expected].any() and not result.entropy[~expected].any()
+    full_probability, full_entropy = result.on_full_grid("mean_probability"), result.on_full_grid("entropy")
+    assert full_probability.shape == geometry.shape and full_probability.dtype == np.float32
+    assert not full_probability[~expected].any() and not full_entropy[~expected].any()
 
 
 def test_rotated_box_on_oblique_volume_lands_in_its_voxel_box(model):
@@ -100,8 +103,9 @@ def test_rotated_box_on_oblique_volume_lands_in_its_voxel_box(model):
     assert (voxel_box.lo, voxel_box.hi) == sitk_voxel_range(geometry, box)
     result = sample_volume(model, volume, geometry, voxel_box, n_samples=4, seed=0)
     inside = block(geometry, voxel_box.lo, voxel_box.hi)
-    assert result.masks.any() and not result.masks[:, ~inside].any()
-    assert not (result.variance[~inside].any() or result.mutual_information[~inside].any())
+    masks = result.on_full_grid("masks")
+    assert masks.any() and not masks[:, ~inside].any()
+    assert not (result.on_full_grid("variance")[~inside].any() or result.on_full_grid("mutual_information")[~inside].any())
 
 
 def test_clamped_box_is_reported_in_the_summary(always_on):
@@ -111,7 +115,7 @@ def test_clamped_box_is_reported_in_the_summary(always_on):
     box = result.summary["box"]
     assert box["clamped"] and "clamped" in box["warning"]
     assert box["ijk_first"] == [40, 20, 8] and box["ijk_last"] == [47, 30, 11]
-    assert result.masks[:, 8:12, 20:31, 40:48].all()
+    assert result.on_full_grid("masks")[:, 8:12, 20:31, 40:48].all()
 
 
 # --- the context window ----------------------------------------------------------------------------------
@@ -139,7 +143,7 @@ def test_slices_match_the_2d_sampler_on_the_same_window(model):
         probs, _ = sample_from_embeddings(model, embeddings, boxes, (128, 128), 5,
                                           z=torch.from_numpy(result.z[k - 1][None]))
         expected = probs[0, :, y1 - r0:y2 - r0, x1 - c0:x2 - c0].numpy() > 0.5
-        np.testing.assert_array_equal(result.masks[:, k, y1:y2, x1:x2], expected)
+        np.testing.assert_array_equal(result.masks[:, k - 1], expected)  # box-sized: slice k is k - lo
 
 
 # --- coherence -------------------------------------------------------------------------------------------

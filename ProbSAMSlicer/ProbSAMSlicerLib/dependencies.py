@@ -3,12 +3,17 @@
 torch (and torchvision, which segment_anything imports) goes through SlicerPyTorch's PyTorchUtils, which
 picks the build matching the GPU driver; we never pin a torch version or force a CUDA backend. The
 small pure-Python packages go through Slicer's own installer: ``slicer.packaging.pip_ensure`` (Slicer
-5.12; the same function was called ``slicer.pydeps.pip_ensure`` on some 5.11 previews), which asks,
-shows progress and installs nothing in --testing runs; on older Slicer ``slicer.util.pip_install`` after
-our own confirmation. SimpleITK, numpy and scipy ship with Slicer; scipy is still checked.
+5.12+), which asks, shows progress, raises RuntimeError when the user declines and installs nothing in
+--testing runs; on older Slicer ``slicer.util.pip_install`` after our own confirmation. SimpleITK, numpy
+and scipy ship with Slicer; scipy is still checked.
+
+In testing mode (``slicer.app.testingEnabled()``) nothing is installed and nobody is asked: a missing
+package is an error that says to install PyTorch (and the rest) first.
 """
 
+import importlib
 import importlib.util
+import subprocess
 
 import slicer
 
@@ -40,17 +45,17 @@ def missing_dependencies() -> list:
 
 
 def _package_installer():
-    """slicer.packaging / slicer.pydeps when this Slicer has pip_ensure, else None."""
-    for name in ("packaging", "pydeps"):
-        module = getattr(slicer, name, None)
-        if module is None:
-            try:
-                module = importlib.import_module(f"slicer.{name}")
-            except ImportError:
-                continue
-        if hasattr(module, "pip_ensure"):
-            return module
-    return None
+    """slicer.packaging when this Slicer has pip_ensure (5.12+), else None."""
+    try:
+        module = importlib.import_module("slicer.packaging")
+    except ImportError:
+        return None
+    return module if hasattr(module, "pip_ensure") else None
+
+
+def testing_mode() -> bool:
+    app = getattr(slicer, "app", None)
+    return bool(app is not None and app.testingEnabled())
 
 
 def install_torch(ask: bool) -> None:
@@ -60,9 +65,13 @@ def install_torch(ask: bool) -> None:
     except ImportError:
         raise DependencyError("ProbSAMSlicer needs PyTorch: install the 'PyTorch' extension from the Extensions "
                               "Manager, restart Slicer, and click 'Sample masks' again.") from None
-    torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-        askConfirmation=ask, torchVersionRequirement=TORCH_REQUIREMENT,
-        torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+    try:
+        torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
+            askConfirmation=ask, torchVersionRequirement=TORCH_REQUIREMENT,
+            torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+    except subprocess.CalledProcessError as error:  # pip failed inside installTorch
+        raise DependencyError(f"installing PyTorch failed (pip exit status {error.returncode}). Install it from "
+                              f"the 'PyTorch Util' module, restart Slicer, then click 'Sample masks' again.") from error
     if torch is None:
         raise DependencyError("PyTorch was not installed (declined or failed). Install it from the 'PyTorch Util' "
                               "module, then click 'Sample masks' again.")
@@ -73,7 +82,11 @@ def install_packages(requirements: list, ask: bool) -> None:
     installer = _package_installer()
     try:
         if installer is not None:
-            installer.pip_ensure(requirements, prompt_install=ask, requester=REQUESTER)
+            try:
+                installer.pip_ensure(requirements, prompt_install=ask, requester=REQUESTER)
+            except RuntimeError as error:  # pip_ensure's answer to "Cancel"
+                raise DependencyError(f"installation of {', '.join(requirements)} was declined or failed: "
+                                      f"{error}") from error
         else:
             if ask and not slicer.util.confirmOkCancelDisplay(
                     "ProbSAMSlicer needs these Python packages, which will be downloaded and installed now:\n\n"
@@ -96,6 +109,10 @@ def ensure_dependencies(ask: bool = True) -> list:
     missing = missing_dependencies()
     if not missing:
         return []
+    if testing_mode():
+        raise DependencyError("install PyTorch first (the 'PyTorch' extension's PyTorch Util module), then "
+                              + ", ".join(m for m in missing if m not in ("torch", "torchvision"))
+                              + "; testing mode installs nothing: missing " + ", ".join(missing))
     if "torch" in missing or "torchvision" in missing:
         install_torch(ask)
     packages = [requirement for requirement in missing if requirement not in ("torch", "torchvision")]

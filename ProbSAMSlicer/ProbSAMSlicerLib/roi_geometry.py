@@ -21,7 +21,7 @@ class NonLinearTransformError(ValueError):
     """A node that the ROI -> voxel box mapping depends on sits under a non-linear transform."""
 
 
-def _matrix_to_numpy(matrix: "vtk.vtkMatrix4x4") -> np.ndarray:
+def matrix_to_numpy(matrix: "vtk.vtkMatrix4x4") -> np.ndarray:
     return np.array([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], dtype=np.float64)
 
 
@@ -43,35 +43,38 @@ def volume_geometry(volume_node):
         raise ValueError(f"the volume '{volume_node.GetName()}' holds no image data")
     ijk_to_ras = vtk.vtkMatrix4x4()
     volume_node.GetIJKToRASMatrix(ijk_to_ras)
-    return VolumeGeometry.from_ijk_to_ras(_matrix_to_numpy(ijk_to_ras), image.GetDimensions())
+    return VolumeGeometry.from_ijk_to_ras(matrix_to_numpy(ijk_to_ras), image.GetDimensions())
 
 
 def world_to_volume_parent(volume_node) -> np.ndarray:
     """4x4 matrix from world RAS to the space of the volume's parent transform (identity without one)."""
     matrix = vtk.vtkMatrix4x4()
     slicer.vtkMRMLTransformNode.GetMatrixTransformBetweenNodes(None, volume_node.GetParentTransformNode(), matrix)
-    return _matrix_to_numpy(matrix)
+    return matrix_to_numpy(matrix)
 
 
 def roi_box_in_volume_space(roi_node, volume_node):
     """The ROI as a ProbSAMLib Box3D in the volume's (parent-transform) RAS space.
 
     The ROI's axes after both transforms are the columns of the combined matrix; their lengths are the
-    transforms' scaling, folded into the box size. A shear makes the axes non-orthogonal: not a box.
+    transforms' scaling, folded into the box size. Slicer orthogonalises the ROI's own object-to-world
+    matrix (a shear above the ROI is not visible here and the ROI stays a box in world), but a shear in
+    the volume's transform makes the axes non-orthogonal in the volume's space: not a box, refused.
     """
     from ProbSAMLib.geometry import Box3D
 
     _check_linear(roi_node, "ROI")
     _check_linear(volume_node, "volume")
-    object_to_volume = world_to_volume_parent(volume_node) @ _matrix_to_numpy(roi_node.GetObjectToWorldMatrix())
+    object_to_volume = world_to_volume_parent(volume_node) @ matrix_to_numpy(roi_node.GetObjectToWorldMatrix())
     columns = object_to_volume[:3, :3]
     scale = np.linalg.norm(columns, axis=0)
     if np.any(scale < 1e-12):
         raise ValueError(f"the transform of ROI '{roi_node.GetName()}' collapses one of its axes")
     axes = columns / scale
     if not np.allclose(axes.T @ axes, np.eye(3), atol=1e-5):
-        raise ValueError(f"the transforms of ROI '{roi_node.GetName()}' shear it, so it is no longer a box; "
-                         f"remove the shear or harden the transform and redraw the ROI")
+        raise ValueError(f"the transform of the volume '{volume_node.GetName()}' shears it, so ROI "
+                         f"'{roi_node.GetName()}' is no longer a box on its grid; harden the transform on the "
+                         f"volume (Data module, 'Harden transform') and sample again")
     size = np.asarray(roi_node.GetSize(), dtype=np.float64) * scale
     return Box3D.from_center_size(object_to_volume[:3, 3], size, axes=axes, space="ras")
 

@@ -1,2 +1,2 @@
-"""STAND-IN for Slicer's ``ctk`` module (a mock): ProbSAMSlicer does not call it directly; the .ui's
-ctk widgets are created by Slicer's UI loader."""
+"""MOCK of Slicer's ``ctk`` module (slicer-core has no Qt): ProbSAMSlicer does not call it directly; the
+.ui's ctk widgets are created by Slicer's UI loader."""

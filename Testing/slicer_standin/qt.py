@@ -1,8 +1,14 @@
-"""STAND-IN for Slicer's PythonQt ``qt`` module (a mock; Slicer cannot run in CI).
+"""MOCK of Slicer's PythonQt ``qt`` module (slicer-core has no Qt): only what ProbSAMSlicer.py and
+slicer.util's dialog helpers touch in the code paths CI drives. The widget runs in real Slicer only; its
+.ui names are checked against the code by Testing/test_slicer_packaging.py."""
 
-Only what ProbSAMSlicer.py touches at import time and in code paths the tests drive; the widget itself
-is exercised in real Slicer (its .ui names are checked against the code by parsing the XML).
-"""
+
+class Qt:
+    WaitCursor = 3
+
+
+class QMessageBox:
+    Ok, Cancel, Yes, No, Critical, Warning, Question, Information = 1024, 4194304, 16384, 65536, 3, 2, 4, 1
 
 
 class QTimer:

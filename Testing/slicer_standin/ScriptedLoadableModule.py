@@ -1,5 +1,8 @@
-"""STAND-IN for ``slicer.ScriptedLoadableModule`` (a mock; Slicer cannot run in CI): the base classes."""
+"""MOCK of ``slicer.ScriptedLoadableModule`` (its base classes need Qt): the module, widget, logic and
+test bases, with Slicer's behaviour where CI relies on it. The logic's parameter node is a REAL
+vtkMRMLScriptedModuleNode, a singleton per module in the real scene, as Slicer makes it."""
 
+import logging
 import unittest
 
 import slicer
@@ -11,6 +14,7 @@ class _Parent:
     def __init__(self):
         self.title, self.categories, self.dependencies, self.contributors = "", [], [], []
         self.helpText, self.acknowledgementText = "", ""
+        self.isEntered = False
 
 
 class ScriptedLoadableModule:
@@ -33,14 +37,18 @@ class ScriptedLoadableModuleLogic:
         self.moduleName = type(self).__name__[:-len("Logic")]
 
     def getParameterNode(self):
-        """One vtkMRMLScriptedModuleNode per module, as in Slicer (a singleton in the scene)."""
-        name = self.moduleName
-        node = slicer.mrmlScene.GetFirstNodeByName(name)
+        """The module's singleton vtkMRMLScriptedModuleNode, created on first use (as in Slicer)."""
+        scene = slicer.mrmlScene
+        node = scene.GetSingletonNode(self.moduleName, "vtkMRMLScriptedModuleNode")
         if node is None:
-            node = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScriptedModuleNode", name)
+            node = slicer.vtkMRMLScriptedModuleNode()
+            node.SetSingletonTag(self.moduleName)
+            node.SetModuleName(self.moduleName)
+            node.SetName(scene.GenerateUniqueName(self.moduleName))
+            node = scene.AddNode(node)
         return node
 
 
 class ScriptedLoadableModuleTest(unittest.TestCase):
     def delayDisplay(self, message, msec=None):
-        print(message)
+        logging.info(message)

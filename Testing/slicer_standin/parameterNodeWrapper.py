@@ -1,9 +1,11 @@
-"""STAND-IN for ``slicer.parameterNodeWrapper`` (a mock; Slicer cannot run in CI).
+"""MOCK of ``slicer.parameterNodeWrapper`` (its GUI connectors need Qt), on the REAL parameter node.
 
-Minimal: typed attributes stored in the parameter node, defaults, WithinRange and Choice validation,
-node-type checks. connectGui/disconnectGui only record the ui they were given.
+Typed fields with defaults, stored in the vtkMRMLScriptedModuleNode as Slicer stores them: plain values
+as string parameters, MRML nodes as node references. WithinRange and Choice validate on assignment.
+connectGui/disconnectGui only record the ui they were given.
 """
 
+import json
 import typing
 
 
@@ -32,6 +34,10 @@ def _split(annotation):
     return annotation, []
 
 
+def _is_node_type(base) -> bool:
+    return isinstance(base, type) and base.__name__.startswith("vtkMRML")
+
+
 def parameterNodeWrapper(cls):
     hints = typing.get_type_hints(cls, include_extras=True)
     fields = {name: _split(annotation) for name, annotation in hints.items()}
@@ -42,30 +48,39 @@ def parameterNodeWrapper(cls):
 
         def __init__(self, parameterNode):
             object.__setattr__(self, "parameterNode", parameterNode)
+            object.__setattr__(self, "connectedUi", None)
             for name, value in defaults.items():
-                parameterNode.parameters.setdefault(name, value)
+                if not _is_node_type(fields[name][0]) and not parameterNode.GetParameter(name):
+                    parameterNode.SetParameter(name, json.dumps(value))
 
         def __getattr__(self, name):
-            if name in fields:
-                return self.parameterNode.parameters[name]
-            raise AttributeError(name)
+            if name not in fields:
+                raise AttributeError(name)
+            if _is_node_type(fields[name][0]):
+                return self.parameterNode.GetNodeReference(name)
+            return json.loads(self.parameterNode.GetParameter(name))
 
         def __setattr__(self, name, value):
             if name not in fields:
                 raise AttributeError(f"{cls.__name__} has no parameter {name!r}")
             base, validators = fields[name]
+            if _is_node_type(base):
+                if value is not None and not value.IsA(base.__name__):
+                    raise TypeError(f"{name} must be a {base.__name__}, got {value.GetClassName()}")
+                self.parameterNode.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+                return
             if value is not None and isinstance(base, type) and not isinstance(value, base):
                 raise TypeError(f"{name} must be a {base.__name__}, got {type(value).__name__}")
             for validator in validators:
                 validator.validate(value)
-            self.parameterNode.parameters[name] = value
+            self.parameterNode.SetParameter(name, json.dumps(value))
 
         def connectGui(self, ui):
-            self.parameterNode.connected_ui = ui
+            object.__setattr__(self, "connectedUi", ui)
             return ui
 
         def disconnectGui(self, tag):
-            self.parameterNode.connected_ui = None
+            object.__setattr__(self, "connectedUi", None)
 
     Wrapper.__name__ = Wrapper.__qualname__ = cls.__name__
     Wrapper.__doc__ = cls.__doc__

@@ -1,0 +1,87 @@
+"""The one list of model names and how each is loaded: used by the CLI, the Slicer module and load_model.
+
+Importing this is cheap (no torch): the Slicer module reads the names at start-up. The loaders import
+``build`` only when called.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """name; description (one line, for menus); needs_checkpoint: the user must give a ProbSAM file;
+    min_gpu_gib: GPU memory below which sampling is likely to run out of memory or crawl;
+    loader(checkpoint, sam_checkpoint, download) -> ProbSAM on the CPU."""
+
+    name: str
+    description: str
+    needs_checkpoint: bool
+    min_gpu_gib: float
+    loader: Callable
+
+
+def _load_demo(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
+    from . import checkpoints
+    from .build import load_probsam
+
+    return load_probsam(checkpoints.resolve_weights("demo", checkpoint))
+
+
+def _sam_loader(variant: str) -> Callable:
+    def load(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
+        import warnings
+
+        from . import checkpoints
+        from .build import build_probsam, load_probsam
+        from .config import ProbSAMConfig
+
+        sam_path = checkpoints.resolve_weights(f"sam_{variant}", sam_checkpoint, download=download)
+        if checkpoint is not None:
+            return load_probsam(Path(checkpoint), sam_checkpoint=sam_path)
+        warnings.warn(f"no ProbSAM heads given for {variant}: the prior is untrained, so every sample "
+                      f"equals SAM's own box prediction (no uncertainty). Pass --checkpoint HEADS.safetensors.")
+        return build_probsam(ProbSAMConfig.preset(variant), sam_checkpoint=sam_path)
+    return load
+
+
+def _load_file(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
+    from .build import load_probsam
+    from .checkpoints import CheckpointError
+
+    if checkpoint is None:
+        raise CheckpointError("model 'file' needs --checkpoint PATH to a ProbSAM .safetensors file")
+    return load_probsam(Path(checkpoint), sam_checkpoint=sam_checkpoint)
+
+
+MODELS = {entry.name: entry for entry in (
+    ModelEntry("demo", "bundled tiny DEMO model (rendered phantom data; not for clinical use)", False, 1, _load_demo),
+    ModelEntry("vit_b", "SAM ViT-B + ProbSAM heads (--checkpoint)", False, 4, _sam_loader("vit_b")),
+    ModelEntry("vit_l", "SAM ViT-L + ProbSAM heads (--checkpoint)", False, 6, _sam_loader("vit_l")),
+    ModelEntry("vit_h", "SAM ViT-H + ProbSAM heads (--checkpoint)", False, 8, _sam_loader("vit_h")),
+    ModelEntry("file", "a full ProbSAM .safetensors file (--checkpoint)", True, 2, _load_file),
+)}
+MODEL_NAMES = tuple(MODELS)
+
+
+def model_entry(name: str) -> ModelEntry:
+    """The entry of a model name; CheckpointError naming the choices for an unknown one."""
+    try:
+        return MODELS[name]
+    except KeyError:
+        from .checkpoints import CheckpointError
+
+        raise CheckpointError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
+
+
+def weights_sha256(name: str, checkpoint: Optional[Path] = None) -> str:
+    """SHA-256 of the weights a model is loaded from (the ProbSAM file; else the manifest's entry)."""
+    from . import checkpoints
+
+    if checkpoint is not None:
+        return checkpoints.sha256_file(Path(checkpoint))
+    entry = checkpoints.MANIFEST["demo" if name == "demo" else f"sam_{name}"]
+    return entry.sha256 or checkpoints.sha256_file(checkpoints.entry_path(entry))

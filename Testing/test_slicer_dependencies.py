@@ -1,0 +1,82 @@
+"""Installing torch and the small packages from the Slicer module, on REAL slicer-core.
+
+Slicer's installers are not in slicer-core, so they are MOCKS here, shaped after Slicer 5.12's behaviour:
+``slicer.packaging.pip_ensure`` (raises RuntimeError when the user declines), SlicerPyTorch's
+``PyTorchUtils.PyTorchUtilsLogic.installTorch`` (raises CalledProcessError when pip fails). ``missing``
+pretends packages are absent (they are all installed here).
+"""
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+from slicer_scene import module, slicer  # noqa: F401
+
+
+@pytest.fixture
+def installers(slicer, module, monkeypatch):
+    """Mock installers that record their calls; torch and segment_anything reported missing."""
+    calls = []
+    deps = sys.modules["ProbSAMSlicerLib.dependencies"]
+    missing = {"torch", "segment_anything"}
+    monkeypatch.setattr(deps, "_importable", lambda name: name not in missing)
+
+    class Logic:  # MOCK of PyTorchUtils.PyTorchUtilsLogic
+        result = "torch"
+
+        def installTorch(self, **kwargs):
+            calls.append(("installTorch", kwargs))
+            if isinstance(Logic.result, Exception):
+                raise Logic.result
+            missing.discard("torch")
+            return Logic.result
+
+    def pip_ensure(requirements, **kwargs):  # MOCK of slicer.packaging.pip_ensure
+        calls.append(("pip_ensure", list(requirements), kwargs))
+        if kwargs.get("prompt_install") and installers_state["decline"]:
+            raise RuntimeError("user declined")
+        missing.discard("segment_anything")
+
+    installers_state = {"decline": False}
+    monkeypatch.setitem(sys.modules, "PyTorchUtils", types.SimpleNamespace(PyTorchUtilsLogic=Logic))
+    monkeypatch.setitem(sys.modules, "slicer.packaging", types.SimpleNamespace(pip_ensure=pip_ensure))
+    slicer.app.testing = False
+    return types.SimpleNamespace(calls=calls, torch=Logic, state=installers_state, deps=deps)
+
+
+def test_testing_mode_installs_nothing_and_says_install_pytorch_first(module, installers, slicer):
+    slicer.app.testing = True
+    with pytest.raises(installers.deps.DependencyError, match="install PyTorch first"):
+        module.ProbSAMSlicerLogic.ensureDependencies(ask=True)
+    assert installers.calls == []
+
+
+def test_missing_packages_go_to_pytorch_utils_then_pip_ensure(module, installers):
+    assert module.ProbSAMSlicerLogic.ensureDependencies(ask=True) == ["torch", "segment-anything>=1.0"]
+    assert [c[0] for c in installers.calls] == ["installTorch", "pip_ensure"]
+    assert installers.calls[0][1]["askConfirmation"] and installers.calls[1][2]["requester"] == "ProbSAMSlicer"
+
+
+def test_failed_torch_install_is_a_clear_error(module, installers):
+    installers.torch.result = subprocess.CalledProcessError(1, ["pip", "install", "torch"])
+    with pytest.raises(installers.deps.DependencyError, match="installing PyTorch failed.*PyTorch Util"):
+        module.ProbSAMSlicerLogic.ensureDependencies(ask=True)
+
+
+def test_declined_package_install_is_a_clear_error(module, installers):
+    installers.state["decline"] = True
+    with pytest.raises(installers.deps.DependencyError, match="declined"):
+        module.ProbSAMSlicerLogic.ensureDependencies(ask=True)
+
+
+def test_older_slicer_confirms_then_pip_installs(module, installers, slicer, monkeypatch):
+    monkeypatch.delitem(sys.modules, "slicer.packaging")
+    monkeypatch.setattr(installers.deps, "_package_installer", lambda: None)  # no pip_ensure before 5.12
+    answers = []
+    monkeypatch.setattr(slicer.util, "confirmOkCancelDisplay", lambda *a, **k: answers.append(a) or False)
+    monkeypatch.setattr(slicer.util, "pip_install", lambda *a, **k: installers.calls.append(("pip_install", a)))
+    with pytest.raises(installers.deps.DependencyError, match="declined"):
+        module.ProbSAMSlicerLogic.ensureDependencies(ask=True)
+    assert answers and ("pip_install",) not in [c[:1] for c in installers.calls]
