@@ -217,15 +217,20 @@ def _draw_noise(generator: torch.Generator, n_slices: int, n_samples: int, laten
     return torch.randn((n_slices, n_samples, latent_dim), generator=generator)
 
 
-def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict):
+def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict,
+                  cancel: Optional[CancelFn] = None):
     """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU.
 
     Every slice goes through the model on its own: batched matrix products round differently for different
     batch sizes (last-bit differences), so grouping slices would make the files depend on the slice
-    batch (and so on free memory). One slice at a time, the same seed gives byte-identical files.
+    batch (and so on free memory). One slice at a time, the same seed gives byte-identical files, and a
+    cancel is honoured between slices, not only between chunks.
     """
-    parts = [_sample_slices(model, images_hu[b:b + 1], box_in_window, eps[b:b + 1], timings)
-             for b in range(len(images_hu))]
+    parts = []
+    for b in range(len(images_hu)):
+        if cancel is not None and cancel():
+            raise Cancelled("sampling was cancelled")
+        parts.append(_sample_slices(model, images_hu[b:b + 1], box_in_window, eps[b:b + 1], timings))
     return torch.cat([probs for probs, _ in parts]), torch.cat([z for _, z in parts])
 
 
@@ -279,7 +284,8 @@ def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: to
             raise Cancelled("sampling was cancelled")
         stop = min(done + batch, n_slices)
         try:
-            probs, z = _sample_chunk(model, region[done:stop], box_in_window, eps[done:stop], timings)
+            probs, z = _sample_chunk(model, region[done:stop], box_in_window, eps[done:stop], timings,
+                                     cancel)
         except Exception as error:  # out of GPU memory: halve the chunk and retry it
             if not _is_oom(error):
                 raise
