@@ -51,3 +51,16 @@ def snapshot(folder: Path) -> dict:
         else:
             state[key] = hashlib.sha256(path.read_bytes()).hexdigest()
     return state
+
+
+def diverse_tiny_model(seed: int = 0):
+    """A tiny ProbSAM (random weights) whose samples differ: the latent projection, zero at start so an
+    untrained model equals SAM, gets random weights."""
+    import torch
+
+    from ProbSAMLib import ProbSAMConfig, build_probsam
+
+    model = build_probsam(ProbSAMConfig.preset("tiny"), seed=seed)
+    torch.manual_seed(1)
+    torch.nn.init.normal_(model.latent_projection.mlp[-1].weight, std=0.5)
+    return model

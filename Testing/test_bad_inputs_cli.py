@@ -24,12 +24,12 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import save_file
 
-from ProbSAMLib import ProbSAMConfig, build_probsam, checkpoints, cli, errors, save_probsam
+from ProbSAMLib import checkpoints, cli, errors, save_probsam
 from ProbSAMLib.geometry import VolumeGeometry
 from ProbSAMLib.markups import write_roi_json
 from ProbSAMLib.geometry import Box3D
 from ProbSAMLib.outputdir import MARKER, OutputFolder
-from Testing.helpers import snapshot, write_dicom_series
+from Testing.helpers import diverse_tiny_model, snapshot, write_dicom_series
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -58,9 +58,7 @@ def weights_with_config(model, path, **changes):
 @pytest.fixture(scope="module")
 def model_file(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli_model")
-    model = build_probsam(ProbSAMConfig.preset("tiny"), seed=0)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(model.latent_projection.mlp[-1].weight, std=0.5)
+    model = diverse_tiny_model()
     save_probsam(model, root / "tiny.safetensors")
     return root / "tiny.safetensors", model
 

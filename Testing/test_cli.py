@@ -17,11 +17,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ProbSAMLib import ProbSAMConfig, build_probsam, checkpoints, cli, save_probsam
+from ProbSAMLib import checkpoints, cli, save_probsam
 from ProbSAMLib.geometry import Box3D, VolumeGeometry, voxel_box_from_physical
 from ProbSAMLib.imageio import read_segmentation
 from ProbSAMLib.markups import write_roi_json
-from Testing.helpers import write_dicom_series
+from Testing.helpers import diverse_tiny_model, write_dicom_series
 
 torch.set_num_threads(1)
 
@@ -35,9 +35,7 @@ OUTPUT_IMAGES = ("mean_probability.nrrd", "entropy.nrrd", "variance.nrrd", "mutu
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model = build_probsam(ProbSAMConfig.preset("tiny"), seed=0)
-    torch.manual_seed(1)
-    torch.nn.init.normal_(model.latent_projection.mlp[-1].weight, std=0.5)
+    model = diverse_tiny_model()
     save_probsam(model, root / "tiny.safetensors")
     paths = {"root": root, "model": root / "tiny.safetensors"}
     for name, direction in DIRECTIONS.items():
