@@ -11,8 +11,8 @@ Case (share of nodules): base variant (every split) / held-out variant (test spl
 parameters, so a model is also scored on a variant it never saw):
 
 - plain (30 %): the v1 rendering, unchanged.
-- juxta_vascular (15 %): 1-2 oblique vessels of soft-tissue density, radius 1-2 mm, touching or
-  crossing the nodule / three thinner vessels (0.7-1.3 mm) meeting at a point of its surface.
+- juxta_vascular (15 %): 1-2 oblique vessels of soft-tissue density, radius 1.2-2.4 mm, touching
+  or crossing the nodule / three thinner vessels (0.9-1.5 mm) meeting at a point of its surface.
 - juxta_pleural (15 %): the chest wall (soft tissue with an extrapleural fat stripe, gently concave)
   against the nodule / the mediastinum: a strongly convex soft-tissue structure wrapped in fat.
 - fissure (10 %): a thin dense plane through or beside the nodule / a curved fissure.
@@ -20,8 +20,8 @@ parameters, so a model is also scored on a variant it never saw):
   1-2 vessels through it / fainter glass (1.0-1.3) with three thinner vessels.
 - calcified (10 %): dense central calcification (+800..+1400 HU) with blooming / popcorn: 3-5 small
   calcified foci.
-- partial_volume (10 %): thick-slab averaging along z (box profile 1.5-2.5 slices wide) / Gaussian
-  profile (2.5-3.5 slices FWHM). Only the edge slices (readers' union at most half its largest
+- partial_volume (10 %): a thick-slab reconstruction: averaging along z with a box profile 3-5 mm
+  (at least 1.5 slices) wide / a Gaussian profile of 5-7 mm (at least 2.5 slices) FWHM. Only the edge slices (readers' union at most half its largest
   area, and always the first and last) are labelled partial_volume; the inner slices of such a
   nodule look plain and are labelled plain.
 
@@ -132,11 +132,11 @@ def juxta_vascular(image, nodule: _Nodule, rng, heldout: bool) -> np.ndarray:
     if heldout:  # a bifurcation: three thinner vessels through one point of the nodule's surface
         branch = _random_point(nodule, rng, _surface_points(nodule))
         for _ in range(3):
-            image = _vessel(image, nodule, rng, branch, _direction(rng, (0.1, 0.7)), rng.uniform(0.7, 1.3))
+            image = _vessel(image, nodule, rng, branch, _direction(rng, (0.1, 0.7)), rng.uniform(0.9, 1.5))
         return image
     for _ in range(int(rng.integers(1, 3))):
         direction = _direction(rng, (0.15, 0.6))  # oblique: seen as an elongated blob in many slices
-        radius = rng.uniform(1.0, 2.0)
+        radius = rng.uniform(1.2, 2.4)
         # The axis passes at most one radius from the nodule: the vessel touches or crosses it.
         point = _line_at_distance(nodule, direction, _perpendicular(rng, direction),
                                   rng.uniform(0.0, 1.0) * radius)
@@ -233,7 +233,11 @@ def slab_kernel(width: float, profile: str) -> np.ndarray:
 
 
 def partial_volume(image, nodule: _Nodule, rng, heldout: bool) -> np.ndarray:
-    kernel = slab_kernel(rng.uniform(2.5, 3.5), "gauss") if heldout else slab_kernel(rng.uniform(1.5, 2.5), "box")
+    """A thick-slab reconstruction sampled at the scan's own slice spacing."""
+    if heldout:
+        kernel = slab_kernel(max(rng.uniform(5.0, 7.0) / nodule.spacing[0], 2.5), "gauss")
+    else:
+        kernel = slab_kernel(max(rng.uniform(3.0, 5.0) / nodule.spacing[0], 1.5), "box")
     return ndimage.convolve1d(image, kernel, axis=0, mode="nearest")
 
 
