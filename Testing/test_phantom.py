@@ -221,3 +221,16 @@ def test_generator_1_reproduces_v1_and_plain_v2_nodules_match_it(phantom_dir, tm
             assert not same[rows].all(), nodule_id
     with pytest.raises(ValueError, match="generator"):
         make_phantom(tmp_path / "v3", patients=PATIENTS[:1], progress=False, generator=3)
+
+
+def test_v2_split_is_the_v1_split(tmp_path):
+    """v2 splits before rendering; a patient whose only cluster pylidc cannot split (0252: five
+    annotations) has no slices and must not shift the split away from v1's."""
+    import json
+
+    from Training.make_phantom import make_phantom
+    patients = ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "LIDC-IDRI-0069", "LIDC-IDRI-0072", "LIDC-IDRI-0252"]
+    for generator in (1, 2):
+        make_phantom(tmp_path / f"v{generator}", patients=patients, progress=False, generator=generator)
+    v1, v2 = (json.loads((tmp_path / f"v{g}" / "splits.json").read_text()) for g in (1, 2))
+    assert v1 == v2 and "LIDC-IDRI-0252" not in v2["train"] + v2["val"] + v2["test"]

