@@ -21,9 +21,9 @@ parameters, so a model is also scored on a variant it never saw):
 - calcified (10 %): dense central calcification (+800..+1400 HU) with blooming / popcorn: 3-5 small
   calcified foci.
 - partial_volume (10 %): a thick-slab reconstruction: averaging along z with a box profile 3-5 mm
-  (at least 1.5 slices) wide / a Gaussian profile of 5-7 mm (at least 2.5 slices) FWHM. Only the edge slices (readers' union at most half its largest
-  area, and always the first and last) are labelled partial_volume; the inner slices of such a
-  nodule look plain and are labelled plain.
+  (at least 1.5 slices) wide / a Gaussian profile of 5-7 mm (at least 2.5 slices) FWHM. It bites
+  hardest on the nodule's edge slices (:func:`edge_slices`), where the cap fades below -400 HU, but
+  a wide slab blurs the inner slices too, so every slice of such a nodule is labelled partial_volume.
 
 Generator v2 is frozen: whatever changes what these functions draw is a new generator version.
 """
@@ -291,10 +291,8 @@ class NoduleCase:
         return np.asarray(out, dtype=np.float32)
 
     def slice_labels(self, masks: np.ndarray) -> List[str]:
-        """The `case` label of each of the K slices (partial_volume only on the edge slices)."""
-        if self.name != "partial_volume":
-            return [self.name] * masks.shape[1]
-        return [self.name if edge else "plain" for edge in edge_slices(masks)]
+        """The `case` label of each of the K slices of masks (R, K, J, I): the nodule's case."""
+        return [self.name] * masks.shape[1]
 
 
 def choose_case(seed: int, series_uid: str, nodule_index: int, test_split: bool) -> NoduleCase:

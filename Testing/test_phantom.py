@@ -173,10 +173,10 @@ def test_phantom_refuses_to_overwrite(phantom_dir):
 
 def test_v2_cases_labelled_per_slice_heldout_only_in_test(phantom_dir):
     """Generator v2 (the default): every slice carries its nodule's case; the held-out variants
-    belong to test patients only; partial_volume marks only the nodule's edge slices."""
+    belong to test patients only."""
     import json
 
-    from ProbSAMLib.phantom_cases import CASES, choose_case, edge_slices
+    from ProbSAMLib.phantom_cases import CASES, choose_case
     from Training.dataset_format import load_dataset
     ds = load_dataset(phantom_dir)
     t, splits = ds.table, ds.splits
@@ -192,12 +192,7 @@ def test_v2_cases_labelled_per_slice_heldout_only_in_test(phantom_dir):
         case = choose_case(0, str(t["series_uid"][first]), int(nodule_id.rsplit("_n", 1)[1]),
                            str(t["patient_id"][first]) in test_patients)
         assert set(t["case_variant"][rows]) == {case.variant}
-        labels = set(t["case"][rows])
-        if case.name == "partial_volume":
-            edge = edge_slices(ds.masks[rows].transpose(1, 0, 2, 3))
-            assert list(t["case"][rows] == "partial_volume") == list(edge)
-        else:
-            assert labels == {case.name}, nodule_id
+        assert set(t["case"][rows]) == {case.name}, nodule_id
 
 
 def test_generator_1_reproduces_v1_and_plain_v2_nodules_match_it(phantom_dir, tmp_path):

@@ -127,10 +127,8 @@ def test_partial_volume_fades_the_caps():
     majority = volume.reader_masks.mean(axis=0) >= 0.5
     caps = majority & edge[:, None, None]
     assert volume.array[caps].mean() < plain.array[caps].mean() - 100
-    labels = NoduleCase("partial_volume").slice_labels(volume.reader_masks)
-    assert [label == "partial_volume" for label in labels] == list(edge)
-    assert set(labels) == {"partial_volume", "plain"}
-    assert NoduleCase("fissure").slice_labels(volume.reader_masks) == ["fissure"] * len(labels)
+    # The inner slices are blurred too (less): every slice carries the label.
+    assert NoduleCase("partial_volume").slice_labels(volume.reader_masks) == ["partial_volume"] * len(edge)
 
 
 def test_edge_slices():

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ProbSAMLib.boxes import union_box  # noqa: E402
 from ProbSAMLib.metrics import dice  # noqa: E402
-from ProbSAMLib.phantom_cases import threshold_component  # noqa: E402
+from ProbSAMLib.phantom_cases import edge_slices, threshold_component  # noqa: E402
 from Training.dataset_format import load_dataset  # noqa: E402
 
 
@@ -53,12 +53,20 @@ def main(argv=None) -> int:
     cases = table["case"] if "case" in table else np.full(len(table["index"]), "")
     variants = table["case_variant"] if "case_variant" in table else np.full(len(table["index"]), "")
     groups = defaultdict(lambda: {"scores": [], "nodules": [], "empty_majority": 0})
+    edges = set()  # rows on a partial-volume nodule's edge slices (where the cap fades)
+    for nodule in np.unique(table["nodule_id"][ds.indices][cases[ds.indices] == "partial_volume"]):
+        rows = np.flatnonzero(table["nodule_id"] == nodule)
+        rows = rows[np.argsort(table["k"][rows])]
+        edges |= set(rows[edge_slices(np.asarray(ds.masks[rows]).transpose(1, 0, 2, 3))].tolist())
     for position in range(len(ds)):
         index = int(ds.indices[position])
         readers = np.asarray(ds.masks[index])[np.asarray(ds.present[index])]
         majority = readers.mean(axis=0) >= 0.5
         label = str(cases[index]) or "(none: v1)"
-        for key in (f"{label} / {variants[index] or '-'}", f"{label} / all", "ALL"):
+        keys = [f"{label} / {variants[index] or '-'}", f"{label} / all", "ALL"]
+        if label == "partial_volume":
+            keys.append(f"partial_volume / {'edge' if index in edges else 'inner'} slices")
+        for key in keys:
             if not majority.any():
                 groups[key]["empty_majority"] += 1
                 continue
