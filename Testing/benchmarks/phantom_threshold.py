@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     print(f"{args.data} (generator v{generator}), split {args.split}: {len(ds)} slices; threshold "
           f"{args.level:g} HU inside the union box + {args.margin:g} px, centre component, Dice vs the "
           f"readers' majority; 95 % interval: bootstrap over nodules")
-    print(f"| case / variant | slices | nodules | Dice | 95 % interval | empty-majority slices |")
+    print("| case / variant | slices | nodules | Dice | 95 % interval | empty-majority slices |")
     print("|---|---|---|---|---|---|")
     for key in sorted(groups, key=lambda k: (k == "ALL", k)):
         group = groups[key]
