@@ -8,12 +8,22 @@ per-sample term in [0, 1] scaled by `dice_weight`, and the KL is the analytic pe
 Reconstruction and KL are then of comparable size: a latent that explains which reader drew the target
 saves many pixels of BCE and is worth a few nats. Free bits (a floor on the KL per latent dimension,
 averaged over the batch) and linear annealing of beta from 0 keep the posterior informative early on.
+
+The set term (off by default, `set_weight`): the per-reader loss above trains the prior only through
+the KL, one reader at a time. The set term scores K samples decoded from the PRIOR against the whole
+set of readers' masks of the slice, empty ones included (a present reader who did not mark this
+slice), as MoSE does: either the energy distance 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')] (the
+training-time twin of the GED metric) or the mean cost of an optimal transport of the K samples onto
+the readers (MoSE's matching, both sides tiled to lcm(K, M)), with d = 1 - soft IoU. It is zero when
+the samples reproduce the readers' set, and grows when the samples collapse onto one reader or never
+come out empty where some readers drew nothing.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +38,16 @@ class LossConfig:
     dice_weight: float = 10.0  # per-sample soft Dice loss in [0, 1], against the pixel-SUMMED BCE
     anneal_steps: int = 0  # beta rises linearly from 0 over this many steps (0 = no annealing)
     free_bits: float = 0.0  # nats per latent dimension below which the KL is not penalised
+    set_weight: float = 0.0  # weight of the set term on K prior samples (0 = off)
+    set_samples: int = 4  # K
+    set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport, IoU cost)
+
+    def __post_init__(self):
+        if self.set_kind not in ("energy", "ot"):
+            raise ValueError(f"set_kind must be 'energy' or 'ot', got {self.set_kind!r}")
+        if self.set_weight < 0 or int(self.set_samples) < 1:
+            raise ValueError(f"set_weight must be >= 0 and set_samples >= 1, got {self.set_weight}, "
+                             f"{self.set_samples}")
 
 
 def beta_at(step: int, cfg: LossConfig) -> float:
@@ -57,12 +77,78 @@ def kl_term(out: TrainingOutput, free_bits: float) -> torch.Tensor:
     return kl_per_dim.sum(-1)
 
 
-def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: LossConfig) -> Dict[str, torch.Tensor]:
+def soft_iou_distance(a: torch.Tensor, b: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """1 - soft IoU of every pair: a (B, N, S, S), b (B, M, S, S) in [0, 1] -> (B, N, M).
+
+    Soft IoU = (sum ab + eps) / (sum a + sum b - sum ab + eps): for binary masks it is the IoU, and
+    `eps` (pixels) makes empty vs empty a distance of 0 and empty vs a mask of A pixels about 1.
+    """
+    a, b = a.flatten(2), b.flatten(2)
+    inter = a @ b.transpose(1, 2)
+    union = a.sum(-1)[:, :, None] + b.sum(-1)[:, None, :] - inter
+    return 1.0 - (inter + eps) / (union + eps)
+
+
+def _energy_distance(d_sy, d_ss, d_yy, weights):
+    """Energy distance per slice from distance matrices (B, K, M), (B, K, K), (B, M, M) and reader
+    weights (B, M) (1 = present), every expectation over all pairs, self-pairs included (as GED)."""
+    m = weights.sum(-1).clamp(min=1)
+    e_sy = (d_sy * weights[:, None, :]).sum((1, 2)) / (d_sy.shape[1] * m)
+    e_yy = (d_yy * weights[:, :, None] * weights[:, None, :]).sum((1, 2)) / (m * m)
+    return 2 * e_sy - d_ss.mean((1, 2)) - e_yy
+
+
+def _transport_cost(d_sy, weights):
+    """Mean cost of the optimal one-to-one transport of K samples onto the M present readers, both
+    tiled to lcm(K, M) copies (MoSE), per slice (B,). The matching is found on the detached costs
+    (scipy's Hungarian algorithm); the gradient flows through the matched soft IoUs."""
+    from scipy.optimize import linear_sum_assignment
+
+    costs = []
+    for cost, present in zip(d_sy, weights.bool()):
+        cost = cost[:, present]  # (K, M_b)
+        k, m = cost.shape
+        if m == 0:
+            costs.append(cost.sum() * 0.0)
+            continue
+        length = math.lcm(k, m)
+        tiled = cost.repeat_interleave(length // k, 0).repeat_interleave(length // m, 1)
+        rows, cols = linear_sum_assignment(tiled.detach().cpu().numpy())
+        costs.append(tiled[torch.as_tensor(rows), torch.as_tensor(cols)].mean())
+    return torch.stack(costs)
+
+
+def set_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.Tensor, kind: str = "energy",
+             eps: float = 1.0) -> torch.Tensor:
+    """The set term per slice, (B,): K samples against the slice's M reader masks.
+
+    Arguments:
+      logits: (B, K, S, S) sample logits on the decoder grid (decoded from prior samples).
+      readers: (B, M, S, S) the readers' targets on the decoder grid, empty masks included.
+      present: (B, M) bool, the reader slots to use (absent readers are left out, as in evaluation).
+      kind: "energy" (energy distance, 0 when the samples are the readers' set) or "ot".
+    """
+    if kind not in ("energy", "ot"):
+        raise ValueError(f"set_kind must be 'energy' or 'ot', got {kind!r}")
+    probs = torch.sigmoid(logits.float())
+    readers, weights = readers.float(), present.float()
+    d_sy = soft_iou_distance(probs, readers, eps)
+    if kind == "ot":
+        return _transport_cost(d_sy, weights)
+    return _energy_distance(d_sy, soft_iou_distance(probs, probs, eps), soft_iou_distance(readers, readers, eps),
+                            weights)
+
+
+def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: LossConfig,
+                 prior_logits: Optional[torch.Tensor] = None, readers: Optional[torch.Tensor] = None,
+                 present: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Scalar loss and its parts.
 
     Arguments:
       out: the model's training output, logits (B, N, S, S).
       target: (B, S, S) soft/binary target on the decoder grid (preprocess.masks_to_low_res).
+      prior_logits, readers, present: the set term's inputs when cfg.set_weight > 0: (B, K, S, S)
+        logits decoded from K prior samples, (B, M, S, S) all readers' targets, (B, M) bool.
     """
     target = target.unsqueeze(1).expand_as(out.logits).to(out.logits.dtype)
     bce = F.binary_cross_entropy_with_logits(out.logits.float(), target.float(), reduction="none").sum((-2, -1))
@@ -71,5 +157,12 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
     beta = beta_at(step, cfg)
     recon = bce.mean() + cfg.dice_weight * dice.mean()
     loss = recon + beta * kl.mean()
-    return {"loss": loss, "bce": bce.mean().detach(), "dice": dice.mean().detach(),
-            "kl": kl.mean().detach(), "beta": torch.tensor(beta)}
+    parts = {"bce": bce.mean().detach(), "dice": dice.mean().detach(), "kl": kl.mean().detach(),
+             "beta": torch.tensor(beta)}
+    if cfg.set_weight > 0:
+        if prior_logits is None or readers is None or present is None:
+            raise ValueError("set_weight > 0 needs prior_logits, readers and present (all readers' masks)")
+        term = set_loss(prior_logits, readers, present, cfg.set_kind).mean()
+        loss = loss + cfg.set_weight * term
+        parts["set"] = term.detach()
+    return {"loss": loss, **parts}

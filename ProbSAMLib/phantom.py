@@ -126,13 +126,21 @@ def _vessels(rng, shape, spacing_zyx, avoid_centre, avoid_radius, count) -> np.n
                 break
         else:
             continue  # the nodule fills the volume: no room for this vessel
-        dz, dy, dx = z - point[0], y - point[1], x - point[2]
-        along = dz * direction[0] + dy * direction[1] + dx * direction[2]
-        dist2 = dz * dz + dy * dy + dx * dx - along * along
-        dist = np.sqrt(np.maximum(dist2, 0.0))
-        tube = expit((radius - dist) / softness)
-        np.maximum(out, tube, out=out)
+        np.maximum(out, tube((z, y, x), point, direction, radius, softness), out=out)
     return out
+
+
+def tube(grid_mm, point, direction, radius: float, softness: float) -> np.ndarray:
+    """Soft infinite tube in [0, 1] around the line `point` + t * `direction` (unit), (z, y, x) mm.
+
+    grid_mm: the open grid of :func:`_grid_mm`; returns a (K, J, I) float32 array.
+    """
+    z, y, x = grid_mm
+    dz, dy, dx = z - point[0], y - point[1], x - point[2]
+    along = dz * direction[0] + dy * direction[1] + dx * direction[2]
+    dist2 = dz * dz + dy * dy + dx * dx - along * along
+    dist = np.sqrt(np.maximum(dist2, 0.0))
+    return expit((radius - dist) / softness)
 
 
 def _nodule_box(union: np.ndarray, margin_vox) -> Tuple[slice, ...]:
@@ -176,7 +184,7 @@ def render_nodule_volume(reader_masks: np.ndarray, spacing: Sequence[float],
                          ratings: Sequence[Mapping[str, float]], seed: int,
                          shape: Optional[Sequence[int]] = None,
                          origin: Sequence[float] = (0.0, 0.0, 0.0),
-                         vessels: int = 4, noise_hu: float = 18.0) -> PhantomVolume:
+                         vessels: int = 4, noise_hu: float = 18.0, case=None) -> PhantomVolume:
     """Render one nodule's neighbourhood as a phantom CT volume.
 
     reader_masks: (R, K, J, I) bool, R >= 1 readers on a common (z, y, x) grid.
@@ -185,6 +193,9 @@ def render_nodule_volume(reader_masks: np.ndarray, spacing: Sequence[float],
     seed:         the only source of randomness; same inputs + seed -> identical volume.
     shape:        optional larger (K, J, I) output grid; the masks are centred in it.
     origin:       physical position (x, y, z) mm of voxel (0, 0, 0).
+    case:         optional hard case (ProbSAMLib.phantom_cases.NoduleCase, generator v2): it may change
+                  the ratings used for rendering and adds its structures after the nodule, before the
+                  noise, from its own random stream. None renders generator v1 exactly.
     Returns a PhantomVolume with an int16 HU image and the masks on the image grid.
     """
     reader_masks = np.asarray(reader_masks, dtype=bool)
@@ -210,8 +221,11 @@ def render_nodule_volume(reader_masks: np.ndarray, spacing: Sequence[float],
 
     if union.any():
         box = _nodule_box(union, [int(np.ceil(5.0 / s)) for s in spacing_zyx])
-        opacity, nodule_hu = _nodule_density(rng, masks, spacing_zyx, ratings, box)
+        looks = case.rendering_ratings(ratings) if case is not None else ratings
+        opacity, nodule_hu = _nodule_density(rng, masks, spacing_zyx, looks, box)
         image[box] += opacity * (nodule_hu - image[box])
+    if case is not None:
+        image = case.apply(image, masks, spacing_zyx)
 
     in_plane = [0.0] + [0.6] * 2  # CT noise is correlated in-plane by the reconstruction kernel
     image += noise_hu * _smooth_noise(rng, grid, in_plane)

@@ -169,3 +169,63 @@ def test_phantom_build_is_deterministic(phantom_dir, tmp_path):
 def test_phantom_refuses_to_overwrite(phantom_dir):
     from Training.make_phantom import main
     assert main(["--out", str(phantom_dir), "--scans", "1"]) == 2  # exists: bad input
+
+
+def test_v2_cases_labelled_per_slice_heldout_only_in_test(phantom_dir):
+    """Generator v2 (the default): every slice carries its nodule's case; the held-out variants
+    belong to test patients only."""
+    import json
+
+    from ProbSAMLib.phantom_cases import CASES, choose_case
+    from Training.dataset_format import load_dataset
+    ds = load_dataset(phantom_dir)
+    t, splits = ds.table, ds.splits
+    assert ds.meta["generator_version"] == 2 and ds.meta["params"]["generator"] == 2
+    assert json.loads((phantom_dir / "meta.json").read_text())["case_shares"]["plain"] == 0.3
+    assert set(t["case"]) <= set(CASES) and set(t["case_variant"]) <= {"base", "heldout"}
+    test_patients = set(splits["test"])
+    heldout = t["case_variant"] == "heldout"
+    assert all(p in test_patients for p in t["patient_id"][heldout])
+    for nodule_id in np.unique(t["nodule_id"]):
+        rows = np.nonzero(t["nodule_id"] == nodule_id)[0]
+        first = rows[0]
+        case = choose_case(0, str(t["series_uid"][first]), int(nodule_id.rsplit("_n", 1)[1]),
+                           str(t["patient_id"][first]) in test_patients)
+        assert set(t["case_variant"][rows]) == {case.variant}
+        assert set(t["case"][rows]) == {case.name}, nodule_id
+
+
+def test_generator_1_reproduces_v1_and_plain_v2_nodules_match_it(phantom_dir, tmp_path):
+    from Training.dataset_format import load_dataset
+    from Training.make_phantom import make_phantom
+    v1 = tmp_path / "v1"
+    make_phantom(v1, patients=PATIENTS, progress=False, generator=1)
+    old, new = load_dataset(v1), load_dataset(phantom_dir)
+    assert "generator_version" not in old.meta and set(old.table["case"]) == {""}
+    assert np.array_equal(np.asarray(old.masks), np.asarray(new.masks))  # same slices, same readers
+    plain = new.table["case"] == "plain"
+    assert plain.any() and (~plain).any()
+    same = (np.asarray(old.images) == np.asarray(new.images)).reshape(len(plain), -1).all(axis=1)
+    nodules = new.table["nodule_id"]
+    for nodule_id in np.unique(nodules):  # a plain nodule renders exactly as in v1, a hard one not
+        rows = nodules == nodule_id
+        cases = set(new.table["case"][rows])
+        if cases == {"plain"}:
+            assert same[rows].all(), nodule_id
+        else:
+            assert not same[rows].all(), nodule_id
+    with pytest.raises(ValueError, match="generator"):
+        make_phantom(tmp_path / "v3", patients=PATIENTS[:1], progress=False, generator=3)
+
+
+def test_v2_split_is_the_v1_split(tmp_path):
+    """v2 splits before rendering; a patient whose only cluster pylidc cannot split (0252: five
+    annotations) has no slices and must not shift the split away from v1's."""
+    import json
+
+    from Training.make_phantom import make_phantom
+    patients = ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "LIDC-IDRI-0069", "LIDC-IDRI-0072", "LIDC-IDRI-0252"]
+    for generator in (1, 2):
+        make_phantom(tmp_path / f"v{generator}", patients=patients, progress=False, generator=generator)
+    v1, v2 = (json.loads((tmp_path / f"v{g}" / "splits.json").read_text()) for g in (1, 2))
+    assert v1 == v2 and "LIDC-IDRI-0252" not in v2["train"] + v2["val"] + v2["test"]

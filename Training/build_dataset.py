@@ -13,7 +13,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -86,11 +86,12 @@ class BuildReport:
 
 def build(out, scans: Sequence, make_chunk: Callable, meta: dict, params: dict,
           work_dir=None, seed: int = 0, force: bool = False, progress: bool = True,
-          desc: str = "scans") -> BuildReport:
+          desc: str = "scans", splits: Optional[dict] = None) -> BuildReport:
     """Run `make_chunk(scan) -> (Chunk, info dict of counts)` on every scan and write the data set.
 
     Failed scans are left out of the data set and listed in the report and in meta["failed"]; the
-    work directory is then kept, so a rerun with --force retries only them.
+    work directory is then kept, so a rerun with --force retries only them. `splits`: a patient
+    split decided before the build (see write_dataset); None splits the written patients.
     """
     from tqdm import tqdm
 
@@ -121,7 +122,7 @@ def build(out, scans: Sequence, make_chunk: Callable, meta: dict, params: dict,
     infos = [store.info(key) for key in done]
     totals = {name: int(sum(i.get(name, 0) for i in infos)) for name in infos[0]} if infos else {}
     meta = dict(meta, params=params, scans=len(done), failed=failed, **totals)
-    meta = write_dataset(out, [store.get(key) for key in done], meta, seed, force)
+    meta = write_dataset(out, [store.get(key) for key in done], meta, seed, force, splits)
     if not failed:
         shutil.rmtree(work, ignore_errors=True)
     return BuildReport(meta, failed, time.time() - started)

@@ -41,6 +41,9 @@ class TrainConfig:
     dice_weight: float = 10.0
     anneal_steps: int = 500
     free_bits: float = 0.0
+    set_weight: float = 0.0  # set term on K prior samples vs all readers (ProbSAM; 0 = off)
+    set_samples: int = 4  # K prior samples a slice for the set term
+    set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport), d = 1 - soft IoU
     # --- optimisation
     batch_size: int = 32  # per process
     max_steps: int = 3000

@@ -38,7 +38,7 @@ RATING_COLUMNS = tuple(f"{name}_{r}" for r in range(N_READERS) for name in RATIN
 ANNOTATION_COLUMNS = tuple(f"annotation_id_{r}" for r in range(N_READERS))
 COLUMNS = ("index", "patient_id", "series_uid", "scan_id", "nodule_id", "k", "z_mm", "crop_row0",
            "crop_col0", "n_readers", "n_marked", "truncated", "source_key") + ANNOTATION_COLUMNS \
-    + RATING_COLUMNS
+    + RATING_COLUMNS + ("case", "case_variant")
 _INT_COLUMNS = {"index", "scan_id", "k", "crop_row0", "crop_col0", "n_readers", "n_marked",
                 "truncated"} | set(ANNOTATION_COLUMNS) | set(RATING_COLUMNS)
 _FLOAT_COLUMNS = {"z_mm"}
@@ -137,21 +137,24 @@ def _write_csv(path: Path, rows: List[dict]) -> None:
         writer.writerows(rows)
 
 
-def write_dataset(out, chunks: Sequence, meta: dict, seed: int = 0, force: bool = False) -> dict:
+def write_dataset(out, chunks: Sequence, meta: dict, seed: int = 0, force: bool = False,
+                  splits: Optional[dict] = None) -> dict:
     """Write chunks (anything with `.n` and `.load() -> Chunk`) as one data set at `out`.
 
     Arrays are streamed into memory-mapped .npy files in a temporary sibling directory, which is
-    renamed to `out` at the end. Returns the final meta dict.
+    renamed to `out` at the end. `splits` (make_splits of a superset of the patients, decided before
+    the slices were made) is written restricted to the patients present; None splits the patients of
+    the written slices. Returns the final meta dict.
     """
     out = check_output(out, force)
     chunks = [c for c in chunks if c.n > 0]
     if not chunks:
         raise InputError("no slice with a non-empty mask: nothing to write")
     with OutputFolder(out, force) as tmp:  # the one writer: nothing under `out` until complete
-        return _write_into(tmp, chunks, meta, seed)
+        return _write_into(tmp, chunks, meta, seed, splits)
 
 
-def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int) -> dict:
+def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int, splits: Optional[dict] = None) -> dict:
     first = chunks[0].load()
     total = sum(c.n for c in chunks)
     height, width = first.images.shape[1:]
@@ -171,7 +174,14 @@ def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int) -> dict:
         array.flush()
     del images, masks, present
     _write_csv(tmp / "slices.csv", rows)
-    splits = make_splits((r["patient_id"] for r in rows), seed)
+    present_ids = {r["patient_id"] for r in rows}
+    if splits is None:
+        splits = make_splits(present_ids, seed)
+    else:
+        splits = dict(splits, **{part: [p for p in splits[part] if p in present_ids]
+                                 for part in ("train", "val", "test")})
+        if present_ids - set(splits["train"] + splits["val"] + splits["test"]):
+            raise InputError("the given split does not cover every patient of the data set")
     (tmp / "splits.json").write_text(json.dumps(splits, indent=1))
     meta = dict(meta, format=FORMAT, version=VERSION, crop=[int(height), int(width)],
                 dtype=str(first.images.dtype), created=datetime.now(timezone.utc).isoformat(

@@ -35,14 +35,27 @@ class ProbSAMLearner(nn.Module):
     def caches_embeddings(self) -> bool:
         return self.model.config.freeze_encoder
 
-    def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None) -> dict:
-        """images (B, H, W) in [0, 1], boxes (B, 4) image pixels, targets (B, H, W) one reader's mask."""
+    def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None,
+                readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None) -> dict:
+        """images (B, H, W) in [0, 1], boxes (B, 4) image pixels, targets (B, H, W) one reader's mask;
+        readers (B, M, H, W) and present (B, M): every reader's mask, for the set term (set_weight > 0)."""
         config, image_hw = self.model.config, images.shape[-2:]
         if embeddings is None:
             embeddings = self.model.encode(images)
         boxes_model = preprocess.boxes_to_model_frame(boxes, image_hw, config.img_size)
         target = preprocess.masks_to_low_res(targets.float(), image_hw, config.img_size, config.low_res_size)
-        return probsam_loss(self.model(embeddings, boxes_model, target), target, step, self.loss_config)
+        out = self.model(embeddings, boxes_model, target)
+        if self.loss_config.set_weight <= 0:
+            return probsam_loss(out, target, step, self.loss_config)
+        if readers is None or present is None:
+            raise ValueError("set_weight > 0: the learner needs every reader's mask (readers=, present=)")
+        # K samples from the PRIOR, decoded from the same embeddings (reparameterised: the set term's
+        # gradient reaches the prior net).
+        z = out.prior.rsample((self.loss_config.set_samples,)).transpose(0, 1)  # (B, K, L)
+        prior_logits = self.model.decode(embeddings, boxes_model, z)
+        reader_targets = preprocess.masks_to_low_res(readers.float(), image_hw, config.img_size,
+                                                     config.low_res_size)
+        return probsam_loss(out, target, step, self.loss_config, prior_logits, reader_targets, present.bool())
 
     @torch.no_grad()
     def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None):
@@ -81,7 +94,8 @@ class ProbUNetLearner(nn.Module):
 
 def loss_config(cfg: TrainConfig) -> LossConfig:
     return LossConfig(beta=cfg.beta, dice_weight=cfg.dice_weight, anneal_steps=cfg.anneal_steps,
-                      free_bits=cfg.free_bits)
+                      free_bits=cfg.free_bits, set_weight=cfg.set_weight, set_samples=cfg.set_samples,
+                      set_kind=cfg.set_kind)
 
 
 def build_learner(cfg: TrainConfig, intensity: str = "hu") -> nn.Module:

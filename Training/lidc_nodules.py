@@ -152,7 +152,7 @@ def nodule_from_cluster(scan, index: int, annotations: Sequence, crop: Optional[
         annotation_ids=[int(a.id) for a in kept], truncated=truncated)
 
 
-def _min_contour_distance():
+def min_contour_distance():
     """pylidc's default 'min' clustering metric, with each annotation's contour points computed
     once instead of once per pair (same result, several times faster)."""
     points = {}
@@ -172,7 +172,7 @@ def scan_nodules(scan, crop: Optional[int] = 128, pad: int = 8,
     Returns (nodules, n_ambiguous): clusters of more than four annotations, which pylidc could not
     split into single nodules, are left out and counted rather than guessed apart.
     """
-    clusters = scan.cluster_annotations(metric=_min_contour_distance(), verbose=False)
+    clusters = scan.cluster_annotations(metric=min_contour_distance(), verbose=False)
     nodules = [nodule_from_cluster(scan, i, c, crop, pad, pad_slices)
                for i, c in enumerate(clusters) if len(c) <= MAX_READERS]
     return nodules, sum(len(c) > MAX_READERS for c in clusters)
