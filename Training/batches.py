@@ -111,10 +111,14 @@ def _random_flips(images: np.ndarray, masks: np.ndarray, rng: np.random.Generato
 
 
 def choose_readers(present: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """(B,) index of one present reader per slice, uniformly: the target of this step."""
-    present = present.numpy()
-    picks = [rng.choice(np.flatnonzero(row)) if row.any() else 0 for row in present]
-    return torch.as_tensor(picks, dtype=torch.long)
+    """(B,) one reader slot per slice, uniformly over ALL M slots: the target of this step.
+
+    A reader who did not mark the slice (or the nodule) is an empty mask, as in the LIDC pickle, for
+    every data source: the model learns the same M = 4 reader distribution that GED evaluates against.
+    ``present`` (B, M) only gives the shape here.
+    """
+    batch, slots = present.shape
+    return torch.as_tensor(rng.integers(0, slots, size=batch), dtype=torch.long)
 
 
 def validation_positions(n_items: int, count: int, seed: int = 0) -> np.ndarray:

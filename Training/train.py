@@ -5,7 +5,8 @@
     python Training/train.py Training/configs/phantom_tiny.yaml --resume        # continue from ckpt.pt
     torchrun --nproc_per_node=4 Training/train.py Training/configs/lidc_vit_b.yaml   # DDP, one GPU each
 
-Each step: a seeded batch of slices, one present reader per slice as the target, the union box of all
+Each step: a seeded batch of slices, one of the 4 reader slots per slice as the target (a reader who did
+not mark the slice is an empty mask), the union box of all
 readers (with jitter) as the prompt, BCE + Dice + beta*KL. Every ``eval_interval`` steps: GED@16 on a
 fixed validation subset; the best model by that GED goes to best.safetensors; with early_stop_patience,
 training stops once that many evaluations in a row bring no better GED (max_steps is the compute budget,
