@@ -68,12 +68,19 @@ def batch_positions(n_items: int, batch_size: int, step: int, seed: int, rank: i
 
 
 class SliceBatches:
-    """Reads batches of one split: HU -> [0, 1] with the model's window, union-box prompts."""
+    """Reads batches of one split: HU -> [0, 1] with the model's window, union-box prompts.
+
+    Slices no reader marked (kept by the LIDC pickle's literature split) have no box to prompt with:
+    they are left out of the batches and counted in ``n_unmarked`` (evaluate.py reports the count).
+    """
 
     def __init__(self, dataset: SliceDataset, window=LUNG_WINDOW, box_margin: float = 2.0):
         self.dataset = dataset
         self.window = window if dataset.intensity == "hu" else None
         self.box_margin = box_margin
+        marked = np.asarray(dataset.table["n_marked"], dtype=np.int64)[dataset.indices] > 0
+        self.n_unmarked = int((~marked).sum())
+        dataset.indices = dataset.indices[marked]
 
     def __len__(self) -> int:
         return len(self.dataset)

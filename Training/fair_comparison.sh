@@ -6,8 +6,9 @@
 # The budget is compute, not contended wall time: each model's single-thread seconds per step (batch 16,
 # 128² crops) is measured once in a short run (Training/README.md, "Fair comparison"), and each model gets
 # max_steps = BUDGET_S / seconds_per_step. Warm-up (5 %), KL annealing (30 %) and the evaluation interval
-# (1/6) scale with max_steps, so both models see the same schedule shape; early stopping on validation
-# GED@16 (patience 2 evaluations) may end a run sooner, never later. Runs are resumable: rerunning this
+# (1/4) scale with max_steps, so both models see the same schedule shape; early stopping on validation
+# GED@16 (48 seeded validation slices, patience 2 evaluations) may end a run sooner, never later.
+# Validation is not counted in the budget (train.py logs train_seconds, the steps' time, separately). Runs are resumable: rerunning this
 # script continues every unfinished run from its ckpt.pt and skips finished ones. Two lanes run at once
 # (one per model), one thread each.
 set -euo pipefail
@@ -24,7 +25,7 @@ run_lane() {  # config seconds_per_step name
     steps=$(python -c "print(max(6, round($budget / $per_step)))")
     warmup=$(python -c "print(max(1, round(0.05 * $steps)))")
     anneal=$(python -c "print(max(1, round(0.30 * $steps)))")
-    interval=$(python -c "print(max(1, $steps // 6))")
+    interval=$(python -c "print(max(1, $steps // 4))")
     for seed in 0 1 2; do
         local out="$root/${name}_seed$seed"
         if [ -f "$out/last.safetensors" ]; then echo "$out: finished"; continue; fi
@@ -32,7 +33,7 @@ run_lane() {  # config seconds_per_step name
         if [ -f "$out/ckpt.pt" ]; then resume=(--resume); fi
         OMP_NUM_THREADS=1 python Training/train.py "$config" "${resume[@]}" data="$data" out="$out" seed=$seed \
             max_steps=$steps warmup_steps=$warmup anneal_steps=$anneal eval_interval=$interval \
-            eval_slices=128 early_stop_patience=2 num_threads=1 >"$out.log" 2>&1
+            eval_slices=48 early_stop_patience=2 num_threads=1 >"$out.log" 2>&1
     done
 }
 

@@ -40,6 +40,10 @@ class ProbSAMLearner(nn.Module):
     def caches_embeddings(self) -> bool:
         return self.model.config.freeze_encoder
 
+    @property
+    def latent_dim(self) -> int:
+        return self.model.config.latent_dim
+
     def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None) -> dict:
         """images (B, H, W) in [0, 1], boxes (B, 4) image pixels, targets (B, H, W) one reader's mask."""
         config, image_hw = self.model.config, images.shape[-2:]
@@ -79,6 +83,10 @@ class ProbUNetLearner(nn.Module):
         super().__init__()
         self.model = model
         self.loss_config = loss_config
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.latent_dim
 
     def forward(self, images, boxes, targets, step: int, embeddings=None) -> dict:
         out = self.model(images, boxes, targets.float())
