@@ -118,13 +118,20 @@ def evaluate_slices(predictor, batches: SliceBatches, positions: np.ndarray, siz
 def summarise(rows: List[dict]) -> Dict[str, float]:
     """Mean of every metric over slices (NaN-aware for NCC, whose NaN count is reported); ECE pooled."""
     keys = [k for k in rows[0] if k not in ID_KEYS and k != "calibration_bins" and not k.startswith("ece")]
-    summary = {key: float(np.nanmean([r[key] for r in rows])) for key in keys}
+    with np.errstate(invalid="ignore"):  # an all-NaN column (NCC of a deterministic method) stays NaN
+        summary = {key: _nanmean([r[key] for r in rows]) for key in keys}
     for key in [k for k in keys if k.startswith("ncc")]:
         summary[f"{key}_nan_slices"] = int(np.isnan([r[key] for r in rows]).sum())
     for key in [k for k in rows[0] if k.startswith("ece")]:
         summary[key] = metrics.ece_from_bins(np.sum([r["calibration_bins"] for r in rows], axis=0))
     summary["slices"] = len(rows)
     return summary
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    return float(values[finite].mean()) if finite.any() else float("nan")
 
 
 def protocol_text(data: str, split: str, n_slices: int, n_unmarked: int, sizes, margin: float, seed: int,
