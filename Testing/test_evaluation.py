@@ -141,16 +141,23 @@ def test_noise_is_independent_of_the_batch_size(phantom):
     from Training.learners import build_learner
     torch.manual_seed(0)
     learner = build_learner(TrainConfig(model="prob_unet", unet_channels=[4, 8]))
-    for p in learner.model.fcomb[-1].parameters():  # make z matter
+    for p in learner.model.fcomb.parameters():  # make z matter (random, not dead, ReLUs)
         torch.nn.init.normal_(p)
     batches = SliceBatches(load_dataset(phantom, "val"))
-    positions = np.arange(min(6, len(batches)))
+    positions = np.arange(min(4, len(batches)))
     rows = [evaluate_slices(learner, batches, positions, (4,), seed=2, batch_size=b, progress=False)
             for b in (1, 4)]
     for a, b in zip(*rows):
-        assert a["slice"] == b["slice"] and a["ged@4"] == b["ged@4"] and a["ncc@4"] == pytest.approx(b["ncc@4"])
-    other_seed = evaluate_slices(learner, batches, positions, (4,), seed=3, batch_size=4, progress=False)
-    assert any(a["ged@4"] != b["ged@4"] for a, b in zip(rows[0], other_seed))
+        assert a["slice"] == b["slice"] and a["ged@4"] == b["ged@4"] and a["ncc@4"] == pytest.approx(b["ncc@4"], rel=1e-3, nan_ok=True)  # conv round-off
+    # the noise is a function of (seed, slice) only, and the samples do follow it
+    from Training.evaluate import slice_noise
+    assert torch.equal(slice_noise(2, 7, 4, 6), slice_noise(2, 7, 4, 6))
+    assert not torch.equal(slice_noise(2, 7, 4, 6), slice_noise(3, 7, 4, 6))
+    assert not torch.equal(slice_noise(2, 7, 4, 6), slice_noise(2, 8, 4, 6))
+    batch = batches.read(positions[:2])
+    a, b = (learner.sample_probabilities(batch.images, batch.boxes, 4, noise=torch.stack(
+        [slice_noise(seed, s, 4, learner.latent_dim) for s in (0, 1)])) for seed in (2, 3))
+    assert not torch.allclose(a, b)
 
 
 def test_evaluate_reports_intervals_baselines_and_per_slice_provenance(phantom, tmp_path):
