@@ -239,13 +239,26 @@ def test_early_stopping_ends_the_run_inside_the_budget_and_resumes(phantom, tmp_
     assert "done: 2 steps" in again.stdout
 
 
-def test_a_model_trained_on_64_px_crops_samples_a_64_px_window(tmp_path):
+def centre_crops(source: Path, out: Path, side: int) -> None:
+    """The data set at ``source`` cut to its central side² pixels (slices left without a mark dropped)."""
+    from Training.dataset_format import Chunk, load_dataset, write_dataset
+    ds = load_dataset(source)
+    lo = (ds.images.shape[-1] - side) // 2
+    masks = np.asarray(ds.masks[..., lo:lo + side, lo:lo + side])
+    marked = masks.reshape(len(masks), 4, -1).any(-1)
+    keep = np.flatnonzero(marked.any(1))
+    rows = [dict({k: ds.table[k][i] for k in ds.table}, n_marked=int(marked[i].sum())) for i in keep]
+    chunk = Chunk(np.asarray(ds.images[keep][:, lo:lo + side, lo:lo + side]), masks[keep],
+                  np.asarray(ds.present[keep]), rows)
+    write_dataset(out, [chunk], dict(ds.meta))
+
+
+def test_a_model_trained_on_64_px_crops_samples_a_64_px_window(phantom, tmp_path):
     from ProbSAMLib.build import load_probsam
     from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_ijk
     from ProbSAMLib.volume import min_context_size, sample_volume
-    from Training.make_phantom import make_phantom
     data = tmp_path / "crops64"
-    make_phantom(data, scans=2, crop=64, progress=False)
+    centre_crops(phantom, data, 64)
     out = tmp_path / "run"
     run_train(f"data={data}", f"out={out}", "model=probsam", "preset=tiny", "cache=false", "batch_size=2",
               "eval_slices=2", "eval_samples=2", "num_threads=1", "max_steps=1", "eval_interval=1",
@@ -257,5 +270,5 @@ def test_a_model_trained_on_64_px_crops_samples_a_64_px_window(tmp_path):
     volume = np.full(geometry.shape, -800.0, np.float32)
     result = sample_volume(model, volume, geometry, voxel_box_from_ijk([90, 80, 0], [100, 92, 2], geometry),
                            n_samples=2, seed=0, slice_batch=3)
-    r0, r1, c0, c1 = result.summary["context_window_rc"]
+    r0, r1, c0, c1 = result.summary["settings"]["context_window_rc"]
     assert (r1 - r0, c1 - c0) == (64, 64)
