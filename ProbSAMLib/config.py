@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 # SAM's image-encoder variants (segment_anything/build_sam.py) plus a tiny one for tests and the demo.
 ENCODER_VARIANTS: Dict[str, Dict[str, Any]] = {
@@ -39,6 +39,9 @@ class ProbSAMConfig:
       latent_to_dense: also add a projection of z to the dense prompt embedding (off = the paper).
       window: CT window (centre, width) in HU used to map HU to [0, 1]; None = images already in [0, 1].
       freeze_encoder: keep the image encoder fixed in training (the default; enables embedding caches).
+      context_size: side in pixels of the image crops the model was trained on (written by train.py); the
+        volume sampler never shows it a smaller window, so a nodule appears at the scale it was trained
+        at. None = unknown (the sampler falls back to img_size).
     """
 
     encoder: str = "vit_b"
@@ -52,6 +55,7 @@ class ProbSAMConfig:
     latent_to_dense: bool = False
     window: Tuple[float, float] | None = LUNG_WINDOW
     freeze_encoder: bool = True
+    context_size: Optional[int] = None
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -67,6 +71,10 @@ class ProbSAMConfig:
             self.window = (float(self.window[0]), float(self.window[1]))
             if self.window[1] <= 0:
                 raise ValueError(f"window width must be positive, got {self.window[1]}")
+        if self.context_size is not None:
+            if int(self.context_size) < 1:
+                raise ValueError(f"context_size must be a positive number of pixels, got {self.context_size}")
+            self.context_size = int(self.context_size)
 
     @property
     def embedding_size(self) -> int:

@@ -13,6 +13,8 @@ Everything runs on flattened ``(N, P)`` arrays: pairwise intersections are one m
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
@@ -139,18 +141,19 @@ def ged(samples, annotations) -> float:
 
 
 def hm_iou(samples, annotations) -> float:
-    """Hungarian-matched IoU (MoSE): mean IoU of a one-to-one matching of samples to repeated annotations.
+    """Hungarian-matched IoU (MoSE): mean IoU of the optimal matching of N samples to M annotations.
 
-    samples (N, ...), annotations (M, ...). The shorter stack is repeated cyclically to the length L of
-    the longer one (index i → i mod len), which is MoSE's tiling when N is a multiple of M; the L × L
-    cost 1 − IoU is matched with the Hungarian algorithm and the L matched IoUs are averaged. When N is
-    not a multiple of M the first N mod M annotators get one extra copy.
+    samples (N, ...), annotations (M, ...), uniform weight on each side. Both stacks are replicated to
+    L = lcm(N, M) (each sample L/N times, each annotation L/M times), the L × L cost 1 − IoU is matched
+    with the Hungarian algorithm and the L matched IoUs are averaged. This equals MoSE's optimal transport
+    between the two uniform distributions and, unlike repeating the shorter stack cyclically, does not
+    depend on the order of the readers when M does not divide N (e.g. N = 16, M = 3: L = 48).
     """
     s, y = _samples_annotations(samples, annotations)
     pair = pairwise_iou(s, y)                                  # (N, M), computed once
     n, m = pair.shape
-    length = max(n, m)
-    tiled = pair[np.arange(length) % n][:, np.arange(length) % m]   # (L, L)
+    length = math.lcm(n, m)
+    tiled = np.repeat(np.repeat(pair, length // n, axis=0), length // m, axis=1)   # (L, L)
     rows, cols = linear_sum_assignment(1.0 - tiled)
     return float(tiled[rows, cols].mean())
 
@@ -241,3 +244,47 @@ def mean_prediction_scores(samples_or_probs, annotations, threshold: float = 0.5
         "threshold": float(threshold),
         "vote_level": float(vote_level),
     }
+
+
+# --- calibration -----------------------------------------------------------------------------------------
+
+ECE_BINS = 10
+
+
+def calibration_bins(probabilities, annotations, n_bins: int = ECE_BINS, region=None) -> np.ndarray:
+    """Reliability-diagram sums of one case: (3, n_bins) rows = pixel-reader pairs, sum of p, sum of y.
+
+    probabilities (...) the predicted foreground probability per pixel (e.g. the mean of N samples);
+    annotations (M, ...) masks: every (pixel, annotator) pair is one binary outcome, so a pixel that 3 of
+    4 readers marked counts as 3 hits and 1 miss at its probability. region (...) bool restricts the
+    pixels (evaluate.py: the prompt box, where all the ambiguity is). Equal-width bins on [0, 1], the
+    last one closed. Sums add over cases, so a data set's ECE (and its bootstrap) pools cases exactly.
+    """
+    p = np.asarray(probabilities, dtype=np.float64)
+    y = _as_stack(annotations, "annotations")
+    if y.shape[1:] != p.shape:
+        raise ValueError(f"probabilities {p.shape} and annotations {y.shape[1:]} differ in shape")
+    if not np.isfinite(p).all() or p.min() < 0 or p.max() > 1:
+        raise ValueError("probabilities must lie in [0, 1]")
+    keep = np.ones(p.shape, bool) if region is None else np.asarray(region, dtype=bool)
+    p, hits = p[keep], y[:, keep].sum(0).astype(np.float64)     # (P,), (P,) annotators marking each pixel
+    bins = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
+    m = len(y)
+    return np.stack([np.bincount(bins, minlength=n_bins) * float(m),
+                     np.bincount(bins, weights=p * m, minlength=n_bins),
+                     np.bincount(bins, weights=hits, minlength=n_bins)])
+
+
+def ece_from_bins(bins: np.ndarray) -> float:
+    """Expected calibration error Σ_b (n_b / n) · |mean p_b − mean y_b| from calibration_bins sums."""
+    count, sum_p, sum_y = np.asarray(bins, dtype=np.float64)
+    total = count.sum()
+    if total == 0:
+        return float("nan")
+    return float(np.abs(sum_p - sum_y).sum() / total)
+
+
+def ece(probabilities, annotations, n_bins: int = ECE_BINS, region=None) -> float:
+    """Expected calibration error of per-pixel foreground probabilities against M annotators (in [0, 1],
+    lower is better); see calibration_bins for the outcomes and bins."""
+    return ece_from_bins(calibration_bins(probabilities, annotations, n_bins, region))

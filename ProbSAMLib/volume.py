@@ -6,7 +6,7 @@ per-slice 2D box (``geometry.slice_boxes_2d``). For every slice of the voxel box
 1. Context window. The model sees a square window centred on the box, of side
    ``max(min_context, longest box side + 2 * CONTEXT_MARGIN_PX)`` pixels, shifted to stay inside the
    slice and cut to the slice where the slice is smaller. ``min_context`` is the crop size the model was
-   trained on (``config.extra["context_size"]``), else its input size ``config.img_size`` — so the tiny
+   trained on (``config.context_size``), else its input size ``config.img_size`` — so the tiny
    demo model sees a 128² crop as in training, and SAM (1024) sees the whole 512² slice as SAM does.
    The window is the same on every slice, since the voxel box is a block of the grid.
 2. Encoding in chunks of ``slice_batch`` slices (the encoder runs once per slice). ``None`` chooses the
@@ -102,8 +102,9 @@ def place_on_grid(values: np.ndarray, voxel_box: VoxelBox, shape_kji: tuple) -> 
 
 # --- the context window -------------------------------------------------------------------------------
 def min_context_size(model: ProbSAM) -> int:
-    """Side in pixels of the smallest window the model should see (its training crop or input size)."""
-    return int(model.config.extra.get("context_size", model.config.img_size))
+    """Side in pixels of the smallest window the model should see: the crop size it was trained on
+    (``config.context_size``), else its input size ``config.img_size``."""
+    return int(model.config.context_size or model.config.img_size)
 
 
 def context_window(box2d, image_hw, min_side: int, margin: int = CONTEXT_MARGIN_PX) -> tuple:

@@ -308,7 +308,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
     data = tiny_dataset(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
 
-    def full_disk(model, data, path):
+    def full_disk(model, data, path, **options):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(embedding_cache, "build_cache", full_disk)

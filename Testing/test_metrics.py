@@ -130,17 +130,62 @@ def test_hm_iou_tiles_annotations_and_does_not_pick_best_m():
     assert hm_iou(stack(A, A, B, B), stack(A, B)) == pytest.approx(1.0)
 
 
-def test_hm_iou_n_not_multiple_of_m_repeats_cyclically():
-    # N = 3, M = 2: Y repeated to (A, B, A).
-    # samples (A, A, B): A-A, A-A, B-B -> 1. (Balancing with lcm = 6 copies would give 5/6.)
-    assert hm_iou(stack(A, A, B), stack(A, B)) == pytest.approx(1.0)
-    # samples (B, B, A): targets (A, B, A) -> B-B 1, A-A 1, B-A 0 -> 2/3
-    assert hm_iou(stack(B, B, A), stack(A, B)) == pytest.approx(2 / 3)
+def test_hm_iou_n_not_multiple_of_m_replicates_to_lcm():
+    # N = 3, M = 2 -> L = lcm = 6: samples (A, A, B) x2 = (A, A, A, A, B, B); Y (A, B) x3 = (A, A, A, B, B, B).
+    # Best matching: 3 x A-A (1), 2 x B-B (1), 1 x A-B (0) -> 5/6. (Cyclic repetition of Y would give 1.)
+    assert hm_iou(stack(A, A, B), stack(A, B)) == pytest.approx(5 / 6)
+    # samples (B, B, A) x2 = (B, B, B, B, A, A) vs (A, A, A, B, B, B): 3 B-B + 2 A-A + 1 B-A -> 5/6.
+    assert hm_iou(stack(B, B, A), stack(A, B)) == pytest.approx(5 / 6)
+
+
+def test_hm_iou_m_does_not_divide_n_hand_value_and_reader_order():
+    # N = 4, M = 3 -> L = 12: samples (A, A, B, EMPTY) x3 = A x6, B x3, EMPTY x3; Y (A, B, EMPTY) x4 each.
+    # Matching: 4 A-A (1), 3 B-B (1), 3 EMPTY-EMPTY (IoU(∅, ∅) = 1), 2 A left against B / EMPTY (0)
+    # -> 10/12 = 5/6 for every order of the readers. Repeating Y cyclically to 4 would give 1 for the
+    # order (A, B, EMPTY) -> (A, B, EMPTY, A) and 3/4 for (B, EMPTY, A) -> (B, EMPTY, A, B).
+    samples = stack(A, A, B, EMPTY)
+    for readers in itertools.permutations([A, B, EMPTY]):
+        assert hm_iou(samples, stack(*readers)) == pytest.approx(5 / 6)
+
+
+def test_hm_iou_reader_order_invariant_n16_m3():
+    # The case: N = 16, M = 3 (L = 48). The matching value is a property of the two sets.
+    rng = np.random.default_rng(3)
+    s, y = rng.random((16, 8, 8)) > 0.6, rng.random((3, 8, 8)) > 0.5
+    values = [hm_iou(s, y[list(order)]) for order in itertools.permutations(range(3))]
+    assert np.ptp(values) < 1e-12
+    assert hm_iou(s[::-1], y) == pytest.approx(values[0])
 
 
 def test_hm_iou_fewer_samples_than_annotators():
     # N = 1 < M = 2: the samples are repeated to (A, A) against (A, B) -> (1 + 0)/2
     assert hm_iou(stack(A), stack(A, B)) == pytest.approx(0.5)
+
+
+# --- calibration -----------------------------------------------------------------------------------------
+
+def test_ece_hand_value():
+    # p = (0.05, 0.05, 0.95, 0.55) on 4 pixels; readers y1 = (0, 0, 1, 1), y2 = (0, 1, 1, 0): every
+    # (pixel, reader) pair is an outcome, 8 in all.
+    #   bin 0 (p 0.05): 4 pairs, mean p 0.05, hits 1/4  -> |0.05 - 0.25| = 0.2,  weight 4/8
+    #   bin 9 (p 0.95): 2 pairs, mean p 0.95, hits 2/2  -> 0.05,                  weight 2/8
+    #   bin 5 (p 0.55): 2 pairs, mean p 0.55, hits 1/2  -> 0.05,                  weight 2/8
+    # ECE = 0.1 + 0.0125 + 0.0125 = 0.125
+    p = np.array([[0.05, 0.05, 0.95, 0.55]])
+    y = stack(np.array([[0, 0, 1, 1]], bool), np.array([[0, 1, 1, 0]], bool))
+    assert metrics.ece(p, y) == pytest.approx(0.125)
+    # Restricted to the last two pixels: (2·0.05 + 2·0.05)/4 = 0.05
+    assert metrics.ece(p, y, region=np.array([[0, 0, 1, 1]], bool)) == pytest.approx(0.05)
+    # Bins add over cases: two copies of the case pool to the same ECE.
+    bins = metrics.calibration_bins(p, y)
+    assert metrics.ece_from_bins(bins + bins) == pytest.approx(0.125)
+
+
+def test_ece_perfectly_calibrated_is_zero():
+    # p = fraction of readers marking each pixel, on bin centres -> every bin's mean p equals its hit rate
+    y = stack(row_mask([0, 1]), row_mask([0]), row_mask([0]), row_mask([]))
+    p = y.mean(0)                                  # (1, 20): 0.75, 0.25, 0, ...
+    assert metrics.ece(p, y) == pytest.approx(0.0, abs=1e-12)
 
 
 # --- Dmax, diversity -------------------------------------------------------------------------------------

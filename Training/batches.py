@@ -1,7 +1,8 @@
 """Training batches straight from the memory-mapped data set, deterministic in (seed, step, rank).
 
-No DataLoader: the arrays are memory-mapped and the only augmentation is box jitter (and flips without
-the embedding cache), so a batch is one fancy-indexing read. The order is a seeded permutation per
+No DataLoader: the arrays are memory-mapped and the only augmentations are box jitter and random flips,
+so a batch is one fancy-indexing read. Each slice's flips are one code (FLIP_CODES): with the embedding
+cache, the cache holds every flipped variant and the code picks the one to read. The order is a seeded permutation per
 epoch, which makes a resumed run see exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
@@ -21,13 +22,27 @@ from Training.dataset_format import SliceDataset
 @dataclass
 class Batch:
     """images (B, H, W) float32 in [0, 1]; masks (B, M, H, W) bool; present (B, M) bool;
-    boxes (B, 4) prompt boxes in image pixels; positions (B,) rows of the split (for the cache)."""
+    boxes (B, 4) prompt boxes in image pixels; positions (B,) rows of the split (for the cache);
+    flips (B,) int flip codes applied to image and masks (0 = none, see flip_images)."""
 
     images: torch.Tensor
     masks: torch.Tensor
     present: torch.Tensor
     boxes: torch.Tensor
     positions: np.ndarray
+    flips: Optional[np.ndarray] = None
+
+
+# A flip code's bit 0 flips left-right (columns), bit 1 up-down (rows): 0 none, 1 lr, 2 ud, 3 both.
+FLIP_CODES = (0, 1, 2, 3)
+
+
+def flip_images(array, code: int):
+    """Flip the last two axes of a numpy array or tensor by one flip code (a view for numpy)."""
+    axes = [axis for bit, axis in ((1, -1), (2, -2)) if code & bit]
+    if not axes:
+        return array
+    return torch.flip(array, axes) if torch.is_tensor(array) else np.flip(array, axes)
 
 
 def step_rng(seed: int, step: int, rank: int = 0, stream: int = 0) -> np.random.Generator:
@@ -53,12 +68,19 @@ def batch_positions(n_items: int, batch_size: int, step: int, seed: int, rank: i
 
 
 class SliceBatches:
-    """Reads batches of one split: HU -> [0, 1] with the model's window, union-box prompts."""
+    """Reads batches of one split: HU -> [0, 1] with the model's window, union-box prompts.
+
+    Slices no reader marked (kept by the LIDC pickle's literature split) have no box to prompt with:
+    they are left out of the batches and counted in ``n_unmarked`` (evaluate.py reports the count).
+    """
 
     def __init__(self, dataset: SliceDataset, window=LUNG_WINDOW, box_margin: float = 2.0):
         self.dataset = dataset
         self.window = window if dataset.intensity == "hu" else None
         self.box_margin = box_margin
+        marked = np.asarray(dataset.table["n_marked"], dtype=np.int64)[dataset.indices] > 0
+        self.n_unmarked = int((~marked).sum())
+        dataset.indices = dataset.indices[marked]
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -74,31 +96,36 @@ class SliceBatches:
         images = window_ct(np.asarray(self.dataset.images[rows], dtype=np.float32), self.window)
         masks = np.asarray(self.dataset.masks[rows], dtype=bool)
         present = np.asarray(self.dataset.present[rows], dtype=bool)
+        flips = np.zeros(len(rows), dtype=np.int64)
         if flip and rng is not None:
-            images, masks = _random_flips(images, masks, rng)
+            images, masks, flips = _random_flips(images, masks, rng)
         boxes = union_boxes(masks, present, self.box_margin)
         if jitter > 0 and rng is not None:
             boxes = jitter_boxes(boxes, self.image_hw, rng, jitter, jitter_max_px)
         return Batch(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
                      torch.from_numpy(np.ascontiguousarray(masks)), torch.from_numpy(present),
-                     torch.from_numpy(boxes), np.asarray(positions))
+                     torch.from_numpy(boxes), np.asarray(positions), flips)
 
 
 def _random_flips(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator):
+    """Each slice flipped left-right and/or up-down with probability 1/2 each -> (images, masks, codes)."""
     images, masks = images.copy(), masks.copy()
+    codes = np.zeros(len(images), dtype=np.int64)
     for i in range(len(images)):
-        if rng.random() < 0.5:
-            images[i], masks[i] = images[i][:, ::-1], masks[i][..., ::-1]
-        if rng.random() < 0.5:
-            images[i], masks[i] = images[i][::-1], masks[i][..., ::-1, :]
-    return images, masks
+        codes[i] = int(rng.random() < 0.5) | (int(rng.random() < 0.5) << 1)
+        images[i], masks[i] = flip_images(images[i], codes[i]), flip_images(masks[i], codes[i])
+    return images, masks, codes
 
 
 def choose_readers(present: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-    """(B,) index of one present reader per slice, uniformly: the target of this step."""
-    present = present.numpy()
-    picks = [rng.choice(np.flatnonzero(row)) if row.any() else 0 for row in present]
-    return torch.as_tensor(picks, dtype=torch.long)
+    """(B,) one reader slot per slice, uniformly over ALL M slots: the target of this step.
+
+    A reader who did not mark the slice (or the nodule) is an empty mask, as in the LIDC pickle, for
+    every data source: the model learns the same M = 4 reader distribution that GED evaluates against.
+    ``present`` (B, M) only gives the shape here.
+    """
+    batch, slots = present.shape
+    return torch.as_tensor(rng.integers(0, slots, size=batch), dtype=torch.long)
 
 
 def validation_positions(n_items: int, count: int, seed: int = 0) -> np.ndarray:

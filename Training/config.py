@@ -25,7 +25,7 @@ class TrainConfig:
     box_margin: float = 2.0  # pixels around the readers' union box (train and eval)
     box_jitter: float = 0.1  # training only: each edge moves by up to this fraction of the side...
     box_jitter_max_px: float = 5.0  # ...and at most this many pixels
-    flip: bool = False  # random flips (only without the embedding cache: cached embeddings are fixed)
+    flip: bool = False  # random left-right / up-down flips (with the cache: all 4 flip variants are cached)
     # --- model
     model: str = "probsam"  # "probsam" or "prob_unet" (the baseline)
     preset: str = "tiny"  # ProbSAM preset: tiny, vit_b, vit_l, vit_h
@@ -60,6 +60,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_slices: int = 256  # validation slices for the running GED@16 (seeded subset)
     eval_samples: int = 16
+    early_stop_patience: int = 0  # stop after this many evaluations without a better val GED (0 = never)
     log_interval: int = 10
     num_threads: int = 0  # torch CPU threads; 0 = torch's default
 

@@ -6,10 +6,11 @@ A data set is a directory (see Training/README.md for the full description):
     masks.npy           (S, 4, H, W) bool, one mask a reader slot (empty when the reader is absent)
     reader_present.npy  (S, 4) bool, which reader slots hold a real annotation of the nodule
     slices.csv          one row a slice (columns: COLUMNS + the per-reader rating columns)
-    splits.json         patient-level train / val / test split with its seed
+    splits.json         train / val / test split with its seed and unit ("patient" or "series_uid")
     meta.json           format, version, source, intensity, crop size, counts, build parameters
 
-Only slices where at least one reader's mask is non-empty are stored. Writing goes to a temporary
+The DICOM and phantom builders store only slices where at least one reader's mask is non-empty; the
+pickle importer's literature split keeps every slice (n_marked = 0 for the empty ones). Writing goes to a temporary
 directory that is renamed into place when complete, so a data set on disk is always whole.
 No torch here: this module is the reader for scripts and the base of Training/datasets.py.
 """
@@ -26,7 +27,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
-from ProbSAMLib.errors import InputError
+from ProbSAMLib.errors import InputError, SettingsError
 from ProbSAMLib.outputdir import OutputFolder
 
 FORMAT = "probsam-lidc-slices"
@@ -111,6 +112,20 @@ def make_splits(patient_ids: Iterable[str], seed: int = 0) -> dict:
             "train": sorted(rest[n_val:]), "val": sorted(rest[:n_val]), "test": sorted(test)}
 
 
+def literature_splits(series_uids: Iterable[str]) -> dict:
+    """The LIDC literature split (PHiSeg / MoSE code): scikit-learn's ``train_test_split(test_size=0.2,
+    random_state=0)`` on the sorted unique series UIDs -> (train+val, test), then the same call on
+    train+val -> (train, val): 64 / 16 / 20 % of the series. Reproduce it to report against the
+    published LIDC table."""
+    from sklearn.model_selection import train_test_split
+
+    uids = sorted(set(series_uids))
+    rest, test = train_test_split(uids, test_size=0.2, random_state=0)
+    train, val = train_test_split(rest, test_size=0.2, random_state=0)
+    return {"seed": 0, "fractions": list(SPLIT_FRACTIONS), "unit": "series_uid", "rule": "literature",
+            "train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
 def check_output(out, force: bool, inputs=()) -> Path:
     """Refuse an unusable output (exists without `force`, holds an input, ...) before any work."""
     OutputFolder(out, force, inputs=inputs).check()
@@ -138,23 +153,27 @@ def _write_csv(path: Path, rows: List[dict]) -> None:
 
 
 def write_dataset(out, chunks: Sequence, meta: dict, seed: int = 0, force: bool = False,
-                  splits: Optional[dict] = None) -> dict:
+                  splits: Optional[dict] = None, split_rule: str = "patient") -> dict:
     """Write chunks (anything with `.n` and `.load() -> Chunk`) as one data set at `out`.
 
+    split_rule: "patient" (make_splits, seeded) or "literature" (literature_splits on series UIDs).
     Arrays are streamed into memory-mapped .npy files in a temporary sibling directory, which is
     renamed to `out` at the end. `splits` (make_splits of a superset of the patients, decided before
     the slices were made) is written restricted to the patients present; None splits the patients of
     the written slices. Returns the final meta dict.
     """
+    if split_rule not in ("patient", "literature"):
+        raise SettingsError(f"split rule must be 'patient' or 'literature', got {split_rule!r}")
     out = check_output(out, force)
     chunks = [c for c in chunks if c.n > 0]
     if not chunks:
         raise InputError("no slice with a non-empty mask: nothing to write")
     with OutputFolder(out, force) as tmp:  # the one writer: nothing under `out` until complete
-        return _write_into(tmp, chunks, meta, seed, splits)
+        return _write_into(tmp, chunks, meta, seed, splits, split_rule)
 
 
-def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int, splits: Optional[dict] = None) -> dict:
+def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int, splits: Optional[dict] = None,
+                split_rule: str = "patient") -> dict:
     first = chunks[0].load()
     total = sum(c.n for c in chunks)
     height, width = first.images.shape[1:]
@@ -175,13 +194,15 @@ def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int, splits: Opti
     del images, masks, present
     _write_csv(tmp / "slices.csv", rows)
     present_ids = {r["patient_id"] for r in rows}
-    if splits is None:
-        splits = make_splits(present_ids, seed)
-    else:
+    if splits is not None:
         splits = dict(splits, **{part: [p for p in splits[part] if p in present_ids]
                                  for part in ("train", "val", "test")})
         if present_ids - set(splits["train"] + splits["val"] + splits["test"]):
             raise InputError("the given split does not cover every patient of the data set")
+    elif split_rule == "literature":
+        splits = literature_splits(r["series_uid"] for r in rows)
+    else:
+        splits = make_splits(present_ids, seed)
     (tmp / "splits.json").write_text(json.dumps(splits, indent=1))
     meta = dict(meta, format=FORMAT, version=VERSION, crop=[int(height), int(width)],
                 dtype=str(first.images.dtype), created=datetime.now(timezone.utc).isoformat(
@@ -231,7 +252,8 @@ class SliceDataset:
             self.indices = np.arange(len(records))
         elif split in ("train", "val", "test"):
             chosen = set(self.splits[split])
-            in_split = [p in chosen for p in self.table["patient_id"]]
+            unit = "series_uid" if self.splits.get("unit") == "series_uid" else "patient_id"
+            in_split = [p in chosen for p in self.table[unit]]
             self.indices = np.nonzero(np.array(in_split, dtype=bool))[0]
         else:
             raise ValueError(f"split must be train, val, test or None, not {split!r}")

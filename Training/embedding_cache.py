@@ -4,6 +4,11 @@ With a frozen image encoder the embedding of a slice never changes, so recomputi
 reference code does) wastes most of the training time. The cache file's name carries a hash of the
 encoder weights and of the data set, so a different encoder or data set never reads a stale cache.
 fp16 halves the size (vit_b: 256 x 64 x 64 x 2 B = 2 MiB a slice); the training step upcasts to fp32.
+
+Flips: an encoder is not flip-equivariant, so a flipped slice needs its own embedding. With flips on,
+the training cache holds all four flip variants of every slice (Training/batches.FLIP_CODES: 4x the
+size) and each step reads the variant its random flip chose; flips are never silently turned off.
+The array is (S, V, C, h, w) with V = 1 (no flips) or 4.
 """
 from __future__ import annotations
 
@@ -11,12 +16,14 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from ProbSAMLib.model import ProbSAM
+from Training.batches import FLIP_CODES, flip_images
 
 
 def encoder_fingerprint(model: ProbSAM) -> str:
@@ -29,29 +36,36 @@ def encoder_fingerprint(model: ProbSAM) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_file(cache_dir: Path, batches, split: str, model: ProbSAM) -> Path:
+def cache_file(cache_dir: Path, batches, split: str, model: ProbSAM, flips: bool = False) -> Path:
     meta = batches.dataset.meta
     data_key = hashlib.sha256(json.dumps([str(meta.get("created")), meta.get("n_slices"), split,
                                           len(batches)]).encode()).hexdigest()[:8]
-    return Path(cache_dir) / f"embeddings_{split}_{data_key}_{encoder_fingerprint(model)}.npy"
+    variants = f"_flips{len(FLIP_CODES)}" if flips else ""
+    return Path(cache_dir) / f"embeddings_{split}_{data_key}_{encoder_fingerprint(model)}{variants}.npy"
 
 
 @torch.no_grad()
-def build_cache(model: ProbSAM, batches, path: Path, batch_size: int = 32, progress: bool = True) -> Path:
-    """Encode every slice of ``batches`` into an fp16 (S, C, h, w) .npy at ``path`` (atomic)."""
+def build_cache(model: ProbSAM, batches, path: Path, batch_size: int = 32, progress: bool = True,
+                flips: bool = False) -> Path:
+    """Encode every slice of ``batches`` into an fp16 (S, V, C, h, w) .npy at ``path`` (atomic); V = 4 flip
+    variants (FLIP_CODES order) when ``flips``, else 1."""
     path = Path(path)
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     grid, channels = model.config.embedding_size, model.config.prompt_dim
     tmp = path.with_name(path.name + f".{os.getpid()}.part")
-    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(len(batches), channels, grid, grid))
+    codes = FLIP_CODES if flips else (0,)
+    store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
+                                      shape=(len(batches), len(codes), channels, grid, grid))
     try:
         model.eval()
         for start in tqdm(range(0, len(batches), batch_size), desc=f"caching {path.name}", disable=not progress):
             positions = np.arange(start, min(start + batch_size, len(batches)))
             images = batches.read(positions).images
-            store[start:start + len(positions)] = model.encode(images).float().cpu().numpy().astype(np.float16)
+            for v, code in enumerate(codes):
+                encoded = model.encode(flip_images(images, code).contiguous())
+                store[start:start + len(positions), v] = encoded.float().cpu().numpy().astype(np.float16)
         store.flush()
         del store
         os.replace(tmp, path)
@@ -65,6 +79,12 @@ def open_cache(path: Path) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-def cached_embeddings(cache: np.ndarray, positions: np.ndarray, device: torch.device) -> torch.Tensor:
-    """(B, C, h, w) fp32 embeddings of the split's ``positions``."""
-    return torch.from_numpy(np.asarray(cache[np.asarray(positions)], dtype=np.float32)).to(device)
+def cached_embeddings(cache: np.ndarray, positions: np.ndarray, device: torch.device,
+                      flips: Optional[np.ndarray] = None) -> torch.Tensor:
+    """(B, C, h, w) fp32 embeddings of the split's ``positions``, flipped by the codes ``flips`` (B,)."""
+    positions = np.asarray(positions)
+    codes = np.zeros(len(positions), dtype=np.int64) if flips is None else np.asarray(flips, dtype=np.int64)
+    if codes.any() and cache.shape[1] != len(FLIP_CODES):
+        raise ValueError("flipped embeddings asked of a cache built without flips")
+    variants = codes if cache.shape[1] == len(FLIP_CODES) else np.zeros_like(codes)
+    return torch.from_numpy(np.asarray(cache[positions, variants], dtype=np.float32)).to(device)

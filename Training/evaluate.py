@@ -1,18 +1,23 @@
-"""Evaluate trained models on a split: GED@16/@100, HM-IoU@16, NCC, Dmax, mean-prediction Dice/IoU,
-sample diversity — all from ProbSAMLib.metrics — written as a Markdown table and CSV files.
+"""Evaluate trained models and baselines on a split: GED@16/@100, HM-IoU@16, NCC, ECE, Dmax, Dice/IoU
+of the mean prediction, sample diversity (ProbSAMLib.metrics), with 95 % patient-bootstrap intervals,
+broken down by how many readers marked the slice, and paired differences against the first model.
 
     python Training/evaluate.py --data data/phantom --split test \
-        --model runs/probsam_tiny/best.safetensors --model runs/prob_unet/best.safetensors --out results/phantom
+        --model runs/fair/probsam_tiny_seed0/best.safetensors --model runs/fair/prob_unet_seed0/best.safetensors \
+        --threshold-baseline --prior-mean --out results/phantom
 
-Protocol (printed with every table): the prompt is the union box of all readers of the slice plus a
-margin, no jitter (never one reader's own box); annotations are the readers present on the scan (a
-present reader who did not mark this slice contributes an empty mask, as in the LIDC literature); the
-first N of one seeded draw of max(N) samples give the @N metrics.
+Protocol (written with every table, see protocol_text): the prompt is the union box of all readers of
+the slice plus a margin, no jitter (never one reader's own box); the annotations are the 4 reader slots,
+a reader who did not mark the slice (or the nodule) being an empty mask, as in the LIDC pickle; the
+first N of one seeded draw of max(N) samples give the @N metrics. Each slice's latent noise is drawn
+from (seed, slice index), so results do not depend on --batch-size.
+
+Outputs in --out: results.md (tables), results.json, results.csv (one row per method and reader group),
+per_slice_<name>.csv (every metric per slice, with the seed, the model file's SHA-256 and the commit).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
@@ -26,18 +31,24 @@ import torch
 from tqdm import tqdm
 
 from ProbSAMLib import metrics
+from ProbSAMLib.config import LUNG_WINDOW
 from ProbSAMLib.device import autocast, choose_device
 from ProbSAMLib.errors import SettingsError, WeightsError
 from Training import guards
 from Training.batches import SliceBatches, validation_positions
 
 THRESHOLD = 0.5
-COLUMNS = ["ged@16", "ged@100", "hm_iou@16", "ncc@16", "dmax@16", "dice_mean_annotator", "iou_mean_annotator",
-           "dice_majority", "iou_majority", "diversity@16"]
+# Per-slice values that are not metrics (kept in the per-slice CSV, skipped by summarise).
+ID_KEYS = ("position", "slice", "patient_id", "series_uid", "n_marked")
 
 
-def slice_metrics(probs: np.ndarray, annotations: np.ndarray, sizes: Sequence[int]) -> Dict[str, float]:
-    """probs (N, H, W) sample probabilities, annotations (M, H, W) -> the metric row of one slice."""
+def slice_metrics(probs: np.ndarray, annotations: np.ndarray, sizes: Sequence[int],
+                  region: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """probs (N, H, W) sample probabilities, annotations (M, H, W) -> the metric row of one slice.
+
+    ``region`` (H, W) bool: the pixels ECE is computed on (the prompt box). The row's "calibration_bins"
+    (3, bins) are the sums behind ECE, pooled over slices by the data-set ECE and its bootstrap.
+    """
     samples = probs > THRESHOLD
     row = {f"ged@{n}": metrics.ged(samples[:n], annotations) for n in sizes}
     small = samples[:min(sizes)]
@@ -46,123 +57,173 @@ def slice_metrics(probs: np.ndarray, annotations: np.ndarray, sizes: Sequence[in
     row[f"ncc@{n}"] = metrics.ncc(probs[:n], annotations)
     row[f"dmax@{n}"] = metrics.dmax(small, annotations)
     row[f"diversity@{n}"] = metrics.sample_diversity(small)
+    bins = metrics.calibration_bins(probs[:n].mean(0), annotations, region=region)
+    row[f"ece@{n}"] = metrics.ece_from_bins(bins)
     scores = metrics.mean_prediction_scores(small, annotations)
     row.update({key: scores[key] for key in ("dice_mean_annotator", "iou_mean_annotator", "dice_majority",
                                              "iou_majority")})
+    row["calibration_bins"] = bins
     return row
 
 
+def slice_noise(seed: int, slice_index: int, n_samples: int, latent_dim: int) -> torch.Tensor:
+    """(N, L) standard-normal latent noise of one slice, a function of (seed, slice index) only."""
+    state = np.random.SeedSequence([int(seed), int(slice_index), 7]).generate_state(2, dtype=np.uint64)
+    generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.randn((n_samples, latent_dim), generator=generator)
+
+
+def box_region(box: np.ndarray, image_hw) -> np.ndarray:
+    """(H, W) bool of the pixels whose centres lie in the box (x1, y1, x2, y2, continuous edges)."""
+    ys, xs = np.arange(image_hw[0]) + 0.5, np.arange(image_hw[1]) + 0.5
+    return ((ys >= box[1]) & (ys < box[3]))[:, None] & ((xs >= box[0]) & (xs < box[2]))[None, :]
+
+
 @torch.no_grad()
-def evaluate_slices(learner, batches: SliceBatches, positions: np.ndarray, sizes: Sequence[int] = (16, 100),
+def evaluate_slices(predictor, batches: SliceBatches, positions: np.ndarray, sizes: Sequence[int] = (16, 100),
                     seed: int = 0, batch_size: int = 16, device: Optional[torch.device] = None,
                     embeddings_of=None, progress: bool = True) -> List[dict]:
-    """One metric row per slice. ``embeddings_of(positions)`` supplies cached embeddings (ProbSAM)."""
-    device = device or next(learner.parameters()).device
-    learner.eval()
+    """One metric row per slice for a learner or a baseline (Training/baselines.py).
+
+    ``embeddings_of(positions)`` supplies cached embeddings (ProbSAM). The annotations are all reader
+    slots (absent reader = empty mask); n_marked is how many of them marked the slice.
+    """
+    parameters = list(predictor.parameters())
+    device = device or (parameters[0].device if parameters else torch.device("cpu"))
+    predictor.eval()
+    table = batches.dataset.table
+    n_max, latent_dim = max(sizes), int(getattr(predictor, "latent_dim", 0))
     rows = []
     for start in tqdm(range(0, len(positions), batch_size), desc="evaluating", disable=not progress, leave=False):
         chunk = positions[start:start + batch_size]
         batch = batches.read(chunk)
-        generator = torch.Generator().manual_seed(int(seed) * 1_000_003 + int(chunk[0]))
+        slices = batches.dataset.indices[chunk]
+        noise = torch.stack([slice_noise(seed, s, n_max, latent_dim) for s in slices]) if latent_dim else None
         embeddings = embeddings_of(chunk) if embeddings_of is not None else None
         with autocast(device):
-            probs = learner.sample_probabilities(batch.images.to(device), batch.boxes, max(sizes), generator,
-                                                 embeddings=embeddings)
+            probs = predictor.sample_probabilities(batch.images.to(device), batch.boxes, n_max,
+                                                   embeddings=embeddings, noise=noise)
         probs = probs.float().cpu().numpy()
-        for i, position in enumerate(chunk):
-            annotations = batch.masks[i][batch.present[i]].numpy()
-            row = {"position": int(position), "slice": int(batches.dataset.indices[position]),
-                   "n_readers": int(len(annotations))}
-            row.update(slice_metrics(probs[i], annotations, sizes))
+        for i, (position, index) in enumerate(zip(chunk, slices)):
+            annotations = batch.masks[i].numpy()  # all 4 slots
+            row = {"position": int(position), "slice": int(index), "patient_id": str(table["patient_id"][index]),
+                   "series_uid": str(table["series_uid"][index]),
+                   "n_marked": int(annotations.reshape(len(annotations), -1).any(1).sum())}
+            region = box_region(batch.boxes[i].numpy(), annotations.shape[-2:])
+            row.update(slice_metrics(probs[i], annotations, sizes, region))
             rows.append(row)
     return rows
 
 
 def summarise(rows: List[dict]) -> Dict[str, float]:
-    """Mean of every metric over slices (NaN-aware for NCC, whose NaN count is reported)."""
-    keys = [k for k in rows[0] if k not in ("position", "slice", "n_readers")]
-    summary = {key: float(np.nanmean([r[key] for r in rows])) for key in keys}
-    ncc_keys = [k for k in keys if k.startswith("ncc")]
-    for key in ncc_keys:
+    """Mean of every metric over slices (NaN-aware for NCC, whose NaN count is reported); ECE pooled."""
+    keys = [k for k in rows[0] if k not in ID_KEYS and k != "calibration_bins" and not k.startswith("ece")]
+    with np.errstate(invalid="ignore"):  # an all-NaN column (NCC of a deterministic method) stays NaN
+        summary = {key: _nanmean([r[key] for r in rows]) for key in keys}
+    for key in [k for k in keys if k.startswith("ncc")]:
         summary[f"{key}_nan_slices"] = int(np.isnan([r[key] for r in rows]).sum())
+    for key in [k for k in rows[0] if k.startswith("ece")]:
+        summary[key] = metrics.ece_from_bins(np.sum([r["calibration_bins"] for r in rows], axis=0))
     summary["slices"] = len(rows)
     return summary
 
 
-def markdown_table(results: Dict[str, Dict[str, float]], protocol: str) -> str:
-    names = list(results)
-    columns = [c for c in COLUMNS if all(c in results[n] for n in names)]
-    lines = [f"| model | {' | '.join(columns)} |", "|---|" + "---|" * len(columns)]
-    for name in names:
-        lines.append(f"| {name} | " + " | ".join(f"{results[name][c]:.3f}" for c in columns) + " |")
-    return protocol + "\n\n" + "\n".join(lines) + "\n"
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    return float(values[finite].mean()) if finite.any() else float("nan")
 
 
-def protocol_text(data: str, split: str, n_slices: int, sizes, margin: float, seed: int) -> str:
-    return (f"Data `{data}`, split **{split}** ({n_slices} slices). N = {', '.join(map(str, sizes))} samples "
-            f"(the @16 metrics use the first 16 of the seeded draw, seed {seed}). Box prompt: union box of all "
-            f"readers + {margin:g} px, no jitter. Annotations: the readers present on the scan (empty masks "
-            f"included). d = 1 - IoU, IoU(empty, empty) = 1; GED with self-pairs; HM-IoU after MoSE; NCC after "
-            f"PHiSeg (NaN slices excluded and counted); Dice/IoU of the thresholded mean prediction.")
-
-
-def write_results(out: Path, results: Dict[str, Dict[str, float]], per_slice: Dict[str, List[dict]],
-                  protocol: str) -> None:
-    """Every file into ``out``, which must be a folder being filled (the OutputFolder in main)."""
-    (out / "results.md").write_text(markdown_table(results, protocol))
-    keys = sorted({k for r in results.values() for k in r})
-    with open(out / "results.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["model", *keys])
-        for name, summary in results.items():
-            writer.writerow([name, *[summary.get(k, "") for k in keys]])
-    for name, rows in per_slice.items():
-        with open(out / f"per_slice_{name}.csv", "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-    (out / "results.json").write_text(json.dumps({"protocol": protocol, "results": results}, indent=1))
+def protocol_text(data: str, split: str, n_slices: int, n_unmarked: int, sizes, margin: float, seed: int,
+                  n_boot: int, baselines: Sequence[str] = ()) -> str:
+    text = (f"Data `{data}`, split **{split}**: {n_slices} slices evaluated"
+            + (f" ({n_unmarked} slices no reader marked are left out: a box prompt needs an object)"
+               if n_unmarked else "") + ". "
+            f"N = {', '.join(map(str, sizes))} samples (the @{min(sizes)} metrics use the first {min(sizes)} of one "
+            f"seeded draw, seed {seed}; each slice's latent noise depends only on the seed and the slice). "
+            f"Box prompt: union box of all readers + {margin:g} px, no jitter. Annotations: the 4 reader slots, "
+            f"a reader who did not mark the slice counting as an empty mask (M = 4, as in the LIDC pickle); "
+            f"rows by reader count group slices by how many readers marked them. d = 1 - IoU with IoU(empty, "
+            f"empty) = 1; GED with self-pairs; HM-IoU after MoSE (both sides replicated to lcm(N, M), Hungarian "
+            f"match); NCC after PHiSeg (NaN slices excluded and counted); ECE: 10 equal-width bins of the mean "
+            f"sample probability against every (pixel, reader) outcome inside the prompt box, pooled over "
+            f"slices; Dice/IoU of the thresholded mean prediction, Dice(empty, empty) = 1 (an empty prediction on "
+            f"a slice whose majority vote is empty scores 1). Intervals: 95 % percentile bootstrap over patients "
+            f"({n_boot} replicates); differences: paired bootstrap (same replicates for both methods).")
+    for line in baselines:
+        text += f"\n\n{line}"
+    return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from Training.guards import run_main
-
-    return run_main("evaluate.py", lambda: _main(argv))
+    return guards.run_main("evaluate.py", lambda: _main(argv))
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from Training.baselines import PriorMeanBaseline, ThresholdBaseline
+    from Training.evaluation_report import file_sha256, project_commit, write_results
+
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--model", action="append", required=True, help="weights file; repeat to compare")
+    parser.add_argument("--model", action="append", default=[], help="weights file; repeat to compare")
     parser.add_argument("--name", action="append", help="column name per --model (default: file's folder)")
+    parser.add_argument("--threshold-baseline", action="store_true",
+                        help="add the -400 HU threshold + connected-component baseline")
+    parser.add_argument("--prior-mean", action="store_true",
+                        help="add each ProbSAM model's deterministic prior-mean prediction as a baseline")
+    parser.add_argument("--unit-window", type=float, nargs=2, default=list(LUNG_WINDOW), metavar=("CENTRE", "WIDTH"),
+                        help="for data stored in [0, 1]: the HU window that produced it (threshold baseline)")
     parser.add_argument("--samples", type=int, nargs="+", default=[16, 100])
     parser.add_argument("--max-slices", type=int, default=0, help="seeded subset of the split (0 = all)")
     parser.add_argument("--box-margin", type=float, default=2.0)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
     parser.add_argument("--sam-checkpoint", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
     names = args.name or [Path(m).resolve().parent.name for m in args.model]
     check_arguments(args, names)
     output = guards.output_folder(args.out, args.force, inputs=[args.data, args.sam_checkpoint, *args.model])
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
     device = choose_device(args.device)
     batches = SliceBatches(guards.load_split(args.data, args.split), box_margin=args.box_margin)
     positions = validation_positions(len(batches), args.max_slices, args.seed)
     sizes = sorted(set(args.samples))
-    results, per_slice = {}, {}
+
+    # (name, predictor factory, model file or None): loaded one at a time to keep memory flat
+    methods = []
     for name, path in zip(names, args.model):
-        learner = guards.load_weights(path, args.sam_checkpoint).to(device)
-        per_slice[name] = evaluate_slices(learner, batches, positions, sizes, args.seed, args.batch_size, device)
-        results[name] = summarise(per_slice[name])
-        print(name, json.dumps({k: round(v, 4) for k, v in results[name].items()}))
-    protocol = protocol_text(args.data, args.split, len(positions), sizes, args.box_margin, args.seed)
+        methods.append((name, lambda p=path: guards.load_weights(p, args.sam_checkpoint), path))
+        if args.prior_mean and _is_probsam(path):
+            methods.append((f"{name} (prior mean)",
+                            lambda p=path: PriorMeanBaseline(guards.load_weights(p, args.sam_checkpoint)), path))
+    notes = []
+    if args.threshold_baseline:
+        window = LUNG_WINDOW if batches.dataset.intensity == "hu" else tuple(args.unit_window)
+        threshold = ThresholdBaseline(window)
+        methods.append(("threshold -400 HU", lambda t=threshold: t, None))
+        notes.append(f"Threshold baseline: {threshold.describe()}, inside the box.")
+    if len({m[0] for m in methods}) != len(methods):
+        raise SettingsError(f"method names must differ, got {[m[0] for m in methods]}; pass --name for each --model")
+
+    per_slice, provenance = {}, {"commit": project_commit(), "seed": args.seed}
+    for name, make, path in methods:
+        predictor = make().to(device)
+        per_slice[name] = evaluate_slices(predictor, batches, positions, sizes, args.seed, args.batch_size, device)
+        provenance[name] = file_sha256(path) if path else ""
+        print(name, json.dumps({k: round(v, 4) for k, v in summarise(per_slice[name]).items()}))
+    protocol = protocol_text(args.data, args.split, len(positions), batches.n_unmarked, sizes, args.box_margin,
+                             args.seed, args.bootstrap, notes)
     with output as tmp:  # nothing under --out until complete
-        write_results(tmp, results, per_slice, protocol)
-    print(markdown_table(results, protocol))
+        tables = write_results(tmp, per_slice, protocol, provenance, args.bootstrap, args.seed)
+    print(tables)
     return 0
 
 
@@ -172,18 +233,33 @@ def check_arguments(args, names: Sequence[str]) -> None:
         raise SettingsError("give one --name per --model")
     if len(set(names)) != len(names):
         raise SettingsError(f"model names must differ, got {names}; pass --name for each --model")
+    if not args.model and not args.threshold_baseline:
+        raise SettingsError("nothing to evaluate: give --model and/or --threshold-baseline")
     for value in args.samples:
         guards.at_least("--samples", value, 1)
     guards.at_least("--max-slices", args.max_slices, 0)
     guards.at_least("--batch-size", args.batch_size, 1)
     guards.at_least("--seed", args.seed, 0)
+    guards.at_least("--bootstrap", args.bootstrap, 1)
+    guards.at_least("--num-threads", args.num_threads, 0)
     if not np.isfinite(args.box_margin) or args.box_margin < 0:
         raise SettingsError(f"--box-margin must be a finite number >= 0, got {args.box_margin}")
+    if not all(np.isfinite(args.unit_window)) or args.unit_window[1] <= 0:
+        raise SettingsError(f"--unit-window needs a finite centre and a width > 0, got {args.unit_window}")
     for path in args.model:
         if not Path(path).is_file():
             raise WeightsError(f"no weights file at {path}")
     if args.sam_checkpoint is not None:
         guards.existing_file("--sam-checkpoint", args.sam_checkpoint)
+
+
+def _is_probsam(path: str) -> bool:
+    from safetensors import safe_open
+
+    from ProbSAMLib.checkpoints import FORMAT
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return (handle.metadata() or {}).get("format") == FORMAT
 
 
 if __name__ == "__main__":

@@ -1,13 +1,20 @@
 """Import the widely used preprocessed LIDC pickle (the Probabilistic U-Net / PHiSeg set).
 
     python Training/import_pickle.py data_lidc.pickle --out data/lidc_pickle
+    python Training/import_pickle.py data_lidc.pickle --out data/lidc_literature --split literature
 
 The pickle is a dict keyed by slice name (they begin with the patient ID, "LIDC-IDRI-dddd_..."),
 each value {'image': 128 x 128 float in [0, 1], 'masks': 4 x (128 x 128) binary, 'series_uid': str}.
 It becomes a data set in the common format (Training/README.md) with "intensity": "unit": the
 images are kept as they are (float32), not converted back to HU. The pickle does not say which
 readers annotated a nodule at all, so every reader slot is marked present and an empty mask counts
-as that reader's "no nodule here".
+as that reader's "no nodule here" (M = 4 on every slice, as the literature evaluates it).
+
+Splits: by default the project's seeded patient split, slices without any mask left out. With
+``--split literature`` the split of the published LIDC tables (PHiSeg / MoSE): scikit-learn's
+train_test_split(test_size=0.2, random_state=0) on the sorted unique series UIDs, twice (64/16/20), and
+every slice kept, empty ones included (n_marked = 0; evaluate.py counts them and leaves them out of the
+box-prompted metrics, since there is no object to draw a box around).
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
-from ProbSAMLib.errors import InputError  # noqa: E402
+from ProbSAMLib.errors import InputError, SettingsError  # noqa: E402
 from Training import guards  # noqa: E402
 from Training.dataset_format import N_READERS, Chunk, check_output, write_dataset  # noqa: E402
 
@@ -89,8 +96,9 @@ def _ids(key: str, series_uid: str):
     return patient, nodule, int(slice_match.group(1)) if slice_match else -1
 
 
-def pickle_chunk(data: Mapping) -> tuple:
-    """(Chunk, number of slices dropped because every mask is empty), keys in sorted order."""
+def pickle_chunk(data: Mapping, keep_empty: bool = False) -> tuple:
+    """(Chunk, number of slices dropped because every mask is empty), keys in sorted order.
+    keep_empty: keep those slices too (the literature split counts them)."""
     if not data:
         raise InputError("the pickle holds no slices (an empty dict)")
     keys = sorted(data, key=str)
@@ -100,7 +108,7 @@ def pickle_chunk(data: Mapping) -> tuple:
         image, slice_masks = _entry_arrays(key, entry)
         if slice_masks.shape[0] != N_READERS:
             raise InputError(f"slice {key!r}: {slice_masks.shape[0]} masks, expected {N_READERS}")
-        if not slice_masks.any():
+        if not slice_masks.any() and not keep_empty:
             dropped += 1
             continue
         if image.shape != slice_masks.shape[1:]:
@@ -115,23 +123,27 @@ def pickle_chunk(data: Mapping) -> tuple:
                      "n_readers": N_READERS, "n_marked": int(slice_masks.any(axis=(1, 2)).sum()),
                      "truncated": 0, "source_key": str(key)})
     if not rows:
-        raise InputError("the pickle holds no slice with a non-empty mask")
+        raise InputError("the pickle holds no slice" + ("" if keep_empty else " with a non-empty mask"))
     present = np.ones((len(rows), N_READERS), dtype=bool)
     return Chunk(np.stack(images), np.stack(masks), present, rows), dropped
 
 
 def import_pickle(pickle_path, out, seed: int = 0, force: bool = False,
-                  data: Optional[Mapping] = None) -> dict:
-    """Convert the pickle at `pickle_path` (or an already loaded `data` dict) into a data set."""
+                  data: Optional[Mapping] = None, split: str = "patient") -> dict:
+    """Convert the pickle at `pickle_path` (or an already loaded `data` dict) into a data set.
+
+    split: "patient" (seeded patient split, empty slices dropped) or "literature" (see the module doc)."""
+    if split not in ("patient", "literature"):
+        raise SettingsError(f"split must be 'patient' or 'literature', got {split!r}")
     check_output(out, force, inputs=[pickle_path] if pickle_path is not None else [])
     data = load_lidc_pickle(pickle_path) if data is None else data
-    chunk, dropped = pickle_chunk(data)
+    chunk, dropped = pickle_chunk(data, keep_empty=split == "literature")
     value_range = (float(chunk.images.min()), float(chunk.images.max()))
     if value_range[0] < -1e-3 or value_range[1] > 1 + 1e-3:
         raise InputError(f"pickle images span {value_range}, expected [0, 1]")
-    meta = {"source": "lidc-pickle", "intensity": "unit", "pickle": str(pickle_path),
+    meta = {"source": "lidc-pickle", "intensity": "unit", "pickle": str(pickle_path), "split_rule": split,
             "dropped_empty_slices": dropped}
-    return write_dataset(out, [chunk], meta, seed=seed, force=force)
+    return write_dataset(out, [chunk], meta, seed=seed, force=force, split_rule=split)
 
 
 def main(argv=None) -> int:
@@ -146,10 +158,14 @@ def _main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output data set directory")
     parser.add_argument("--seed", type=int, default=0, help="split seed (default 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing data set")
+    parser.add_argument("--split", choices=["patient", "literature"], default="patient",
+                        help="patient: seeded patient split, empty slices dropped (default); literature: the "
+                             "published tables' split (train_test_split random_state=0 on series UIDs), every "
+                             "slice kept")
     args = parser.parse_args(argv)
     guards.existing_file("pickle", args.pickle)
     guards.at_least("--seed", args.seed, 0)
-    meta = import_pickle(args.pickle, args.out, args.seed, args.force)
+    meta = import_pickle(args.pickle, args.out, args.seed, args.force, split=args.split)
     print(f"wrote {args.out}: {meta['n_slices']} slices, {meta['n_patients']} patients "
           f"({meta['dropped_empty_slices']} slices without any mask left out)")
     return 0

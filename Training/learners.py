@@ -2,6 +2,11 @@
 
 A learner is an nn.Module whose forward() is the whole training loss (so DistributedDataParallel wraps
 one call), plus ``sample_probabilities`` for evaluation and ``save`` for the weights file users load.
+
+Sampling takes the standard-normal latent noise ``noise`` (B, N, L) from the caller (z = mu + sigma *
+noise, mu and sigma from the prior), so evaluate.py can draw it per slice: the samples of a slice then do
+not depend on which other slices share its batch. ``mode="mean"`` gives the deterministic prior-mean
+prediction (z = mu), one of evaluate.py's baselines.
 """
 from __future__ import annotations
 
@@ -35,6 +40,10 @@ class ProbSAMLearner(nn.Module):
     def caches_embeddings(self) -> bool:
         return self.model.config.freeze_encoder
 
+    @property
+    def latent_dim(self) -> int:
+        return self.model.config.latent_dim
+
     def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None,
                 readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None) -> dict:
         """images (B, H, W) in [0, 1], boxes (B, 4) image pixels, targets (B, H, W) one reader's mask;
@@ -58,11 +67,19 @@ class ProbSAMLearner(nn.Module):
         return probsam_loss(out, target, step, self.loss_config, prior_logits, reader_targets, present.bool())
 
     @torch.no_grad()
-    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None):
-        """(B, N, H, W) foreground probabilities from the prior."""
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
+                             noise: Optional[torch.Tensor] = None, mode: str = "sample"):
+        """(B, N, H, W) foreground probabilities from the prior; ``noise`` (B, N, L) fixes the draw."""
         if embeddings is None:
             embeddings = self.model.encode(images.to(self.model.device))
-        probs, _ = sample_from_embeddings(self.model, embeddings, boxes, images.shape[-2:], n_samples, generator)
+        z = None
+        if noise is not None or mode == "mean":
+            boxes_model = preprocess.boxes_to_model_frame(boxes.to(embeddings.device, torch.float32),
+                                                          images.shape[-2:], self.model.config.img_size)
+            prior = self.model.prior_distribution(embeddings, boxes_model)
+            z = latents_from_noise(prior.base_dist.loc, prior.base_dist.scale, n_samples, noise, mode)
+        probs, _ = sample_from_embeddings(self.model, embeddings, boxes, images.shape[-2:], n_samples, generator,
+                                          z=z)
         return probs
 
     def save(self, path: Path, extra: Optional[dict] = None) -> None:
@@ -80,16 +97,35 @@ class ProbUNetLearner(nn.Module):
         self.model = model
         self.loss_config = loss_config
 
-    def forward(self, images, boxes, targets, step: int, embeddings=None) -> dict:
+    @property
+    def latent_dim(self) -> int:
+        return self.model.latent_dim
+
+    def forward(self, images, boxes, targets, step: int, embeddings=None, readers=None, present=None) -> dict:
+        """As ProbSAMLearner.forward; readers/present are unused (the set term is ProbSAM's only)."""
         out = self.model(images, boxes, targets.float())
         return probsam_loss(out, targets.float(), step, self.loss_config)
 
     @torch.no_grad()
-    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None):
-        return self.model.sample_probabilities(images, boxes, n_samples, generator)
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
+                             noise: Optional[torch.Tensor] = None, mode: str = "sample"):
+        return self.model.sample_probabilities(images, boxes, n_samples, generator, noise=noise, mode=mode)
 
     def save(self, path: Path, extra: Optional[dict] = None) -> None:
         save_prob_unet(self.model, path, extra)
+
+
+def latents_from_noise(mu: torch.Tensor, sigma: torch.Tensor, n_samples: int,
+                       noise: Optional[torch.Tensor] = None, mode: str = "sample") -> torch.Tensor:
+    """Prior mu, sigma (B, L) and standard-normal noise (B, N, L) -> z (B, N, L); mode "mean": z = mu."""
+    if mode == "mean":
+        return mu[:, None].expand(-1, n_samples, -1)
+    if mode != "sample":
+        raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+    if noise is None or tuple(noise.shape) != (mu.shape[0], n_samples, mu.shape[1]):
+        raise ValueError(f"noise must have shape {(mu.shape[0], n_samples, mu.shape[1])}, got "
+                         f"{None if noise is None else tuple(noise.shape)}")
+    return mu[:, None] + sigma[:, None] * noise.to(mu.device, mu.dtype)
 
 
 def loss_config(cfg: TrainConfig) -> LossConfig:
@@ -98,8 +134,12 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
                       set_kind=cfg.set_kind)
 
 
-def build_learner(cfg: TrainConfig, intensity: str = "hu") -> nn.Module:
-    """A fresh (or ``cfg.init``-initialised) learner for ``cfg.model``."""
+def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optional[int] = None) -> nn.Module:
+    """A fresh (or ``cfg.init``-initialised) learner for ``cfg.model``.
+
+    context_size: side of the training crops; stored in the ProbSAM config, so the volume sampler shows
+    the model windows at the scale it was trained at.
+    """
     if cfg.model == "prob_unet":
         return ProbUNetLearner(ProbUNet(cfg.unet_channels, cfg.latent_dim), loss_config(cfg))
     if cfg.model != "probsam":
@@ -113,6 +153,8 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu") -> nn.Module:
         config = ProbSAMConfig.preset(cfg.preset, latent_dim=cfg.latent_dim, latent_to_dense=cfg.latent_to_dense,
                                       freeze_encoder=cfg.freeze_encoder, window=window)
         model = build_probsam(config, sam_checkpoint=cfg.sam_checkpoint, seed=cfg.seed)
+    if context_size is not None:
+        model.config.context_size = int(context_size)
     return ProbSAMLearner(model, loss_config(cfg))
 
 

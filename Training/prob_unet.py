@@ -127,13 +127,19 @@ class ProbUNet(nn.Module):
 
     @torch.no_grad()
     def sample_probabilities(self, images01: torch.Tensor, boxes: torch.Tensor, n_samples: int,
-                             generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        """(B, N, H, W) foreground probabilities; noise drawn on the CPU from ``generator``."""
+                             generator: Optional[torch.Generator] = None, noise: Optional[torch.Tensor] = None,
+                             mode: str = "sample") -> torch.Tensor:
+        """(B, N, H, W) foreground probabilities. z = mu + sigma * noise, noise (B, N, L) given or drawn on
+        the CPU from ``generator``; mode "mean" uses z = mu (the deterministic prior-mean prediction)."""
         x = self._inputs(images01.to(self.device), boxes.to(self.device, torch.float32))
         prior = self.prior(x)
         mu, sigma = prior.base_dist.loc, prior.base_dist.scale
-        eps = torch.randn((mu.shape[0], n_samples, mu.shape[1]), generator=generator).to(mu.device)
-        z = mu[:, None] + sigma[:, None] * eps
+        if mode == "mean":
+            z = mu[:, None].expand(-1, n_samples, -1)
+        else:
+            if noise is None:
+                noise = torch.randn((mu.shape[0], n_samples, mu.shape[1]), generator=generator)
+            z = mu[:, None] + sigma[:, None] * noise.to(mu.device, mu.dtype)
         return torch.sigmoid(self.combine(self.unet(x), z).float())
 
 

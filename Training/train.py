@@ -5,10 +5,15 @@
     python Training/train.py Training/configs/phantom_tiny.yaml --resume        # continue from ckpt.pt
     torchrun --nproc_per_node=4 Training/train.py Training/configs/lidc_vit_b.yaml   # DDP, one GPU each
 
-Each step: a seeded batch of slices, one present reader per slice as the target, the union box of all
+Each step: a seeded batch of slices, one of the 4 reader slots per slice as the target (a reader who did
+not mark the slice is an empty mask), the union box of all
 readers (with jitter) as the prompt, BCE + Dice + beta*KL. Every ``eval_interval`` steps: GED@16 on a
-fixed validation subset; the best model by that GED goes to best.safetensors; ckpt.pt holds everything
-needed for an exact resume (weights, optimiser, step, best score). Logs: TensorBoard + log.jsonl in out/.
+fixed validation subset; the best model by that GED goes to best.safetensors; with early_stop_patience,
+training stops once that many evaluations in a row bring no better GED (max_steps is the compute budget,
+early stopping only ends a run sooner). ckpt.pt holds everything needed for an exact resume (weights,
+optimiser, step, best score, evaluations since the best, training seconds so far). The crop size the
+model trained on is written into its config (context_size) for the volume sampler. Logs: TensorBoard +
+log.jsonl in out/.
 """
 from __future__ import annotations
 
@@ -28,7 +33,6 @@ from ProbSAMLib import errors  # noqa: E402 (first: Ctrl-C or a bad setting from
 errors.install_script_handler("train.py")
 errors.pause_point("startup")
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
@@ -94,7 +98,7 @@ def barrier() -> None:
 # ---- data, model, optimiser ------------------------------------------------------------------------------
 train_data = SliceBatches(guards.load_split(cfg.data, "train"), box_margin=cfg.box_margin)
 val_data = SliceBatches(guards.load_split(cfg.data, "val"), box_margin=cfg.box_margin)
-learner = build_learner(cfg, train_data.dataset.intensity).to(device)
+learner = build_learner(cfg, train_data.dataset.intensity, context_size=max(train_data.image_hw)).to(device)
 use_cache = learner.caches_embeddings and cfg.cache
 resume_state = guards.load_resume_state(out / "ckpt.pt", device) if args.resume else None  # before any write
 if resume_state is not None:
@@ -115,11 +119,13 @@ if main_process:
 train_cache = val_cache = None
 if use_cache:  # rank 0 encodes every slice once; the others wait, then everyone memory-maps the file
     cache_dir = out / "embedding_cache"
-    paths = {split: embedding_cache.cache_file(cache_dir, data, split, learner.model)
-             for split, data in (("train", train_data), ("val", val_data))}
+    flips = {"train": cfg.flip, "val": False}  # validation reads unflipped slices
+    data_of = {"train": train_data, "val": val_data}
+    paths = {split: embedding_cache.cache_file(cache_dir, data_of[split], split, learner.model, flips[split])
+             for split in ("train", "val")}
     if main_process:
-        for split, data in (("train", train_data), ("val", val_data)):
-            embedding_cache.build_cache(learner.model, data, paths[split])
+        for split in ("train", "val"):
+            embedding_cache.build_cache(learner.model, data_of[split], paths[split], flips=flips[split])
     barrier()
     train_cache, val_cache = (embedding_cache.open_cache(paths[s]) for s in ("train", "val"))
 
@@ -127,10 +133,12 @@ decay = [p for p in learner.parameters() if p.requires_grad and p.dim() >= 2]
 no_decay = [p for p in learner.parameters() if p.requires_grad and p.dim() < 2]
 optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-step, best_ged = 0, math.inf
+step, best_ged, evals_since_best, train_seconds = 0, math.inf, 0, 0.0
 if resume_state is not None:
     optimiser.load_state_dict(resume_state["optimiser"])
     step, best_ged = resume_state["step"], resume_state["best_ged"]
+    evals_since_best = resume_state.get("evals_since_best", 0)
+    train_seconds = resume_state.get("train_seconds", 0.0)
     if main_process:
         print(f"resumed at step {step} (best validation GED@16 {best_ged:.4f})")
 model = DistributedDataParallel(learner, find_unused_parameters=True) if distributed else learner
@@ -157,7 +165,8 @@ def validation_ged() -> dict:
 def save_checkpoint() -> None:
     """ckpt.pt for resuming, written atomically (an interrupted save keeps the previous one)."""
     state = {"learner": learner.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
-             "best_ged": best_ged, "config": cfg.to_dict()}
+             "best_ged": best_ged, "evals_since_best": evals_since_best, "train_seconds": train_seconds,
+             "config": cfg.to_dict()}
     torch.save(state, out / "ckpt.pt.part")
     os.replace(out / "ckpt.pt.part", out / "ckpt.pt")
 
@@ -185,31 +194,39 @@ def log(record: dict) -> None:
 learner.train()
 bar = tqdm(total=cfg.max_steps, initial=step, disable=not main_process, desc="training")
 started = time.perf_counter()
-while step < cfg.max_steps:
+stopped_early = evals_since_best >= cfg.early_stop_patience > 0
+while step < cfg.max_steps and not stopped_early:
+    step_started = time.perf_counter()
     lr = learning_rate(step)
     for group in optimiser.param_groups:
         group["lr"] = lr
     # Everything random in a step derives from (seed, step, rank): a resumed run repeats it exactly.
     positions = batch_positions(len(train_data), cfg.batch_size, step, cfg.seed, rank, world_size)
     rng = step_rng(cfg.seed, step, rank)
-    batch = train_data.read(positions, rng, cfg.box_jitter, cfg.box_jitter_max_px, flip=cfg.flip and not use_cache)
+    batch = train_data.read(positions, rng, cfg.box_jitter, cfg.box_jitter_max_px, flip=cfg.flip)
     readers = choose_readers(batch.present, rng)
     targets = batch.masks[torch.arange(len(readers)), readers]
     torch.manual_seed(int(step_rng(cfg.seed, step, rank, stream=1).integers(2**62)))
-    embeddings = embedding_cache.cached_embeddings(train_cache, positions, device) if use_cache else None
+    embeddings = (embedding_cache.cached_embeddings(train_cache, positions, device, batch.flips)
+                  if use_cache else None)
 
+    # The set term (set_weight > 0) compares prior samples with all 4 reader slots, an absent reader
+    # being an empty mask, exactly as evaluation counts them.
+    all_slots = torch.ones_like(batch.present)
     with autocast(device, use_bf16):
-        parts = model(batch.images.to(device), batch.boxes.to(device), targets.to(device), step, embeddings=embeddings)
+        parts = model(batch.images.to(device), batch.boxes.to(device), targets.to(device), step, embeddings=embeddings,
+                      readers=batch.masks.to(device), present=all_slots.to(device))
     optimiser.zero_grad(set_to_none=True)
     parts["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
     optimiser.step()
     step += 1
+    train_seconds += time.perf_counter() - step_started  # training compute only (no evaluation)
     bar.update(1)
 
     if main_process and (step % cfg.log_interval == 0 or step == cfg.max_steps):
         record = {"step": step, "lr": lr, "grad_norm": float(grad_norm),
-                  "seconds": round(time.perf_counter() - started, 2),
+                  "seconds": round(time.perf_counter() - started, 2), "train_seconds": round(train_seconds, 2),
                   **{f"train/{k}": float(v.detach()) for k, v in parts.items()}}
         log(record)
         bar.set_postfix(loss=f"{record['train/loss']:.1f}", kl=f"{record['train/kl']:.2f}")
@@ -221,9 +238,18 @@ while step < cfg.max_steps:
             tqdm.write(f"step {step}: val GED@{cfg.eval_samples} {ged16:.4f}, HM-IoU "
                        f"{scores[f'hm_iou@{cfg.eval_samples}']:.4f}, diversity {scores[f'diversity@{cfg.eval_samples}']:.4f}")
             if ged16 < best_ged:
-                best_ged = ged16
+                best_ged, evals_since_best = ged16, 0
                 learner.save(out / "best.safetensors", extra={"step": step, "val_ged16": ged16, "config": cfg.to_dict()})
+            else:
+                evals_since_best += 1
             save_checkpoint()
+        if distributed:  # every process must leave the loop together
+            flag = torch.tensor([float(evals_since_best)], device=device)
+            dist.broadcast(flag, 0)
+            evals_since_best = int(flag.item())
+        stopped_early = evals_since_best >= cfg.early_stop_patience > 0
+        if main_process and stopped_early:
+            tqdm.write(f"early stop at step {step}: {evals_since_best} evaluations without a better val GED")
         barrier()
 
 bar.close()
@@ -237,9 +263,12 @@ if distributed:  # every replica must hold the same weights after DDP's all-redu
         print(f"{world_size} replicas, weight checksum spread {spread:.3g}")
 if main_process:
     learner.save(out / "last.safetensors", extra={"step": step, "config": cfg.to_dict()})
+    log({"step": step, "done": True, "stopped_early": bool(stopped_early), "train_seconds": round(train_seconds, 2),
+         "best_val_ged": best_ged})
     best = (f" -> {out / 'best.safetensors'}" if (out / "best.safetensors").is_file()
             else " (no best file: no evaluation ran)")
-    print(f"done: {step} steps in {time.perf_counter() - started:.0f} s; best validation GED@{cfg.eval_samples} "
+    print(f"done: {step} steps ({train_seconds:.0f} s of training compute"
+          f"{', stopped early' if stopped_early else ''}); best validation GED@{cfg.eval_samples} "
           f"{best_ged:.4f}{best}")
     log_file.close()
     if writer:

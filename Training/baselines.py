@@ -1,0 +1,88 @@
+"""Baselines for evaluate.py, with the learners' sampling interface and the same box prompt.
+
+- ``ThresholdBaseline``: HU threshold at -400 (the lung / soft-tissue boundary) inside the box, then the
+  connected component at the box centre, or the largest component in the box when the centre pixel is
+  below the threshold. Images arrive windowed to [0, 1], so the threshold is the value the window maps
+  -400 HU to: (-400 - (c - w/2)) / w = 0.633 for the lung window (c, w) = (-600, 1500). For data stored
+  in [0, 1] (the LIDC pickle) the window that produced it must be stated (evaluate.py --unit-window).
+  Deterministic: its N "samples" are N copies of one mask.
+- ``PriorMeanBaseline``: a trained model's deterministic prediction z = prior mean (no sampling), N
+  copies. What a user gets from the model without its uncertainty.
+The third baseline, the Prob U-Net, is a trained learner (Training/prob_unet.py) loaded like ProbSAM.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from ProbSAMLib.config import LUNG_WINDOW
+
+THRESHOLD_HU = -400.0
+
+
+def hu_to_unit(hu: float, window: Tuple[float, float] = LUNG_WINDOW) -> float:
+    """The [0, 1] value a (centre, width) window maps ``hu`` to."""
+    centre, width = window
+    return float(np.clip((hu - (centre - width / 2.0)) / width, 0.0, 1.0))
+
+
+def threshold_component(image01: np.ndarray, box: np.ndarray, threshold01: float) -> np.ndarray:
+    """(H, W) bool: the above-threshold component at the box centre, restricted to the box (x1, y1, x2, y2,
+    continuous edges); the largest one in the box when the centre is background; empty if none."""
+    height, width = image01.shape
+    x1, y1 = int(np.floor(box[0])), int(np.floor(box[1]))
+    x2, y2 = int(np.ceil(box[2])), int(np.ceil(box[3]))
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+    inside = image01[y1:y2, x1:x2] > threshold01
+    labels, count = ndimage.label(inside)  # 4-connectivity
+    mask = np.zeros((height, width), bool)
+    if count == 0:
+        return mask
+    cy = min(int((box[1] + box[3]) / 2) - y1, labels.shape[0] - 1)
+    cx = min(int((box[0] + box[2]) / 2) - x1, labels.shape[1] - 1)
+    label = labels[cy, cx]
+    if label == 0:
+        label = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
+    mask[y1:y2, x1:x2] = labels == label
+    return mask
+
+
+class ThresholdBaseline(torch.nn.Module):
+    """-400 HU threshold + connected component at the box centre; see the module docstring."""
+
+    latent_dim = 0
+
+    def __init__(self, window: Tuple[float, float] = LUNG_WINDOW, threshold_hu: float = THRESHOLD_HU):
+        super().__init__()
+        self.window, self.threshold_hu = tuple(window), float(threshold_hu)
+        self.threshold01 = hu_to_unit(threshold_hu, self.window)
+
+    def describe(self) -> str:
+        return (f"threshold at {self.threshold_hu:g} HU (= {self.threshold01:.4f} after the window centre "
+                f"{self.window[0]:g}, width {self.window[1]:g}) + connected component at the box centre")
+
+    @torch.no_grad()
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
+                             noise: Optional[torch.Tensor] = None, mode: str = "sample") -> torch.Tensor:
+        images, boxes = images.cpu().numpy(), boxes.cpu().numpy()
+        masks = np.stack([threshold_component(i, b, self.threshold01) for i, b in zip(images, boxes)])
+        probs = torch.from_numpy(masks.astype(np.float32))[:, None]
+        return probs.expand(-1, n_samples, -1, -1)
+
+
+class PriorMeanBaseline(torch.nn.Module):
+    """A learner's deterministic prior-mean prediction (z = mu), repeated N times."""
+
+    def __init__(self, learner: torch.nn.Module):
+        super().__init__()
+        self.learner = learner
+        self.latent_dim = learner.latent_dim
+
+    @torch.no_grad()
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
+                             noise: Optional[torch.Tensor] = None, mode: str = "sample") -> torch.Tensor:
+        one = self.learner.sample_probabilities(images, boxes, 1, embeddings=embeddings, mode="mean")
+        return one.expand(-1, n_samples, -1, -1)
