@@ -307,21 +307,3 @@ def choose_case(seed: int, series_uid: str, nodule_index: int, test_split: bool)
 
 
 # ---- the baseline the cases are built to fool --------------------------------------------------------
-
-def threshold_component(image_hu: np.ndarray, box, level: float = -400.0) -> np.ndarray:
-    """(H, W) bool: pixels above `level` inside `box` (x1, y1, x2, y2, continuous edges), reduced to
-    the 8-connected component at the box centre (the one nearest to it when the centre is below)."""
-    height, width = image_hu.shape
-    x1, y1 = max(int(np.floor(box[0])), 0), max(int(np.floor(box[1])), 0)
-    x2, y2 = min(int(np.ceil(box[2])), width), min(int(np.ceil(box[3])), height)
-    above = np.zeros(image_hu.shape, dtype=bool)
-    above[y1:y2, x1:x2] = image_hu[y1:y2, x1:x2] > level
-    labels, count = ndimage.label(above, structure=np.ones((3, 3), dtype=int))
-    if count == 0:
-        return above
-    cy, cx = int((box[1] + box[3]) / 2), int((box[0] + box[2]) / 2)
-    chosen = labels[min(cy, height - 1), min(cx, width - 1)]
-    if chosen == 0:
-        rows, cols = np.nonzero(labels)
-        chosen = labels[rows, cols][np.argmin((rows - cy) ** 2 + (cols - cx) ** 2)]
-    return labels == chosen

@@ -8,7 +8,8 @@ from ProbSAMLib.boxes import union_box
 from ProbSAMLib.metrics import dice
 from ProbSAMLib.phantom import render_nodule_volume
 from ProbSAMLib.phantom_cases import (CASE_SHARES, CASES, HELDOUT_SHARE, NoduleCase, choose_case,
-                                      edge_slices, slab_kernel, threshold_component)
+                                      edge_slices, slab_kernel)
+from ProbSAMLib.threshold import threshold_component
 
 SPACING = (0.7, 0.7, 1.25)  # (x, y, z) mm
 HARD = [c for c in CASES if c != "plain"]
@@ -181,6 +182,6 @@ def test_threshold_component_takes_the_centre_component():
     found = threshold_component(image, (1, 1, 16, 16))
     assert found.sum() == 16 and found[9, 9]
     image[8:12, 8:12] = -850
-    image[10:12, 10:12] = 0    # centre below the level: the nearest component
+    image[11:14, 11:14] = 0    # centre below the level: the largest component in the box
     found = threshold_component(image, (1, 1, 16, 16))
-    assert found.sum() == 4 and found[10, 10]
+    assert found.sum() == 9 and found[12, 12] and not found[2, 2]

@@ -16,38 +16,15 @@ from typing import Optional, Tuple
 
 import numpy as np
 import torch
-from scipy import ndimage
 
 from ProbSAMLib.config import LUNG_WINDOW
-
-THRESHOLD_HU = -400.0
+from ProbSAMLib.threshold import THRESHOLD_HU, threshold_component  # noqa: F401 (re-exported)
 
 
 def hu_to_unit(hu: float, window: Tuple[float, float] = LUNG_WINDOW) -> float:
     """The [0, 1] value a (centre, width) window maps ``hu`` to."""
     centre, width = window
     return float(np.clip((hu - (centre - width / 2.0)) / width, 0.0, 1.0))
-
-
-def threshold_component(image01: np.ndarray, box: np.ndarray, threshold01: float) -> np.ndarray:
-    """(H, W) bool: the above-threshold component at the box centre, restricted to the box (x1, y1, x2, y2,
-    continuous edges); the largest one in the box when the centre is background; empty if none."""
-    height, width = image01.shape
-    x1, y1 = int(np.floor(box[0])), int(np.floor(box[1]))
-    x2, y2 = int(np.ceil(box[2])), int(np.ceil(box[3]))
-    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
-    inside = image01[y1:y2, x1:x2] > threshold01
-    labels, count = ndimage.label(inside)  # 4-connectivity
-    mask = np.zeros((height, width), bool)
-    if count == 0:
-        return mask
-    cy = min(int((box[1] + box[3]) / 2) - y1, labels.shape[0] - 1)
-    cx = min(int((box[0] + box[2]) / 2) - x1, labels.shape[1] - 1)
-    label = labels[cy, cx]
-    if label == 0:
-        label = 1 + int(np.argmax(np.bincount(labels.ravel())[1:]))
-    mask[y1:y2, x1:x2] = labels == label
-    return mask
 
 
 class ThresholdBaseline(torch.nn.Module):
