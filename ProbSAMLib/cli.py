@@ -382,6 +382,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     Everything after argument parsing, imports of torch included, runs inside the handler, so Ctrl-C or
     SIGTERM at any moment ends with one line and no output folder.
     """
+    errors.tolerant_console()
     parser = build_parser()
     args = parser.parse_args(_join_negative_box(sys.argv[1:] if argv is None else argv))
     try:

@@ -108,6 +108,14 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def tolerant_console() -> None:
+    """A console that cannot show a character (an ASCII locale, a pipe) prints an escape for it instead of
+    failing the run: tables use arrows and ±, paths and patient ids may be anything."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):  # a real text stream, not a test's capture object
+            stream.reconfigure(errors="backslashreplace")
+
+
 @contextlib.contextmanager
 def terminate_as_exception():
     """While inside: SIGTERM raises :class:`Terminated` (main thread only), so temporary output is removed."""
@@ -148,6 +156,7 @@ def install_script_handler(prog: str) -> None:
     """For top-level scripts (train.py): SIGTERM as :class:`Terminated`, and an uncaught exception ends the
     process with the one-line message and its exit status instead of a traceback."""
     signal.signal(signal.SIGTERM, _raise_terminated)
+    tolerant_console()
 
     def hook(kind, error, tb):
         if debugging():

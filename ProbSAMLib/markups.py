@@ -75,7 +75,7 @@ def write_roi_json(box: Box3D, path, space: str = "lps", name: str = "R") -> Pat
     if name:
         markup["name"] = name
     path = Path(path)
-    path.write_text(json.dumps({"@schema": SCHEMA_URL, "markups": [markup]}, indent=4) + "\n")
+    path.write_text(json.dumps({"@schema": SCHEMA_URL, "markups": [markup]}, indent=4) + "\n", encoding="utf-8")
     return path
 
 

@@ -134,7 +134,7 @@ class OutputFolder:
             shutil.rmtree(tmp)
         tmp.mkdir()
         self.tmp = tmp
-        (tmp / MARKER).write_text("written by ProbSAM; --force may replace this folder\n")
+        (tmp / MARKER).write_text("written by ProbSAM; --force may replace this folder\n", encoding="utf-8")
         return tmp
 
     def __exit__(self, exc_type, exc, tb) -> bool:

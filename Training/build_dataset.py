@@ -48,7 +48,7 @@ class ChunkStore:
                                    f"({stamp.read_text().strip()}); pass --force to start over")
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
-        stamp.write_text(json.dumps(params, sort_keys=True))
+        stamp.write_text(json.dumps(params, sort_keys=True), encoding="utf-8")
 
     def _base(self, key: str) -> Path:
         return self.root / key.replace(os.sep, "_")
@@ -66,7 +66,7 @@ class ChunkStore:
         np.savez(tmp, images=chunk.images, masks=chunk.masks, present=chunk.present)
         os.replace(tmp, self._file(base, ".npz"))
         marker = base.with_name(base.name + ".tmp.json")
-        marker.write_text(json.dumps({"n": chunk.n, "info": info, "rows": chunk.rows}))
+        marker.write_text(json.dumps({"n": chunk.n, "info": info, "rows": chunk.rows}), encoding="utf-8")
         os.replace(marker, self._file(base, ".json"))  # last: marks the scan as done
 
     def get(self, key: str) -> StoredChunk:

@@ -146,7 +146,7 @@ def _counts(rows: List[dict]) -> dict:
 
 
 def _write_csv(path: Path, rows: List[dict]) -> None:
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS, restval="", extrasaction="raise")
         writer.writeheader()
         writer.writerows(rows)
@@ -203,11 +203,11 @@ def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int, splits: Opti
         splits = literature_splits(r["series_uid"] for r in rows)
     else:
         splits = make_splits(present_ids, seed)
-    (tmp / "splits.json").write_text(json.dumps(splits, indent=1))
+    (tmp / "splits.json").write_text(json.dumps(splits, indent=1), encoding="utf-8")
     meta = dict(meta, format=FORMAT, version=VERSION, crop=[int(height), int(width)],
                 dtype=str(first.images.dtype), created=datetime.now(timezone.utc).isoformat(
                     timespec="seconds"), **_counts(rows))
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
     return meta
 
 
@@ -239,7 +239,7 @@ class SliceDataset:
         self.images, self.masks, self.present = (_read_array(self.path / name) for name in
                                                  ("images.npy", "masks.npy", "reader_present.npy"))
         try:
-            with open(self.path / "slices.csv", newline="") as fh:
+            with open(self.path / "slices.csv", newline="", encoding="utf-8") as fh:
                 records = list(csv.DictReader(fh))
             self.table = {name: np.array([_parse(name, r[name]) for r in records])
                           for name in (records[0].keys() if records else COLUMNS)}

@@ -172,7 +172,7 @@ def markdown(protocol: str, intervals: dict, differences: dict, seeds: dict, row
 
 def write_per_slice(path: Path, rows: List[dict], seed: int, model_sha256: str, commit: str) -> None:
     fields = [k for k in rows[0] if k != "calibration_bins"] + ["seed", "model_sha256", "commit"]
-    with open(path, "w", newline="") as fh:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
@@ -186,8 +186,8 @@ def write_results(out: Path, per_slice: Dict[str, List[dict]], protocol: str, pr
     differences = difference_tables(per_slice, n_boot, seed) if len(per_slice) > 1 else {}
     seeds = seed_summary(per_slice)
     text = markdown(protocol, intervals, differences, seeds, next(iter(per_slice.values())))
-    (out / "results.md").write_text(text + "\n")
-    with open(out / "results.csv", "w", newline="") as fh:
+    (out / "results.md").write_text(text + "\n", encoding="utf-8")
+    with open(out / "results.csv", "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["group", "method", "metric", "estimate", "low", "high", "n"])
         for group, methods in intervals.items():
@@ -201,5 +201,5 @@ def write_results(out: Path, per_slice: Dict[str, List[dict]], protocol: str, pr
         write_per_slice(out / f"per_slice_{safe}.csv", rows, seed, provenance.get(name, ""), provenance["commit"])
     (out / "results.json").write_text(json.dumps({"protocol": protocol, "provenance": provenance,
                                                   "intervals": intervals, "differences": differences,
-                                                  "seeds": seeds}, indent=1, default=float))
+                                                  "seeds": seeds}, indent=1, default=float), encoding="utf-8")
     return text

@@ -19,6 +19,7 @@ from ProbSAMLib.outputdir import OutputFolder
 def run_main(prog: str, main: Callable[[], int], nothing_written: bool = True) -> int:
     """Run ``main()``; any error becomes one line and its exit status (PROBSAM_DEBUG=1: the traceback).
     ``nothing_written``: whether an interrupted run may say so (the builders keep resumable work)."""
+    errors.tolerant_console()
     try:
         with errors.terminate_as_exception():
             errors.pause_point("startup")

@@ -111,7 +111,7 @@ if main_process:
     if not out_existed:  # a run that fails before its first checkpoint leaves no folder behind
         errors.on_failure(lambda: guards.remove_unfinished_run(out))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
     n_params = sum(p.numel() for p in learner.parameters() if p.requires_grad)
     print(f"{cfg.model} ({cfg.preset if cfg.model == 'probsam' else cfg.unet_channels}): {n_params / 1e6:.2f}M "
           f"trainable parameters on {device} x{world_size}; embedding cache {'on' if use_cache else 'off'}")
@@ -178,7 +178,7 @@ if main_process:
         writer = SummaryWriter(str(out / "tensorboard"))
     except ImportError:
         print("tensorboard is not installed: logging to log.jsonl only (pip install tensorboard)")
-log_file = open(out / "log.jsonl", "a") if main_process else None
+log_file = open(out / "log.jsonl", "a", encoding="utf-8") if main_process else None
 
 
 def log(record: dict) -> None:
