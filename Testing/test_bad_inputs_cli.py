@@ -154,6 +154,10 @@ def cases(w: dict) -> dict:
         return ["sample", *args, "--out", out_dir] + (model if with_model else [])
 
     weights = root / "weights"
+
+    def sample_with_weights(name):  # a ProbSAM file given as --model file --checkpoint
+        return sample(ct, *BOX, with_model=False) + ["--model", "file", "--checkpoint", weights / name]
+
     return {
         # --- data loss: --force never replaces these
         "force: working folder": (sample(ct, *BOX, "--force", out_dir=root / "work"), 2, "working folder"),
@@ -217,20 +221,13 @@ def cases(w: dict) -> dict:
         "ROI index with --box": (sample(ct, *BOX, "--roi-index", "0"), 2, "--roi-index applies to --roi"),
         "markups file missing": (sample(ct, "--roi", inputs / "none.mrk.json"), 2, "not found"),
         # --- weights
-        "weights: zero patch size": (sample(ct, *BOX, with_model=False) + ["--model", "file", "--checkpoint",
-                                     weights / "zero_patch.safetensors"], 2, "patch_size = 0"),
-        "weights: size is text": (sample(ct, *BOX, with_model=False) + ["--model", "file", "--checkpoint",
-                                  weights / "text_size.safetensors"], 2, "img_size = 'abc'"),
-        "weights: window a bool": (sample(ct, *BOX, with_model=False) + ["--model", "file", "--checkpoint",
-                                   weights / "bool_window.safetensors"], 2, "window = True"),
-        "weights: another model's tensors": (sample(ct, *BOX, with_model=False) + ["--model", "file", "--checkpoint",
-                                             weights / "other_latent.safetensors"], 2, "does not fit this model"),
-        "weights: foreign safetensors": (sample(ct, *BOX, with_model=False) + ["--model", "file", "--checkpoint",
-                                         weights / "foreign.safetensors"], 2, "not a ProbSAM checkpoint"),
-        "weights: truncated": (sample(ct, *BOX, with_model=False) + ["--model", "file", "--checkpoint",
-                               weights / "truncated.safetensors"], 2, "truncated or corrupt"),
-        "weights: missing file": (sample(ct, *BOX, with_model=False) + ["--model", "file", "--checkpoint",
-                                  weights / "none.safetensors"], 2, "no such file"),
+        "weights: zero patch size": (sample_with_weights("zero_patch.safetensors"), 2, "patch_size = 0"),
+        "weights: size is text": (sample_with_weights("text_size.safetensors"), 2, "img_size = 'abc'"),
+        "weights: window a bool": (sample_with_weights("bool_window.safetensors"), 2, "window = True"),
+        "weights: another model's tensors": (sample_with_weights("other_latent.safetensors"), 2, "does not fit this model"),
+        "weights: foreign safetensors": (sample_with_weights("foreign.safetensors"), 2, "not a ProbSAM checkpoint"),
+        "weights: truncated": (sample_with_weights("truncated.safetensors"), 2, "truncated or corrupt"),
+        "weights: missing file": (sample_with_weights("none.safetensors"), 2, "no such file"),
         "weights: SAM checksum": (sample(ct, *BOX, with_model=False) + ["--model", "vit_b", "--sam-checkpoint",
                                   weights / "fake_sam.pth"], 2, "does not match the expected"),
         "weights: offline, not cached": (sample(ct, *BOX, with_model=False) + ["--model", "vit_b", "--offline"], 2,
