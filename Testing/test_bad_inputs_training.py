@@ -164,6 +164,8 @@ def cases(w: dict) -> dict:
         "evaluate: --box-margin nan": (*ev("--box-margin", "nan"), 2, "--box-margin"),
         "evaluate: corrupt weights": (*ev(model=weights / "garbage.safetensors"), 2, "not a usable"),
         "evaluate: foreign weights": (*ev(model=weights / "foreign.safetensors"), 2, "not a usable"),
+        "evaluate: corrupt weights, --prior-mean": (*ev("--prior-mean", model=weights / "garbage.safetensors"), 2,
+                                                    "not a usable"),
         "evaluate: missing weights": (*ev(model=weights / "none.safetensors"), 2, "no weights file"),
         "evaluate: missing data set": (*ev(data_dir=root / "nowhere"), 2, "is not a data set"),
         "evaluate: truncated data set": (*ev(data_dir=w["cut"]), 2, "truncated"),

@@ -163,7 +163,7 @@ def test_noise_is_independent_of_the_batch_size(phantom):
 def test_evaluate_reports_intervals_baselines_and_per_slice_provenance(phantom, tmp_path):
     from Training import evaluate
     from Training.config import TrainConfig
-    from Training.evaluation_report import file_sha256
+    import hashlib
     from Training.learners import build_learner
     model = tmp_path / "probsam" / "best.safetensors"
     build_learner(TrainConfig(preset="tiny", seed=0)).save(model)
@@ -186,7 +186,7 @@ def test_evaluate_reports_intervals_baselines_and_per_slice_provenance(phantom, 
     with open(out / "per_slice_tiny.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8 and {"seed", "model_sha256", "commit", "n_marked", "patient_id", "ece@2"} <= set(rows[0])
-    assert rows[0]["model_sha256"] == file_sha256(model) and rows[0]["seed"] == "0" and rows[0]["commit"]
+    assert rows[0]["model_sha256"] == hashlib.sha256(Path(model).read_bytes()).hexdigest() and rows[0]["seed"] == "0" and rows[0]["commit"]
     with open(out / "per_slice_threshold_-400_HU.csv", newline="") as fh:
         assert next(csv.DictReader(fh))["model_sha256"] == ""
     # the per-slice mean reproduces the table's estimate

@@ -161,7 +161,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     from Training.baselines import PriorMeanBaseline, ThresholdBaseline
-    from Training.evaluation_report import file_sha256, project_commit, write_results
+    from ProbSAMLib.checkpoints import sha256_file
+    from Training.evaluation_report import project_commit, write_results
 
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -201,7 +202,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     methods = []
     for name, path in zip(names, args.model):
         methods.append((name, lambda p=path: guards.load_weights(p, args.sam_checkpoint), path))
-        if args.prior_mean and _is_probsam(path):
+        if args.prior_mean and guards.is_probsam_file(path):
             methods.append((f"{name} (prior mean)",
                             lambda p=path: PriorMeanBaseline(guards.load_weights(p, args.sam_checkpoint)), path))
     notes = []
@@ -217,7 +218,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     for name, make, path in methods:
         predictor = make().to(device)
         per_slice[name] = evaluate_slices(predictor, batches, positions, sizes, args.seed, args.batch_size, device)
-        provenance[name] = file_sha256(path) if path else ""
+        provenance[name] = sha256_file(Path(path)) if path else ""
         print(name, json.dumps({k: round(v, 4) for k, v in summarise(per_slice[name]).items()}))
     protocol = protocol_text(args.data, args.split, len(positions), batches.n_unmarked, sizes, args.box_margin,
                              args.seed, args.bootstrap, notes)
@@ -251,15 +252,6 @@ def check_arguments(args, names: Sequence[str]) -> None:
             raise WeightsError(f"no weights file at {path}")
     if args.sam_checkpoint is not None:
         guards.existing_file("--sam-checkpoint", args.sam_checkpoint)
-
-
-def _is_probsam(path: str) -> bool:
-    from safetensors import safe_open
-
-    from ProbSAMLib.checkpoints import FORMAT
-
-    with safe_open(str(path), framework="pt", device="cpu") as handle:
-        return (handle.metadata() or {}).get("format") == FORMAT
 
 
 if __name__ == "__main__":

@@ -3,7 +3,6 @@ the mean ± sd over seeds, and the per-slice CSV with its provenance (seed, mode
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import re
 import subprocess
@@ -21,14 +20,6 @@ _HEADERS = [("ged", "GED", "↓"), ("hm_iou", "HM-IoU", "↑"), ("ncc", "NCC", "
             ("dice_majority", "Dice vs majority", "↑"), ("diversity", "diversity", "")]
 _DIFFERENCE_METRICS = ("ged", "hm_iou", "ncc", "ece", "dice_majority")
 _SEED = re.compile(r"^(.*?)[_-]?seed(\d+)$")
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def project_commit() -> str:

@@ -119,6 +119,19 @@ def load_weights(path, sam_checkpoint: Optional[str] = None):
                            f"{errors.message(error)}") from None
 
 
+def is_probsam_file(path) -> bool:
+    """Whether ``path`` is a ProbSAM weights file (not a Prob U-Net one), or WeightsError naming the file."""
+    from ProbSAMLib.checkpoints import FORMAT
+    from Training.learners import weights_format
+
+    existing_file("--model", path)
+    try:
+        return weights_format(path) == FORMAT
+    except Exception as error:  # SafetensorError and the like from a foreign or truncated file
+        raise WeightsError(f"{path} is not a usable ProbSAM or Prob U-Net weights file: "
+                           f"{errors.message(error)}") from None
+
+
 def load_split(data, split: str):
     """A data set split, with InputError for a missing, foreign or incomplete data set."""
     from Training.dataset_format import load_dataset

@@ -158,12 +158,17 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
     return ProbSAMLearner(model, loss_config(cfg))
 
 
-def load_learner(path: Path, sam_checkpoint: Optional[str] = None) -> nn.Module:
-    """A trained model file (ProbSAM or Prob U-Net safetensors) as a learner in eval mode."""
+def weights_format(path) -> Optional[str]:
+    """The ``format`` a safetensors weights file declares (PROBSAM_FORMAT, PROB_UNET_FORMAT, or another)."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt", device="cpu") as handle:
-        kind = (handle.metadata() or {}).get("format")
+        return (handle.metadata() or {}).get("format")
+
+
+def load_learner(path: Path, sam_checkpoint: Optional[str] = None) -> nn.Module:
+    """A trained model file (ProbSAM or Prob U-Net safetensors) as a learner in eval mode."""
+    kind = weights_format(path)
     if kind == PROB_UNET_FORMAT:
         return ProbUNetLearner(load_prob_unet(path), LossConfig()).eval()
     if kind == PROBSAM_FORMAT:
