@@ -347,7 +347,7 @@ def test_a_box_far_past_the_volume_is_clamped(world, capsys, box, space):
                      "--out", str(out), "--model", "file", "--checkpoint", str(world["model"]), "--quiet"]) == 0
     err = capsys.readouterr().err
     assert "clamped to it" in err and "e+" not in err and len(err) < 600
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["box"]["ijk_first"] == [0, 0, 0] and summary["box"]["ijk_last"] == [47, 47, 11]
 
 
@@ -373,7 +373,7 @@ def test_replacing_keeps_the_old_output_until_the_new_one_is_complete(tmp_path):
         with OutputFolder(out, force=True) as tmp:
             (tmp / "b.txt").write_text("half")
             raise RuntimeError("failed while writing")
-    assert (out / "a.txt").read_text() == "first" and not (out / "b.txt").exists()
+    assert (out / "a.txt").read_text(encoding="utf-8") == "first" and not (out / "b.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
@@ -392,7 +392,7 @@ def test_stale_temporary_folders_of_killed_runs_are_removed(tmp_path):
     with pytest.raises(errors.OutputRefusedError, match="already exists"):
         with OutputFolder(out):  # the orphan was put back as `run`, which now exists
             pass
-    assert (out / "summary.json").read_text() == "previous" and not stale.exists() and foreign.exists()
+    assert (out / "summary.json").read_text(encoding="utf-8") == "previous" and not stale.exists() and foreign.exists()
 
 
 # --- signals: start-up and while writing ---------------------------------------------------------------

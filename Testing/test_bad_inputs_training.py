@@ -80,7 +80,7 @@ def make_world(root: Path) -> dict:
     torch_pickle = runs / "evil" / "ckpt.pt"
     with open(torch_pickle, "wb") as fh:
         pickle.dump({"learner": Evil(root / "pwned_by_ckpt"), "optimiser": {}, "step": 0, "best_ged": 0.0}, fh)
-    (runs / "evil" / "config.yaml").write_text((runs / "garbage" / "config.yaml").read_text()
+    (runs / "evil" / "config.yaml").write_text((runs / "garbage" / "config.yaml").read_text(encoding="utf-8")
                                                .replace("garbage", "evil"))
     (runs / "notes").mkdir()
     (runs / "notes" / "todo.txt").write_text("my notes")

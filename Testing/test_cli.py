@@ -80,7 +80,7 @@ def test_console_script_end_to_end(files, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "4 samples" in done.stdout and "not for clinical use" in done.stdout
     assert sorted(p.name for p in out.iterdir() if p.name != ".probsam-output") == sorted(OUTPUT_IMAGES + ("samples.seg.nrrd", "summary.json"))
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["settings"]["n_samples"] == 4 and summary["model"]["name"] == "file"
     assert summary["box"]["ijk_first"] == [14, 16, 3] and summary["box"]["ijk_last"] == [29, 31, 9]
     assert "not for clinical use" in summary["disclaimer"]
@@ -133,7 +133,7 @@ def test_rotated_roi_from_a_markups_file(files, tmp_path):
     masks, _, _ = read_segmentation(tmp_path / "o" / "samples.seg.nrrd")
     lo, hi = voxel_region(masks.any(0))
     assert all(l >= e for l, e in zip(lo, expected.lo)) and all(h <= e for h, e in zip(hi, expected.hi))
-    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text(encoding="utf-8"))
     assert summary["box"]["ijk_first"] == list(expected.lo) and summary["request"]["roi"].endswith("mrk.json")
 
 
@@ -146,7 +146,7 @@ def test_same_seed_gives_identical_files(files, tmp_path):
     for path in (tmp_path / "a").iterdir():
         if path.name != "summary.json":
             assert path.read_bytes() == (tmp_path / "b" / path.name).read_bytes(), path.name
-    first, second = (json.loads((tmp_path / n / "summary.json").read_text()) for n in "ab")
+    first, second = (json.loads((tmp_path / n / "summary.json").read_text(encoding="utf-8")) for n in "ab")
     first.pop("timings_s"), second.pop("timings_s")
     assert first == second  # only the timings differ
     assert (tmp_path / "a" / "samples.seg.nrrd").read_bytes() != (tmp_path / "c" / "samples.seg.nrrd").read_bytes()
@@ -165,7 +165,7 @@ def test_existing_output_needs_force(files, tmp_path, capsys):
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
     assert run(files, *args[:-1], mine, "--force") == 2  # ...a folder it did not write may not
-    assert "not written by ProbSAM" in capsys.readouterr().err and (mine / "notes.txt").read_text() == "mine"
+    assert "not written by ProbSAM" in capsys.readouterr().err and (mine / "notes.txt").read_text(encoding="utf-8") == "mine"
 
 
 def test_negative_first_coordinate_needs_no_equals_sign(files, tmp_path):
@@ -280,7 +280,7 @@ def test_demo_writes_everything_and_a_montage(files, tmp_path):
     ct = geometry_of(out / "ct.nrrd")
     for name in OUTPUT_IMAGES:
         assert geometry_of(out / name) == ct
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["demo"]["readers"] >= 1 and 0 <= summary["demo"]["vs_readers"]["ged"] <= 2
     assert sorted(summary["files"]) == sorted(names)
 
@@ -292,7 +292,7 @@ DEMO_WEIGHTS = checkpoints.entry_path(checkpoints.MANIFEST["demo"])
                                                        f"(Training in progress)")
 def test_demo_with_the_bundled_model(tmp_path, capsys):
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
-    summary = json.loads((tmp_path / "demo" / "summary.json").read_text())
+    summary = json.loads((tmp_path / "demo" / "summary.json").read_text(encoding="utf-8"))
     assert summary["model"]["name"] == "demo" and "DEMO" in summary["model"]["label"]
 
 

@@ -59,7 +59,7 @@ def test_literature_split_equals_scikit_learn_and_keeps_empty_slices(tmp_path):
     uids = sorted({entry["series_uid"] for entry in data.values()})
     rest, test = train_test_split(uids, test_size=0.2, random_state=0)
     train, val = train_test_split(rest, test_size=0.2, random_state=0)
-    splits = json.loads((tmp_path / "lit" / "splits.json").read_text())
+    splits = json.loads((tmp_path / "lit" / "splits.json").read_text(encoding="utf-8"))
     assert splits["unit"] == "series_uid"
     assert (splits["train"], splits["val"], splits["test"]) == (sorted(train), sorted(val), sorted(test))
     # every slice kept, the empty ones included and counted
@@ -171,23 +171,23 @@ def test_evaluate_reports_intervals_baselines_and_per_slice_provenance(phantom, 
     assert evaluate.main(["--data", str(phantom), "--split", "test", "--max-slices", "8", "--samples", "2", "4",
                           "--model", str(model), "--name", "tiny", "--threshold-baseline", "--prior-mean",
                           "--bootstrap", "200", "--batch-size", "3", "--out", str(out)]) == 0
-    table = (out / "results.md").read_text()
+    table = (out / "results.md").read_text(encoding="utf-8")
     assert "8 slices evaluated" in table and "-400 HU (= 0.6333" in table and "Dice(empty, empty) = 1" in table
     for method in ("tiny", "tiny (prior mean)", "threshold -400 HU"):
         assert f"| {method} | " in table
     assert "paired differences, all" in table and "| tiny − threshold -400 HU |" in table
-    results = json.loads((out / "results.json").read_text())
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     cell = results["intervals"]["all"]["tiny"]["ged@4"]
     assert cell["low"] <= cell["estimate"] <= cell["high"] and cell["n"] == 8
     groups = [g for g in results["intervals"] if g != "all"]
     assert groups and sum(results["intervals"][g]["tiny"]["slices"] for g in groups) == 8
     prior_mean = results["intervals"]["all"]["tiny (prior mean)"]
     assert prior_mean["diversity@2"]["estimate"] == 0  # deterministic: N copies of one mask
-    with open(out / "per_slice_tiny.csv", newline="") as fh:
+    with open(out / "per_slice_tiny.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8 and {"seed", "model_sha256", "commit", "n_marked", "patient_id", "ece@2"} <= set(rows[0])
     assert rows[0]["model_sha256"] == hashlib.sha256(Path(model).read_bytes()).hexdigest() and rows[0]["seed"] == "0" and rows[0]["commit"]
-    with open(out / "per_slice_threshold_-400_HU.csv", newline="") as fh:
+    with open(out / "per_slice_threshold_-400_HU.csv", newline="", encoding="utf-8") as fh:
         assert next(csv.DictReader(fh))["model_sha256"] == ""
     # the per-slice mean reproduces the table's estimate
     assert np.mean([float(r["ged@4"]) for r in rows]) == pytest.approx(cell["estimate"])
@@ -231,7 +231,7 @@ def test_early_stopping_ends_the_run_inside_the_budget_and_resumes(phantom, tmp_
                 "warmup_steps=1", "max_steps=10", "eval_interval=1", "early_stop_patience=1"]
     done = run_train(*settings)
     assert "stopped early" in done.stdout
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     final = [r for r in log if r.get("done")][-1]
     assert final["step"] == 2 and final["stopped_early"] and final["train_seconds"] > 0
     state = torch.load(out / "ckpt.pt", weights_only=False)

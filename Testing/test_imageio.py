@@ -99,7 +99,7 @@ def test_atomic_output_dir_success_failure_existing_and_force(tmp_path):
         assert tmp != out and tmp.parent == tmp_path
         (tmp / "a.txt").write_text("first")
         assert not out.exists()
-    assert (out / "a.txt").read_text() == "first"
+    assert (out / "a.txt").read_text(encoding="utf-8") == "first"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
     with pytest.raises(OutputExistsError, match="already exists"):

@@ -33,7 +33,7 @@ def write(tmp_path, *markups, name="roi.mrk.json"):
 def test_round_trip_of_a_rotated_box(tmp_path, space):
     box = Box3D((10.5, -20.25, 33.0), (12.0, 7.5, 4.0), ROT_Z30 @ np.array([[1, 0, 0], [0, 0, -1], [0, 1, 0]]))
     path = write_roi_json(box, tmp_path / "box.mrk.json", space=space)
-    document = json.loads(path.read_text())
+    document = json.loads(path.read_text(encoding="utf-8"))
     assert document["markups"][0]["coordinateSystem"] == space.upper()
     back = read_roi_json(path)
     np.testing.assert_allclose(back.center, box.center, atol=1e-12)

@@ -181,7 +181,7 @@ def test_v2_cases_labelled_per_slice_heldout_only_in_test(phantom_dir):
     ds = load_dataset(phantom_dir)
     t, splits = ds.table, ds.splits
     assert ds.meta["generator_version"] == 2 and ds.meta["params"]["generator"] == 2
-    assert json.loads((phantom_dir / "meta.json").read_text())["case_shares"]["plain"] == 0.3
+    assert json.loads((phantom_dir / "meta.json").read_text(encoding="utf-8"))["case_shares"]["plain"] == 0.3
     assert set(t["case"]) <= set(CASES) and set(t["case_variant"]) <= {"base", "heldout"}
     test_patients = set(splits["test"])
     heldout = t["case_variant"] == "heldout"
@@ -227,5 +227,5 @@ def test_v2_split_is_the_v1_split(tmp_path):
     patients = ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "LIDC-IDRI-0069", "LIDC-IDRI-0072", "LIDC-IDRI-0252"]
     for generator in (1, 2):
         make_phantom(tmp_path / f"v{generator}", patients=patients, progress=False, generator=generator)
-    v1, v2 = (json.loads((tmp_path / f"v{g}" / "splits.json").read_text()) for g in (1, 2))
+    v1, v2 = (json.loads((tmp_path / f"v{g}" / "splits.json").read_text(encoding="utf-8")) for g in (1, 2))
     assert v1 == v2 and "LIDC-IDRI-0252" not in v2["train"] + v2["val"] + v2["test"]

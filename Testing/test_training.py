@@ -125,7 +125,7 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     assert trained and sum(not torch.equal(straight[k], initial[k]) for k in trained) > len(trained) // 2
     encoder = [k for k in straight if k.startswith("sam.image_encoder.")]
     assert all(torch.equal(straight[k], initial[k]) for k in encoder)  # frozen
-    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (tmp_path / "split" / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     assert [r["step"] for r in log if "train/loss" in r] == [1, 2, 3, 4]
     assert any("val/ged@4" in r for r in log)
     assert (tmp_path / "straight" / "tensorboard").is_dir()
@@ -154,7 +154,7 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(data_dir, tmp_path):
     out = tmp_path / "ddp"
     done = train(f"data={data_dir}", *TINY_RUN, f"out={out}", "max_steps=3", "eval_interval=3", nproc=2)
     assert "2 replicas" in done.stdout
-    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text(encoding="utf-8").splitlines()]
     sync = [r for r in log if "replica_checksum_spread" in r]
     assert sync and sync[0]["world_size"] == 2 and sync[0]["replica_checksum_spread"] == 0.0
     assert (out / "best.safetensors").is_file() and (out / "ckpt.pt").is_file()
@@ -202,14 +202,14 @@ def test_evaluate_writes_a_side_by_side_table(data_dir, tmp_path):
     assert evaluate.main(["--data", str(data_dir), "--split", "test", "--max-slices", "5", "--samples", "4", "8",
                           "--model", str(tmp_path / "probsam" / "best.safetensors"),
                           "--model", str(tmp_path / "unet" / "best.safetensors"), "--out", str(out)]) == 0
-    table = (out / "results.md").read_text()
+    table = (out / "results.md").read_text(encoding="utf-8")
     assert "| probsam |" in table and "| unet |" in table and "split **test**: 5 slices evaluated" in table
     assert "union box of all readers" in table
-    results = json.loads((out / "results.json").read_text())["intervals"]["all"]
+    results = json.loads((out / "results.json").read_text(encoding="utf-8"))["intervals"]["all"]
     for scores in results.values():
         assert scores["slices"] == 5 and 0 <= scores["hm_iou@4"]["estimate"] <= 1
         assert 0 <= scores["ged@8"]["estimate"] <= 2
-    per_slice = (out / "per_slice_probsam.csv").read_text().splitlines()
+    per_slice = (out / "per_slice_probsam.csv").read_text(encoding="utf-8").splitlines()
     assert len(per_slice) == 6
     # an existing --out is never overwritten without --force; a missing weights file is named
     before = table
@@ -217,4 +217,4 @@ def test_evaluate_writes_a_side_by_side_table(data_dir, tmp_path):
                           "--out", str(out)]) == 2
     assert evaluate.main(["--data", str(data_dir), "--model", str(tmp_path / "nope.safetensors"),
                           "--out", str(tmp_path / "other")]) == 2
-    assert (out / "results.md").read_text() == before and not (tmp_path / "other").exists()
+    assert (out / "results.md").read_text(encoding="utf-8") == before and not (tmp_path / "other").exists()

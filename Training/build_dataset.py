@@ -32,7 +32,7 @@ class StoredChunk:
     def load(self) -> Chunk:
         with np.load(ChunkStore._file(self.path, ".npz")) as data:
             images, masks, present = data["images"], data["masks"], data["present"]
-        rows = json.loads(ChunkStore._file(self.path, ".json").read_text())["rows"]
+        rows = json.loads(ChunkStore._file(self.path, ".json").read_text(encoding="utf-8"))["rows"]
         return Chunk(images, masks, present, rows)
 
 
@@ -42,10 +42,10 @@ class ChunkStore:
     def __init__(self, root: Path, params: dict, force: bool):
         self.root = Path(root)
         stamp = self.root / "params.json"
-        if stamp.exists() and json.loads(stamp.read_text()) != params:
+        if stamp.exists() and json.loads(stamp.read_text(encoding="utf-8")) != params:
             if not force:
                 raise SettingsError(f"work directory {self.root} was made with other parameters "
-                                   f"({stamp.read_text().strip()}); pass --force to start over")
+                                   f"({stamp.read_text(encoding='utf-8').strip()}); pass --force to start over")
             shutil.rmtree(self.root)
         self.root.mkdir(parents=True, exist_ok=True)
         stamp.write_text(json.dumps(params, sort_keys=True), encoding="utf-8")
@@ -70,11 +70,11 @@ class ChunkStore:
         os.replace(marker, self._file(base, ".json"))  # last: marks the scan as done
 
     def get(self, key: str) -> StoredChunk:
-        record = json.loads(self._file(self._base(key), ".json").read_text())
+        record = json.loads(self._file(self._base(key), ".json").read_text(encoding="utf-8"))
         return StoredChunk(self._base(key), int(record["n"]))
 
     def info(self, key: str) -> dict:
-        return json.loads(self._file(self._base(key), ".json").read_text())["info"]
+        return json.loads(self._file(self._base(key), ".json").read_text(encoding="utf-8"))["info"]
 
 
 @dataclass

@@ -278,7 +278,7 @@ class SliceDataset:
 
 def _read_json(path: Path):
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
         raise InputError(f"{path} is missing or damaged ({error}); rebuild the data set") from None
 
