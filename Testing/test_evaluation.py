@@ -120,6 +120,11 @@ def test_patient_bootstrap_clusters_pairs_and_pools():
     shifted = boot.difference(values + 0.25, values)
     assert (same.estimate, same.low, same.high) == (0, 0, 0)
     assert shifted.low == pytest.approx(0.25) and shifted.high == pytest.approx(0.25)
+    # paired ratio of means: a scaled copy gives exactly the scale in every replicate
+    halved = boot.ratio(0.5 * values, values)
+    assert (halved.estimate, halved.low, halved.high) == pytest.approx((0.5, 0.5, 0.5))
+    mixed = boot.ratio(values, values[::-1])
+    assert mixed.estimate == pytest.approx(values.mean() / values[::-1].mean()) and mixed.low < mixed.high
     # NaN slices (NCC of constant maps) are excluded and counted
     with_nan = values.copy()
     with_nan[3] = np.nan
@@ -179,13 +184,25 @@ def test_evaluate_reports_intervals_baselines_and_per_slice_provenance(phantom, 
     results = json.loads((out / "results.json").read_text(encoding="utf-8"))
     cell = results["intervals"]["all"]["tiny"]["ged@4"]
     assert cell["low"] <= cell["estimate"] <= cell["high"] and cell["n"] == 8
-    groups = [g for g in results["intervals"] if g != "all"]
-    assert groups and sum(results["intervals"][g]["tiny"]["slices"] for g in groups) == 8
+    by_readers = [g for g in results["intervals"] if g.split()[-1] in ("reader", "readers")]
+    by_case = [g for g in results["intervals"] if g.startswith("case ")]
+    for groups in (by_readers, by_case):  # each breakdown partitions the slices
+        assert groups and sum(results["intervals"][g]["tiny"]["slices"] for g in groups) == 8
+    with open(phantom / "slices.csv", newline="", encoding="utf-8") as fh:
+        case_of = {i: r["case"] for i, r in enumerate(csv.DictReader(fh))}
+    # the paired GED ratio is the ratio of the two methods' mean GED on the same slices
+    ratio = results["differences"]["all"]["tiny − threshold -400 HU"]["ged_ratio@4"]
+    ged = {m: results["intervals"]["all"][m]["ged@4"]["estimate"] for m in ("tiny", "threshold -400 HU")}
+    assert ratio["estimate"] == pytest.approx(ged["tiny"] / ged["threshold -400 HU"])
+    assert "ratio GED@4" in table and "### case " in table
     prior_mean = results["intervals"]["all"]["tiny (prior mean)"]
     assert prior_mean["diversity@2"]["estimate"] == 0  # deterministic: N copies of one mask
     with open(out / "per_slice_tiny.csv", newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 8 and {"seed", "model_sha256", "commit", "n_marked", "patient_id", "ece@2"} <= set(rows[0])
+    assert all(r["case"] == case_of[int(r["slice"])] for r in rows)
+    for g in by_case:
+        assert results["intervals"][g]["tiny"]["slices"] == sum(r["case"] == g[len("case "):] for r in rows)
     assert rows[0]["model_sha256"] == hashlib.sha256(Path(model).read_bytes()).hexdigest() and rows[0]["seed"] == "0" and rows[0]["commit"]
     with open(out / "per_slice_threshold_-400_HU.csv", newline="", encoding="utf-8") as fh:
         assert next(csv.DictReader(fh))["model_sha256"] == ""

@@ -11,6 +11,7 @@ so it is far tighter than comparing two separate intervals. Intervals are percen
     boot = PatientBootstrap(patient_ids, n_boot=1000, seed=0)
     boot.mean(per_slice_ged)                 -> Interval(estimate, low, high)
     boot.difference(ged_a, ged_b)            -> Interval of mean(a) - mean(b)
+    boot.ratio(ged_a, ged_b)                 -> Interval of mean(a) / mean(b)
     boot.ece(bins) / boot.ece_difference(bins_a, bins_b)   (bins: metrics.calibration_bins per slice)
 """
 from __future__ import annotations
@@ -81,6 +82,14 @@ class PatientBootstrap:
         """Paired: mean(a) - mean(b) over the slices where both are finite, same replicates for both."""
         a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
         return self._interval(*self._ratio(a - b))  # NaN in either -> NaN difference -> excluded
+
+    def ratio(self, a, b) -> Interval:
+        """Paired: mean(a) / mean(b) over the slices where both are finite, same replicates for both."""
+        a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+        both = np.isfinite(a) & np.isfinite(b)
+        (ea, ra, n), (eb, rb, _) = self._ratio(np.where(both, a, np.nan)), self._ratio(np.where(both, b, np.nan))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self._interval(ea / eb if eb else float("nan"), ra / rb, n)
 
     def _ece(self, bins: np.ndarray):
         """bins (R, 3, n_bins) per-slice calibration sums -> ECE estimate and replicates."""

@@ -39,7 +39,7 @@ from Training.batches import SliceBatches, validation_positions
 
 THRESHOLD = 0.5
 # Per-slice values that are not metrics (kept in the per-slice CSV, skipped by summarise).
-ID_KEYS = ("position", "slice", "patient_id", "series_uid", "n_marked")
+ID_KEYS = ("position", "slice", "patient_id", "series_uid", "n_marked", "case")
 
 
 def slice_metrics(probs: np.ndarray, annotations: np.ndarray, sizes: Sequence[int],
@@ -109,6 +109,8 @@ def evaluate_slices(predictor, batches: SliceBatches, positions: np.ndarray, siz
             row = {"position": int(position), "slice": int(index), "patient_id": str(table["patient_id"][index]),
                    "series_uid": str(table["series_uid"][index]),
                    "n_marked": int(annotations.reshape(len(annotations), -1).any(1).sum())}
+            if "case" in table:  # phantom v2: the case type, for the per-case tables
+                row["case"] = str(table["case"][index])
             region = box_region(batch.boxes[i].numpy(), annotations.shape[-2:])
             row.update(slice_metrics(probs[i], annotations, sizes, region))
             rows.append(row)

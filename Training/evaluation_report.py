@@ -47,15 +47,21 @@ def headline(rows: List[dict], differences: bool = False) -> List[tuple]:
         for key in _sorted_sizes(rows, metric):
             label = name + (key[len(metric):] if "@" in key else "")
             out.append((key, ("Δ" + label) if differences else f"{label} {arrow}".strip()))
+            if differences and metric == "ged" and "@" in key:
+                out.append((key.replace("ged", "ged_ratio"), "ratio " + label))
     return out
 
 
 def reader_groups(rows: List[dict]) -> Dict[str, np.ndarray]:
-    """Row indices of every slice ("all") and of the slices marked by k readers, k = 1..4."""
+    """Row indices of every slice ("all"), of the slices marked by k readers (k = 0..4) and, for data
+    with a `case` column (phantom v2), of each case type ("case plain", "case juxta_vascular", ...)."""
     marked = np.array([r["n_marked"] for r in rows])
     groups = {"all": np.arange(len(rows))}
     for k in sorted(set(marked.tolist())):
         groups[f"{k} reader{'s' if k != 1 else ''}"] = np.flatnonzero(marked == k)
+    cases = np.array([r.get("case", "") for r in rows])
+    for case in sorted(set(cases.tolist()) - {""}):
+        groups[f"case {case}"] = np.flatnonzero(cases == case)
     return groups
 
 
@@ -102,6 +108,8 @@ def difference_tables(per_slice: Dict[str, List[dict]], n_boot: int, seed: int) 
                     continue
                 diff = boot.ece_difference(a, b) if key.startswith("ece") else boot.difference(a, b)
                 cells[key] = diff.__dict__
+                if key.startswith("ged@"):  # GED targets are stated as ratios ("<= 0.8 x the baseline")
+                    cells[key.replace("ged", "ged_ratio")] = boot.ratio(a, b).__dict__
             out[group][f"{reference} − {other}"] = cells
     return out
 
