@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 from . import __version__, errors
 from .errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUNTIME  # noqa: F401 (kept for importers)
 from .errors import SettingsError
-from .registry import MODEL_NAMES
+from .registry import MODEL_NAMES, model_entry
 
 MAX_SEED = 2 ** 63 - 1
 
@@ -169,17 +169,17 @@ def _load_model(args):
 
     device = choose_device(args.device)
     _say(args, f"probsam: loading model {args.model} on {device}")
+    if model_entry(args.model).warning:
+        _say(args, f"probsam: {model_entry(args.model).warning}")
     return load_model(args.model, checkpoint=args.checkpoint, sam_checkpoint=args.sam_checkpoint,
                       device=str(device), download=not args.offline)
 
 
 def _model_description(args) -> dict:
-    from .report import DEMO_LABEL
-
     entry = {"name": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
              "sam_checkpoint": str(args.sam_checkpoint) if args.sam_checkpoint else None}
-    if args.model == "demo":
-        entry["label"] = DEMO_LABEL
+    if model_entry(args.model).warning:
+        entry["label"] = model_entry(args.model).warning
     return entry
 
 
@@ -287,7 +287,7 @@ def cmd_demo(args) -> None:
     result = _sample(args, model, volume, geometry, voxel_box)
     inside = (slice(None),) + voxel_box.slices()
     samples, readers = result.masks, phantom.reader_masks[inside]  # both cut to the box
-    title = f"ProbSAM {'DEMO model' if args.model == 'demo' else args.model} on a rendered phantom CT " \
+    title = f"ProbSAM {'DEMO model' if model_entry(args.model).warning else args.model} on a rendered phantom CT " \
             f"(LIDC nodule outline {args.nodule}, {len(readers)} readers)"
     extra = {"command": "demo", "probsam_version": __version__, "model": _model_description(args),
              "demo": {"nodule": args.nodule, "info": phantom.info, "readers": len(readers),

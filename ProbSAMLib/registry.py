@@ -15,20 +15,30 @@ from typing import Callable, Optional
 class ModelEntry:
     """name; description (one line, for menus); needs_checkpoint: the user must give a ProbSAM file;
     min_gpu_gib: GPU memory below which sampling is likely to run out of memory or crawl;
-    loader(checkpoint, sam_checkpoint, download) -> ProbSAM on the CPU."""
+    loader(checkpoint, sam_checkpoint, download) -> ProbSAM on the CPU; warning: what a user must know
+    before trusting its masks (empty when nothing beyond "research software"); weights: manifest key."""
 
     name: str
     description: str
     needs_checkpoint: bool
     min_gpu_gib: float
     loader: Callable
+    warning: str = ""  # shown wherever the model is chosen (the Slicer module, `probsam sample`)
+    weights: str = ""  # its checkpoints.MANIFEST entry (the file whose SHA-256 provenance records)
 
 
-def _load_demo(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
-    from . import checkpoints
-    from .build import load_probsam
+DEMO_WARNING = ("DEMO model: a tiny network trained only on rendered phantom CT (real LIDC-IDRI reader "
+                "outlines, synthetic images). Not validated on real scans; not for clinical use.")
 
-    return load_probsam(checkpoints.resolve_weights("demo", checkpoint))
+
+def _demo_loader(weights: str) -> Callable:
+    """Loader of a bundled demo model: its file is checked against the manifest's SHA-256."""
+    def load(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
+        from . import checkpoints
+        from .build import load_probsam
+
+        return load_probsam(checkpoints.resolve_weights(weights, checkpoint))
+    return load
 
 
 def _sam_loader(variant: str) -> Callable:
@@ -58,10 +68,11 @@ def _load_file(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], downl
 
 
 MODELS = {entry.name: entry for entry in (
-    ModelEntry("demo", "bundled tiny DEMO model (rendered phantom data; not for clinical use)", False, 1, _load_demo),
-    ModelEntry("vit_b", "SAM ViT-B + ProbSAM heads (--checkpoint)", False, 4, _sam_loader("vit_b")),
-    ModelEntry("vit_l", "SAM ViT-L + ProbSAM heads (--checkpoint)", False, 6, _sam_loader("vit_l")),
-    ModelEntry("vit_h", "SAM ViT-H + ProbSAM heads (--checkpoint)", False, 8, _sam_loader("vit_h")),
+    ModelEntry("demo", "bundled tiny DEMO model (rendered phantom data; not for clinical use)", False, 1,
+               _demo_loader("demo"), DEMO_WARNING, "demo"),
+    ModelEntry("vit_b", "SAM ViT-B + ProbSAM heads (--checkpoint)", False, 4, _sam_loader("vit_b"), weights="sam_vit_b"),
+    ModelEntry("vit_l", "SAM ViT-L + ProbSAM heads (--checkpoint)", False, 6, _sam_loader("vit_l"), weights="sam_vit_l"),
+    ModelEntry("vit_h", "SAM ViT-H + ProbSAM heads (--checkpoint)", False, 8, _sam_loader("vit_h"), weights="sam_vit_h"),
     ModelEntry("file", "a full ProbSAM .safetensors file (--checkpoint)", True, 2, _load_file),
 )}
 MODEL_NAMES = tuple(MODELS)
@@ -83,5 +94,5 @@ def weights_sha256(name: str, checkpoint: Optional[Path] = None) -> str:
 
     if checkpoint is not None:
         return checkpoints.sha256_file(Path(checkpoint))
-    entry = checkpoints.MANIFEST["demo" if name == "demo" else f"sam_{name}"]
+    entry = checkpoints.MANIFEST[model_entry(name).weights]
     return entry.sha256 or checkpoints.sha256_file(checkpoints.entry_path(entry))

@@ -24,7 +24,6 @@ from .geometry import VolumeGeometry, VoxelBox
 
 DISCLAIMER = ("Research software, not for clinical use. Samples show the model's uncertainty, not a "
               "diagnosis; no model here is validated for diagnosis or treatment.")
-DEMO_LABEL = "DEMO model trained on rendered phantom data; not for clinical use"
 MAP_NAMES = ("mean_probability", "entropy", "variance", "mutual_information")
 
 

@@ -179,6 +179,8 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.sampleButton.enabled = problem is None and not running
         self.ui.sampleButton.toolTip = problem or _("Sample masks in every selected ROI")
         self.ui.cancelButton.enabled = running
+        model = self._parameterNode.model if self._parameterNode else ""
+        self.ui.modelWarningLabel.text = self.logic.modelWarning(model)
 
     def onBrowse(self, parameterName: str) -> None:
         """Load weights from a file: the offline path when downloads are blocked."""
@@ -309,6 +311,13 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def settingsFromParameters(p) -> SamplingSettings:
         return SamplingSettings(int(p.numberOfSamples), int(p.seed), p.model, p.checkpointPath,
                                 p.samCheckpointPath, p.device, p.uncertaintyKind)
+
+    @staticmethod
+    def modelWarning(model: str) -> str:
+        """What to know before trusting this model's masks, shown under the model selector
+        ("DEMO model ... not for clinical use" for the bundled demo models); "" for other models."""
+        entry = MODEL_ENTRIES.get(model)
+        return _(entry.warning) if entry is not None and entry.warning else ""
 
     def inputProblem(self, p) -> Optional[str]:
         """Why "Sample masks" cannot run with these parameters, or None."""

@@ -298,3 +298,28 @@ def test_module_import_does_not_import_torch():
     done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "ProbSAM" in done.stdout
+
+
+def test_demo_warning_sits_under_the_model_selector(slicer, module):
+    """Issue 13: the rendered-data warning is shown where the model is chosen (label text from the logic;
+    the label itself is checked in the .ui file because the Qt widget cannot be built here)."""
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    from ProbSAMLib.registry import MODELS
+
+    logic = module.ProbSAMSlicerLogic()
+    for name, entry in MODELS.items():
+        warning = logic.modelWarning(name)
+        if name.startswith("demo"):
+            assert "DEMO" in warning and "rendered" in warning and "not for clinical use" in warning
+        else:
+            assert warning == ""
+    assert logic.modelWarning("no such model") == ""
+    ui = ET.parse(Path(module.__file__).parent / "Resources" / "UI" / "ProbSAMSlicer.ui")
+    form = next(l for l in ui.iter("layout") if l.get("name") == "modelFormLayout")
+    cell = {w.get("name"): (int(i.get("row")), int(i.get("column"))) for i in form.findall("item")
+            for w in i.findall("widget")}
+    assert cell["modelWarningLabel"] == (cell["modelComboBox"][0] + 1, cell["modelComboBox"][1])
+    rows = sorted(r for r, c in cell.values() if c == 1)
+    assert len(rows) == len(set(rows))  # no two widgets share a form row
