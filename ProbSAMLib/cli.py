@@ -270,7 +270,7 @@ def cmd_demo(args) -> None:
     import numpy as np
     import SimpleITK as sitk
 
-    from . import imageio, metrics, report
+    from . import imageio, metrics, report, segfile
     from .geometry import VolumeGeometry
     from .phantom import demo_box, demo_count, demo_volume
 
@@ -297,7 +297,7 @@ def cmd_demo(args) -> None:
                                      "dmax": metrics.dmax(samples, readers)}}}
     with _output_folder(args) as tmp:
         imageio.write_image(volume, geometry, tmp / "ct.nrrd", np.int16)
-        imageio.write_segmentation(phantom.reader_masks, geometry, tmp / "readers.seg.nrrd",
+        segfile.write_segmentation(phantom.reader_masks, geometry, tmp / "readers.seg.nrrd",
                                    names=[f"Reader {n + 1}" for n in range(len(readers))])
         report.write_montage(tmp / "montage.png", volume, result, title)
         report.write_outputs(result, tmp, split=args.split, extra_summary=extra, tags=_tags(args, result),

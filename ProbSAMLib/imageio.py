@@ -1,4 +1,5 @@
-"""Reading CT volumes and writing ProbSAM's outputs (images, Slicer segmentations, output folders).
+"""Reading CT volumes and writing ProbSAM's outputs (images, per-sample labelmaps, output folders);
+Slicer segmentation files are in :mod:`ProbSAMLib.segfile` (re-exported here).
 
 One implementation for the CLI, the Slicer module and scripts. Arrays are ``(K, J, I)`` on a
 :class:`~ProbSAMLib.geometry.VolumeGeometry`; mask stacks are ``(N, K, J, I)`` booleans.
@@ -6,7 +7,6 @@ One implementation for the CLI, the Slicer module and scripts. Arrays are ``(K, 
 
 from __future__ import annotations
 
-import colorsys
 import contextlib
 import errno
 import gzip
@@ -23,10 +23,11 @@ from typing import Optional, Sequence
 import numpy as np
 import SimpleITK as sitk
 
-from . import nrrd
 from .errors import InputError
 from .geometry import VolumeGeometry
 from .outputdir import AtomicOutputDir, OutputExistsError, OutputFolder  # noqa: F401 (the one writer)
+from .segfile import (check_masks, distinct_colors, read_segment_metadata,  # noqa: F401 (re-exported)
+                      read_segmentation, write_segmentation)
 
 
 class VolumeReadError(InputError):
@@ -278,210 +279,7 @@ def _write_error(path, error: RuntimeError) -> OSError:
 
 def write_sample_files(masks, geometry: VolumeGeometry, directory, prefix: str = "sample_") -> list:
     """One 0/1 labelmap per sample: ``<prefix>00.nrrd``, ``<prefix>01.nrrd``, ...; returns the paths."""
-    masks = _check_masks(masks, geometry)
+    masks = check_masks(masks, geometry)
     width = max(2, len(str(len(masks) - 1)))
     return [write_image(mask, geometry, Path(directory) / f"{prefix}{n:0{width}d}.nrrd", np.uint8)
             for n, mask in enumerate(masks)]
-
-
-# Tableau 10: a qualitative palette whose colours stay apart for most colour-vision deficiencies.
-_PALETTE = ("4e79a7", "f28e2b", "e15759", "76b7b2", "59a14f", "edc948", "b07aa1", "ff9da7", "9c755f",
-            "bab0ac")
-
-
-def distinct_colors(n: int) -> list:
-    """``n`` RGB colours in [0, 1]: the palette, then lighter/darker and slightly hue-shifted rounds."""
-    colors = []
-    for index in range(n):
-        cycle, base = divmod(index, len(_PALETTE))
-        rgb = [int(_PALETTE[base][c:c + 2], 16) / 255 for c in (0, 2, 4)]
-        if cycle:
-            h, l, s = colorsys.rgb_to_hls(*rgb)
-            step = (cycle + 1) // 2 * (1 if cycle % 2 else -1)  # +1, -1, +2, -2, ...
-            l = min(0.9, max(0.15, l + 0.12 * step))
-            rgb = colorsys.hls_to_rgb((h + 0.037 * cycle) % 1.0, l, s)
-        colors.append(tuple(float(round(c, 4)) for c in rgb))
-    return colors
-
-
-# --- Slicer segmentation (.seg.nrrd) ----------------------------------------------------------------
-_REFERENCE_GEOMETRY = "Reference image geometry"
-_REFERENCE_GEOMETRY_DESCRIPTION = ("Image geometry description string determining the geometry of the "
-                                   "labelmap that is created in course of conversion")
-
-
-def _check_masks(masks, geometry: VolumeGeometry) -> np.ndarray:
-    masks = np.asarray(masks)
-    if masks.ndim != 4 or masks.shape[1:] != geometry.shape or masks.shape[0] == 0:
-        raise ValueError(f"masks must be (N, K, J, I) with N >= 1 and (K, J, I) = {geometry.shape}, "
-                         f"got {masks.shape}")
-    return masks.astype(bool, copy=False)
-
-
-def _crop_region(masks: np.ndarray, geometry: VolumeGeometry) -> tuple:
-    """(lo, hi) in (i, j, k): the union of the masks plus one voxel, clamped (Slicer's minimal extent)."""
-    any_mask = masks.any(axis=0)
-    if not any_mask.any():
-        # Slicer reads a 1×1×1 file as "no data"; 2×1×1 keeps the (empty) segments' metadata readable.
-        return np.zeros(3, int), np.minimum([2, 1, 1], geometry.size)
-    kji = [np.flatnonzero(any_mask.any(axis=tuple(a for a in range(3) if a != axis))) for axis in range(3)]
-    lo = np.array([kji[2][0], kji[1][0], kji[0][0]]) - 1
-    hi = np.array([kji[2][-1], kji[1][-1], kji[0][-1]]) + 2
-    return np.maximum(lo, 0), np.minimum(hi, geometry.size)
-
-
-def _extent_string(mask: np.ndarray) -> str:
-    """Slicer's per-segment extent "i0 i1 j0 j1 k0 k1" (inclusive) of a (K, J, I) mask; empty: 0 -1 ..."""
-    if not mask.any():
-        return "0 -1 0 -1 0 -1"
-    parts = []
-    for axis in (2, 1, 0):
-        hits = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        parts += [str(hits[0]), str(hits[-1])]
-    return " ".join(parts)
-
-
-def _serialize_geometry(geometry: VolumeGeometry) -> str:
-    # vtkSegmentationConverter::SerializeImageGeometry: IJK→RAS matrix row by row, then the extent.
-    values = [nrrd._number(v) for v in geometry.ijk_to_ras_matrix().ravel()]
-    values += [str(v) for s in geometry.size for v in (0, s - 1)]
-    return "".join(v + ";" for v in values)
-
-
-def _segmentation_keyvalues(cropped, names, colors, geometry: VolumeGeometry, lo, tags) -> dict:
-    keyvalues = {}
-    for n, mask in enumerate(cropped):
-        prefix = f"Segment{n}_"
-        keyvalues.update({
-            prefix + "Color": " ".join(nrrd._number(c) for c in colors[n]),
-            prefix + "ColorAutoGenerated": "0",
-            prefix + "Extent": _extent_string(mask),
-            prefix + "ID": f"Segment_{n + 1}",
-            prefix + "LabelValue": "1",
-            prefix + "Layer": str(n),  # overlapping samples: one layer each
-            prefix + "Name": names[n],
-            prefix + "NameAutoGenerated": "0",
-            prefix + "Tags": "".join(f"{k}:{v}|" for k, v in (tags[n] if tags else {}).items()),
-        })
-    keyvalues.update({
-        "Segmentation_ContainedRepresentationNames": "Binary labelmap|",
-        "Segmentation_ConversionParameters": (f"{_REFERENCE_GEOMETRY}|{_serialize_geometry(geometry)}|"
-                                              f"{_REFERENCE_GEOMETRY_DESCRIPTION}&"),
-        "Segmentation_MasterRepresentation": "Binary labelmap",
-        "Segmentation_ReferenceImageExtentOffset": " ".join(str(int(v)) for v in lo),
-    })
-    return keyvalues
-
-
-def write_segmentation(masks, geometry: VolumeGeometry, path, names: Optional[Sequence[str]] = None,
-                       colors: Optional[Sequence] = None, tags: Optional[Sequence[dict]] = None,
-                       crop: bool = True) -> Path:
-    """Write ``(N, K, J, I)`` boolean masks as one Slicer ``.seg.nrrd`` with N overlapping segments.
-
-    Laid out as Slicer's vtkMRMLSegmentationStorageNode writes it: a 4D NRRD whose fastest axis is the
-    ``list`` of layers (one per segment, so segments may overlap), ``Segment<n>_*`` fields, and the full
-    volume grid as the "Reference image geometry" so Slicer's Segment Editor works on the CT's grid.
-    With ``crop`` only the union of the masks (plus one voxel) is stored, placed by
-    ``Segmentation_ReferenceImageExtentOffset`` — as Slicer does with "crop to minimum extent".
-    """
-    masks = _check_masks(masks, geometry)
-    count = len(masks)
-    names = [f"Sample {n + 1}" for n in range(count)] if names is None else [str(s) for s in names]
-    colors = distinct_colors(count) if colors is None else [tuple(map(float, c)) for c in colors]
-    if len(names) != count or len(colors) != count or (tags is not None and len(tags) != count):
-        raise ValueError(f"need one name, colour (and tag dict) per mask: {count} masks")
-    if any(len(c) != 3 or not all(0.0 <= v <= 1.0 for v in c) for c in colors):
-        raise ValueError("colours must be (r, g, b) triples in [0, 1]")
-    lo, hi = _crop_region(masks, geometry) if crop else (np.zeros(3, int), np.array(geometry.size))
-    region = (slice(None), slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))
-    cropped, sub = masks[region], geometry.subgrid(lo, hi)
-    spatial = [sub.direction[:, a] * sub.spacing[a] for a in range(3)]
-    # One segment: a plain 3D labelmap, as Slicer writes it; several: the list axis first (fastest).
-    sizes, directions, kinds = list(sub.size), spatial, ["domain"] * 3
-    if count > 1:
-        sizes, directions, kinds = [count] + sizes, [None] + spatial, ["list"] + kinds
-    header = nrrd.format_header(np.uint8, sizes, directions, kinds, sub.origin,
-                                _segmentation_keyvalues(cropped, names, colors, geometry, lo, tags))
-    slabs = (np.moveaxis(cropped[:, k], 0, -1) if count > 1 else cropped[0, k] for k in range(sub.shape[0]))
-    return nrrd.write_nrrd(path, slabs, header, np.uint8)
-
-
-def read_segment_metadata(path) -> list:
-    """Per segment of a ``.seg.nrrd``: dict with id, name, color, layer, label_value, extent, tags."""
-    _, keyvalues = nrrd.read_header(path)
-    return _segments_from_keyvalues(keyvalues, path)
-
-
-def _segments_from_keyvalues(keyvalues: dict, path) -> list:
-    segments, n = [], 0
-    while f"Segment{n}_ID" in keyvalues:
-        get = lambda key, default="": keyvalues.get(f"Segment{n}_{key}", default)  # noqa: E731
-        extent = [int(v) for v in get("Extent", "").split()] or None
-        tags = dict(t.split(":", 1) for t in get("Tags").split("|") if ":" in t)
-        segments.append({"id": get("ID"), "name": get("Name", get("ID")),
-                         "color": tuple(float(v) for v in get("Color", "0.5 0.5 0.5").split()),
-                         "layer": int(get("Layer", str(n))), "label_value": int(get("LabelValue", "1")),
-                         "extent": extent, "tags": tags})
-        n += 1
-    if not segments:
-        raise ValueError(f"{path} is not a Slicer segmentation file (no Segment0_ID field)")
-    return segments
-
-
-def _reference_geometry(keyvalues: dict) -> Optional[tuple]:
-    """(geometry, extent start (3,)) from the "Reference image geometry" conversion parameter."""
-    for parameter in keyvalues.get("Segmentation_ConversionParameters", "").split("&"):
-        fields = parameter.split("|")
-        if len(fields) >= 2 and fields[0] == _REFERENCE_GEOMETRY:
-            values = [v for v in fields[1].split(";") if v.strip()]
-            if len(values) != 22:
-                return None
-            matrix = np.array([float(v) for v in values[:16]]).reshape(4, 4)
-            extent = np.array([int(float(v)) for v in values[16:]]).reshape(3, 2)
-            start = extent[:, 0]
-            grid = VolumeGeometry.from_ijk_to_ras(matrix, extent[:, 1] - start + 1)
-            # The matrix maps extent indices; our grids count from the extent's first voxel.
-            return grid.subgrid(start, start + np.array(grid.size)), start
-    return None
-
-
-def read_segmentation(path) -> tuple:
-    """Read a ``.seg.nrrd`` (ours or Slicer's) → ``(masks (N, K, J, I) bool, geometry, names)``.
-
-    Read through ITK's NRRD reader, the one Slicer uses. When the file names its reference image
-    geometry (ours always do) the masks are placed back on that full grid; otherwise they are returned on
-    the grid stored in the file.
-    """
-    image = sitk.ReadImage(str(path))
-    keyvalues = {key: image.GetMetaData(key) for key in image.GetMetaDataKeys()}
-    segments = _segments_from_keyvalues(keyvalues, path)
-    data = sitk.GetArrayFromImage(image)
-    data = data[..., None] if data.ndim == 3 else data  # (K, J, I, layers)
-    file_geometry = VolumeGeometry.from_sitk(image)
-    masks = np.zeros((len(segments),) + file_geometry.shape, dtype=bool)
-    for n, segment in enumerate(segments):
-        extent = segment["extent"]
-        if extent is None:  # Slicer: missing extent → the whole file
-            extent = [0, file_geometry.size[0] - 1, 0, file_geometry.size[1] - 1, 0, file_geometry.size[2] - 1]
-        if any(extent[2 * a] > extent[2 * a + 1] for a in range(3)):
-            continue  # empty segment
-        window = tuple(slice(max(extent[2 * a], 0), extent[2 * a + 1] + 1) for a in (2, 1, 0))
-        masks[(n,) + window] = data[window + (segment["layer"],)] == segment["label_value"]
-    names = [s["name"] for s in segments]
-    placed = _place_on_reference(masks, file_geometry, keyvalues)
-    return (placed if placed is not None else (masks, file_geometry)) + (names,)
-
-
-def _place_on_reference(masks, file_geometry: VolumeGeometry, keyvalues: dict) -> Optional[tuple]:
-    reference = _reference_geometry(keyvalues)
-    if reference is None:
-        return None
-    full, start = reference
-    offset = [int(v) for v in keyvalues.get("Segmentation_ReferenceImageExtentOffset", "0 0 0").split()]
-    lo = np.array(offset) - start
-    hi = lo + np.array(file_geometry.size)
-    if np.any(lo < 0) or np.any(hi > full.size) or not full.subgrid(lo, hi).isclose(file_geometry, 1e-4):
-        return None  # the file's grid is not a block of the reference grid: keep the file's own
-    placed = np.zeros((len(masks),) + full.shape, dtype=bool)
-    placed[(slice(None), slice(lo[2], hi[2]), slice(lo[1], hi[1]), slice(lo[0], hi[0]))] = masks
-    return placed, full

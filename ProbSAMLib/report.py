@@ -19,7 +19,7 @@ from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 from scipy.spatial.distance import pdist
 
-from . import imageio, metrics
+from . import imageio, metrics, segfile
 from .geometry import VolumeGeometry, VoxelBox
 
 DISCLAIMER = ("Research software, not for clinical use. Samples show the model's uncertainty, not a "
@@ -153,7 +153,7 @@ def write_outputs(result, directory, split: bool = False, extra_summary: Optiona
     directory = Path(directory)
     count = len(result.masks)
     masks = result.on_full_grid("masks")
-    paths = [imageio.write_segmentation(masks, result.geometry, directory / "samples.seg.nrrd",
+    paths = [segfile.write_segmentation(masks, result.geometry, directory / "samples.seg.nrrd",
                                         names=segment_names(count), tags=tags)]
     if split:
         paths += imageio.write_sample_files(masks, result.geometry, directory)
@@ -266,7 +266,7 @@ def write_montage(path, volume_hu: np.ndarray, result, title: str, columns: int 
     spacing_y, spacing_x = geometry.spacing[1], geometry.spacing[0]
     base = tile_px / max(width, height * spacing_y / spacing_x)
     scale = (base * spacing_y / spacing_x, base)
-    colors = imageio.distinct_colors(len(result.masks))
+    colors = segfile.distinct_colors(len(result.masks))
     centre, span = ct_window
     ct_tiles, entropy_tiles = [], []
     for k in ks:

@@ -131,7 +131,7 @@ class Server:
 
     def _sample(self, request: dict) -> None:
         from .geometry import VolumeGeometry, VoxelBox
-        from .imageio import distinct_colors
+        from .segfile import distinct_colors
         from .volume import Cancelled, input_region, sample_volume
 
         rid = request["id"]
