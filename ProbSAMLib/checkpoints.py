@@ -58,13 +58,19 @@ MANIFEST: Dict[str, WeightsEntry] = {
         "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
         "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2_564_550_879,
         "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-H image encoder and decoder"),
+    # Bundled files are checked like downloads: a bit flip or a half-copied install is refused. A
+    # retrained demo model gets a NEW entry (name, file, SHA-256); old entries stay so earlier runs,
+    # whose provenance names them, reproduce (Testing/test_bad_inputs_cli.py checks every one).
     "demo": WeightsEntry(
-        # The bundled file is checked like a download: a bit flip or a half-copied install is refused.
-        # Retraining the demo model means updating this line (Testing/test_bad_inputs_cli.py checks it).
         "demo", "probsam_tiny_demo.safetensors", None,
         "993fe11112b1c4b326c12318c4dac37d3078f694a0fc5aed623d85bbb2bd373b", 8_290_336, "Apache-2.0",
-        "DEMO model: tiny ProbSAM trained on the rendered LIDC contour phantom. Not for clinical use.",
-        bundled=True),
+        "DEMO model v1 (superseded by demo_v2): tiny ProbSAM trained on the rendered LIDC contour phantom v1. "
+        "Not for clinical use.", bundled=True),
+    "demo_v2": WeightsEntry(
+        "demo_v2", "probsam_tiny_demo_v2.safetensors", None,
+        "3ebfe61edcf745338fe2cd18b6822a4be44f0a77c839d9e7a8a7ab128959491d", 8_290_472, "Apache-2.0",
+        "DEMO model v2: tiny ProbSAM trained on the rendered phantom v2 (hard cases), all four reader slots, "
+        "set term. Not for clinical use.", bundled=True),
 }
 
 

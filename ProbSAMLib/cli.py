@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 from . import __version__, errors
 from .errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUNTIME  # noqa: F401 (kept for importers)
 from .errors import SettingsError
-from .registry import MODEL_NAMES, model_entry
+from .registry import DEFAULT_MODEL, MODEL_NAMES, model_entry
 
 MAX_SEED = 2 ** 63 - 1
 
@@ -88,14 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                              "ijk (inclusive voxel indices)")
     sample.add_argument("--roi-index", type=int, metavar="N", help="which ROI of a file holding several (0-based)")
     _sampling_options(sample, None)
-    _model_options(sample, "demo")
+    _model_options(sample, DEFAULT_MODEL)
 
     demo = commands.add_parser("demo", help="run the bundled demo model on a rendered phantom CT (offline)",
                                description="Render a small CT around a real LIDC nodule outline, sample it "
                                "with the bundled DEMO model and write everything plus montage.png.")
     demo.add_argument("--nodule", type=int, default=0, metavar="INDEX", help="which bundled nodule (default 0)")
     _sampling_options(demo, "probsam_demo")
-    _model_options(demo, "demo")
+    _model_options(demo, DEFAULT_MODEL)
 
     info = commands.add_parser("info", help="devices, models, where their weights are, the cache folder")
     info.add_argument("--verify", action="store_true", help="also check the SHA-256 of the weights present")

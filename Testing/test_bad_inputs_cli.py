@@ -296,8 +296,12 @@ def test_cuda_without_a_gpu_is_a_usage_error(world, capsys):
 
 
 def test_bundled_model_with_a_flipped_bit_is_refused(world, capsys, monkeypatch):
-    bundled = checkpoints.entry_path(checkpoints.MANIFEST["demo"])
-    assert checkpoints.sha256_file(bundled) == checkpoints.MANIFEST["demo"].sha256  # the manifest is current
+    for entry in checkpoints.MANIFEST.values():  # every bundled file's manifest line is current
+        if entry.bundled:
+            path = checkpoints.entry_path(entry)
+            assert (checkpoints.sha256_file(path), path.stat().st_size) == (entry.sha256, entry.size), entry.name
+    from ProbSAMLib.registry import DEFAULT_MODEL, model_entry
+    bundled = checkpoints.entry_path(checkpoints.MANIFEST[model_entry(DEFAULT_MODEL).weights])  # what `sample` loads
     copy = world["root"] / "package_models"
     copy.mkdir()
     data = bytearray(bundled.read_bytes())

@@ -285,15 +285,21 @@ def test_demo_writes_everything_and_a_montage(files, tmp_path):
     assert sorted(summary["files"]) == sorted(names)
 
 
-DEMO_WEIGHTS = checkpoints.entry_path(checkpoints.MANIFEST["demo"])
-
-
-@pytest.mark.skipif(not DEMO_WEIGHTS.is_file(), reason=f"bundled demo model {DEMO_WEIGHTS.name} not built yet "
-                                                       f"(Training in progress)")
 def test_demo_with_the_bundled_model(tmp_path, capsys):
-    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--quiet"]) == 0
+    """`probsam demo` uses the current demo model (demo_v2), says so on stderr and in summary.json."""
+    from ProbSAMLib.registry import DEFAULT_MODEL
+
+    assert DEFAULT_MODEL == "demo_v2"
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--samples", "4"]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["model"]["name"] == "demo" and "DEMO" in summary["model"]["label"]
+    assert summary["model"]["name"] == "demo_v2" and "DEMO" in summary["model"]["label"]
+    assert "not for clinical use" in capsys.readouterr().err
+
+
+def test_the_superseded_demo_model_still_loads_for_reproduction(tmp_path):
+    assert cli.main(["demo", "--model", "demo", "--out", str(tmp_path / "v1"), "--samples", "2", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "v1" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["model"]["name"] == "demo"
 
 
 def test_info_lists_devices_weights_and_cache(monkeypatch, tmp_path, capsys):

@@ -25,6 +25,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ProbSAMLib.registry import DEFAULT_MODEL  # cheap: no torch
+
 CANCEL_GRACE_S = 1.0
 LIBRARY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__import__("ProbSAMLib").__file__)))
 
@@ -33,7 +35,7 @@ LIBRARY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__import__("ProbS
 class SamplingSettings:
     numberOfSamples: int = 16
     seed: Optional[int] = 0
-    model: str = "demo"
+    model: str = DEFAULT_MODEL
     checkpointPath: str = ""
     samCheckpointPath: str = ""
     device: str = "auto"
