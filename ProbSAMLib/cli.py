@@ -326,7 +326,8 @@ def cmd_info(args) -> None:
     print(f"  mps   {'available' if mps_works() else 'not available'}")
     print(f"  auto  -> {choose_device('auto')}")
     print(f"weights cache: {checkpoints.cache_dir()}  (set PROBSAM_CACHE to move it)")
-    print(f"weights (--model {DEFAULT_MODEL}, the default, uses '{model_entry(DEFAULT_MODEL).weights}'; --model vit_b uses 'sam_vit_b' plus --checkpoint heads):")
+    print(f"weights (--model {DEFAULT_MODEL}, the default, uses '{model_entry(DEFAULT_MODEL).weights}'; "
+          f"--model vit_b uses 'sam_vit_b' plus --checkpoint heads):")
     for entry in checkpoints.MANIFEST.values():
         path = checkpoints.entry_path(entry)
         status = "present" if path.is_file() else "absent"
