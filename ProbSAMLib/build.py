@@ -104,7 +104,8 @@ def load_model(
 ) -> ProbSAM:
     """The model a user asks for by name (``registry.MODEL_NAMES``), ready for inference on the device.
 
-    name: "demo_v2" (bundled tiny model; DEMO, rendered data, not for clinical use; "demo" is v1), "vit_b"/"vit_l"/"vit_h"
+    name: "demo_v2" (bundled tiny model; DEMO, rendered data, not for clinical use; "demo" is v1),
+    "vit_b"/"vit_l"/"vit_h"
     (official SAM weights from `sam_checkpoint`, the cache or a download, plus ProbSAM heads from
     `checkpoint`), or "file" (a full ProbSAM safetensors file at `checkpoint`).
     """

@@ -1,6 +1,7 @@
 """Evaluate trained models and baselines on a split: GED@16/@100, HM-IoU@16, NCC, ECE, Dmax, Dice/IoU
 of the mean prediction, sample diversity (ProbSAMLib.metrics), with 95 % patient-bootstrap intervals,
-broken down by how many readers marked the slice (and by case type for phantom v2), and paired differences (and the GED ratio) against the first model.
+broken down by how many readers marked the slice (and by case type for phantom v2), and paired
+differences (and the GED ratio) against the first model.
 
     python Training/evaluate.py --data data/phantom --split test \
         --model runs/fair/probsam_tiny_seed0/best.safetensors --model runs/fair/prob_unet_seed0/best.safetensors \
