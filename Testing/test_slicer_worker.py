@@ -62,9 +62,12 @@ def test_second_run_reuses_the_loaded_model(slicer, module, logic, tiny_weights)
     np.testing.assert_array_equal(first.results[0]["masks"], second.results[0]["masks"])  # seeded
 
 
-def test_cancel_mid_run_stops_it_and_keeps_the_worker(slicer, module, logic, tiny_weights):
+def test_cancel_mid_run_stops_it_and_keeps_the_worker(slicer, module, logic, tiny_weights, monkeypatch):
     from ProbSAMLib.volume import Cancelled
 
+    # This test is about the worker stopping when asked; the kill after the grace time has its own test
+    # below. A long grace keeps a heavily loaded machine from turning "asked" into "killed".
+    monkeypatch.setattr(module.sampling_process, "CANCEL_GRACE_S", 30.0)
     volume, roi = tall_scene(slicer)
     run = start(module, logic, volume, roi, tiny_weights)
     wait_for_sampling(run)
@@ -73,11 +76,12 @@ def test_cancel_mid_run_stops_it_and_keeps_the_worker(slicer, module, logic, tin
     run.cancel()
     os.kill(pid, signal.SIGCONT)
     cancelled_at = time.monotonic()
-    with pytest.raises(Cancelled):
+    with pytest.raises(Cancelled) as stopped:
         run.wait()
-    # Issue 10 asks for "about a second"; the worker stops at its next chunk, well inside the grace time.
-    assert time.monotonic() - cancelled_at < 3 * module.sampling_process.CANCEL_GRACE_S
-    assert logic.worker.alive and logic.worker.process.pid == pid  # stopped by asking, not killed
+    assert "process was stopped" not in str(stopped.value)  # it stopped by itself, nobody killed it
+    # Issue 10 asks for "about a second"; the worker stops at its next slice.
+    assert time.monotonic() - cancelled_at < 3.0
+    assert logic.worker.alive and logic.worker.process.pid == pid
     assert not nodes_of_class(slicer, "vtkMRMLSegmentationNode")
     again = start(module, logic, volume, roi, tiny_weights, samples=2)
     again.wait()
@@ -97,7 +101,8 @@ def test_unresponsive_worker_is_killed_then_a_crash_is_a_clear_error(slicer, mod
     run.cancel()
     with pytest.raises(Cancelled, match="stopped"):
         run.wait()
-    assert process.wait() == -signal.SIGKILL
+    # Already reaped when the run ends: a run started right now must get a new worker, not the dying one.
+    assert not own_logic.worker.alive and process.returncode == -signal.SIGKILL
 
     run = start(module, own_logic, volume, roi, tiny_weights)  # a new worker
     wait_for_sampling(run)

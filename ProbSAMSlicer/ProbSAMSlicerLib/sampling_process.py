@@ -28,6 +28,7 @@ import numpy as np
 from ProbSAMLib.registry import DEFAULT_MODEL  # cheap: no torch
 
 CANCEL_GRACE_S = 1.0
+KILL_WAIT_S = 10.0  # a killed process is gone in milliseconds; this only bounds the wait
 LIBRARY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__import__("ProbSAMLib").__file__)))
 
 
@@ -140,6 +141,13 @@ class WorkerProcess:
     def kill(self) -> None:
         if self.alive:
             self.process.kill()
+            # Reap it before returning: until then `alive` still says True, and a run started at once
+            # would be sent to the dying process and fail with "killed by signal 9" instead of starting
+            # a new worker.
+            try:
+                self.process.wait(KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                logging.warning("ProbSAM: the sampling process did not exit after SIGKILL")
 
     def stop(self) -> None:
         """Ask the worker to quit; kill it if it does not within the grace time."""
