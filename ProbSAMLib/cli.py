@@ -169,8 +169,9 @@ def _load_model(args):
 
     device = choose_device(args.device)
     _say(args, f"probsam: loading model {args.model} on {device}")
-    if model_entry(args.model).warning:
-        _say(args, f"probsam: {model_entry(args.model).warning}")
+    warning = model_entry(args.model).warning
+    if warning:
+        _say(args, f"probsam: {warning}")
     return load_model(args.model, checkpoint=args.checkpoint, sam_checkpoint=args.sam_checkpoint,
                       device=str(device), download=not args.offline)
 
@@ -178,8 +179,9 @@ def _load_model(args):
 def _model_description(args) -> dict:
     entry = {"name": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
              "sam_checkpoint": str(args.sam_checkpoint) if args.sam_checkpoint else None}
-    if model_entry(args.model).warning:
-        entry["label"] = model_entry(args.model).warning
+    warning = model_entry(args.model).warning
+    if warning:
+        entry["label"] = warning
     return entry
 
 

@@ -22,10 +22,6 @@ import numpy as np  # noqa: E402
 from ProbSAMLib.errors import SettingsError  # noqa: E402
 from Training.dataset_format import COLUMNS, Chunk, check_output, load_dataset, write_dataset  # noqa: E402
 
-_DERIVED_META = ("n_slices", "n_nodules", "n_patients", "slices_by_readers", "nodules_by_readers", "format",
-                 "version", "crop", "dtype", "created")
-
-
 def chosen_patients(splits: dict, fraction: float, seed: int) -> set:
     """The same fraction of every split's patients (at least one each), drawn with ``seed``."""
     rng = np.random.default_rng(seed)
@@ -48,8 +44,9 @@ def subsample(source, out, fraction: float, seed: int = 0, force: bool = False) 
     rows = [{c: _plain(data.table[c][i]) for c in COLUMNS if c in data.table} for i in index]
     chunk = Chunk(np.asarray(data.images[index]), np.asarray(data.masks[index]), np.asarray(data.present[index]),
                   rows)
-    meta = {k: v for k, v in data.meta.items() if k not in _DERIVED_META}
-    meta["note"] = (meta.get("note", "") + f"; patient subsample {fraction} of {source} (seed {seed})").lstrip("; ")
+    # Counts, format, crop and date are recomputed by write_dataset; only the note is ours to extend.
+    note = (data.meta.get("note", "") + f"; patient subsample {fraction} of {source} (seed {seed})").lstrip("; ")
+    meta = dict(data.meta, note=note)
     return write_dataset(out, [chunk], meta, seed=data.splits.get("seed", 0), force=force, splits=data.splits)
 
 
