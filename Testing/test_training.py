@@ -179,6 +179,19 @@ def test_prob_unet_samples_differ_and_round_trip(tmp_path):
     torch.testing.assert_close(probs, again)
 
 
+def test_prob_unet_combine_equals_fcomb_on_the_concatenation():
+    """The split first 1x1 conv (features once, z per sample) is Kohl et al.'s fcomb on [features, z]."""
+    from Training.prob_unet import ProbUNet
+    torch.manual_seed(0)
+    model = ProbUNet((4, 8, 8), latent_dim=3)
+    features, z = torch.randn(2, 4, 16, 12), torch.randn(2, 5, 3)
+    tiled = z[:, :, :, None, None].expand(-1, -1, -1, 16, 12)
+    stacked = torch.cat([features[:, None].expand(-1, 5, -1, -1, -1), tiled], dim=2).flatten(0, 1)
+    expected = model.fcomb(stacked).view(2, 5, 16, 12)
+    torch.testing.assert_close(model.combine(features, z), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(expected[:, 0], expected[:, 1])  # z changes the output: the z part is used
+
+
 def test_slice_metrics_are_perfect_for_the_readers_themselves():
     from Training.evaluate import slice_metrics
     readers = np.zeros((2, 16, 16), bool)

@@ -60,7 +60,9 @@ def slice_metrics(probs: np.ndarray, annotations: np.ndarray, sizes: Sequence[in
     row[f"diversity@{n}"] = metrics.sample_diversity(small)
     bins = metrics.calibration_bins(probs[:n].mean(0), annotations, region=region)
     row[f"ece@{n}"] = metrics.ece_from_bins(bins)
-    scores = metrics.mean_prediction_scores(small, annotations)
+    # The mean prediction: the average of the N sample probabilities, thresholded at 0.5 (issue 13's
+    # definition; averaging the thresholded samples instead would be a vote of the N masks).
+    scores = metrics.mean_prediction_scores(probs[:n], annotations)
     row.update({key: scores[key] for key in ("dice_mean_annotator", "iou_mean_annotator", "dice_majority",
                                              "iou_majority")})
     row["calibration_bins"] = bins
@@ -150,7 +152,8 @@ def protocol_text(data: str, split: str, n_slices: int, n_unmarked: int, sizes, 
             f"empty) = 1; GED with self-pairs; HM-IoU after MoSE (both sides replicated to lcm(N, M), Hungarian "
             f"match); NCC after PHiSeg (NaN slices excluded and counted); ECE: 10 equal-width bins of the mean "
             f"sample probability against every (pixel, reader) outcome inside the prompt box, pooled over "
-            f"slices; Dice/IoU of the thresholded mean prediction, Dice(empty, empty) = 1 (an empty prediction on "
+            f"slices; Dice/IoU of the mean prediction (the average of the N sample probabilities > 0.5) against the "
+            f"readers' majority (at least 2 of the 4 slots), Dice(empty, empty) = 1 (an empty prediction on "
             f"a slice whose majority vote is empty scores 1). Intervals: 95 % percentile bootstrap over patients "
             f"({n_boot} replicates); differences: paired bootstrap (same replicates for both methods).")
     for line in baselines:
@@ -190,6 +193,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                        help="an earlier --out folder: a method found there under the same name is read from its "
+                             "per-slice table instead of evaluated again (same model file, seed, slices, box "
+                             "margin and sample sizes, else an error); repeat to combine runs made in parallel")
     args = parser.parse_args(argv)
     names = args.name or [Path(m).resolve().parent.name for m in args.model]
     check_arguments(args, names)
@@ -217,18 +224,68 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     if len({m[0] for m in methods}) != len(methods):
         raise SettingsError(f"method names must differ, got {[m[0] for m in methods]}; pass --name for each --model")
 
-    per_slice, provenance = {}, {"commit": project_commit(), "seed": args.seed}
-    for name, make, path in methods:
-        predictor = make().to(device)
-        per_slice[name] = evaluate_slices(predictor, batches, positions, sizes, args.seed, args.batch_size, device)
+    provenance = {"commit": project_commit(), "seed": args.seed, "box_margin": args.box_margin, "reused": {}}
+    for name, _, path in methods:
         provenance[name] = sha256_file(Path(path)) if path else ""
+    # Every reused table is checked before any evaluation starts, so a mismatch costs nothing.
+    per_slice = reused_tables(args.reuse, [m[0] for m in methods], provenance, batches.dataset.indices[positions],
+                              sizes, args.seed, args.box_margin)
+    for name, make, path in methods:
+        if name not in per_slice:
+            predictor = make().to(device)
+            per_slice[name] = evaluate_slices(predictor, batches, positions, sizes, args.seed, args.batch_size,
+                                              device)
         print(name, json.dumps({k: round(v, 4) for k, v in summarise(per_slice[name]).items()}))
+    per_slice = {name: per_slice[name] for name, _, _ in methods}  # the command line's order
     protocol = protocol_text(args.data, args.split, len(positions), batches.n_unmarked, sizes, args.box_margin,
                              args.seed, args.bootstrap, notes)
     with output as tmp:  # nothing under --out until complete
         tables = write_results(tmp, per_slice, protocol, provenance, args.bootstrap, args.seed)
     print(tables)
     return 0
+
+
+def reused_tables(folders: Sequence[str], names: Sequence[str], provenance: dict, slices: np.ndarray,
+                  sizes: Sequence[int], seed: int, box_margin: float) -> Dict[str, List[dict]]:
+    """{method: rows} read from earlier runs' per-slice tables (evaluate.py --out folders) for the methods
+    of this run found there; records where each came from in provenance["reused"].
+
+    Reuse is exact, not approximate: each slice's noise depends only on (seed, slice), so a method's rows
+    are the same whichever run computed them, provided the model file (SHA-256), seed, slices, box margin
+    and sample sizes are the same - each is checked, and a difference is an error naming it.
+    """
+    from Training.evaluation_report import read_per_slice
+
+    found = {}
+    for folder in folders:
+        for path in sorted(Path(folder).glob("per_slice_*.csv")):
+            try:
+                method, rows, info = read_per_slice(path)
+            except (ValueError, KeyError, TypeError) as error:
+                raise SettingsError(f"--reuse {folder}: cannot read {path.name}: {error}") from None
+            found.setdefault(method, (path, rows, info))
+    wanted = [f"ged@{n}" for n in sizes] + [f"hm_iou@{min(sizes)}"]
+    tables = {}
+    for name in names:
+        if name not in found:
+            continue
+        path, rows, info = found[name]
+        stored_sizes = sorted(int(k.split("@")[1]) for k in rows[0] if k.startswith("ged@"))
+        problems = [text for bad, text in [
+            (info["model_sha256"] != provenance[name], f"model SHA-256 {info['model_sha256'][:12] or 'none'} "
+                                                       f"there, {provenance[name][:12] or 'none'} here"),
+            (info["seed"] != seed, f"seed {info['seed']} there, {seed} here"),
+            (info["box_margin"] is not None and info["box_margin"] != box_margin,
+             f"box margin {info['box_margin']:g} there, {box_margin:g} here"),
+            (len(rows) != len(slices) or any(r["slice"] != int(s) for r, s in zip(rows, slices)),
+             f"other slices there ({len(rows)}) than here ({len(slices)}): same --data, --split and --max-slices?"),
+            (stored_sizes != list(sizes) or not all(k in rows[0] for k in wanted),
+             f"--samples {' '.join(map(str, stored_sizes))} there, {' '.join(map(str, sizes))} here")] if bad]
+        if problems:
+            raise SettingsError(f"--reuse: {path} cannot stand for '{name}' in this run: " + "; ".join(problems))
+        tables[name] = rows
+        provenance["reused"][name] = {"from": str(path), "commit": info["commit"]}
+    return tables
 
 
 def check_arguments(args, names: Sequence[str]) -> None:
@@ -255,6 +312,9 @@ def check_arguments(args, names: Sequence[str]) -> None:
             raise WeightsError(f"no weights file at {path}")
     if args.sam_checkpoint is not None:
         guards.existing_file("--sam-checkpoint", args.sam_checkpoint)
+    for folder in args.reuse:
+        if not Path(folder).is_dir() or not any(Path(folder).glob("per_slice_*.csv")):
+            raise SettingsError(f"--reuse {folder}: not an evaluate.py output folder (no per_slice_*.csv there)")
 
 
 if __name__ == "__main__":

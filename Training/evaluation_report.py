@@ -169,13 +169,54 @@ def markdown(protocol: str, intervals: dict, differences: dict, seeds: dict, row
     return "\n".join(lines)
 
 
-def write_per_slice(path: Path, rows: List[dict], seed: int, model_sha256: str, commit: str) -> None:
-    fields = [k for k in rows[0] if k != "calibration_bins"] + ["seed", "model_sha256", "commit"]
+_PROVENANCE_COLUMNS = ("method", "seed", "box_margin", "model_sha256", "commit")
+_INT_KEYS = ("position", "slice", "n_marked")
+_TEXT_KEYS = ("patient_id", "series_uid", "case")
+
+
+def write_per_slice(path: Path, method: str, rows: List[dict], seed: int, model_sha256: str, commit: str,
+                    box_margin: Optional[float] = None) -> None:
+    """One row per slice: ids, every metric, the ECE bins (JSON) and the provenance columns (``commit``:
+    the commit that computed the rows, an earlier one for rows reused with ``--reuse``)."""
+    fields = list(rows[0]) + list(_PROVENANCE_COLUMNS)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         for row in rows:
-            writer.writerow(dict(row, seed=seed, model_sha256=model_sha256, commit=commit))
+            bins = json.dumps(np.asarray(row["calibration_bins"]).tolist())
+            writer.writerow(dict(row, calibration_bins=bins, method=method, seed=seed, box_margin=box_margin,
+                                 model_sha256=model_sha256, commit=commit))
+
+
+def read_per_slice(path: Path) -> tuple:
+    """A per-slice CSV written by write_per_slice -> (method, rows, {"seed", "model_sha256", "commit"}).
+
+    The rows are typed as evaluate_slices makes them (ids int/str, metrics float, ECE bins an array), so
+    an earlier run's slices can enter a new run's tables and paired differences unchanged."""
+    with open(path, newline="", encoding="utf-8") as fh:
+        records = list(csv.DictReader(fh))
+    if not records or "calibration_bins" not in records[0] or "method" not in records[0]:
+        raise ValueError(f"{path} is not a per-slice table of this version of evaluate.py (no method/ECE bins "
+                         "columns); evaluate that method again instead of reusing it")
+    rows = []
+    for record in records:
+        row = {}
+        for key, value in record.items():
+            if key in _PROVENANCE_COLUMNS:
+                continue
+            if key in _INT_KEYS:
+                row[key] = int(value)
+            elif key in _TEXT_KEYS:
+                row[key] = value
+            elif key == "calibration_bins":
+                row[key] = np.asarray(json.loads(value), dtype=np.float64)
+            else:
+                row[key] = float(value)
+        rows.append(row)
+    first = records[0]
+    margin = first.get("box_margin", "")
+    return first["method"], rows, {"seed": int(first["seed"]), "model_sha256": first["model_sha256"],
+                                   "commit": first["commit"], "box_margin": float(margin) if margin else None}
 
 
 def write_results(out: Path, per_slice: Dict[str, List[dict]], protocol: str, provenance: dict,
@@ -197,7 +238,9 @@ def write_results(out: Path, per_slice: Dict[str, List[dict]], protocol: str, pr
                         writer.writerow([group, method, key, c["estimate"], c["low"], c["high"], c["n"]])
     for index, (name, rows) in enumerate(per_slice.items()):
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
-        write_per_slice(out / f"per_slice_{safe}.csv", rows, seed, provenance.get(name, ""), provenance["commit"])
+        commit = provenance.get("reused", {}).get(name, {}).get("commit", provenance["commit"])
+        write_per_slice(out / f"per_slice_{safe}.csv", name, rows, seed, provenance.get(name, ""), commit,
+                        provenance.get("box_margin"))
     (out / "results.json").write_text(json.dumps({"protocol": protocol, "provenance": provenance,
                                                   "intervals": intervals, "differences": differences,
                                                   "seeds": seeds}, indent=1, default=float), encoding="utf-8")
