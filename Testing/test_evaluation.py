@@ -5,6 +5,7 @@ sampler. Data: a synthetic LIDC pickle and a small LIDC contour phantom (real py
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -208,6 +209,55 @@ def test_evaluate_reports_intervals_baselines_and_per_slice_provenance(phantom, 
         assert next(csv.DictReader(fh))["model_sha256"] == ""
     # the per-slice mean reproduces the table's estimate
     assert np.mean([float(r["ged@4"]) for r in rows]) == pytest.approx(cell["estimate"])
+
+
+def test_reused_runs_give_the_side_by_side_tables(phantom, tmp_path):
+    """Methods evaluated in separate runs (in parallel) and joined with --reuse give exactly the tables
+    of one side-by-side run; a table made with other settings is refused before anything is written."""
+    from Training import evaluate
+    from Training.config import TrainConfig
+    from Training.learners import build_learner
+    from ProbSAMLib.errors import SettingsError
+    model = tmp_path / "probsam" / "best.safetensors"
+    build_learner(TrainConfig(preset="tiny", seed=1)).save(model)
+    common = ["--data", str(phantom), "--split", "test", "--max-slices", "8", "--samples", "2", "4",
+              "--bootstrap", "100"]
+    both, alone, threshold, joined = (tmp_path / n for n in ("both", "alone", "threshold", "joined"))
+    assert evaluate.main(common + ["--model", str(model), "--name", "tiny", "--threshold-baseline",
+                                   "--out", str(both)]) == 0
+    assert evaluate.main(common + ["--model", str(model), "--name", "tiny", "--batch-size", "3",
+                                   "--out", str(alone)]) == 0
+    assert evaluate.main(common + ["--threshold-baseline", "--out", str(threshold)]) == 0
+    assert evaluate.main(common + ["--model", str(model), "--name", "tiny", "--threshold-baseline",
+                                   "--reuse", str(threshold), "--reuse", str(alone), "--out", str(joined)]) == 0
+    side_by_side = json.loads((both / "results.json").read_text(encoding="utf-8"))
+    combined = json.loads((joined / "results.json").read_text(encoding="utf-8"))
+    assert combined["intervals"] == side_by_side["intervals"]
+    assert combined["differences"] == side_by_side["differences"]
+    assert set(combined["provenance"]["reused"]) == {"tiny", "threshold -400 HU"}
+    assert (joined / "results.md").read_text(encoding="utf-8") == (both / "results.md").read_text(encoding="utf-8")
+    # other seed, other sample sizes, another model file: refused, naming the difference, nothing written
+    other = tmp_path / "other" / "best.safetensors"
+    build_learner(TrainConfig(preset="tiny", seed=2)).save(other)
+    base = ["--data", str(phantom), "--split", "test", "--max-slices", "8", "--bootstrap", "100",
+            "--name", "tiny", "--reuse", str(alone), "--out", str(tmp_path / "x")]
+    for extra, message in [(["--samples", "2", "4", "--seed", "1", "--model", str(model)], "seed 0 there, 1 here"),
+                           (["--samples", "2", "--model", str(model)], "--samples 2 4 there, 2 here"),
+                           (["--samples", "2", "4", "--model", str(other)], "model SHA-256")]:
+        with pytest.raises(SettingsError, match=re.escape(message)):
+            evaluate._main(base + extra)
+        assert not (tmp_path / "x").exists()
+
+
+def test_mean_prediction_averages_sample_probabilities():
+    """Dice vs majority uses the average of the N sample probabilities (not a vote of thresholded masks)."""
+    from Training.evaluate import slice_metrics
+    probs = np.zeros((3, 1, 2))
+    probs[:2, 0, 0] = 0.6                     # two samples at 0.6, one at 0: vote 2/3 on, mean 0.4 off
+    probs[:, 0, 1] = 0.9                      # mean 0.9 on
+    readers = np.array([[[1, 1]], [[1, 1]], [[1, 1]], [[0, 0]]], bool)  # majority: both pixels
+    row = slice_metrics(probs, readers, sizes=[3])
+    assert row["dice_majority"] == pytest.approx(2 * 1 / (1 + 2))   # prediction = pixel 1 only
 
 
 # ------------------------------------------------------------------------- training side
