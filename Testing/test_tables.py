@@ -1,0 +1,53 @@
+"""Training/tables.py: the README and docs tables come from the tools' own outputs."""
+import json
+
+import pytest
+import yaml
+
+from ProbSAMLib.errors import SettingsError
+from Training.tables import compare_table, main, runs_table
+
+
+def interval(estimate, low, high):
+    return {"estimate": estimate, "low": low, "high": high, "n": 3}
+
+
+RESULTS = {
+    "intervals": {
+        "all": {"a": {"dice_majority": interval(0.7, 0.6, 0.8), "slices": 10, "patients": 4},
+                "b": {"dice_majority": interval(0.5, 0.4, 0.6), "slices": 10, "patients": 4}},
+        "case plain": {"a": {"dice_majority": interval(0.9, 0.85, 0.95), "slices": 6, "patients": 3},
+                       "b": {"dice_majority": interval(0.8, 0.7, 0.9), "slices": 6, "patients": 3}},
+    },
+    "differences": {"all": {"a − b": {"dice_majority": interval(0.2, 0.1, 0.3)}},
+                    "case plain": {"a − b": {"dice_majority": interval(0.1, -0.05, 0.2)}}},
+}
+
+
+def test_compare_table_rows_are_groups_and_columns_methods_then_differences():
+    lines = compare_table(RESULTS, "dice_majority").splitlines()
+    assert lines[0] == "| slices | n | a | b | Δ a − b |"
+    assert lines[2] == "| all | 10 (4 patients) | 0.700 [0.600, 0.800] | 0.500 [0.400, 0.600] | 0.200 [0.100, 0.300] |"
+    assert lines[3].startswith("| case plain | 6 (3 patients) | 0.900") and lines[3].endswith("0.100 [-0.050, 0.200] |")
+    # another order puts b first: its column leads and the difference is b − a, absent here -> "–"
+    assert compare_table(RESULTS, "dice_majority", ["b", "a"]).splitlines()[2].endswith("| – |")
+    with pytest.raises(SettingsError, match="no method"):
+        compare_table(RESULTS, "dice_majority", ["a", "c"])
+    with pytest.raises(SettingsError, match="no metric 'ged@16'"):
+        compare_table(RESULTS, "ged@16")
+
+
+def test_runs_table_reads_logs_and_configs(tmp_path, capsys):
+    for seed, (best, steps) in enumerate([(0.30, 100), (0.40, 60)]):
+        run = tmp_path / f"m_seed{seed}"
+        run.mkdir()
+        (run / "config.yaml").write_text(yaml.safe_dump({"max_steps": 100}), encoding="utf-8")
+        log = [{"step": 50, "val/ged@16": best + 0.1}, {"step": steps, "val/ged@16": best},
+               {"step": steps, "done": True, "best_val_ged": best, "train_seconds": 12.3}]
+        (run / "log.jsonl").write_text("\n".join(json.dumps(r) for r in log), encoding="utf-8")
+    text = runs_table(tmp_path)
+    assert "| m_seed0 | 100 | no | 0.300 | 0.400 (50), 0.300 (100) | 12 |" in text
+    assert "| m_seed1 | 60 | yes (of 100) | 0.400 |" in text
+    assert "m: best val GED@16 0.350 ± 0.071 (mean ± sd over 2 runs)" in text
+    assert main(["runs", str(tmp_path / "nothing")]) == 2
+    assert "no training runs" in capsys.readouterr().err

@@ -1,0 +1,113 @@
+"""Markdown tables for the README and docs/results, made from what the tools wrote (nothing typed by hand).
+
+    # every run of a folder: steps, early stop, validation GED@16 curve, training seconds, mean ± sd of seeds
+    python Training/tables.py runs runs/fair_v2
+    # one evaluate.py output: rows = all slices, case types, reader counts; columns = each method's value
+    # of the metric with its 95 % interval, then the paired difference of the first method to the others
+    python Training/tables.py compare results/v2_full_n16 --metric dice_majority [--methods A B ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+if __package__ in (None, ""):  # `python Training/tables.py` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import yaml
+
+from ProbSAMLib.errors import SettingsError
+from Training import guards
+
+
+def cell(interval: Optional[dict]) -> str:
+    if not interval or interval.get("estimate") is None:
+        return "–"
+    return f"{interval['estimate']:.3f} [{interval['low']:.3f}, {interval['high']:.3f}]"
+
+
+def runs_table(root: Path) -> str:
+    """One row per training run under ``root`` (folders with log.jsonl and config.yaml), finished or not."""
+    lines = ["| run | steps | stopped early | best val GED@16 | validation GED@16 (step) | train_seconds |",
+             "|---|---|---|---|---|---|"]
+    best_by_model = {}
+    for folder in sorted(p.parent for p in root.glob("*/log.jsonl")):
+        records = [json.loads(line) for line in (folder / "log.jsonl").read_text(encoding="utf-8").splitlines()
+                   if line.strip()]
+        curve = [(r["step"], r["val/ged@16"]) for r in records if "val/ged@16" in r]
+        done = next((r for r in records if r.get("done")), None)
+        max_steps = yaml.safe_load((folder / "config.yaml").read_text(encoding="utf-8"))["max_steps"]
+        if done is None:
+            step = max((r["step"] for r in records if "step" in r), default=0)
+            lines.append(f"| {folder.name} | {step} (running or stopped) | – | – | "
+                         + ", ".join(f"{g:.3f} ({s})" for s, g in curve) + " | – |")
+            continue
+        early = f"yes (of {max_steps})" if done["step"] < max_steps else "no"
+        lines.append(f"| {folder.name} | {done['step']} | {early} | {done['best_val_ged']:.3f} | "
+                     + ", ".join(f"{g:.3f} ({s})" for s, g in curve) + f" | {done['train_seconds']:.0f} |")
+        best_by_model.setdefault(folder.name.rsplit("_seed", 1)[0], []).append(done["best_val_ged"])
+    lines.append("")
+    for model, values in best_by_model.items():
+        sd = statistics.stdev(values) if len(values) > 1 else 0.0
+        lines.append(f"{model}: best val GED@16 {statistics.mean(values):.3f} ± {sd:.3f} "
+                     f"(mean ± sd over {len(values)} run{'s' if len(values) != 1 else ''})  ")
+    return "\n".join(lines)
+
+
+def compare_table(results: dict, metric: str, methods: Optional[Sequence[str]] = None) -> str:
+    """Rows = slice groups; columns = each method's ``metric`` [95 % CI], then first − other (paired)."""
+    intervals, differences = results["intervals"], results["differences"]
+    available = list(intervals["all"])
+    methods = list(methods or available)
+    unknown = [m for m in methods if m not in available]
+    if unknown:
+        raise SettingsError(f"no method {unknown} in these results; they have {available}")
+    if metric not in intervals["all"][methods[0]]:
+        keys = sorted(k for k in intervals["all"][methods[0]] if k not in ("slices", "patients"))
+        raise SettingsError(f"no metric {metric!r} in these results; they have {keys}")
+    reference, others = methods[0], methods[1:]
+    header = ["slices", "n"] + methods + [f"Δ {reference} − {o}" for o in others]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for group, by_method in intervals.items():
+        first = by_method[reference]
+        row = [group, f"{first['slices']} ({first['patients']} patients)"]
+        row += [cell(by_method[m].get(metric)) for m in methods]
+        pairs = differences.get(group, {})
+        row += [cell(pairs.get(f"{reference} − {o}", {}).get(metric)) for o in others]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return guards.run_main("tables.py", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    runs = sub.add_parser("runs", help="training runs' steps and validation curves")
+    runs.add_argument("root")
+    compare = sub.add_parser("compare", help="one metric of an evaluate.py output, by slice group")
+    compare.add_argument("results", help="an evaluate.py --out folder")
+    compare.add_argument("--metric", default="dice_majority")
+    compare.add_argument("--methods", nargs="+", help="columns in order; the first is the reference")
+    args = parser.parse_args(argv)
+    if args.command == "runs":
+        root = Path(args.root)
+        if not any(root.glob("*/log.jsonl")):
+            raise SettingsError(f"no training runs (*/log.jsonl) under {root}")
+        print(runs_table(root))
+    else:
+        path = Path(args.results) / "results.json"
+        if not path.is_file():
+            raise SettingsError(f"no results.json in {args.results}: give an evaluate.py --out folder")
+        print(compare_table(json.loads(path.read_text(encoding="utf-8")), args.metric, args.methods))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
