@@ -173,6 +173,8 @@ def cases(w: dict) -> dict:
         "evaluate: --out exists": (*ev(out=w["done"]), 2, "already exists"),
         "evaluate: --out holds the weights": (*ev("--force", out=weights), 2, "holds the input"),
         "evaluate: --out not ours": (*ev("--force", out=runs / "notes"), 2, "not written by ProbSAM"),
+        "evaluate: --reuse not a results folder": (*ev("--reuse", str(runs / "notes")), 2,
+                                                   "not an evaluate.py output folder"),
         "import: empty file": (*pk("empty"), 2, "not a readable pickle"),
         "import: not a pickle": (*pk("text"), 2, "not a readable pickle"),
         "import: truncated pickle": (*pk("truncated"), 2, "not a readable pickle"),
