@@ -69,8 +69,13 @@ MANIFEST: Dict[str, WeightsEntry] = {
     "demo_v2": WeightsEntry(
         "demo_v2", "probsam_tiny_demo_v2.safetensors", None,
         "3ebfe61edcf745338fe2cd18b6822a4be44f0a77c839d9e7a8a7ab128959491d", 8_290_472, "Apache-2.0",
-        "DEMO model v2: tiny ProbSAM trained on the rendered phantom v2 (hard cases), all four reader slots, "
-        "set term. Not for clinical use.", bundled=True),
+        "DEMO model v2 (superseded by demo_v3): tiny ProbSAM trained on the rendered phantom v2 (hard cases), "
+        "all four reader slots, set term. Not for clinical use.", bundled=True),
+    "demo_v3": WeightsEntry(
+        "demo_v3", "probsam_tiny_demo_v3.safetensors", None,
+        "dfb775f8bbcc0326a0c292c0ef398173c438d3a520da0c83f7230bae893d5f9e", 8_290_512, "Apache-2.0",
+        "DEMO model v3: demo_v2 fine-tuned on phantom v2 without free bits and with 8 prior samples in the set "
+        "term. Not for clinical use.", bundled=True),
 }
 
 

@@ -474,7 +474,7 @@ class ProbSAMSlicerTest(ScriptedLoadableModuleTest):
         for node in out.segmentationNodes:
             segmentId = node.GetSegmentation().GetNthSegmentID(0)
             masks.append(slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volumeNode) > 0)
-        # Placement, not consensus: demo_v2 learned from LIDC's four reader slots that some readers do not
+        # Placement, not consensus: the demo models learned from LIDC's four reader slots that some readers do not
         # mark a nodule at all, so some samples are (nearly) empty by design and the samples' majority is
         # not the quality to check here. A misplaced output would make every sample miss the nodule.
         score = max(dice(mask, reference) for mask in masks)
