@@ -31,6 +31,10 @@ def test_compare_table_rows_are_groups_and_columns_methods_then_differences():
     assert lines[3].startswith("| case plain | 6 (3 patients) | 0.900") and lines[3].endswith("0.100 [-0.050, 0.200] |")
     # another order puts b first: its column leads and the difference is b − a, absent here -> "–"
     assert compare_table(RESULTS, "dice_majority", ["b", "a"]).splitlines()[2].endswith("| – |")
+    ratio = dict(RESULTS, differences={"all": {"a − b": {"ged_ratio@16": interval(0.5, 0.4, 0.6)}}})
+    assert compare_table(ratio, "dice_majority", difference="ged_ratio@16").splitlines()[0].endswith("| a / b |")
+    assert compare_table(ratio, "dice_majority", difference="ged_ratio@16").splitlines()[2].endswith(
+        "| 0.500 [0.400, 0.600] |")
     with pytest.raises(SettingsError, match="no method"):
         compare_table(RESULTS, "dice_majority", ["a", "c"])
     with pytest.raises(SettingsError, match="no metric 'ged@16'"):

@@ -5,6 +5,7 @@
     # one evaluate.py output: rows = all slices, case types, reader counts; columns = each method's value
     # of the metric with its 95 % interval, then the paired difference of the first method to the others
     python Training/tables.py compare results/v2_full_n16 --metric dice_majority [--methods A B ...]
+    python Training/tables.py compare results/v2_full_n16 --metric ged@16 --difference ged_ratio@16
 """
 from __future__ import annotations
 
@@ -58,8 +59,10 @@ def runs_table(root: Path) -> str:
     return "\n".join(lines)
 
 
-def compare_table(results: dict, metric: str, methods: Optional[Sequence[str]] = None) -> str:
-    """Rows = slice groups; columns = each method's ``metric`` [95 % CI], then first − other (paired)."""
+def compare_table(results: dict, metric: str, methods: Optional[Sequence[str]] = None,
+                  difference: Optional[str] = None) -> str:
+    """Rows = slice groups; columns = each method's ``metric`` [95 % CI], then first − other (paired) of
+    the same metric, or of ``difference`` (e.g. "ged_ratio@16", the paired ratio first / other)."""
     intervals, differences = results["intervals"], results["differences"]
     available = list(intervals["all"])
     methods = list(methods or available)
@@ -70,14 +73,16 @@ def compare_table(results: dict, metric: str, methods: Optional[Sequence[str]] =
         keys = sorted(k for k in intervals["all"][methods[0]] if k not in ("slices", "patients"))
         raise SettingsError(f"no metric {metric!r} in these results; they have {keys}")
     reference, others = methods[0], methods[1:]
-    header = ["slices", "n"] + methods + [f"Δ {reference} − {o}" for o in others]
+    difference = difference or metric
+    label = ("{} / {}" if difference.startswith("ged_ratio") else "Δ {} − {}")
+    header = ["slices", "n"] + methods + [label.format(reference, o) for o in others]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for group, by_method in intervals.items():
         first = by_method[reference]
         row = [group, f"{first['slices']} ({first['patients']} patients)"]
         row += [cell(by_method[m].get(metric)) for m in methods]
         pairs = differences.get(group, {})
-        row += [cell(pairs.get(f"{reference} − {o}", {}).get(metric)) for o in others]
+        row += [cell(pairs.get(f"{reference} − {o}", {}).get(difference)) for o in others]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -95,6 +100,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     compare.add_argument("results", help="an evaluate.py --out folder")
     compare.add_argument("--metric", default="dice_majority")
     compare.add_argument("--methods", nargs="+", help="columns in order; the first is the reference")
+    compare.add_argument("--difference", help="the paired column's metric (default --metric), e.g. ged_ratio@16")
     args = parser.parse_args(argv)
     if args.command == "runs":
         root = Path(args.root)
@@ -105,7 +111,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         path = Path(args.results) / "results.json"
         if not path.is_file():
             raise SettingsError(f"no results.json in {args.results}: give an evaluate.py --out folder")
-        print(compare_table(json.loads(path.read_text(encoding="utf-8")), args.metric, args.methods))
+        print(compare_table(json.loads(path.read_text(encoding="utf-8")), args.metric, args.methods,
+                            args.difference))
     return 0
 
 
