@@ -64,7 +64,7 @@ MANIFEST: Dict[str, WeightsEntry] = {
     "demo": WeightsEntry(
         "demo", "probsam_tiny_demo.safetensors", None,
         "993fe11112b1c4b326c12318c4dac37d3078f694a0fc5aed623d85bbb2bd373b", 8_290_336, "Apache-2.0",
-        "DEMO model v1 (superseded by demo_v2): tiny ProbSAM trained on the rendered LIDC contour phantom v1. "
+        "DEMO model v1 (superseded): tiny ProbSAM trained on the rendered LIDC contour phantom v1. "
         "Not for clinical use.", bundled=True),
     "demo_v2": WeightsEntry(
         "demo_v2", "probsam_tiny_demo_v2.safetensors", None,

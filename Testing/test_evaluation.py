@@ -246,6 +246,18 @@ def test_reused_runs_give_the_side_by_side_tables(phantom, tmp_path):
                            (["--samples", "2", "4", "--model", str(other)], "model SHA-256")]:
         with pytest.raises(SettingsError, match=re.escape(message)):
             evaluate._main(base + extra)
+    # the same slice indices from another data set (another patient on a slice) are refused too
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    text = (alone / "per_slice_tiny.csv").read_text(encoding="utf-8").splitlines()
+    first = text[1].split(",")
+    first[2] = "LIDC-IDRI-9999"  # patient_id column
+    (tampered / "per_slice_tiny.csv").write_text("\n".join([text[0], ",".join(first), *text[2:]]) + "\n",
+                                                 encoding="utf-8")
+    assert text[0].split(",")[2] == "patient_id"
+    with pytest.raises(SettingsError, match="other slices there"):
+        evaluate._main(base[:-4] + ["--reuse", str(tampered), "--out", str(tmp_path / "x"), "--samples", "2", "4",
+                                    "--model", str(model)])
         assert not (tmp_path / "x").exists()
 
 

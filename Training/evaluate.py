@@ -228,8 +228,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     for name, _, path in methods:
         provenance[name] = sha256_file(Path(path)) if path else ""
     # Every reused table is checked before any evaluation starts, so a mismatch costs nothing.
-    per_slice = reused_tables(args.reuse, [m[0] for m in methods], provenance, batches.dataset.indices[positions],
-                              sizes, args.seed, args.box_margin)
+    slices = batches.dataset.indices[positions]
+    patients = [str(batches.dataset.table["patient_id"][i]) for i in slices]
+    per_slice = reused_tables(args.reuse, [m[0] for m in methods], provenance, slices, patients, sizes, args.seed,
+                              args.box_margin)
     for name, make, path in methods:
         if name not in per_slice:
             predictor = make().to(device)
@@ -246,13 +248,15 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def reused_tables(folders: Sequence[str], names: Sequence[str], provenance: dict, slices: np.ndarray,
-                  sizes: Sequence[int], seed: int, box_margin: float) -> Dict[str, List[dict]]:
+                  patients: Sequence[str], sizes: Sequence[int], seed: int,
+                  box_margin: float) -> Dict[str, List[dict]]:
     """{method: rows} read from earlier runs' per-slice tables (evaluate.py --out folders) for the methods
     of this run found there; records where each came from in provenance["reused"].
 
     Reuse is exact, not approximate: each slice's noise depends only on (seed, slice), so a method's rows
-    are the same whichever run computed them, provided the model file (SHA-256), seed, slices, box margin
-    and sample sizes are the same - each is checked, and a difference is an error naming it.
+    are the same whichever run computed them, provided the model file (SHA-256), seed, slices (index and
+    patient), box margin and sample sizes are the same - each is checked, and a difference is an error
+    naming it. Not checked: a baseline's own settings (the threshold's --unit-window for [0, 1] data).
     """
     from Training.evaluation_report import read_per_slice
 
@@ -277,7 +281,8 @@ def reused_tables(folders: Sequence[str], names: Sequence[str], provenance: dict
             (info["seed"] != seed, f"seed {info['seed']} there, {seed} here"),
             (info["box_margin"] is not None and info["box_margin"] != box_margin,
              f"box margin {info['box_margin']:g} there, {box_margin:g} here"),
-            (len(rows) != len(slices) or any(r["slice"] != int(s) for r, s in zip(rows, slices)),
+            (len(rows) != len(slices) or any((r["slice"], r["patient_id"]) != (int(s), p)
+                                             for r, s, p in zip(rows, slices, patients)),
              f"other slices there ({len(rows)}) than here ({len(slices)}): same --data, --split and --max-slices?"),
             (stored_sizes != list(sizes) or not all(k in rows[0] for k in wanted),
              f"--samples {' '.join(map(str, stored_sizes))} there, {' '.join(map(str, sizes))} here")] if bad]
