@@ -37,10 +37,9 @@ from ProbSAMLib.device import autocast, choose_device
 from ProbSAMLib.errors import SettingsError, WeightsError
 from Training import guards
 from Training.batches import SliceBatches, validation_positions
+from Training.evaluation_report import ID_KEYS, project_commit, read_per_slice, write_results
 
 THRESHOLD = 0.5
-# Per-slice values that are not metrics (kept in the per-slice CSV, skipped by summarise).
-ID_KEYS = ("position", "slice", "patient_id", "series_uid", "n_marked", "case")
 
 
 def slice_metrics(probs: np.ndarray, annotations: np.ndarray, sizes: Sequence[int],
@@ -168,8 +167,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     from Training.baselines import PriorMeanBaseline, ThresholdBaseline
     from ProbSAMLib.checkpoints import sha256_file
-    from Training.evaluation_report import project_commit, write_results
-
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
@@ -258,8 +255,6 @@ def reused_tables(folders: Sequence[str], names: Sequence[str], provenance: dict
     patient), box margin and sample sizes are the same - each is checked, and a difference is an error
     naming it. Not checked: a baseline's own settings (the threshold's --unit-window for [0, 1] data).
     """
-    from Training.evaluation_report import read_per_slice
-
     found = {}
     for folder in folders:
         for path in sorted(Path(folder).glob("per_slice_*.csv")):

@@ -170,8 +170,10 @@ def markdown(protocol: str, intervals: dict, differences: dict, seeds: dict, row
 
 
 _PROVENANCE_COLUMNS = ("method", "seed", "box_margin", "model_sha256", "commit")
+# Per-slice values that identify the slice rather than measure it (evaluate.summarise skips them).
 _INT_KEYS = ("position", "slice", "n_marked")
 _TEXT_KEYS = ("patient_id", "series_uid", "case")
+ID_KEYS = _INT_KEYS + _TEXT_KEYS
 
 
 def write_per_slice(path: Path, method: str, rows: List[dict], seed: int, model_sha256: str, commit: str,
@@ -189,7 +191,8 @@ def write_per_slice(path: Path, method: str, rows: List[dict], seed: int, model_
 
 
 def read_per_slice(path: Path) -> tuple:
-    """A per-slice CSV written by write_per_slice -> (method, rows, {"seed", "model_sha256", "commit"}).
+    """A per-slice CSV written by write_per_slice -> (method, rows, {"seed", "model_sha256", "commit",
+    "box_margin" (None in a table written without it)}).
 
     The rows are typed as evaluate_slices makes them (ids int/str, metrics float, ECE bins an array), so
     an earlier run's slices can enter a new run's tables and paired differences unchanged."""
@@ -236,7 +239,7 @@ def write_results(out: Path, per_slice: Dict[str, List[dict]], protocol: str, pr
                     if key in cells:
                         c = cells[key]
                         writer.writerow([group, method, key, c["estimate"], c["low"], c["high"], c["n"]])
-    for index, (name, rows) in enumerate(per_slice.items()):
+    for name, rows in per_slice.items():
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_")
         commit = provenance.get("reused", {}).get(name, {}).get("commit", provenance["commit"])
         write_per_slice(out / f"per_slice_{safe}.csv", name, rows, seed, provenance.get(name, ""), commit,
