@@ -17,6 +17,20 @@ training-time twin of the GED metric) or the mean cost of an optimal transport o
 the readers (MoSE's matching, both sides tiled to lcm(K, M)), with d = 1 - soft IoU. It is zero when
 the samples reproduce the readers' set, and grows when the samples collapse onto one reader or never
 come out empty where some readers drew nothing.
+
+The consensus term (off by default, `consensus_weight`): the same K prior samples' mean prediction (the
+average of their probabilities, > 0.5, what the Slicer module and evaluation show as the consensus)
+against the readers' majority (pylidc's vote: at least half of the reader slots). A calibrated set alone
+leaves the mean on the knife-edge where exactly half the readers drew (mean probability 0.5 against a
+majority that counts 2 of 4 as "in"), and a few empty samples pull a whole nodule below 0.5. The term is a
+hinge: a pixel on the right side of 0.5 by `consensus_margin` costs nothing, so it does not fight the set
+term where the two agree (e.g. a one-reader slice, whose calibrated mean of about 0.25 is already "out").
+
+The empty-share term (off by default, `empty_weight`): of the same K prior samples, round(f K) should be
+drawn (some logit above 0) where a fraction f of the reader slots drew something, the rest empty. It acts
+on the samples' peak logits, not on probabilities: an empty sample's probabilities sit near 0, where the
+sigmoid is flat, so the set term (on probabilities) barely moves it, while a hinge on the logit pulls with
+a constant slope. That is how the prior learns to give no empty samples where all four readers drew.
 """
 
 from __future__ import annotations
@@ -41,6 +55,14 @@ class LossConfig:
     set_weight: float = 0.0  # weight of the set term on K prior samples (0 = off)
     set_samples: int = 4  # K
     set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport, IoU cost)
+    consensus_weight: float = 0.0  # weight of the consensus term on the same K prior samples (0 = off)
+    consensus_margin: float = 0.1  # the mean probability must clear 0.5 by this much to cost nothing
+    empty_weight: float = 0.0  # weight of the empty-share term on the same K prior samples (0 = off)
+    empty_margin: float = 1.0  # logits: a drawn sample's peak must exceed +margin, an empty one's stay below -margin
+
+    @property
+    def needs_prior_samples(self) -> bool:
+        return self.set_weight > 0 or self.consensus_weight > 0 or self.empty_weight > 0
 
     def __post_init__(self):
         if self.set_kind not in ("energy", "ot"):
@@ -48,6 +70,12 @@ class LossConfig:
         if self.set_weight < 0 or int(self.set_samples) < 1:
             raise ValueError(f"set_weight must be >= 0 and set_samples >= 1, got {self.set_weight}, "
                              f"{self.set_samples}")
+        if self.consensus_weight < 0 or not 0 <= self.consensus_margin < 0.5:
+            raise ValueError(f"consensus_weight must be >= 0 and consensus_margin in [0, 0.5), got "
+                             f"{self.consensus_weight}, {self.consensus_margin}")
+        if self.empty_weight < 0 or self.empty_margin < 0:
+            raise ValueError(f"empty_weight and empty_margin must be >= 0, got {self.empty_weight}, "
+                             f"{self.empty_margin}")
 
 
 def beta_at(step: int, cfg: LossConfig) -> float:
@@ -139,6 +167,58 @@ def set_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.Tensor,
                             weights)
 
 
+def consensus_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.Tensor, margin: float = 0.1,
+                   threshold: float = 0.5, vote_level: float = 0.5) -> torch.Tensor:
+    """How far the K samples' mean prediction is from the readers' majority, per slice (B,).
+
+    Arguments:
+      logits: (B, K, S, S) sample logits on the decoder grid (decoded from prior samples).
+      readers: (B, M, S, S) the readers' targets on the decoder grid, empty masks included.
+      present: (B, M) bool, the reader slots that vote (absent ones are left out).
+      margin: a pixel whose mean probability is on the right side of ``threshold`` by this much costs 0.
+      threshold, vote_level: the mean prediction is ``mean > threshold`` and the majority
+        ``fraction of readers >= vote_level``, as in ProbSAMLib.metrics.mean_prediction_scores.
+    Returns:
+      (B,) the summed shortfall inside the majority and excess outside it, divided by the size of the
+      majority plus the predicted region (+1 pixel): a fraction like 1 - Dice, 0 when the mean prediction
+      is the majority with the margin.
+    """
+    mean = torch.sigmoid(logits.float()).mean(1)  # (B, S, S)
+    weights = present.float()
+    votes = (readers.float() * weights[:, :, None, None]).sum(1) / weights.sum(1).clamp(min=1)[:, None, None]
+    majority = (votes >= vote_level).float()
+    shortfall = torch.relu(threshold + margin - mean) * majority
+    excess = torch.relu(mean - (threshold - margin)) * (1 - majority)
+    size = majority.sum((-2, -1)) + (mean.detach() > threshold).float().sum((-2, -1)) + 1
+    return (shortfall + excess).sum((-2, -1)) / size
+
+
+def empty_share_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.Tensor,
+                     margin: float = 1.0) -> torch.Tensor:
+    """Whether the right number of the K samples come out empty, per slice (B,).
+
+    Arguments:
+      logits: (B, K, S, S) sample logits on the decoder grid (decoded from prior samples).
+      readers: (B, M, S, S) the readers' targets on the decoder grid, empty masks included.
+      present: (B, M) bool, the reader slots that count.
+      margin: in logits. A sample counts as drawn when its peak logit is above 0 (probability 0.5).
+    Returns:
+      (B,) mean over the K samples of the hinge on their peak logits: where a fraction f of the present
+      readers drew something, the round(f K) samples with the highest peaks (ranked on detached values,
+      so the samples closest to being drawn are the ones asked to be) should peak above +margin, the
+      others stay below -margin. 0 when the share of drawn samples is the readers' share, with the margin.
+    """
+    peak = logits.float().flatten(2).amax(-1)  # (B, K)
+    weights = present.float()
+    drew = (readers.flatten(2).amax(-1) > 0).float()  # (B, M): soft targets, any coverage counts
+    share = (drew * weights).sum(1) / weights.sum(1).clamp(min=1)
+    n_drawn = torch.round(share * peak.shape[1])  # (B,)
+    rank = peak.detach().argsort(dim=1, descending=True).argsort(dim=1)  # 0 = highest peak
+    should_draw = rank < n_drawn[:, None]
+    cost = torch.where(should_draw, torch.relu(margin - peak), torch.relu(peak + margin))
+    return cost.mean(1)
+
+
 def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: LossConfig,
                  prior_logits: Optional[torch.Tensor] = None, readers: Optional[torch.Tensor] = None,
                  present: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
@@ -147,8 +227,8 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
     Arguments:
       out: the model's training output, logits (B, N, S, S).
       target: (B, S, S) soft/binary target on the decoder grid (preprocess.masks_to_low_res).
-      prior_logits, readers, present: the set term's inputs when cfg.set_weight > 0: (B, K, S, S)
-        logits decoded from K prior samples, (B, M, S, S) all readers' targets, (B, M) bool.
+      prior_logits, readers, present: the set and consensus terms' inputs (cfg.needs_prior_samples):
+        (B, K, S, S) logits decoded from K prior samples, (B, M, S, S) all readers' targets, (B, M) bool.
     """
     target = target.unsqueeze(1).expand_as(out.logits).to(out.logits.dtype)
     bce = F.binary_cross_entropy_with_logits(out.logits.float(), target.float(), reduction="none").sum((-2, -1))
@@ -159,10 +239,19 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
     loss = recon + beta * kl.mean()
     parts = {"bce": bce.mean().detach(), "dice": dice.mean().detach(), "kl": kl.mean().detach(),
              "beta": torch.tensor(beta)}
+    if cfg.needs_prior_samples and (prior_logits is None or readers is None or present is None):
+        raise ValueError("set_weight, consensus_weight or empty_weight > 0 needs prior_logits, readers and "
+                         "present (all readers' masks)")
     if cfg.set_weight > 0:
-        if prior_logits is None or readers is None or present is None:
-            raise ValueError("set_weight > 0 needs prior_logits, readers and present (all readers' masks)")
         term = set_loss(prior_logits, readers, present, cfg.set_kind).mean()
         loss = loss + cfg.set_weight * term
         parts["set"] = term.detach()
+    if cfg.consensus_weight > 0:
+        term = consensus_loss(prior_logits, readers, present, cfg.consensus_margin).mean()
+        loss = loss + cfg.consensus_weight * term
+        parts["consensus"] = term.detach()
+    if cfg.empty_weight > 0:
+        term = empty_share_loss(prior_logits, readers, present, cfg.empty_margin).mean()
+        loss = loss + cfg.empty_weight * term
+        parts["empty"] = term.detach()
     return {"loss": loss, **parts}

@@ -42,8 +42,12 @@ class TrainConfig:
     anneal_steps: int = 500
     free_bits: float = 0.0
     set_weight: float = 0.0  # set term on K prior samples vs all readers (ProbSAM; 0 = off)
-    set_samples: int = 4  # K prior samples a slice for the set term
+    set_samples: int = 4  # K prior samples a slice for the set and consensus terms
     set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport), d = 1 - soft IoU
+    consensus_weight: float = 0.0  # the K samples' mean prediction vs the readers' majority (ProbSAM; 0 = off)
+    consensus_margin: float = 0.1  # hinge margin around 0.5 of the consensus term
+    empty_weight: float = 0.0  # share of empty prior samples vs the readers' share (ProbSAM; 0 = off)
+    empty_margin: float = 1.0  # hinge margin (logits) of the empty-share term
     # --- optimisation
     batch_size: int = 32  # per process
     max_steps: int = 3000
@@ -141,6 +145,9 @@ _RANGES = {
     "grad_clip": _at_least(0), "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
     "eval_interval": _at_least(1), "eval_slices": _at_least(1), "eval_samples": _at_least(1),
     "log_interval": _at_least(1), "num_threads": _at_least(0),
+    "set_weight": _at_least(0), "set_samples": _at_least(1), "consensus_weight": _at_least(0),
+    "consensus_margin": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "empty_weight": _at_least(0),
+    "empty_margin": _at_least(0),
     "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
     "preset": (lambda v: v in PRESETS, f"one of {', '.join(PRESETS)}"),
     "data": (lambda v: v != "", "a folder"), "out": (lambda v: v != "", "a folder"),

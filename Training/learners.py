@@ -54,12 +54,13 @@ class ProbSAMLearner(nn.Module):
         boxes_model = preprocess.boxes_to_model_frame(boxes, image_hw, config.img_size)
         target = preprocess.masks_to_low_res(targets.float(), image_hw, config.img_size, config.low_res_size)
         out = self.model(embeddings, boxes_model, target)
-        if self.loss_config.set_weight <= 0:
+        if not self.loss_config.needs_prior_samples:
             return probsam_loss(out, target, step, self.loss_config)
         if readers is None or present is None:
-            raise ValueError("set_weight > 0: the learner needs every reader's mask (readers=, present=)")
-        # K samples from the PRIOR, decoded from the same embeddings (reparameterised: the set term's
-        # gradient reaches the prior net).
+            raise ValueError("set_weight, consensus_weight or empty_weight > 0: the learner needs every "
+                             "reader's mask (readers=, present=)")
+        # K samples from the PRIOR, decoded from the same embeddings (reparameterised: the set, consensus
+        # and empty-share terms' gradients reach the prior net).
         z = out.prior.rsample((self.loss_config.set_samples,)).transpose(0, 1)  # (B, K, L)
         prior_logits = self.model.decode(embeddings, boxes_model, z)
         reader_targets = preprocess.masks_to_low_res(readers.float(), image_hw, config.img_size,
@@ -131,7 +132,9 @@ def latents_from_noise(mu: torch.Tensor, sigma: torch.Tensor, n_samples: int,
 def loss_config(cfg: TrainConfig) -> LossConfig:
     return LossConfig(beta=cfg.beta, dice_weight=cfg.dice_weight, anneal_steps=cfg.anneal_steps,
                       free_bits=cfg.free_bits, set_weight=cfg.set_weight, set_samples=cfg.set_samples,
-                      set_kind=cfg.set_kind)
+                      set_kind=cfg.set_kind, consensus_weight=cfg.consensus_weight,
+                      consensus_margin=cfg.consensus_margin, empty_weight=cfg.empty_weight,
+                      empty_margin=cfg.empty_margin)
 
 
 def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optional[int] = None) -> nn.Module:

@@ -1,0 +1,178 @@
+"""The two terms on the set term's K prior samples that shape the consensus (ProbSAMLib.loss).
+
+consensus_loss (the samples' mean prediction against the readers' majority) must be 0 when the mean
+prediction is the majority with the margin, charge the knife-edge of a calibrated two-reader slice and
+empty samples on a slice every reader marked, leave a one-reader slice's calibrated set alone, ignore
+absent reader slots, agree with the evaluation's majority rule, and reach the prior net through the
+ProbSAM learner. empty_share_loss (how many samples come out empty) must ask for round(f K) drawn samples
+where a fraction f of the readers drew, pick the samples closest to being drawn, pull saturated empty
+samples with a constant slope on their peak logit, and ignore absent slots.
+"""
+import numpy as np
+import pytest
+import torch
+
+from ProbSAMLib.loss import LossConfig, consensus_loss, empty_share_loss
+from ProbSAMLib.metrics import mean_prediction_scores
+from Training.config import TrainConfig, load_config
+from ProbSAMLib.errors import SettingsError
+from Training.learners import build_learner
+
+torch.set_num_threads(1)
+S = 32
+YY, XX = np.mgrid[:S, :S]
+DISC = torch.from_numpy(((YY - 16) ** 2 + (XX - 16) ** 2) < 8 ** 2).float()
+EMPTY = torch.zeros(S, S)
+
+
+def _stack(*masks):
+    return torch.stack(masks)[None]  # (1, n, S, S)
+
+
+def _logits(masks):
+    return 30.0 * (2 * masks - 1)  # sharp: sigmoid reproduces the binary masks
+
+
+ALL = torch.tensor([[True] * 4])
+
+
+def test_zero_when_the_mean_prediction_is_the_majority():
+    readers = _stack(DISC, DISC, DISC, EMPTY)
+    samples = _stack(*[DISC] * 8)
+    assert float(consensus_loss(_logits(samples), readers, ALL)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_two_readers_of_four_the_calibrated_set_sits_on_the_knife_edge():
+    # Majority = at least 2 of 4 slots, so the two readers' disc is "in"; a set that copies the readers
+    # (half discs, half empty) has mean 0.5 there, which "mean > 0.5" reads as out.
+    readers = _stack(DISC, DISC, EMPTY, EMPTY)
+    calibrated = _stack(*[DISC] * 4, *[EMPTY] * 4)
+    leaning_in = _stack(*[DISC] * 6, *[EMPTY] * 2)
+    knife_edge = float(consensus_loss(_logits(calibrated), readers, ALL))
+    assert knife_edge == pytest.approx(0.1 * float(DISC.sum()) / float(DISC.sum() + 1), rel=1e-4)  # margin a pixel
+    assert float(consensus_loss(_logits(leaning_in), readers, ALL)) == pytest.approx(0.0, abs=1e-6)
+    # The evaluation agrees: the calibrated mean scores Dice 0 against the majority, the other one 1.
+    probs = lambda s: s[0].numpy()  # the samples' probabilities, exactly 0 or 1
+    majority_readers = readers[0].numpy().astype(bool)
+    assert mean_prediction_scores(probs(calibrated), majority_readers)["dice_majority"] == 0.0
+    assert mean_prediction_scores(probs(leaning_in), majority_readers)["dice_majority"] == 1.0
+
+
+def test_empty_samples_on_a_slice_every_reader_marked_cost_and_the_gradient_fills_them():
+    readers = _stack(DISC, DISC, DISC, DISC)
+    half_empty = _logits(_stack(*[DISC] * 4, *[EMPTY] * 4)).requires_grad_(True)
+    loss = consensus_loss(half_empty, readers, ALL)
+    assert float(loss.detach()) > 0.05
+    loss.sum().backward()
+    grad = half_empty.grad[0]
+    inside = DISC.bool()
+    # Descending the gradient raises the empty samples' logits inside the disc (their sigmoid is not
+    # saturated at -30 in float32, so the gradient is small but of the right sign) and nothing outside.
+    assert (grad[4:, inside] < 0).all() and (grad[:, ~inside] == 0).all()
+
+
+def test_a_one_reader_slice_calibrated_set_costs_nothing():
+    readers = _stack(DISC, EMPTY, EMPTY, EMPTY)  # majority empty; a calibrated mean is 0.25 on the disc
+    calibrated = _stack(*[DISC] * 2, *[EMPTY] * 6)
+    always_drawn = _stack(*[DISC] * 8)
+    assert float(consensus_loss(_logits(calibrated), readers, ALL)) == pytest.approx(0.0, abs=1e-6)
+    assert float(consensus_loss(_logits(always_drawn), readers, ALL)) > 0.4  # mean 1 where none is due
+
+
+def test_absent_slots_do_not_vote():
+    readers = _stack(DISC, DISC, EMPTY, EMPTY)
+    present = torch.tensor([[True, True, True, False]])  # 2 of 3 present readers drew the disc: in
+    samples = _logits(_stack(*[DISC] * 4, *[EMPTY] * 4))
+    with_absent = consensus_loss(samples, readers, present)
+    changed = readers.clone()
+    changed[:, 3] = DISC  # the absent slot's mask must not matter
+    assert torch.allclose(with_absent, consensus_loss(samples, changed, present))
+    assert float(with_absent) > 0.05  # mean 0.5 on a 2-of-3 majority
+
+
+def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="consensus_margin"):
+        LossConfig(consensus_margin=0.5)
+    with pytest.raises(ValueError, match="consensus_weight"):
+        LossConfig(consensus_weight=-1.0)
+    with pytest.raises(SettingsError, match="consensus_margin"):
+        load_config(None, ["consensus_margin=0.7"])
+
+
+def test_the_learner_trains_the_prior_through_the_consensus_term():
+    size = 64
+    yy, xx = np.mgrid[:size, :size]
+    r2 = (yy - 32) ** 2 + (xx - 32) ** 2
+    images = torch.from_numpy(np.clip(0.2 + 0.6 * (r2 < 100), 0, 1).astype(np.float32))[None].repeat(2, 1, 1)
+    readers = torch.from_numpy(np.stack([np.stack([r2 < 36, r2 < 100, r2 < 64, r2 < 64])] * 2))
+    present = torch.ones(2, 4, dtype=torch.bool)
+    boxes = torch.tensor([[20.0, 20.0, 44.0, 44.0]] * 2)
+    learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0, beta=0.0, anneal_steps=0,
+                                        consensus_weight=10.0, set_samples=4), intensity="unit")
+    torch.nn.init.normal_(learner.model.latent_projection.mlp[-1].weight, std=0.1)
+    torch.manual_seed(0)
+    parts = learner(images, boxes, readers[:, 0], 0, readers=readers, present=present)
+    parts["loss"].backward()
+    norm = sum(float(p.grad.abs().sum()) for p in learner.model.prior.parameters() if p.grad is not None)
+    assert "consensus" in parts and "set" not in parts and 0.0 < float(parts["consensus"]) <= 1.0
+    assert norm > 0.0  # beta 0 and no set term: only the consensus term reaches the prior
+    with pytest.raises(ValueError, match="every reader's mask"):
+        learner(images, boxes, readers[:, 0], 0)
+
+
+def _peaked(peaks):
+    """(1, K, S, S) logits: -40 everywhere, each sample's peak logit at the disc's centre."""
+    logits = torch.full((1, len(peaks), S, S), -40.0)
+    logits[0, :, 16, 16] = torch.tensor(peaks, dtype=torch.float32)
+    return logits
+
+
+def test_empty_share_asks_for_the_readers_share_of_drawn_samples():
+    two_of_four = _stack(DISC, DISC, EMPTY, EMPTY)
+    # n = round(0.5 * 4) = 2 drawn: the two highest peaks (3, 0.5) must exceed +1, the others stay below -1.
+    value = empty_share_loss(_peaked([0.5, -5.0, 3.0, -0.2]), two_of_four, ALL, margin=1.0)
+    assert float(value) == pytest.approx((0.5 + 0.8) / 4)
+    assert float(empty_share_loss(_peaked([4.0, -3.0, 2.0, -9.0]), two_of_four, ALL)) == 0.0
+    one_of_four = _stack(DISC, EMPTY, EMPTY, EMPTY)
+    all_drawn = _peaked([5.0] * 8)  # 2 of 8 should be drawn: the other six cost 5 + 1 each
+    assert float(empty_share_loss(all_drawn, one_of_four, ALL)) == pytest.approx(6 * 6.0 / 8)
+
+
+def test_empty_samples_where_every_reader_drew_are_pulled_with_a_constant_slope():
+    four = _stack(DISC, DISC, DISC, DISC)
+    logits = _peaked([6.0, 6.0, -12.0, -30.0]).requires_grad_(True)
+    loss = empty_share_loss(logits, four, ALL)
+    assert float(loss.detach()) == pytest.approx((13.0 + 31.0) / 4)
+    loss.sum().backward()
+    grad = logits.grad[0, :, 16, 16]
+    # Saturated as they are (sigmoid(-30) ~ 1e-13), both empty samples get the full slope, -1/K.
+    assert torch.allclose(grad, torch.tensor([0.0, 0.0, -0.25, -0.25]))
+
+
+def test_empty_share_ignores_absent_slots():
+    readers = _stack(DISC, EMPTY, EMPTY, DISC)
+    present = torch.tensor([[True, True, False, False]])  # 1 of 2 present readers drew: 2 of 4 samples
+    logits = _peaked([3.0, 3.0, -3.0, -3.0])
+    assert float(empty_share_loss(logits, readers, present)) == 0.0
+    assert float(empty_share_loss(logits, readers, ALL)) == 0.0  # 2 of 4 slots too
+    assert float(empty_share_loss(logits, _stack(DISC, EMPTY, EMPTY, EMPTY), ALL)) > 0.0  # 1 of 4: 1 sample
+
+
+def test_empty_share_settings_and_the_learner():
+    with pytest.raises(ValueError, match="empty_margin"):
+        LossConfig(empty_margin=-1.0)
+    with pytest.raises(SettingsError, match="empty_weight"):
+        load_config(None, ["empty_weight=-2"])
+    images = torch.rand(2, 64, 64)
+    readers = torch.zeros(2, 4, 64, 64, dtype=torch.bool)
+    readers[:, :2, 24:40, 24:40] = True
+    learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0, beta=0.0, anneal_steps=0,
+                                        empty_weight=1.0, set_samples=4), intensity="unit")
+    torch.nn.init.normal_(learner.model.latent_projection.mlp[-1].weight, std=0.1)
+    torch.manual_seed(0)
+    parts = learner(images, torch.tensor([[20.0, 20.0, 44.0, 44.0]] * 2), readers[:, 0], 0, readers=readers,
+                    present=torch.ones(2, 4, dtype=torch.bool))
+    parts["loss"].backward()
+    norm = sum(float(p.grad.abs().sum()) for p in learner.model.prior.parameters() if p.grad is not None)
+    assert "empty" in parts and "set" not in parts and "consensus" not in parts and float(parts["empty"]) > 0
+    assert norm > 0.0
