@@ -32,6 +32,7 @@ class TrainConfig:
     sam_checkpoint: Optional[str] = None  # official SAM .pth for vit_*; None = random (tiny)
     init: Optional[str] = None  # start from these ProbSAM weights (safetensors)
     freeze_encoder: bool = True
+    train_latent_only: bool = False  # train only the prior and posterior nets (needs init, freeze_encoder)
     cache: bool = True  # frozen-encoder embedding cache (fp16 memmap); --no-cache / cache=false
     latent_dim: int = 6
     latent_to_dense: bool = False
@@ -185,6 +186,9 @@ def validate(config: TrainConfig) -> None:
         rule = _RANGES.get(item.name)
         if rule is not None and not rule[0](value):
             raise SettingsError(f"setting {item.name} must be {rule[1]}, got {value!r}")
+    if config.train_latent_only and (config.model != "probsam" or not config.init or not config.freeze_encoder):
+        raise SettingsError("setting train_latent_only needs model=probsam, init= (the weights whose decoder "
+                            "stays fixed) and freeze_encoder=true")
     if config.min_lr > config.lr:
         raise SettingsError(f"setting min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
     if config.device.lower() not in ("auto", "cpu", "mps") and not config.device.lower().startswith("cuda"):

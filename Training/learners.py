@@ -158,6 +158,9 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         model = build_probsam(config, sam_checkpoint=cfg.sam_checkpoint, seed=cfg.seed)
     if context_size is not None:
         model.config.context_size = int(context_size)
+    if cfg.train_latent_only:  # the masks z can decode to stay as `init` left them; only the nets over z learn
+        model.sam.requires_grad_(False)
+        model.latent_projection.requires_grad_(False)
     return ProbSAMLearner(model, loss_config(cfg))
 
 

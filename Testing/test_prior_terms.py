@@ -176,3 +176,30 @@ def test_empty_share_settings_and_the_learner():
     norm = sum(float(p.grad.abs().sum()) for p in learner.model.prior.parameters() if p.grad is not None)
     assert "empty" in parts and "set" not in parts and "consensus" not in parts and float(parts["empty"]) > 0
     assert norm > 0.0
+
+
+def test_train_latent_only_keeps_the_decoder_and_trains_the_prior(tmp_path):
+    """From the bundled demo weights: one AdamW step changes the prior and posterior nets only."""
+    from ProbSAMLib import checkpoints
+
+    init = str(checkpoints.entry_path(checkpoints.MANIFEST["demo_v3"]))
+    with pytest.raises(SettingsError, match="train_latent_only"):
+        load_config(None, ["train_latent_only=true"])  # no init: nothing to keep fixed
+    with pytest.raises(SettingsError, match="train_latent_only"):
+        load_config(None, ["train_latent_only=true", f"init={init}", "freeze_encoder=false"])
+    cfg = load_config(None, ["train_latent_only=true", f"init={init}", "beta=1.0", "anneal_steps=0",
+                             "set_weight=10", "empty_weight=1", "set_samples=4"])
+    learner = build_learner(cfg, intensity="hu", context_size=64)
+    before = {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=1e-3)
+    images = torch.rand(2, 64, 64)
+    readers = torch.zeros(2, 4, 64, 64, dtype=torch.bool)
+    readers[:, :3, 24:40, 24:40] = True
+    torch.manual_seed(0)
+    parts = learner(images, torch.tensor([[20.0, 20.0, 44.0, 44.0]] * 2), readers[:, 0], 0, readers=readers,
+                    present=torch.ones(2, 4, dtype=torch.bool))
+    parts["loss"].backward()
+    optimiser.step()
+    changed = {name.split(".")[0] for name, p in learner.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {"prior", "posterior"}
