@@ -373,3 +373,27 @@ def test_subsample_keeps_whole_patients_in_their_splits(phantom, tmp_path):
     assert load_dataset(phantom).images.shape == full.images.shape
     assert main([str(phantom), "--fraction", "0", "--out", str(tmp_path / "none")]) == 2
     assert not (tmp_path / "none").exists()
+
+
+def test_diagnose_samples_counts_empty_samples_and_areas_per_slice(tmp_path):
+    """Training/diagnose_samples.py: the readers themselves as 4 samples give the readers' own figures."""
+    import subprocess
+    import sys as _sys
+    from pathlib import Path as _Path
+
+    from Training.diagnose_samples import slice_diagnosis
+
+    masks = np.zeros((4, 16, 16), bool)
+    masks[0, 4:10, 4:10] = True   # 36 px
+    masks[1, 4:8, 4:8] = True     # 16 px, inside reader 0's square
+    row = slice_diagnosis(masks.astype(np.float32), masks)  # slots 2, 3: readers who drew nothing
+    assert row["n_marked"] == 2 and row["empty_share"] == 0.5
+    assert row["sample_area"] == (36 + 16) / 4 and row["reader_area"] == (36 + 16) / 2
+    # The mean of the readers is 0.5 on their overlap: > 0.5 is empty there, > 0.4 is the overlap =
+    # the majority (2 of 4), > 0.3 too; the 0.25 ring is out of the majority at every threshold >= 0.3.
+    assert row["dice@0.5"] == 0.0 and row["dice@0.4"] == 1.0 and row["dice@0.3"] == 1.0
+    root = _Path(__file__).resolve().parents[1]
+    done = subprocess.run([_sys.executable, str(root / "Training" / "diagnose_samples.py"),
+                           str(tmp_path / "missing.safetensors"), "--data", str(tmp_path)],
+                          cwd=root, capture_output=True, text=True, encoding="utf-8")
+    assert done.returncode == 2 and "missing.safetensors" in done.stderr and "Traceback" not in done.stderr
