@@ -38,14 +38,14 @@ def slice_diagnosis(probs: np.ndarray, annotations: np.ndarray) -> dict:
     majority = annotations.mean(0) >= 0.5
     mean = probs.mean(0)
     return {"n_marked": int((reader_areas > 0).sum()), "empty_share": float((drawn == 0).mean()),
-            "sample_area": float(drawn.mean()), "reader_area": float(reader_areas[reader_areas > 0].mean()),
+            "sample_area": float(drawn.mean()), "reader_area": float(reader_areas[reader_areas > 0].mean()) if reader_areas.any() else 0.0,
             **{f"dice@{t}": metrics.dice(mean > t, majority) for t in MEAN_THRESHOLDS}}
 
 
 @torch.no_grad()
 def diagnose(model_path: Path, data: str, split: str, max_slices: int, seed: int = 0, n_samples: int = 16,
              box_margin: float = 2.0, batch_size: int = 16) -> dict:
-    """{n_marked: {figure: mean over slices, "slices": count}} for the seeded subset of a split."""
+    """{n_marked or "all": {figure: mean over slices, "slices": count}} for the seeded subset of a split."""
     learner = load_learner(model_path)
     batches = SliceBatches(guards.load_split(data, split), box_margin=box_margin)
     positions = validation_positions(len(batches), max_slices or len(batches), seed)
@@ -57,9 +57,10 @@ def diagnose(model_path: Path, data: str, split: str, max_slices: int, seed: int
                              for s in batches.dataset.indices[chunk]])
         probs = learner.sample_probabilities(batch.images, batch.boxes, n_samples, noise=noise).float().numpy()
         rows += [slice_diagnosis(probs[i], batch.masks[i].numpy()) for i in range(len(chunk))]
+    groups = {k: [row for row in rows if row["n_marked"] == k] for k in sorted({row["n_marked"] for row in rows})}
+    groups["all"] = rows
     table = {}
-    for k in sorted({row["n_marked"] for row in rows}):
-        group = [row for row in rows if row["n_marked"] == k]
+    for k, group in groups.items():
         table[k] = {key: float(np.mean([row[key] for row in group])) for key in group[0] if key != "n_marked"}
         table[k]["slices"] = len(group)
     return table
@@ -86,8 +87,8 @@ def _main(argv=None) -> int:
           + " | ".join(f"Dice of mean > {t}" for t in MEAN_THRESHOLDS) + " |")
     print("|---" * (5 + len(MEAN_THRESHOLDS)) + "|")
     for k, row in table.items():
-        ideal = 1 - k / 4
-        print(f"| {k} | {row['slices']} | {row['empty_share']:.2f} ({ideal:.2f}) | {row['sample_area']:.0f} | "
+        ideal = f"{1 - k / 4:.2f}" if k != "all" else "-"
+        print(f"| {k} | {row['slices']} | {row['empty_share']:.2f} ({ideal}) | {row['sample_area']:.0f} | "
               f"{row['reader_area']:.0f} | " + " | ".join(f"{row[f'dice@{t}']:.3f}" for t in MEAN_THRESHOLDS) + " |")
     return 0
 
