@@ -7,13 +7,25 @@ of z into the prompt tokens is broken (the samples then collapse onto one mask).
 """
 
 import numpy as np
+import pytest
 import torch
 
 from ProbSAMLib import ProbSAMConfig, build_probsam, preprocess
 from ProbSAMLib.loss import LossConfig, probsam_loss
 from ProbSAMLib.metrics import ged, sample_diversity
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True)
+def two_threads():
+    """The 250 optimisation steps run on 2 CPU threads, the setting the assertions were measured at.
+
+    Set here, not at import: other test modules set 1 thread when pytest imports them, and the last
+    import wins, so a module-level call made this test's numbers depend on which files were collected.
+    """
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
 
 
 def two_mode_data(size=128):
