@@ -227,8 +227,9 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
     Arguments:
       out: the model's training output, logits (B, N, S, S).
       target: (B, S, S) soft/binary target on the decoder grid (preprocess.masks_to_low_res).
-      prior_logits, readers, present: the set and consensus terms' inputs (cfg.needs_prior_samples):
-        (B, K, S, S) logits decoded from K prior samples, (B, M, S, S) all readers' targets, (B, M) bool.
+      prior_logits, readers, present: the set, consensus and empty-share terms' inputs
+        (cfg.needs_prior_samples): (B, K, S, S) logits decoded from K prior samples, (B, M, S, S) all
+        readers' targets, (B, M) bool.
     """
     target = target.unsqueeze(1).expand_as(out.logits).to(out.logits.dtype)
     bce = F.binary_cross_entropy_with_logits(out.logits.float(), target.float(), reduction="none").sum((-2, -1))

@@ -43,7 +43,7 @@ class TrainConfig:
     anneal_steps: int = 500
     free_bits: float = 0.0
     set_weight: float = 0.0  # set term on K prior samples vs all readers (ProbSAM; 0 = off)
-    set_samples: int = 4  # K prior samples a slice for the set and consensus terms
+    set_samples: int = 4  # K prior samples a slice for the set, consensus and empty-share terms
     set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport), d = 1 - soft IoU
     consensus_weight: float = 0.0  # the K samples' mean prediction vs the readers' majority (ProbSAM; 0 = off)
     consensus_margin: float = 0.1  # hinge margin around 0.5 of the consensus term

@@ -32,14 +32,13 @@ MEAN_THRESHOLDS = (0.3, 0.4, THRESHOLD)
 
 def slice_diagnosis(probs: np.ndarray, annotations: np.ndarray) -> dict:
     """probs (N, H, W) sample probabilities, annotations (M, H, W) bool -> one slice's figures."""
-    samples = probs > THRESHOLD
-    drawn = samples.reshape(len(samples), -1).sum(1)
+    drawn = (probs > THRESHOLD).reshape(len(probs), -1).sum(1)
     reader_areas = annotations.reshape(len(annotations), -1).sum(1)
-    majority = annotations.mean(0) >= 0.5
-    mean = probs.mean(0)
     return {"n_marked": int((reader_areas > 0).sum()), "empty_share": float((drawn == 0).mean()),
-            "sample_area": float(drawn.mean()), "reader_area": float(reader_areas[reader_areas > 0].mean()) if reader_areas.any() else 0.0,
-            **{f"dice@{t}": metrics.dice(mean > t, majority) for t in MEAN_THRESHOLDS}}
+            "sample_area": float(drawn.mean()),
+            "reader_area": float(reader_areas[reader_areas > 0].mean()) if reader_areas.any() else 0.0,
+            **{f"dice@{t}": metrics.mean_prediction_scores(probs, annotations, threshold=t)["dice_majority"]
+               for t in MEAN_THRESHOLDS}}
 
 
 @torch.no_grad()
