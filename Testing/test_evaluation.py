@@ -376,11 +376,8 @@ def test_subsample_keeps_whole_patients_in_their_splits(phantom, tmp_path):
 
 
 def test_diagnose_samples_counts_empty_samples_and_areas_per_slice(tmp_path):
-    """Training/diagnose_samples.py: the readers themselves as 4 samples give the readers' own figures."""
-    import subprocess
-    import sys as _sys
-    from pathlib import Path as _Path
-
+    """Training/diagnose_samples.py: the readers themselves as 4 samples give the readers' own figures;
+    bad input is one error line, exit 2."""
     from Training.diagnose_samples import slice_diagnosis
 
     masks = np.zeros((4, 16, 16), bool)
@@ -392,8 +389,13 @@ def test_diagnose_samples_counts_empty_samples_and_areas_per_slice(tmp_path):
     # The mean of the readers is 0.5 on their overlap: > 0.5 is empty there, > 0.4 is the overlap =
     # the majority (2 of 4), > 0.3 too; the 0.25 ring is out of the majority at every threshold >= 0.3.
     assert row["dice@0.5"] == 0.0 and row["dice@0.4"] == 1.0 and row["dice@0.3"] == 1.0
-    root = _Path(__file__).resolve().parents[1]
-    done = subprocess.run([_sys.executable, str(root / "Training" / "diagnose_samples.py"),
-                           str(tmp_path / "missing.safetensors"), "--data", str(tmp_path)],
-                          cwd=root, capture_output=True, text=True, encoding="utf-8")
-    assert done.returncode == 2 and "missing.safetensors" in done.stderr and "Traceback" not in done.stderr
+    root = Path(__file__).resolve().parents[1]
+    not_weights = tmp_path / "notes.safetensors"
+    not_weights.write_text("not a weights file", encoding="utf-8")
+    weights = str(root / "ProbSAMLib" / "models" / "probsam_tiny_demo_v3.safetensors")
+    for arguments, named in ([str(tmp_path / "missing.safetensors"), "--data", str(tmp_path)], "missing.safetensors"), \
+            ([weights, "--data", str(tmp_path), "--max-slices", "-5"], "--max-slices"), \
+            ([str(not_weights), "--data", str(tmp_path)], "notes.safetensors"):
+        done = subprocess.run([sys.executable, str(root / "Training" / "diagnose_samples.py"), *arguments],
+                              cwd=root, capture_output=True, text=True, encoding="utf-8")
+        assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr, done.stderr

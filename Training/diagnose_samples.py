@@ -25,7 +25,6 @@ from ProbSAMLib import metrics
 from Training import guards
 from Training.batches import SliceBatches, validation_positions
 from Training.evaluate import THRESHOLD, slice_noise
-from Training.learners import load_learner
 
 MEAN_THRESHOLDS = (0.3, 0.4, THRESHOLD)
 
@@ -45,7 +44,7 @@ def slice_diagnosis(probs: np.ndarray, annotations: np.ndarray) -> dict:
 def diagnose(model_path: Path, data: str, split: str, max_slices: int, seed: int = 0, n_samples: int = 16,
              box_margin: float = 2.0, batch_size: int = 16) -> dict:
     """{n_marked or "all": {figure: mean over slices, "slices": count}} for the seeded subset of a split."""
-    learner = load_learner(model_path)
+    learner = guards.load_weights(model_path)
     batches = SliceBatches(guards.load_split(data, split), box_margin=box_margin)
     positions = validation_positions(len(batches), max_slices or len(batches), seed)
     rows = []
@@ -78,9 +77,12 @@ def _main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=0)
     args = parser.parse_args(argv)
+    guards.at_least("--max-slices", args.max_slices, 0)
+    guards.at_least("--seed", args.seed, 0)
+    guards.at_least("--num-threads", args.num_threads, 0)
+    guards.existing_file("--model", args.model)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
-    guards.existing_file("model", str(args.model))
     table = diagnose(args.model, args.data, args.split, args.max_slices, args.seed)
     print("| readers marking | slices | empty samples (ideal) | sample area | readers' area | "
           + " | ".join(f"Dice of mean > {t}" for t in MEAN_THRESHOLDS) + " |")
