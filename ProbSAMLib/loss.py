@@ -25,6 +25,11 @@ leaves the mean on the knife-edge where exactly half the readers drew (mean prob
 majority that counts 2 of 4 as "in"), and a few empty samples pull a whole nodule below 0.5. The term is a
 hinge: a pixel on the right side of 0.5 by `consensus_margin` costs nothing, so it does not fight the set
 term where the two agree (e.g. a one-reader slice, whose calibrated mean of about 0.25 is already "out").
+Whose majority (`consensus_voters`): "slots" votes over all M slots, an absent reader counting as an empty
+mask, as evaluation does; "readers" votes over the readers who annotated the nodule (`voters`). The second
+is what the image can show: a nodule one radiologist marked looks like one all four marked, so the slot
+majority (empty for it) asks for two different answers to the same picture, and the model learns to shrink
+every nodule; the readers' majority asks for what the readers of the picture agree on.
 
 The empty-share term (off by default, `empty_weight`): of the same K prior samples, round(f K) should be
 drawn (some logit above 0) where a fraction f of the reader slots drew something, the rest empty. It acts
@@ -46,6 +51,9 @@ from torch.distributions import kl_divergence
 from .model import TrainingOutput
 
 
+CONSENSUS_VOTERS = ("slots", "readers")
+
+
 @dataclass
 class LossConfig:
     beta: float = 1.0  # weight of KL(Q||P) once annealing is over
@@ -57,6 +65,7 @@ class LossConfig:
     set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport, IoU cost)
     consensus_weight: float = 0.0  # weight of the consensus term on the same K prior samples (0 = off)
     consensus_margin: float = 0.1  # the mean probability must clear 0.5 by this much to cost nothing
+    consensus_voters: str = "slots"  # whose majority: "slots" (all M, absent = empty) or "readers" (the nodule's)
     empty_weight: float = 0.0  # weight of the empty-share term on the same K prior samples (0 = off)
     empty_margin: float = 1.0  # logits: a drawn sample's peak must exceed +margin, an empty one's stay below -margin
 
@@ -73,6 +82,8 @@ class LossConfig:
         if self.consensus_weight < 0 or not 0 <= self.consensus_margin < 0.5:
             raise ValueError(f"consensus_weight must be >= 0 and consensus_margin in [0, 0.5), got "
                              f"{self.consensus_weight}, {self.consensus_margin}")
+        if self.consensus_voters not in CONSENSUS_VOTERS:
+            raise ValueError(f"consensus_voters must be one of {CONSENSUS_VOTERS}, got {self.consensus_voters!r}")
         if self.empty_weight < 0 or self.empty_margin < 0:
             raise ValueError(f"empty_weight and empty_margin must be >= 0, got {self.empty_weight}, "
                              f"{self.empty_margin}")
@@ -221,7 +232,8 @@ def empty_share_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch
 
 def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: LossConfig,
                  prior_logits: Optional[torch.Tensor] = None, readers: Optional[torch.Tensor] = None,
-                 present: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                 present: Optional[torch.Tensor] = None,
+                 voters: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
     """Scalar loss and its parts.
 
     Arguments:
@@ -230,6 +242,8 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
       prior_logits, readers, present: the set, consensus and empty-share terms' inputs
         (cfg.needs_prior_samples): (B, K, S, S) logits decoded from K prior samples, (B, M, S, S) all
         readers' targets, (B, M) bool.
+      voters: (B, M) bool, the slots whose reader annotated the nodule: the consensus term's electorate
+        when cfg.consensus_voters == "readers" (``present`` otherwise).
     """
     target = target.unsqueeze(1).expand_as(out.logits).to(out.logits.dtype)
     bce = F.binary_cross_entropy_with_logits(out.logits.float(), target.float(), reduction="none").sum((-2, -1))
@@ -248,7 +262,10 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
         loss = loss + cfg.set_weight * term
         parts["set"] = term.detach()
     if cfg.consensus_weight > 0:
-        term = consensus_loss(prior_logits, readers, present, cfg.consensus_margin).mean()
+        if cfg.consensus_voters == "readers" and voters is None:
+            raise ValueError("consensus_voters='readers' needs voters (which slots annotated the nodule)")
+        electorate = voters.bool() if cfg.consensus_voters == "readers" else present
+        term = consensus_loss(prior_logits, readers, electorate, cfg.consensus_margin).mean()
         loss = loss + cfg.consensus_weight * term
         parts["consensus"] = term.detach()
     if cfg.empty_weight > 0:

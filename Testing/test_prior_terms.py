@@ -3,8 +3,8 @@
 consensus_loss (the samples' mean prediction against the readers' majority) must be 0 when the mean
 prediction is the majority with the margin, charge the knife-edge of a calibrated two-reader slice and
 empty samples on a slice every reader marked, leave a one-reader slice's calibrated set alone, ignore
-absent reader slots, agree with the evaluation's majority rule, and reach the prior net through the
-ProbSAM learner. empty_share_loss (how many samples come out empty) must ask for round(f K) drawn samples
+absent reader slots, agree with the evaluation's majority rule, vote over the nodule's own readers when
+asked (consensus_voters="readers"), and reach the prior net through the ProbSAM learner. empty_share_loss (how many samples come out empty) must ask for round(f K) drawn samples
 where a fraction f of the readers drew, pick the samples closest to being drawn, pull saturated empty
 samples with a constant slope on their peak logit, and ignore absent slots.
 """
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from ProbSAMLib.loss import LossConfig, consensus_loss, empty_share_loss
+from ProbSAMLib.loss import LossConfig, consensus_loss, empty_share_loss, probsam_loss, set_loss
+from ProbSAMLib.model import TrainingOutput
 from ProbSAMLib.metrics import mean_prediction_scores
 from Training.config import TrainConfig, load_config
 from ProbSAMLib.errors import SettingsError
@@ -90,7 +91,40 @@ def test_absent_slots_do_not_vote():
     assert float(with_absent) > 0.05  # mean 0.5 on a 2-of-3 majority
 
 
+def _training_output(batch: int = 1):
+    normal = torch.distributions.Independent(torch.distributions.Normal(torch.zeros(batch, 2), torch.ones(batch, 2)), 1)
+    return TrainingOutput(logits=torch.zeros(batch, 1, S, S), prior=normal, posterior=normal)
+
+
+def test_the_readers_majority_of_a_one_reader_nodule_is_its_reader():
+    # One radiologist of four annotated the nodule (slot 0). Over the 4 slots its majority is empty, over
+    # the nodule's readers it is the disc: a set that always draws the disc costs under "slots" and not
+    # under "readers", and an always-empty set the other way round.
+    readers = _stack(DISC, EMPTY, EMPTY, EMPTY)
+    voters = torch.tensor([[True, False, False, False]])
+    drawn, empty = _logits(_stack(*[DISC] * 8)), _logits(_stack(*[EMPTY] * 8))
+
+    def consensus(samples, who):
+        cfg = LossConfig(consensus_weight=1.0, consensus_voters=who)
+        return float(probsam_loss(_training_output(), DISC[None], 0, cfg, samples, readers, ALL, voters)["consensus"])
+
+    assert consensus(drawn, "readers") == pytest.approx(0.0, abs=1e-6)
+    assert consensus(empty, "readers") > 0.5
+    assert consensus(drawn, "slots") > 0.5
+    assert consensus(empty, "slots") == pytest.approx(0.0, abs=1e-6)
+    # The set term still scores all four slots (an absent reader is an empty mask), whatever the voters.
+    cfg = LossConfig(set_weight=1.0, consensus_weight=1.0, consensus_voters="readers")
+    both = probsam_loss(_training_output(), DISC[None], 0, cfg, drawn, readers, ALL, voters)
+    assert float(both["set"]) == pytest.approx(float(set_loss(drawn, readers, ALL).mean()), rel=1e-6)
+    with pytest.raises(ValueError, match="needs voters"):
+        probsam_loss(_training_output(), DISC[None], 0, cfg, drawn, readers, ALL)
+
+
 def test_bad_settings_are_refused():
+    with pytest.raises(ValueError, match="consensus_voters"):
+        LossConfig(consensus_voters="everyone")
+    with pytest.raises(SettingsError, match="consensus_voters"):
+        load_config(None, ["consensus_voters=all"])
     with pytest.raises(ValueError, match="consensus_margin"):
         LossConfig(consensus_margin=0.5)
     with pytest.raises(ValueError, match="consensus_weight"):
@@ -118,6 +152,13 @@ def test_the_learner_trains_the_prior_through_the_consensus_term():
     assert norm > 0.0  # beta 0 and no set term: only the consensus term reaches the prior
     with pytest.raises(ValueError, match="every reader's mask"):
         learner(images, boxes, readers[:, 0], 0)
+    # Voting over the nodule's readers: the learner hands `voters` on to the term.
+    learner.loss_config.consensus_voters = "readers"
+    one_reader = torch.tensor([[True, False, False, False]] * 2)
+    by_readers = learner(images, boxes, readers[:, 0], 0, readers=readers, present=present, voters=one_reader)
+    assert float(by_readers["consensus"]) != pytest.approx(float(parts["consensus"]), abs=1e-4)
+    with pytest.raises(ValueError, match="needs voters"):
+        learner(images, boxes, readers[:, 0], 0, readers=readers, present=present)
 
 
 def _peaked(peaks):

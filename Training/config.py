@@ -15,6 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ProbSAMLib.errors import SettingsError
+from ProbSAMLib.loss import CONSENSUS_VOTERS
 
 
 @dataclass
@@ -47,6 +48,7 @@ class TrainConfig:
     set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport), d = 1 - soft IoU
     consensus_weight: float = 0.0  # the K samples' mean prediction vs the readers' majority (ProbSAM; 0 = off)
     consensus_margin: float = 0.1  # hinge margin around 0.5 of the consensus term
+    consensus_voters: str = "slots"  # majority of all 4 slots ("slots") or of the nodule's readers ("readers")
     empty_weight: float = 0.0  # share of empty prior samples vs the readers' share (ProbSAM; 0 = off)
     empty_margin: float = 1.0  # hinge margin (logits) of the empty-share term
     # --- optimisation
@@ -149,6 +151,7 @@ _RANGES = {
     "set_weight": _at_least(0), "set_samples": _at_least(1), "consensus_weight": _at_least(0),
     "consensus_margin": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "empty_weight": _at_least(0),
     "empty_margin": _at_least(0),
+    "consensus_voters": (lambda v: v in CONSENSUS_VOTERS, f"one of {', '.join(CONSENSUS_VOTERS)}"),
     "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
     "preset": (lambda v: v in PRESETS, f"one of {', '.join(PRESETS)}"),
     "data": (lambda v: v != "", "a folder"), "out": (lambda v: v != "", "a folder"),

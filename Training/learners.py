@@ -45,9 +45,11 @@ class ProbSAMLearner(nn.Module):
         return self.model.config.latent_dim
 
     def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None,
-                readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None) -> dict:
+                readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None,
+                voters: Optional[torch.Tensor] = None) -> dict:
         """images (B, H, W) in [0, 1], boxes (B, 4) image pixels, targets (B, H, W) one reader's mask;
-        readers (B, M, H, W) and present (B, M): every reader's mask, for the set term (set_weight > 0)."""
+        readers (B, M, H, W) and present (B, M): every reader's mask, for the set term (set_weight > 0);
+        voters (B, M): the slots whose reader annotated the nodule (consensus_voters="readers")."""
         config, image_hw = self.model.config, images.shape[-2:]
         if embeddings is None:
             embeddings = self.model.encode(images)
@@ -65,7 +67,8 @@ class ProbSAMLearner(nn.Module):
         prior_logits = self.model.decode(embeddings, boxes_model, z)
         reader_targets = preprocess.masks_to_low_res(readers.float(), image_hw, config.img_size,
                                                      config.low_res_size)
-        return probsam_loss(out, target, step, self.loss_config, prior_logits, reader_targets, present.bool())
+        return probsam_loss(out, target, step, self.loss_config, prior_logits, reader_targets, present.bool(),
+                            None if voters is None else voters.to(present.device).bool())
 
     @torch.no_grad()
     def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
@@ -102,8 +105,9 @@ class ProbUNetLearner(nn.Module):
     def latent_dim(self) -> int:
         return self.model.latent_dim
 
-    def forward(self, images, boxes, targets, step: int, embeddings=None, readers=None, present=None) -> dict:
-        """As ProbSAMLearner.forward; readers/present are unused (the set term is ProbSAM's only)."""
+    def forward(self, images, boxes, targets, step: int, embeddings=None, readers=None, present=None,
+                voters=None) -> dict:
+        """As ProbSAMLearner.forward; readers/present/voters are unused (the set term is ProbSAM's only)."""
         out = self.model(images, boxes, targets.float())
         return probsam_loss(out, targets.float(), step, self.loss_config)
 
@@ -133,7 +137,8 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
     return LossConfig(beta=cfg.beta, dice_weight=cfg.dice_weight, anneal_steps=cfg.anneal_steps,
                       free_bits=cfg.free_bits, set_weight=cfg.set_weight, set_samples=cfg.set_samples,
                       set_kind=cfg.set_kind, consensus_weight=cfg.consensus_weight,
-                      consensus_margin=cfg.consensus_margin, empty_weight=cfg.empty_weight,
+                      consensus_margin=cfg.consensus_margin, consensus_voters=cfg.consensus_voters,
+                      empty_weight=cfg.empty_weight,
                       empty_margin=cfg.empty_margin)
 
 

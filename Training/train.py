@@ -215,7 +215,7 @@ while step < cfg.max_steps and not stopped_early:
     all_slots = torch.ones_like(batch.present)
     with autocast(device, use_bf16):
         parts = model(batch.images.to(device), batch.boxes.to(device), targets.to(device), step, embeddings=embeddings,
-                      readers=batch.masks.to(device), present=all_slots.to(device))
+                      readers=batch.masks.to(device), present=all_slots.to(device), voters=batch.present.to(device))
     optimiser.zero_grad(set_to_none=True)
     parts["loss"].backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(learner.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 else torch.tensor(0.0)
