@@ -399,3 +399,24 @@ def test_diagnose_samples_counts_empty_samples_and_areas_per_slice(tmp_path):
         done = subprocess.run([sys.executable, str(root / "Training" / "diagnose_samples.py"), *arguments],
                               cwd=root, capture_output=True, text=True, encoding="utf-8")
         assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_phantom_ceiling_scores_the_ideal_predictors_against_the_slot_majority(tmp_path):
+    """Training/phantom_ceiling.py: on a nodule only one of four radiologists annotated, the nodule's own
+    readers' majority is the disc (Dice 0 against the empty slot majority) and the calibrated mean is
+    empty (Dice 1); where 2 of 4 drew, the calibrated mean ("> 0.5") misses the disc the majority holds;
+    the threshold finds the bright disc. A missing data set is one clear error line, exit 2."""
+    from Training.phantom_ceiling import slice_scores
+
+    yy, xx = np.mgrid[:32, :32]
+    disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 36
+    image = np.where(disc, 40.0, -850.0).astype(np.float32)
+    box = np.array([8.0, 8.0, 24.0, 24.0])
+    empty = np.zeros_like(disc)
+    one_reader = slice_scores(image, np.stack([disc, empty, empty, empty]), np.array([1, 0, 0, 0], bool), box, -400.0)
+    assert one_reader == {"threshold": 0.0, "readers' majority": 0.0, "calibrated mean": 1.0}
+    two_of_four = slice_scores(image, np.stack([disc, disc, empty, empty]), np.ones(4, bool), box, -400.0)
+    assert two_of_four == {"threshold": 1.0, "readers' majority": 1.0, "calibrated mean": 0.0}
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "Training" / "phantom_ceiling.py"),
+                           "--data", str(tmp_path / "none")], capture_output=True, text=True)
+    assert done.returncode == 2 and "no meta.json" in done.stderr and "Traceback" not in done.stderr

@@ -1,0 +1,103 @@
+"""What the mean prediction could reach on a data set: two ideal predictors against the threshold baseline.
+
+    python Training/phantom_ceiling.py --data data/phantom_v2 --split test
+
+No model: per case type (and reader count) it scores, against the readers' majority (at least 2 of the 4
+slots, as evaluate.py), the Dice of
+- the -400 HU threshold baseline (evaluate.py's, same box: union of the readers + --box-margin px);
+- "readers' majority": the pixels at least half of the nodule's OWN readers drew (reader_present). The
+  phantom renders a nodule from exactly this agreement, so a perfect image reader could recover it; it
+  cannot know how many of the four radiologists annotated the nodule;
+- "calibrated mean": the pixels more than half of the 4 slots drew, i.e. the mean prediction ("> 0.5") of
+  a perfectly calibrated sampler that also knew the reader count. It scores 0 where exactly 2 of 4 drew.
+with paired-bootstrap intervals over patients of each one's difference to the threshold. It tells which
+mean-prediction targets a model can meet on the data at all, and what to train towards.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+if __package__ in (None, ""):  # `python Training/phantom_ceiling.py` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+
+from ProbSAMLib.boxes import union_boxes
+from ProbSAMLib.metrics import dice
+from ProbSAMLib.threshold import THRESHOLD_HU, threshold_component
+from Training import guards
+from Training.baselines import hu_to_unit
+from Training.bootstrap import PatientBootstrap
+
+PREDICTORS = ("threshold", "readers' majority", "calibrated mean")
+
+
+def slice_scores(image: np.ndarray, masks: np.ndarray, present: np.ndarray, box: np.ndarray,
+                 level: float) -> Dict[str, float]:
+    """image (H, W), masks (4, H, W) bool, present (4,) bool -> each predictor's Dice vs the slot majority."""
+    majority = masks.mean(0) >= 0.5
+    own = masks[present].mean(0) if present.any() else np.zeros(masks.shape[1:])
+    return {"threshold": dice(threshold_component(image, box, level), majority),
+            "readers' majority": dice(own >= 0.5, majority),
+            "calibrated mean": dice(masks.mean(0) > 0.5, majority)}
+
+
+def groups(table: dict, indices: np.ndarray) -> Dict[str, np.ndarray]:
+    marked = table["n_marked"][indices]
+    out = {"all": np.arange(len(indices))}
+    out.update({f"{k} reader{'s' if k != 1 else ''}": np.flatnonzero(marked == k) for k in sorted(set(marked))})
+    if "case" in table:
+        cases = table["case"][indices]
+        out.update({f"case {c}": np.flatnonzero(cases == c) for c in sorted(set(cases)) if c})
+    return out
+
+
+def report(scores: Dict[str, np.ndarray], patients: np.ndarray, table: dict, indices: np.ndarray,
+           n_boot: int, seed: int) -> str:
+    head = ("| slices | n | " + " | ".join(PREDICTORS) + " | " +
+            " | ".join(f"Δ {p} − threshold" for p in PREDICTORS[1:]) + " |")
+    lines = [head, "|" + "---|" * (2 + 2 * len(PREDICTORS) - 1)]
+    for name, rows in groups(table, indices).items():
+        if len(rows) == 0:
+            continue
+        boot = PatientBootstrap(patients[rows], n_boot=n_boot, seed=seed)
+        means = [f"{scores[p][rows].mean():.3f}" for p in PREDICTORS]
+        deltas = [boot.difference(scores[p][rows], scores["threshold"][rows]).format() for p in PREDICTORS[1:]]
+        lines.append(f"| {name} | {len(rows)} | " + " | ".join(means + deltas) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return guards.run_main("phantom_ceiling.py", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--box-margin", type=float, default=2.0)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    guards.at_least("--box-margin", args.box_margin, 0)
+    guards.at_least("--bootstrap", args.bootstrap, 1)
+    data = guards.load_split(args.data, args.split)
+    level = THRESHOLD_HU if data.intensity == "hu" else hu_to_unit(THRESHOLD_HU)
+    scores = {p: np.empty(len(data)) for p in PREDICTORS}
+    for i in range(len(data)):
+        item = data[i]
+        box = union_boxes(item["masks"][None], item["present"][None], args.box_margin)[0]
+        for p, value in slice_scores(item["image"].astype(np.float32), item["masks"], item["present"],
+                                     box, level).items():
+            scores[p][i] = value
+    print(f"{args.data}, split {args.split}: {len(data)} slices. Dice against the readers' majority (2 of 4 "
+          f"slots); Δ: paired bootstrap over patients ({args.bootstrap} replicates), 95 % interval.\n")
+    print(report(scores, data.patient_ids, data.table, data.indices, args.bootstrap, args.seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
