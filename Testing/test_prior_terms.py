@@ -4,8 +4,8 @@ consensus_loss (the samples' mean prediction against the readers' majority) must
 prediction is the majority with the margin, charge the knife-edge of a calibrated two-reader slice and
 empty samples on a slice every reader marked, leave a one-reader slice's calibrated set alone, ignore
 absent reader slots, agree with the evaluation's majority rule, vote over the nodule's own readers when
-asked (consensus_voters="readers"), and reach the prior net through the ProbSAM learner. empty_share_loss (how many samples come out empty) must ask for round(f K) drawn samples
-where a fraction f of the readers drew, pick the samples closest to being drawn, pull saturated empty
+asked (consensus_voters="readers"), and reach the prior net through the ProbSAM learner. empty_share_loss
+(how many samples come out empty) must ask for round(f K) drawn samples where a fraction f of the readers drew, pick the samples closest to being drawn, pull saturated empty
 samples with a constant slope on their peak logit, and ignore absent slots.
 """
 import numpy as np

@@ -26,47 +26,37 @@ if __package__ in (None, ""):  # `python Training/phantom_ceiling.py` from the r
 import numpy as np
 
 from ProbSAMLib.boxes import union_boxes
-from ProbSAMLib.metrics import dice
+from ProbSAMLib.metrics import mean_prediction_scores
 from ProbSAMLib.threshold import THRESHOLD_HU, threshold_component
 from Training import guards
 from Training.baselines import hu_to_unit
 from Training.bootstrap import PatientBootstrap
+from Training.evaluation_report import reader_groups
 
 PREDICTORS = ("threshold", "readers' majority", "calibrated mean")
 
 
 def slice_scores(image: np.ndarray, masks: np.ndarray, present: np.ndarray, box: np.ndarray,
                  level: float) -> Dict[str, float]:
-    """image (H, W), masks (4, H, W) bool, present (4,) bool -> each predictor's Dice vs the slot majority."""
-    majority = masks.mean(0) >= 0.5
-    own = masks[present].mean(0) if present.any() else np.zeros(masks.shape[1:])
-    return {"threshold": dice(threshold_component(image, box, level), majority),
-            "readers' majority": dice(own >= 0.5, majority),
-            "calibrated mean": dice(masks.mean(0) > 0.5, majority)}
+    """image (H, W), masks (4, H, W) bool, present (4,) bool -> each predictor's Dice vs the slot majority,
+    scored by metrics.mean_prediction_scores (the one majority rule evaluate.py uses)."""
+    own = masks[present].mean(0) >= 0.5 if present.any() else np.zeros(masks.shape[1:], bool)
+    predictions = {"threshold": threshold_component(image, box, level)[None],
+                   "readers' majority": own[None],
+                   "calibrated mean": masks}  # its mean over the 4 slots is the calibrated mean
+    return {name: mean_prediction_scores(p.astype(np.float32), masks)["dice_majority"]
+            for name, p in predictions.items()}
 
 
-def groups(table: dict, indices: np.ndarray) -> Dict[str, np.ndarray]:
-    marked = table["n_marked"][indices]
-    out = {"all": np.arange(len(indices))}
-    out.update({f"{k} reader{'s' if k != 1 else ''}": np.flatnonzero(marked == k) for k in sorted(set(marked))})
-    if "case" in table:
-        cases = table["case"][indices]
-        out.update({f"case {c}": np.flatnonzero(cases == c) for c in sorted(set(cases)) if c})
-    return out
-
-
-def report(scores: Dict[str, np.ndarray], patients: np.ndarray, table: dict, indices: np.ndarray,
-           n_boot: int, seed: int) -> str:
+def report(scores: Dict[str, np.ndarray], patients: np.ndarray, rows: list, n_boot: int, seed: int) -> str:
     head = ("| slices | n | " + " | ".join(PREDICTORS) + " | " +
             " | ".join(f"Δ {p} − threshold" for p in PREDICTORS[1:]) + " |")
     lines = [head, "|" + "---|" * (2 + 2 * len(PREDICTORS) - 1)]
-    for name, rows in groups(table, indices).items():
-        if len(rows) == 0:
-            continue
-        boot = PatientBootstrap(patients[rows], n_boot=n_boot, seed=seed)
-        means = [f"{scores[p][rows].mean():.3f}" for p in PREDICTORS]
-        deltas = [boot.difference(scores[p][rows], scores["threshold"][rows]).format() for p in PREDICTORS[1:]]
-        lines.append(f"| {name} | {len(rows)} | " + " | ".join(means + deltas) + " |")
+    for name, group in reader_groups(rows).items():
+        boot = PatientBootstrap(patients[group], n_boot=n_boot, seed=seed)
+        means = [f"{scores[p][group].mean():.3f}" for p in PREDICTORS]
+        deltas = [boot.difference(scores[p][group], scores["threshold"][group]).format() for p in PREDICTORS[1:]]
+        lines.append(f"| {name} | {len(group)} | " + " | ".join(means + deltas) + " |")
     return "\n".join(lines)
 
 
@@ -95,7 +85,10 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             scores[p][i] = value
     print(f"{args.data}, split {args.split}: {len(data)} slices. Dice against the readers' majority (2 of 4 "
           f"slots); Δ: paired bootstrap over patients ({args.bootstrap} replicates), 95 % interval.\n")
-    print(report(scores, data.patient_ids, data.table, data.indices, args.bootstrap, args.seed))
+    table = data.table
+    rows = [{"n_marked": int(table["n_marked"][i]), "case": str(table["case"][i]) if "case" in table else ""}
+            for i in data.indices]
+    print(report(scores, data.patient_ids, rows, args.bootstrap, args.seed))
     return 0
 
 
