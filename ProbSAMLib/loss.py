@@ -52,6 +52,7 @@ from .model import TrainingOutput
 
 
 CONSENSUS_VOTERS = ("slots", "readers")
+LOSS_RESOLUTIONS = ("decoder", "image")
 
 
 @dataclass
@@ -68,6 +69,7 @@ class LossConfig:
     consensus_voters: str = "slots"  # whose majority: "slots" (all M, absent = empty) or "readers" (the nodule's)
     empty_weight: float = 0.0  # weight of the empty-share term on the same K prior samples (0 = off)
     empty_margin: float = 1.0  # logits: a drawn sample's peak must exceed +margin, an empty one's stay below -margin
+    resolution: str = "decoder"  # score logits on the decoder grid ("decoder") or upsampled to the image ("image")
 
     @property
     def needs_prior_samples(self) -> bool:
@@ -84,6 +86,8 @@ class LossConfig:
                              f"{self.consensus_weight}, {self.consensus_margin}")
         if self.consensus_voters not in CONSENSUS_VOTERS:
             raise ValueError(f"consensus_voters must be one of {CONSENSUS_VOTERS}, got {self.consensus_voters!r}")
+        if self.resolution not in LOSS_RESOLUTIONS:
+            raise ValueError(f"resolution must be one of {LOSS_RESOLUTIONS}, got {self.resolution!r}")
         if self.empty_weight < 0 or self.empty_margin < 0:
             raise ValueError(f"empty_weight and empty_margin must be >= 0, got {self.empty_weight}, "
                              f"{self.empty_margin}")
@@ -233,21 +237,29 @@ def empty_share_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch
 def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: LossConfig,
                  prior_logits: Optional[torch.Tensor] = None, readers: Optional[torch.Tensor] = None,
                  present: Optional[torch.Tensor] = None,
-                 voters: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
+                 voters: Optional[torch.Tensor] = None, logits: Optional[torch.Tensor] = None,
+                 pixel_weight: float = 1.0) -> Dict[str, torch.Tensor]:
     """Scalar loss and its parts.
 
     Arguments:
-      out: the model's training output, logits (B, N, S, S).
-      target: (B, S, S) soft/binary target on the decoder grid (preprocess.masks_to_low_res).
+      out: the model's training output, logits (B, N, S, S) (and the prior and posterior for the KL).
+      target: (B, S, S) soft/binary target on the decoder grid (preprocess.masks_to_low_res), or on the
+        grid of ``logits`` when those are given.
+      logits: (B, N, H, W) the logits to score instead of ``out.logits``: upsampled to the image
+        (cfg.resolution == "image"), so the edge is scored where evaluation scores it.
+      pixel_weight: what one pixel of the BCE sum weighs; ``(S/H)^2`` for image-grid logits keeps the
+        BCE on the decoder grid's scale, so the weights of the other terms mean what they meant.
       prior_logits, readers, present: the set, consensus and empty-share terms' inputs
         (cfg.needs_prior_samples): (B, K, S, S) logits decoded from K prior samples, (B, M, S, S) all
-        readers' targets, (B, M) bool.
+        readers' targets, (B, M) bool; on the image grid (H, W) like ``logits`` when that is given.
       voters: (B, M) bool, the slots whose reader annotated the nodule: the consensus term's electorate
         when cfg.consensus_voters == "readers" (``present`` otherwise).
     """
-    target = target.unsqueeze(1).expand_as(out.logits).to(out.logits.dtype)
-    bce = F.binary_cross_entropy_with_logits(out.logits.float(), target.float(), reduction="none").sum((-2, -1))
-    dice = soft_dice_loss(out.logits.float(), target.float())
+    logits = out.logits if logits is None else logits
+    target = target.unsqueeze(1).expand_as(logits).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none").sum((-2, -1))
+    bce = bce * pixel_weight
+    dice = soft_dice_loss(logits.float(), target.float())
     kl = kl_term(out, cfg.free_bits)
     beta = beta_at(step, cfg)
     recon = bce.mean() + cfg.dice_weight * dice.mean()

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ProbSAMLib.errors import SettingsError
-from ProbSAMLib.loss import CONSENSUS_VOTERS
+from ProbSAMLib.loss import CONSENSUS_VOTERS, LOSS_RESOLUTIONS
 
 
 @dataclass
@@ -51,6 +51,7 @@ class TrainConfig:
     consensus_voters: str = "slots"  # majority of all 4 slots ("slots") or of the nodule's readers ("readers")
     empty_weight: float = 0.0  # share of empty prior samples vs the readers' share (ProbSAM; 0 = off)
     empty_margin: float = 1.0  # hinge margin (logits) of the empty-share term
+    loss_resolution: str = "decoder"  # ProbSAM: score logits on the decoder grid or upsampled to the "image"
     # --- optimisation
     batch_size: int = 32  # per process
     max_steps: int = 3000
@@ -152,6 +153,7 @@ _RANGES = {
     "consensus_margin": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "empty_weight": _at_least(0),
     "empty_margin": _at_least(0),
     "consensus_voters": (lambda v: v in CONSENSUS_VOTERS, f"one of {', '.join(CONSENSUS_VOTERS)}"),
+    "loss_resolution": (lambda v: v in LOSS_RESOLUTIONS, f"one of {', '.join(LOSS_RESOLUTIONS)}"),
     "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
     "preset": (lambda v: v in PRESETS, f"one of {', '.join(PRESETS)}"),
     "data": (lambda v: v != "", "a folder"), "out": (lambda v: v != "", "a folder"),

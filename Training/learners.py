@@ -55,20 +55,40 @@ class ProbSAMLearner(nn.Module):
             embeddings = self.model.encode(images)
         boxes_model = preprocess.boxes_to_model_frame(boxes, image_hw, config.img_size)
         target = preprocess.masks_to_low_res(targets.float(), image_hw, config.img_size, config.low_res_size)
-        out = self.model(embeddings, boxes_model, target)
+        out = self.model(embeddings, boxes_model, target)  # the posterior always reads the decoder-grid target
+        scored = self._scored(image_hw)
+        logits = scored["logits"](out.logits)
+        loss_target = targets.float() if scored["on_image"] else target
         if not self.loss_config.needs_prior_samples:
-            return probsam_loss(out, target, step, self.loss_config)
+            return probsam_loss(out, loss_target, step, self.loss_config, logits=logits,
+                                pixel_weight=scored["pixel_weight"])
         if readers is None or present is None:
             raise ValueError("set_weight, consensus_weight or empty_weight > 0: the learner needs every "
                              "reader's mask (readers=, present=)")
         # K samples from the PRIOR, decoded from the same embeddings (reparameterised: the set, consensus
         # and empty-share terms' gradients reach the prior net).
         z = out.prior.rsample((self.loss_config.set_samples,)).transpose(0, 1)  # (B, K, L)
-        prior_logits = self.model.decode(embeddings, boxes_model, z)
-        reader_targets = preprocess.masks_to_low_res(readers.float(), image_hw, config.img_size,
-                                                     config.low_res_size)
-        return probsam_loss(out, target, step, self.loss_config, prior_logits, reader_targets, present.bool(),
-                            None if voters is None else voters.to(present.device).bool())
+        prior_logits = scored["logits"](self.model.decode(embeddings, boxes_model, z))
+        reader_targets = readers.float() if scored["on_image"] else preprocess.masks_to_low_res(
+            readers.float(), image_hw, config.img_size, config.low_res_size)
+        return probsam_loss(out, loss_target, step, self.loss_config, prior_logits, reader_targets, present.bool(),
+                            None if voters is None else voters.to(present.device).bool(), logits=logits,
+                            pixel_weight=scored["pixel_weight"])
+
+    def _scored(self, image_hw) -> dict:
+        """How the loss sees the logits: on the decoder grid as decoded, or (resolution "image") upsampled to
+        the image as evaluation and the Slicer module see them, each pixel weighing its share of a grid cell.
+
+        Why "image": the decoder grid is half the tiny model's input resolution; its area-averaged targets,
+        upsampled and cut at 0.5, lose about 8 % Dice at the edge of a 15-pixel nodule, while a logit field on
+        that grid fitted at full resolution loses almost nothing (Training/README.md, loss resolution)."""
+        config = self.model.config
+        if self.loss_config.resolution == "decoder":
+            return {"on_image": False, "logits": lambda x: x, "pixel_weight": 1.0}
+        new_h, new_w = preprocess.resized_shape(image_hw[0], image_hw[1], config.img_size)
+        grid_cells = (config.low_res_size / config.img_size) ** 2 * new_h * new_w  # cells covering the image
+        return {"on_image": True, "logits": lambda x: preprocess.logits_to_image(x, image_hw, config.img_size),
+                "pixel_weight": grid_cells / (image_hw[0] * image_hw[1])}
 
     @torch.no_grad()
     def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
@@ -138,8 +158,8 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
                       free_bits=cfg.free_bits, set_weight=cfg.set_weight, set_samples=cfg.set_samples,
                       set_kind=cfg.set_kind, consensus_weight=cfg.consensus_weight,
                       consensus_margin=cfg.consensus_margin, consensus_voters=cfg.consensus_voters,
-                      empty_weight=cfg.empty_weight,
-                      empty_margin=cfg.empty_margin)
+                      empty_weight=cfg.empty_weight, empty_margin=cfg.empty_margin,
+                      resolution=cfg.loss_resolution)
 
 
 def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optional[int] = None) -> nn.Module:
