@@ -67,6 +67,7 @@ class LossConfig:
     consensus_weight: float = 0.0  # weight of the consensus term on the same K prior samples (0 = off)
     consensus_margin: float = 0.1  # the mean probability must clear 0.5 by this much to cost nothing
     consensus_voters: str = "slots"  # whose majority: "slots" (all M, absent = empty) or "readers" (the nodule's)
+    set_voters: str = "slots"  # whose masks the set term scores: "slots" (all M) or "readers" (the nodule's)
     empty_weight: float = 0.0  # weight of the empty-share term on the same K prior samples (0 = off)
     empty_margin: float = 1.0  # logits: a drawn sample's peak must exceed +margin, an empty one's stay below -margin
     resolution: str = "decoder"  # score logits on the decoder grid ("decoder") or upsampled to the image ("image")
@@ -84,8 +85,9 @@ class LossConfig:
         if self.consensus_weight < 0 or not 0 <= self.consensus_margin < 0.5:
             raise ValueError(f"consensus_weight must be >= 0 and consensus_margin in [0, 0.5), got "
                              f"{self.consensus_weight}, {self.consensus_margin}")
-        if self.consensus_voters not in CONSENSUS_VOTERS:
-            raise ValueError(f"consensus_voters must be one of {CONSENSUS_VOTERS}, got {self.consensus_voters!r}")
+        for name in ("consensus_voters", "set_voters"):
+            if getattr(self, name) not in CONSENSUS_VOTERS:
+                raise ValueError(f"{name} must be one of {CONSENSUS_VOTERS}, got {getattr(self, name)!r}")
         if self.resolution not in LOSS_RESOLUTIONS:
             raise ValueError(f"resolution must be one of {LOSS_RESOLUTIONS}, got {self.resolution!r}")
         if self.empty_weight < 0 or self.empty_margin < 0:
@@ -253,7 +255,8 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
         (cfg.needs_prior_samples): (B, K, S, S) logits decoded from K prior samples, (B, M, S, S) all
         readers' targets, (B, M) bool; on the image grid (H, W) like ``logits`` when that is given.
       voters: (B, M) bool, the slots whose reader annotated the nodule: the consensus term's electorate
-        when cfg.consensus_voters == "readers" (``present`` otherwise).
+        when cfg.consensus_voters == "readers", and the set term's readers when cfg.set_voters == "readers"
+        (``present`` otherwise).
     """
     logits = out.logits if logits is None else logits
     target = target.unsqueeze(1).expand_as(logits).to(logits.dtype)
@@ -269,13 +272,17 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
     if cfg.needs_prior_samples and (prior_logits is None or readers is None or present is None):
         raise ValueError("set_weight, consensus_weight or empty_weight > 0 needs prior_logits, readers and "
                          "present (all readers' masks)")
+    if (cfg.consensus_weight > 0 and cfg.consensus_voters == "readers") or (
+            cfg.set_weight > 0 and cfg.set_voters == "readers"):
+        if voters is None:
+            raise ValueError("consensus_voters or set_voters 'readers' needs voters (which slots annotated the "
+                             "nodule)")
     if cfg.set_weight > 0:
-        term = set_loss(prior_logits, readers, present, cfg.set_kind).mean()
+        scored = voters.bool() if cfg.set_voters == "readers" else present
+        term = set_loss(prior_logits, readers, scored, cfg.set_kind).mean()
         loss = loss + cfg.set_weight * term
         parts["set"] = term.detach()
     if cfg.consensus_weight > 0:
-        if cfg.consensus_voters == "readers" and voters is None:
-            raise ValueError("consensus_voters='readers' needs voters (which slots annotated the nodule)")
         electorate = voters.bool() if cfg.consensus_voters == "readers" else present
         term = consensus_loss(prior_logits, readers, electorate, cfg.consensus_margin).mean()
         loss = loss + cfg.consensus_weight * term

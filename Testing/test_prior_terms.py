@@ -120,6 +120,28 @@ def test_the_readers_majority_of_a_one_reader_nodule_is_its_reader():
         probsam_loss(_training_output(), DISC[None], 0, cfg, drawn, readers, ALL)
 
 
+def test_the_set_term_can_score_the_nodules_own_readers_only():
+    # set_voters="readers": a nodule one radiologist annotated is scored against that reader alone, so a
+    # set that always draws the disc costs nothing; over the four slots it must also be empty 3 times in 4.
+    readers = _stack(DISC, EMPTY, EMPTY, EMPTY)
+    voters = torch.tensor([[True, False, False, False]])
+    drawn = _logits(_stack(*[DISC] * 8))
+
+    def set_term(who):
+        cfg = LossConfig(set_weight=1.0, set_voters=who)
+        return float(probsam_loss(_training_output(), DISC[None], 0, cfg, drawn, readers, ALL, voters)["set"])
+
+    assert set_term("readers") == pytest.approx(float(set_loss(drawn, readers, voters).mean()), rel=1e-6)
+    assert set_term("readers") < 0.01 < set_term("slots")
+    with pytest.raises(ValueError, match="needs voters"):
+        probsam_loss(_training_output(), DISC[None], 0, LossConfig(set_weight=1.0, set_voters="readers"), drawn,
+                     readers, ALL)
+    with pytest.raises(ValueError, match="set_voters"):
+        LossConfig(set_voters="everyone")
+    with pytest.raises(SettingsError, match="set_voters"):
+        load_config(None, ["set_voters=all"])
+
+
 def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="consensus_voters"):
         LossConfig(consensus_voters="everyone")

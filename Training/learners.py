@@ -49,7 +49,7 @@ class ProbSAMLearner(nn.Module):
                 voters: Optional[torch.Tensor] = None) -> dict:
         """images (B, H, W) in [0, 1], boxes (B, 4) image pixels, targets (B, H, W) one reader's mask;
         readers (B, M, H, W) and present (B, M): every reader's mask, for the set term (set_weight > 0);
-        voters (B, M): the slots whose reader annotated the nodule (consensus_voters="readers")."""
+        voters (B, M): the slots whose reader annotated the nodule (consensus_voters or set_voters "readers")."""
         config, image_hw = self.model.config, images.shape[-2:]
         if embeddings is None:
             embeddings = self.model.encode(images)
@@ -158,6 +158,7 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
                       free_bits=cfg.free_bits, set_weight=cfg.set_weight, set_samples=cfg.set_samples,
                       set_kind=cfg.set_kind, consensus_weight=cfg.consensus_weight,
                       consensus_margin=cfg.consensus_margin, consensus_voters=cfg.consensus_voters,
+                      set_voters=cfg.set_voters,
                       empty_weight=cfg.empty_weight, empty_margin=cfg.empty_margin,
                       resolution=cfg.loss_resolution)
 
