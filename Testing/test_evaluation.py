@@ -405,8 +405,9 @@ def test_phantom_ceiling_scores_the_ideal_predictors_against_the_slot_majority(t
     """Training/phantom_ceiling.py: on a nodule only one of four radiologists annotated, the nodule's own
     readers' majority is the disc (Dice 0 against the empty slot majority) and the calibrated mean is
     empty (Dice 1); where 2 of 4 drew, the calibrated mean ("> 0.5") misses the disc the majority holds;
-    the threshold finds the bright disc. A missing data set is one clear error line, exit 2."""
-    from Training.phantom_ceiling import slice_scores
+    the threshold finds the bright disc; through the decoder grid the disc loses its edge. A missing data set
+    is one clear error line, exit 2."""
+    from Training.phantom_ceiling import slice_scores, through_decoder_grid
 
     yy, xx = np.mgrid[:32, :32]
     disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 36
@@ -414,9 +415,18 @@ def test_phantom_ceiling_scores_the_ideal_predictors_against_the_slot_majority(t
     box = np.array([8.0, 8.0, 24.0, 24.0])
     empty = np.zeros_like(disc)
     one_reader = slice_scores(image, np.stack([disc, empty, empty, empty]), np.array([1, 0, 0, 0], bool), box, -400.0)
-    assert one_reader == {"threshold": 0.0, "readers' majority": 0.0, "calibrated mean": 1.0}
+    assert one_reader == {"threshold": 0.0, "readers' majority": 0.0, "calibrated mean": 1.0,
+                          "majority via the grid": 0.0}
     two_of_four = slice_scores(image, np.stack([disc, disc, empty, empty]), np.ones(4, bool), box, -400.0)
-    assert two_of_four == {"threshold": 1.0, "readers' majority": 1.0, "calibrated mean": 0.0}
+    assert {k: two_of_four[k] for k in ("threshold", "readers' majority", "calibrated mean")} == {
+        "threshold": 1.0, "readers' majority": 1.0, "calibrated mean": 0.0}
+    # A 5-pixel-radius disc on a 32-pixel image: 4x up to the 128 model frame, so the 64 grid is finer than
+    # the image and keeps it; on a 128-pixel image (the grid at half resolution) a small disc loses pixels.
+    assert two_of_four["majority via the grid"] > 0.95
+    yy, xx = np.mgrid[:128, :128]
+    small = (yy - 64.3) ** 2 + (xx - 63.6) ** 2 < 20
+    round_trip = through_decoder_grid(small)
+    assert round_trip.shape == small.shape and 0 < round_trip.sum() < small.sum()
     done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "Training" / "phantom_ceiling.py"),
                            "--data", str(tmp_path / "none")], capture_output=True, text=True)
     assert done.returncode == 2 and "no meta.json" in done.stderr and "Traceback" not in done.stderr

@@ -9,7 +9,10 @@ slots, as evaluate.py), the Dice of
   phantom renders a nodule from exactly this agreement, so a perfect image reader could recover it; it
   cannot know how many of the four radiologists annotated the nodule;
 - "calibrated mean": the pixels more than half of the 4 slots drew, i.e. the mean prediction ("> 0.5") of
-  a perfectly calibrated sampler that also knew the reader count. It scores 0 where exactly 2 of 4 drew.
+  a perfectly calibrated sampler that also knew the reader count. It scores 0 where exactly 2 of 4 drew;
+- "majority via the grid": the readers' majority taken through the tiny model's decoder grid the way a
+  loss on that grid sees it (area-averaged to 64 x 64, upsampled bilinearly, > 0.5): the best a model
+  trained with loss_resolution "decoder" learns, even when it learns its targets exactly.
 with paired-bootstrap intervals over patients of each one's difference to the threshold. It tells which
 mean-prediction targets a model can meet on the data at all, and what to train towards.
 """
@@ -24,8 +27,11 @@ if __package__ in (None, ""):  # `python Training/phantom_ceiling.py` from the r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
+import torch
 
+from ProbSAMLib import preprocess
 from ProbSAMLib.boxes import union_boxes
+from ProbSAMLib.config import ProbSAMConfig
 from ProbSAMLib.metrics import mean_prediction_scores
 from ProbSAMLib.threshold import THRESHOLD_HU, threshold_component
 from Training import guards
@@ -33,7 +39,15 @@ from Training.baselines import hu_to_unit
 from Training.bootstrap import PatientBootstrap
 from Training.evaluation_report import reader_groups
 
-PREDICTORS = ("threshold", "readers' majority", "calibrated mean")
+PREDICTORS = ("threshold", "readers' majority", "calibrated mean", "majority via the grid")
+TINY = ProbSAMConfig.preset("tiny")
+
+
+def through_decoder_grid(mask: np.ndarray, img_size: int = TINY.img_size, grid: int = TINY.low_res_size) -> np.ndarray:
+    """(H, W) bool -> the mask a decoder-grid loss's target gives back at full resolution: the soft target of
+    preprocess.masks_to_low_res, upsampled like logits by preprocess.logits_to_image, > 0.5."""
+    soft = preprocess.masks_to_low_res(torch.from_numpy(mask[None]), mask.shape, img_size, grid)
+    return (preprocess.logits_to_image(soft, mask.shape, img_size)[0] > 0.5).numpy()
 
 
 def slice_scores(image: np.ndarray, masks: np.ndarray, present: np.ndarray, box: np.ndarray,
@@ -43,7 +57,8 @@ def slice_scores(image: np.ndarray, masks: np.ndarray, present: np.ndarray, box:
     own = masks[present].mean(0) >= 0.5 if present.any() else np.zeros(masks.shape[1:], bool)
     predictions = {"threshold": threshold_component(image, box, level)[None],
                    "readers' majority": own[None],
-                   "calibrated mean": masks}  # its mean over the 4 slots is the calibrated mean
+                   "calibrated mean": masks,  # its mean over the 4 slots is the calibrated mean
+                   "majority via the grid": through_decoder_grid(own)[None]}
     return {name: mean_prediction_scores(p.astype(np.float32), masks)["dice_majority"]
             for name, p in predictions.items()}
 
