@@ -74,8 +74,13 @@ MANIFEST: Dict[str, WeightsEntry] = {
     "demo_v3": WeightsEntry(
         "demo_v3", "probsam_tiny_demo_v3.safetensors", None,
         "dfb775f8bbcc0326a0c292c0ef398173c438d3a520da0c83f7230bae893d5f9e", 8_290_512, "Apache-2.0",
-        "DEMO model v3: demo_v2 fine-tuned on phantom v2 without free bits and with 8 prior samples in the set "
-        "term. Not for clinical use.", bundled=True),
+        "DEMO model v3 (superseded by demo_v4): demo_v2 fine-tuned on phantom v2 without free bits and with 8 "
+        "prior samples in the set term. Not for clinical use.", bundled=True),
+    "demo_v4": WeightsEntry(
+        "demo_v4", "probsam_tiny_demo_v4.safetensors", None,
+        "4b5e239237eccf2011ae013af1dda5f882477b2cdb9bfb8494dd9d8b7761103b", 8_290_744, "Apache-2.0",
+        "DEMO model v4: demo_v3 trained 200 steps on with the readers'-majority consensus term (its mean "
+        "prediction against the majority of the nodule's own readers). Not for clinical use.", bundled=True),
 }
 
 

@@ -31,6 +31,13 @@ is what the image can show: a nodule one radiologist marked looks like one all f
 majority (empty for it) asks for two different answers to the same picture, and the model learns to shrink
 every nodule; the readers' majority asks for what the readers of the picture agree on.
 
+Whose masks the set term scores (`set_voters`): "slots" (all M, an absent reader counting as an empty mask,
+as evaluation's GED does) or "readers" (only the slots whose reader annotated the nodule).
+
+Resolution (`resolution`): "decoder" scores the decoder-grid logits against area-averaged targets;
+"image" scores logits upsampled to the image against the full-resolution masks (the learner upsamples
+and passes `logits` and a `pixel_weight` that keeps the pixel-summed BCE on the decoder grid's scale).
+
 The empty-share term (off by default, `empty_weight`): of the same K prior samples, round(f K) should be
 drawn (some logit above 0) where a fraction f of the reader slots drew something, the rest empty. It acts
 on the samples' peak logits, not on probabilities: an empty sample's probabilities sit near 0, where the
