@@ -58,7 +58,8 @@ from torch.distributions import kl_divergence
 from .model import TrainingOutput
 
 
-CONSENSUS_VOTERS = ("slots", "readers")
+CONSENSUS_VOTERS = ("slots", "readers", "multi")
+SET_VOTERS = ("slots", "readers")
 LOSS_RESOLUTIONS = ("decoder", "image")
 
 
@@ -73,7 +74,8 @@ class LossConfig:
     set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport, IoU cost)
     consensus_weight: float = 0.0  # weight of the consensus term on the same K prior samples (0 = off)
     consensus_margin: float = 0.1  # the mean probability must clear 0.5 by this much to cost nothing
-    consensus_voters: str = "slots"  # whose majority: "slots" (all M, absent = empty) or "readers" (the nodule's)
+    consensus_voters: str = "slots"  # whose majority: "slots" (all M, absent = empty), "readers" (the nodule's) or
+    # "multi" (all M, scored only on nodules at least two readers annotated)
     set_voters: str = "slots"  # whose masks the set term scores: "slots" (all M) or "readers" (the nodule's)
     empty_weight: float = 0.0  # weight of the empty-share term on the same K prior samples (0 = off)
     empty_margin: float = 1.0  # logits: a drawn sample's peak must exceed +margin, an empty one's stay below -margin
@@ -92,9 +94,9 @@ class LossConfig:
         if self.consensus_weight < 0 or not 0 <= self.consensus_margin < 0.5:
             raise ValueError(f"consensus_weight must be >= 0 and consensus_margin in [0, 0.5), got "
                              f"{self.consensus_weight}, {self.consensus_margin}")
-        for name in ("consensus_voters", "set_voters"):
-            if getattr(self, name) not in CONSENSUS_VOTERS:
-                raise ValueError(f"{name} must be one of {CONSENSUS_VOTERS}, got {getattr(self, name)!r}")
+        for name, allowed in (("consensus_voters", CONSENSUS_VOTERS), ("set_voters", SET_VOTERS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.resolution not in LOSS_RESOLUTIONS:
             raise ValueError(f"resolution must be one of {LOSS_RESOLUTIONS}, got {self.resolution!r}")
         if self.empty_weight < 0 or self.empty_margin < 0:
@@ -279,10 +281,10 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
     if cfg.needs_prior_samples and (prior_logits is None or readers is None or present is None):
         raise ValueError("set_weight, consensus_weight or empty_weight > 0 needs prior_logits, readers and "
                          "present (all readers' masks)")
-    if (cfg.consensus_weight > 0 and cfg.consensus_voters == "readers") or (
+    if (cfg.consensus_weight > 0 and cfg.consensus_voters in ("readers", "multi")) or (
             cfg.set_weight > 0 and cfg.set_voters == "readers"):
         if voters is None:
-            raise ValueError("consensus_voters or set_voters 'readers' needs voters (which slots annotated the "
+            raise ValueError("consensus_voters 'readers' or 'multi', or set_voters 'readers', needs voters (which slots annotated the "
                              "nodule)")
     if cfg.set_weight > 0:
         scored = voters.bool() if cfg.set_voters == "readers" else present
@@ -291,7 +293,10 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
         parts["set"] = term.detach()
     if cfg.consensus_weight > 0:
         electorate = voters.bool() if cfg.consensus_voters == "readers" else present
-        term = consensus_loss(prior_logits, readers, electorate, cfg.consensus_margin).mean()
+        per_slice = consensus_loss(prior_logits, readers, electorate, cfg.consensus_margin)
+        if cfg.consensus_voters == "multi":  # one-reader nodules: no majority vote the picture can show
+            per_slice = per_slice * (voters.sum(1) >= 2).to(per_slice.dtype)
+        term = per_slice.mean()
         loss = loss + cfg.consensus_weight * term
         parts["consensus"] = term.detach()
     if cfg.empty_weight > 0:

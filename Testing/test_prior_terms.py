@@ -120,6 +120,44 @@ def test_the_readers_majority_of_a_one_reader_nodule_is_its_reader():
         probsam_loss(_training_output(), DISC[None], 0, cfg, drawn, readers, ALL)
 
 
+def test_multi_voters_score_the_slot_majority_on_shared_nodules_only():
+    # consensus_voters="multi": the slot majority, as evaluation counts it, but only on nodules at least two
+    # radiologists annotated. A two-reader nodule where both drew different discs: its slot majority is
+    # their overlap (2 of 4), its readers' majority their union; a one-reader nodule is not scored at all.
+    left, right = torch.roll(DISC, -3, 1), torch.roll(DISC, 3, 1)
+    overlap, union = left * right, torch.clamp(left + right, max=1)
+    two = _stack(left, right, EMPTY, EMPTY)
+    voters = torch.tensor([[True, True, False, False], [True, False, False, False]])
+    readers = torch.cat([two, _stack(DISC, EMPTY, EMPTY, EMPTY)])
+    present = torch.tensor([[True] * 4] * 2)
+
+    def consensus(samples, who):
+        cfg = LossConfig(consensus_weight=1.0, consensus_voters=who)
+        out = probsam_loss(_training_output(2), torch.stack([DISC, DISC]), 0, cfg, samples, readers, present,
+                           voters)
+        return float(out["consensus"])
+
+    def samples(first, second):
+        return torch.cat([_logits(_stack(*[first] * 8)), _logits(_stack(*[second] * 8))])
+
+    # The one-reader nodule (second slice) costs nothing under "multi" whether it is drawn or left empty.
+    assert consensus(samples(overlap, DISC), "multi") == pytest.approx(0.0, abs=1e-6)
+    assert consensus(samples(overlap, EMPTY), "multi") == pytest.approx(0.0, abs=1e-6)
+    # On the two-reader nodule "multi" asks for the overlap (as "slots"), "readers" for the union.
+    assert consensus(samples(union, EMPTY), "multi") > 0.1
+    assert consensus(samples(union, EMPTY), "readers") > consensus(samples(union, DISC), "readers")
+    per_slice = consensus_loss(_logits(_stack(*[union] * 8)), two, present[:1])
+    assert consensus(samples(union, EMPTY), "multi") == pytest.approx(float(per_slice[0]) / 2, rel=1e-6)
+    assert consensus(samples(overlap, EMPTY), "slots") == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="needs voters"):
+        probsam_loss(_training_output(2), torch.stack([DISC, DISC]), 0,
+                     LossConfig(consensus_weight=1.0, consensus_voters="multi"), samples(overlap, DISC), readers,
+                     present)
+    with pytest.raises(ValueError, match="set_voters"):
+        LossConfig(set_voters="multi")  # a set-term electorate has no "multi"
+    assert load_config(None, ["consensus_voters=multi"]).consensus_voters == "multi"
+
+
 def test_the_set_term_can_score_the_nodules_own_readers_only():
     # set_voters="readers": a nodule one radiologist annotated is scored against that reader alone, so a
     # set that always draws the disc costs nothing; over the four slots it must also be empty 3 times in 4.

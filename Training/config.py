@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ProbSAMLib.errors import SettingsError
-from ProbSAMLib.loss import CONSENSUS_VOTERS, LOSS_RESOLUTIONS
+from ProbSAMLib.loss import CONSENSUS_VOTERS, LOSS_RESOLUTIONS, SET_VOTERS
 
 
 @dataclass
@@ -48,7 +48,8 @@ class TrainConfig:
     set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport), d = 1 - soft IoU
     consensus_weight: float = 0.0  # the K samples' mean prediction vs the readers' majority (ProbSAM; 0 = off)
     consensus_margin: float = 0.1  # hinge margin around 0.5 of the consensus term
-    consensus_voters: str = "slots"  # majority of all 4 slots ("slots") or of the nodule's readers ("readers")
+    consensus_voters: str = "slots"  # majority of all 4 slots ("slots"), of the nodule's readers ("readers"), or of
+    # all 4 slots on nodules at least two readers annotated ("multi")
     set_voters: str = "slots"  # set term against all 4 slots ("slots") or the nodule's readers' masks ("readers")
     empty_weight: float = 0.0  # share of empty prior samples vs the readers' share (ProbSAM; 0 = off)
     empty_margin: float = 1.0  # hinge margin (logits) of the empty-share term
@@ -154,7 +155,7 @@ _RANGES = {
     "consensus_margin": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "empty_weight": _at_least(0),
     "empty_margin": _at_least(0),
     "consensus_voters": (lambda v: v in CONSENSUS_VOTERS, f"one of {', '.join(CONSENSUS_VOTERS)}"),
-    "set_voters": (lambda v: v in CONSENSUS_VOTERS, f"one of {', '.join(CONSENSUS_VOTERS)}"),
+    "set_voters": (lambda v: v in SET_VOTERS, f"one of {', '.join(SET_VOTERS)}"),
     "loss_resolution": (lambda v: v in LOSS_RESOLUTIONS, f"one of {', '.join(LOSS_RESOLUTIONS)}"),
     "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
     "preset": (lambda v: v in PRESETS, f"one of {', '.join(PRESETS)}"),
