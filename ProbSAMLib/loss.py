@@ -29,7 +29,11 @@ Whose majority (`consensus_voters`): "slots" votes over all M slots, an absent r
 mask, as evaluation does; "readers" votes over the readers who annotated the nodule (`voters`). The second
 is what the image can show: a nodule one radiologist marked looks like one all four marked, so the slot
 majority (empty for it) asks for two different answers to the same picture, and the model learns to shrink
-every nodule; the readers' majority asks for what the readers of the picture agree on.
+every nodule; the readers' majority asks for what the readers of the picture agree on. "multi" is the slot
+majority scored only on nodules at least two readers annotated (one-reader nodules left to the set term).
+"two" asks for the pixels at least two of the nodule's readers drew, and a one-reader nodule's reader: the
+slot majority wherever two or more radiologists annotated the nodule (for two readers their overlap, where
+"readers" asks for their union), the readers' majority where one did.
 
 Whose masks the set term scores (`set_voters`): "slots" (all M, an absent reader counting as an empty mask,
 as evaluation's GED does) or "readers" (only the slots whose reader annotated the nodule).
@@ -58,7 +62,7 @@ from torch.distributions import kl_divergence
 from .model import TrainingOutput
 
 
-CONSENSUS_VOTERS = ("slots", "readers", "multi")
+CONSENSUS_VOTERS = ("slots", "readers", "multi", "two")
 SET_VOTERS = ("slots", "readers")
 LOSS_RESOLUTIONS = ("decoder", "image")
 
@@ -75,7 +79,8 @@ class LossConfig:
     consensus_weight: float = 0.0  # weight of the consensus term on the same K prior samples (0 = off)
     consensus_margin: float = 0.1  # the mean probability must clear 0.5 by this much to cost nothing
     consensus_voters: str = "slots"  # whose majority: "slots" (all M, absent = empty), "readers" (the nodule's) or
-    # "multi" (all M, scored only on nodules at least two readers annotated)
+    # "multi" (all M, scored only on nodules at least two readers annotated) or "two" (pixels at least two of the
+    # nodule's readers drew; a one-reader nodule's reader)
     set_voters: str = "slots"  # whose masks the set term scores: "slots" (all M) or "readers" (the nodule's)
     empty_weight: float = 0.0  # weight of the empty-share term on the same K prior samples (0 = off)
     empty_margin: float = 1.0  # logits: a drawn sample's peak must exceed +margin, an empty one's stay below -margin
@@ -203,7 +208,8 @@ def consensus_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.T
       present: (B, M) bool, the reader slots that vote (absent ones are left out).
       margin: a pixel whose mean probability is on the right side of ``threshold`` by this much costs 0.
       threshold, vote_level: the mean prediction is ``mean > threshold`` and the majority
-        ``fraction of readers >= vote_level``, as in ProbSAMLib.metrics.mean_prediction_scores.
+        ``fraction of readers >= vote_level``, as in ProbSAMLib.metrics.mean_prediction_scores; vote_level
+        may be a (B,) tensor, one level per slice.
     Returns:
       (B,) the summed shortfall inside the majority and excess outside it, divided by the size of the
       majority plus the predicted region (+1 pixel): a fraction like 1 - Dice, 0 when the mean prediction
@@ -212,6 +218,8 @@ def consensus_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.T
     mean = torch.sigmoid(logits.float()).mean(1)  # (B, S, S)
     weights = present.float()
     votes = (readers.float() * weights[:, :, None, None]).sum(1) / weights.sum(1).clamp(min=1)[:, None, None]
+    if torch.is_tensor(vote_level):  # one level per slice (B,), a ratio of counts: compare with a rounding slack
+        vote_level = vote_level.to(votes)[:, None, None] - 1e-6
     majority = (votes >= vote_level).float()
     shortfall = torch.relu(threshold + margin - mean) * majority
     excess = torch.relu(mean - (threshold - margin)) * (1 - majority)
@@ -281,7 +289,7 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
     if cfg.needs_prior_samples and (prior_logits is None or readers is None or present is None):
         raise ValueError("set_weight, consensus_weight or empty_weight > 0 needs prior_logits, readers and "
                          "present (all readers' masks)")
-    if (cfg.consensus_weight > 0 and cfg.consensus_voters in ("readers", "multi")) or (
+    if (cfg.consensus_weight > 0 and cfg.consensus_voters in ("readers", "multi", "two")) or (
             cfg.set_weight > 0 and cfg.set_voters == "readers"):
         if voters is None:
             raise ValueError("consensus_voters 'readers' or 'multi', or set_voters 'readers', needs voters (which slots annotated the "
@@ -292,8 +300,12 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
         loss = loss + cfg.set_weight * term
         parts["set"] = term.detach()
     if cfg.consensus_weight > 0:
-        electorate = voters.bool() if cfg.consensus_voters == "readers" else present
-        per_slice = consensus_loss(prior_logits, readers, electorate, cfg.consensus_margin)
+        electorate = voters.bool() if cfg.consensus_voters in ("readers", "two") else present
+        level = 0.5
+        if cfg.consensus_voters == "two":  # at least two readers' votes (the one vote of a one-reader nodule)
+            n_readers = electorate.sum(1).clamp(min=1).float()
+            level = torch.minimum(n_readers, torch.full_like(n_readers, 2.0)) / n_readers
+        per_slice = consensus_loss(prior_logits, readers, electorate, cfg.consensus_margin, vote_level=level)
         if cfg.consensus_voters == "multi":  # one-reader nodules: no majority vote the picture can show
             per_slice = per_slice * (voters.sum(1) >= 2).to(per_slice.dtype)
         term = per_slice.mean()

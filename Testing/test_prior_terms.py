@@ -158,6 +158,37 @@ def test_multi_voters_score_the_slot_majority_on_shared_nodules_only():
     assert load_config(None, ["consensus_voters=multi"]).consensus_voters == "multi"
 
 
+def test_two_voters_ask_for_what_at_least_two_readers_drew_or_a_sole_readers_mask():
+    # consensus_voters="two": the pixels at least two of the nodule's readers drew -- the slot majority of a
+    # nodule two, three or four radiologists annotated -- and, for a one-reader nodule, its reader's mask.
+    left, right = torch.roll(DISC, -3, 1), torch.roll(DISC, 3, 1)
+    overlap, union = left * right, torch.clamp(left + right, max=1)
+    readers = torch.cat([_stack(left, right, EMPTY, EMPTY), _stack(DISC, EMPTY, EMPTY, EMPTY),
+                         _stack(left, right, EMPTY, EMPTY)])
+    voters = torch.tensor([[True, True, False, False], [True, False, False, False], [True, True, True, False]])
+    present = torch.tensor([[True] * 4] * 3)
+
+    def per_slice(first, second, third, who="two"):
+        samples = torch.cat([_logits(_stack(*[m] * 8)) for m in (first, second, third)])
+        cfg = LossConfig(consensus_weight=1.0, consensus_voters=who)
+        out = probsam_loss(_training_output(3), torch.stack([DISC] * 3), 0, cfg, samples, readers, present, voters)
+        return float(out["consensus"]) * 3
+
+    # Two readers: the overlap (as the slot majority), not the union (the readers' majority).
+    assert per_slice(overlap, DISC, overlap) == pytest.approx(0.0, abs=1e-6)
+    assert per_slice(union, DISC, overlap) > 0.1
+    assert per_slice(union, DISC, overlap, "readers") < per_slice(overlap, DISC, overlap, "readers")
+    # One reader: its mask (as the readers' majority), so leaving it empty costs.
+    assert per_slice(overlap, EMPTY, overlap) > 0.5
+    # Three readers, two of whom drew: 2 of 3 is the majority under every rule.
+    assert per_slice(overlap, DISC, union) > 0.1
+    level = torch.tensor([1.0, 1.0, 2 / 3])
+    expected = consensus_loss(_logits(torch.stack([_stack(*[m] * 8)[0] for m in (union, DISC, overlap)])),
+                              readers, voters, vote_level=level).sum()
+    assert per_slice(union, DISC, overlap) == pytest.approx(float(expected), rel=1e-5)
+    assert load_config(None, ["consensus_voters=two"]).consensus_voters == "two"
+
+
 def test_the_set_term_can_score_the_nodules_own_readers_only():
     # set_voters="readers": a nodule one radiologist annotated is scored against that reader alone, so a
     # set that always draws the disc costs nothing; over the four slots it must also be empty 3 times in 4.
