@@ -78,7 +78,7 @@ class LossConfig:
     set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport, IoU cost)
     consensus_weight: float = 0.0  # weight of the consensus term on the same K prior samples (0 = off)
     consensus_margin: float = 0.1  # the mean probability must clear 0.5 by this much to cost nothing
-    consensus_voters: str = "slots"  # whose majority: "slots" (all M, absent = empty), "readers" (the nodule's) or
+    consensus_voters: str = "slots"  # whose majority: "slots" (all M, absent = empty), "readers" (the nodule's),
     # "multi" (all M, scored only on nodules at least two readers annotated) or "two" (pixels at least two of the
     # nodule's readers drew; a one-reader nodule's reader)
     set_voters: str = "slots"  # whose masks the set term scores: "slots" (all M) or "readers" (the nodule's)
@@ -272,8 +272,8 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
         (cfg.needs_prior_samples): (B, K, S, S) logits decoded from K prior samples, (B, M, S, S) all
         readers' targets, (B, M) bool; on the image grid (H, W) like ``logits`` when that is given.
       voters: (B, M) bool, the slots whose reader annotated the nodule: the consensus term's electorate
-        when cfg.consensus_voters == "readers", and the set term's readers when cfg.set_voters == "readers"
-        (``present`` otherwise).
+        when cfg.consensus_voters is "readers" or "two" (and which nodules "multi" scores), and the set
+        term's readers when cfg.set_voters == "readers" (``present`` otherwise).
     """
     logits = out.logits if logits is None else logits
     target = target.unsqueeze(1).expand_as(logits).to(logits.dtype)
@@ -289,11 +289,11 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
     if cfg.needs_prior_samples and (prior_logits is None or readers is None or present is None):
         raise ValueError("set_weight, consensus_weight or empty_weight > 0 needs prior_logits, readers and "
                          "present (all readers' masks)")
-    if (cfg.consensus_weight > 0 and cfg.consensus_voters in ("readers", "multi", "two")) or (
+    if (cfg.consensus_weight > 0 and cfg.consensus_voters != "slots") or (
             cfg.set_weight > 0 and cfg.set_voters == "readers"):
         if voters is None:
-            raise ValueError("consensus_voters 'readers' or 'multi', or set_voters 'readers', needs voters (which slots annotated the "
-                             "nodule)")
+            raise ValueError(f"consensus_voters {cfg.consensus_voters!r} or set_voters 'readers' needs voters (which "
+                             "slots annotated the nodule)")
     if cfg.set_weight > 0:
         scored = voters.bool() if cfg.set_voters == "readers" else present
         term = set_loss(prior_logits, readers, scored, cfg.set_kind).mean()
