@@ -304,7 +304,7 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
         level = 0.5
         if cfg.consensus_voters == "two":  # at least two readers' votes (the one vote of a one-reader nodule)
             n_readers = electorate.sum(1).clamp(min=1).float()
-            level = torch.minimum(n_readers, torch.full_like(n_readers, 2.0)) / n_readers
+            level = n_readers.clamp(max=2.0) / n_readers
         per_slice = consensus_loss(prior_logits, readers, electorate, cfg.consensus_margin, vote_level=level)
         if cfg.consensus_voters == "multi":  # one-reader nodules: no majority vote the picture can show
             per_slice = per_slice * (voters.sum(1) >= 2).to(per_slice.dtype)

@@ -48,8 +48,8 @@ class TrainConfig:
     set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport), d = 1 - soft IoU
     consensus_weight: float = 0.0  # the K samples' mean prediction vs the readers' majority (ProbSAM; 0 = off)
     consensus_margin: float = 0.1  # hinge margin around 0.5 of the consensus term
-    consensus_voters: str = "slots"  # majority of all 4 slots ("slots"), of the nodule's readers ("readers"), or of
-    # all 4 slots on nodules at least two readers annotated ("multi")
+    consensus_voters: str = "slots"  # majority of all 4 slots ("slots"), of the nodule's readers ("readers"), of
+    # all 4 slots on nodules at least two readers annotated ("multi"), or what at least two readers drew ("two")
     set_voters: str = "slots"  # set term against all 4 slots ("slots") or the nodule's readers' masks ("readers")
     empty_weight: float = 0.0  # share of empty prior samples vs the readers' share (ProbSAM; 0 = off)
     empty_margin: float = 1.0  # hinge margin (logits) of the empty-share term
