@@ -42,6 +42,8 @@ class ProbSAMConfig:
       context_size: side in pixels of the image crops the model was trained on (written by train.py); the
         volume sampler never shows it a smaller window, so a nodule appears at the scale it was trained
         at. None = unknown (the sampler falls back to img_size).
+      refine_channels: > 0 adds a mask refiner (refine.py) of this width: the decoder's logits, upsampled
+        to img_size, corrected by convolutions that also read the image. 0 = SAM's masks as decoded.
     """
 
     encoder: str = "vit_b"
@@ -56,6 +58,7 @@ class ProbSAMConfig:
     window: Tuple[float, float] | None = LUNG_WINDOW
     freeze_encoder: bool = True
     context_size: Optional[int] = None
+    refine_channels: int = 0
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,6 +78,9 @@ class ProbSAMConfig:
             if int(self.context_size) < 1:
                 raise ValueError(f"context_size must be a positive number of pixels, got {self.context_size}")
             self.context_size = int(self.context_size)
+        if int(self.refine_channels) < 0:
+            raise ValueError(f"refine_channels must be >= 0 (0 = no refiner), got {self.refine_channels}")
+        self.refine_channels = int(self.refine_channels)
 
     @property
     def embedding_size(self) -> int:
@@ -85,6 +91,11 @@ class ProbSAMConfig:
     def low_res_size(self) -> int:
         """Side of the mask decoder's logits (4x the embedding grid)."""
         return 4 * self.embedding_size
+
+    @property
+    def mask_size(self) -> int:
+        """Side of the logits ProbSAM.decode returns: img_size with a refiner, else the decoder grid."""
+        return self.img_size if self.refine_channels else self.low_res_size
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)

@@ -3,6 +3,7 @@
     image -> encoder -> embedding ─┬─> prior net P(z|x,box) ───────────┐ (inference)
                                    ├─> posterior net Q(z|x,box,y) ─────┤ (training)
     box -> prompt encoder -> box tokens + proj(z) ──> mask decoder <───┘ -> one mask per z
+                                                          └─> [refiner + image] (config.refine_channels)
 
 `encode` runs the encoder once; `decode` turns N latents per image into N masks in one decoder pass.
 """
@@ -21,11 +22,12 @@ from . import preprocess
 from .config import ProbSAMConfig
 from .decoding import decode_masks
 from .latent import GaussianLatentNet, LatentProjection, box_coverage, fold_mask
+from .refine import MaskRefiner
 
 
 @dataclass
 class TrainingOutput:
-    """logits (B, N, S, S) on the decoder grid, and the two distributions over z (batch shape B)."""
+    """logits (B, N, S, S) (S = config.mask_size), and the two distributions over z (batch shape B)."""
 
     logits: torch.Tensor
     prior: Independent
@@ -42,8 +44,16 @@ class ProbSAM(nn.Module):
         self.prior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim)
         self.posterior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim, mask_channels)
         self.latent_projection = LatentProjection(config.latent_dim, dim, config.latent_to_dense)
+        self.refiner = MaskRefiner(config.refine_channels) if config.refine_channels else None
         if config.freeze_encoder:
             self.sam.image_encoder.requires_grad_(False)
+
+    def attach_refiner(self, channels: int) -> None:
+        """Give a model without one a fresh refiner (a zero residual: the masks do not change until trained)."""
+        if self.refiner is not None:
+            raise ValueError(f"this model already has a refiner ({self.config.refine_channels} channels)")
+        self.refiner = MaskRefiner(channels).to(self.device)
+        self.config.refine_channels = int(channels)
 
     @property
     def device(self) -> torch.device:
@@ -84,13 +94,15 @@ class ProbSAM(nn.Module):
         folded = fold_mask(masks_low_res, self.config.embedding_size)
         return self.posterior(embeddings, coverage, folded)
 
-    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, z: torch.Tensor,
+               images01: Optional[torch.Tensor] = None) -> torch.Tensor:
         """N masks per image in one decoder pass.
 
         Arguments:
           embeddings: (B, C, h, w); boxes: (B, 4) in the model frame; z: (B, N, L).
+          images01: (B, H, W) the encoded images in [0, 1]; needed only by a model with a refiner.
         Returns:
-          (B, N, S, S) logits on the decoder grid (S = 4h).
+          (B, N, S, S) logits on the padded square, S = config.mask_size (4h, or img_size with a refiner).
         """
         sparse, dense = self._box_tokens(boxes)
         token_shift, dense_shift = self.latent_projection(z.to(sparse.dtype))
@@ -99,16 +111,25 @@ class ProbSAM(nn.Module):
         if dense_shift is not None:
             dense = dense + dense_shift
         image_pe = self.sam.prompt_encoder.get_dense_pe()
-        return decode_masks(self.sam.mask_decoder, embeddings, image_pe, sparse, dense)
+        logits = decode_masks(self.sam.mask_decoder, embeddings, image_pe, sparse, dense)
+        if self.refiner is None:
+            return logits
+        if images01 is None:
+            raise ValueError("this model refines its masks with the image (config.refine_channels > 0): "
+                             "pass the encoded images to decode(..., images01=)")
+        frame = preprocess.images_to_model_frame(images01.to(logits.device), self.config.img_size)
+        return self.refiner(logits, frame)
 
     def forward(
-        self, embeddings: torch.Tensor, boxes: torch.Tensor, masks_low_res: torch.Tensor, n_samples: int = 1
+        self, embeddings: torch.Tensor, boxes: torch.Tensor, masks_low_res: torch.Tensor, n_samples: int = 1,
+        images01: Optional[torch.Tensor] = None,
     ) -> TrainingOutput:
-        """Training pass: z from the posterior (reparameterised), decoded; both distributions returned."""
+        """Training pass: z from the posterior (reparameterised), decoded; both distributions returned.
+        images01 (B, H, W): the encoded images, for a model with a refiner."""
         prior = self.prior_distribution(embeddings, boxes)
         posterior = self.posterior_distribution(embeddings, boxes, masks_low_res)
         z = posterior.rsample((n_samples,)).transpose(0, 1)  # (B, N, L)
-        return TrainingOutput(self.decode(embeddings, boxes, z), prior, posterior)
+        return TrainingOutput(self.decode(embeddings, boxes, z, images01), prior, posterior)
 
     def latents(
         self,

@@ -29,6 +29,21 @@ def resized_shape(height: int, width: int, target: int) -> Tuple[int, int]:
     return int(round(height * scale)), int(round(width * scale))
 
 
+def _resized_to_longest_side(images01: torch.Tensor, img_size: int) -> torch.Tensor:
+    """(B, H, W) -> (B, 1, h, w) with max(h, w) = img_size (antialiased bilinear; unchanged if already so)."""
+    if images01.ndim != 3:
+        raise ValueError(f"expected images shaped (B, H, W), got {tuple(images01.shape)}")
+    new_hw = resized_shape(images01.shape[-2], images01.shape[-1], img_size)
+    x = images01.unsqueeze(1).float()
+    if new_hw != tuple(images01.shape[-2:]):
+        x = F.interpolate(x, new_hw, mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def _pad_to_square(x: torch.Tensor, img_size: int) -> torch.Tensor:
+    return F.pad(x, (0, img_size - x.shape[-1], 0, img_size - x.shape[-2]))
+
+
 def images_to_model_input(
     images01: torch.Tensor, img_size: int, pixel_mean: torch.Tensor, pixel_std: torch.Tensor
 ) -> torch.Tensor:
@@ -39,18 +54,17 @@ def images_to_model_input(
       pixel_mean, pixel_std: SAM's (3, 1, 1) buffers in 0..255 units.
 
     Returns:
-      (B, 3, img_size, img_size) float tensor.
+      (B, 3, img_size, img_size) float tensor (padding after normalisation, as Sam.preprocess).
     """
-    if images01.ndim != 3:
-        raise ValueError(f"expected images shaped (B, H, W), got {tuple(images01.shape)}")
-    h, w = images01.shape[-2:]
-    new_h, new_w = resized_shape(h, w, img_size)
-    x = images01.unsqueeze(1).float() * 255.0
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, (new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    x = x.expand(-1, 3, -1, -1)
-    x = (x - pixel_mean) / pixel_std
-    return F.pad(x, (0, img_size - new_w, 0, img_size - new_h))
+    x = _resized_to_longest_side(images01.float() * 255.0, img_size)
+    x = (x.expand(-1, 3, -1, -1) - pixel_mean) / pixel_std
+    return _pad_to_square(x, img_size)
+
+
+def images_to_model_frame(images01: torch.Tensor, img_size: int) -> torch.Tensor:
+    """(B, H, W) grey images in [0, 1] -> (B, 1, img_size, img_size) in [0, 1], resized and padded with 0
+    as the encoder's input is: the image the mask refiner (refine.py) reads beside the logits."""
+    return _pad_to_square(_resized_to_longest_side(images01, img_size), img_size)
 
 
 def boxes_to_model_frame(boxes: torch.Tensor, image_hw: Sequence[int], img_size: int) -> torch.Tensor:

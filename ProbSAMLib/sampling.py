@@ -72,17 +72,19 @@ def sample_from_embeddings(
     generator: Optional[torch.Generator] = None,
     mode: str = "sample",
     z: Optional[torch.Tensor] = None,
+    images01: Optional[torch.Tensor] = None,
 ):
     """Probabilities (B, N, H, W) on the image for boxes (B, 4) in image pixels; also the z used.
 
     Pass `z` (B, N, L) to reuse latents (e.g. one z per sample across the slices of a volume).
+    images01 (B, H, W): the images the embeddings came from, in [0, 1]; a model with a refiner needs them.
     """
     boxes_model = preprocess.boxes_to_model_frame(boxes.to(embeddings.device, torch.float32), image_hw,
                                                   model.config.img_size)
     if z is None:
         z = model.latents(embeddings, boxes_model, n_samples, generator, mode)
     with autocast(embeddings.device):
-        logits = model.decode(embeddings, boxes_model, z.to(embeddings.device))
+        logits = model.decode(embeddings, boxes_model, z.to(embeddings.device), images01)
     probs = torch.sigmoid(preprocess.logits_to_image(logits.float(), image_hw, model.config.img_size))
     return probs, z
 
@@ -116,6 +118,7 @@ def sample_masks(
         generator = make_generator(seed)
     with autocast(model.device):
         embeddings = model.encode(images01.to(model.device))
-    probs, z = sample_from_embeddings(model, embeddings.float(), box_tensor, image_hw, n_samples, generator, mode)
+    probs, z = sample_from_embeddings(model, embeddings.float(), box_tensor, image_hw, n_samples, generator, mode,
+                                      images01=images01)
     probs = probs.cpu().numpy().astype(np.float32)
     return SampleResult(probs, probs > threshold, z.cpu().numpy())

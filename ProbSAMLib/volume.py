@@ -252,7 +252,7 @@ def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: to
     prior = model.prior_distribution(embeddings, boxes_to_model_frame(boxes, image_hw, model.config.img_size))
     mu, sigma = prior.base_dist.loc, prior.base_dist.scale  # (B, L)
     z = mu.unsqueeze(1) + sigma.unsqueeze(1) * eps.to(device, mu.dtype)
-    probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], z=z)
+    probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], z=z, images01=images01)
     _sync(device)
     timings["decode_s"] += time.perf_counter() - start
     return probs, z

@@ -37,6 +37,8 @@ class TrainConfig:
     cache: bool = True  # frozen-encoder embedding cache (fp16 memmap); --no-cache / cache=false
     latent_dim: int = 6
     latent_to_dense: bool = False
+    refine_channels: int = 0  # ProbSAM: a mask refiner this wide at the input resolution (0 = none; with
+    # init=, a model without one gets a fresh refiner that starts as a no-op)
     unet_channels: List[int] = field(default_factory=lambda: [32, 64, 128, 192])  # Prob U-Net only
     # --- loss
     beta: float = 1.0
@@ -150,7 +152,7 @@ _RANGES = {
     "min_lr": _at_least(0), "warmup_steps": _at_least(0), "weight_decay": _at_least(0),
     "grad_clip": _at_least(0), "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
     "eval_interval": _at_least(1), "eval_slices": _at_least(1), "eval_samples": _at_least(1),
-    "log_interval": _at_least(1), "num_threads": _at_least(0),
+    "log_interval": _at_least(1), "num_threads": _at_least(0), "refine_channels": _at_least(0),
     "set_weight": _at_least(0), "set_samples": _at_least(1), "consensus_weight": _at_least(0),
     "consensus_margin": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "empty_weight": _at_least(0),
     "empty_margin": _at_least(0),

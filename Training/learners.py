@@ -21,6 +21,7 @@ from ProbSAMLib.build import build_probsam, load_probsam
 from ProbSAMLib.checkpoints import FORMAT as PROBSAM_FORMAT
 from ProbSAMLib.checkpoints import save_probsam
 from ProbSAMLib.config import ProbSAMConfig
+from ProbSAMLib.errors import SettingsError
 from ProbSAMLib.loss import LossConfig, probsam_loss
 from ProbSAMLib.sampling import sample_from_embeddings
 from Training.config import TrainConfig
@@ -55,10 +56,11 @@ class ProbSAMLearner(nn.Module):
             embeddings = self.model.encode(images)
         boxes_model = preprocess.boxes_to_model_frame(boxes, image_hw, config.img_size)
         target = preprocess.masks_to_low_res(targets.float(), image_hw, config.img_size, config.low_res_size)
-        out = self.model(embeddings, boxes_model, target)  # the posterior always reads the decoder-grid target
+        # the posterior always reads the decoder-grid target
+        out = self.model(embeddings, boxes_model, target, images01=images)
         scored = self._scored(image_hw)
         logits = scored["logits"](out.logits)
-        loss_target = targets.float() if scored["on_image"] else target
+        loss_target = targets.float() if scored["on_image"] else self._on_mask_grid(targets, image_hw)
         if not self.loss_config.needs_prior_samples:
             return probsam_loss(out, loss_target, step, self.loss_config, logits=logits,
                                 pixel_weight=scored["pixel_weight"])
@@ -68,12 +70,16 @@ class ProbSAMLearner(nn.Module):
         # K samples from the PRIOR, decoded from the same embeddings (reparameterised: the set, consensus
         # and empty-share terms' gradients reach the prior net).
         z = out.prior.rsample((self.loss_config.set_samples,)).transpose(0, 1)  # (B, K, L)
-        prior_logits = scored["logits"](self.model.decode(embeddings, boxes_model, z))
-        reader_targets = readers.float() if scored["on_image"] else preprocess.masks_to_low_res(
-            readers.float(), image_hw, config.img_size, config.low_res_size)
+        prior_logits = scored["logits"](self.model.decode(embeddings, boxes_model, z, images))
+        reader_targets = readers.float() if scored["on_image"] else self._on_mask_grid(readers, image_hw)
         return probsam_loss(out, loss_target, step, self.loss_config, prior_logits, reader_targets, present.bool(),
                             None if voters is None else voters.to(present.device).bool(), logits=logits,
                             pixel_weight=scored["pixel_weight"])
+
+    def _on_mask_grid(self, masks: torch.Tensor, image_hw) -> torch.Tensor:
+        """(..., H, W) masks area-averaged onto the square the model's logits come on (config.mask_size)."""
+        config = self.model.config
+        return preprocess.masks_to_low_res(masks.float(), image_hw, config.img_size, config.mask_size)
 
     def _scored(self, image_hw) -> dict:
         """How the loss sees the logits: on the decoder grid as decoded, or (resolution "image") upsampled to
@@ -103,7 +109,7 @@ class ProbSAMLearner(nn.Module):
             prior = self.model.prior_distribution(embeddings, boxes_model)
             z = latents_from_noise(prior.base_dist.loc, prior.base_dist.scale, n_samples, noise, mode)
         probs, _ = sample_from_embeddings(self.model, embeddings, boxes, images.shape[-2:], n_samples, generator,
-                                          z=z)
+                                          z=z, images01=images)
         return probs
 
     def save(self, path: Path, extra: Optional[dict] = None) -> None:
@@ -177,10 +183,12 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         model = load_probsam(Path(cfg.init), sam_checkpoint=cfg.sam_checkpoint)
         model.config.freeze_encoder = cfg.freeze_encoder
         model.sam.image_encoder.requires_grad_(not cfg.freeze_encoder)
+        _match_refiner(model, cfg.refine_channels, cfg.init)
     else:
         window = None if intensity == "unit" else ProbSAMConfig().window
         config = ProbSAMConfig.preset(cfg.preset, latent_dim=cfg.latent_dim, latent_to_dense=cfg.latent_to_dense,
-                                      freeze_encoder=cfg.freeze_encoder, window=window)
+                                      freeze_encoder=cfg.freeze_encoder, window=window,
+                                      refine_channels=cfg.refine_channels)
         model = build_probsam(config, sam_checkpoint=cfg.sam_checkpoint, seed=cfg.seed)
     if context_size is not None:
         model.config.context_size = int(context_size)
@@ -188,6 +196,17 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         model.sam.requires_grad_(False)
         model.latent_projection.requires_grad_(False)
     return ProbSAMLearner(model, loss_config(cfg))
+
+
+def _match_refiner(model, channels: int, init: str) -> None:
+    """refine_channels with init=: attach a fresh (no-op) refiner, or check the one the weights have.
+    refine_channels=0 keeps whatever init has: a refiner is part of the model it was trained into."""
+    have = model.config.refine_channels
+    if channels and not have:
+        model.attach_refiner(channels)
+    elif channels and have != channels:
+        raise SettingsError(f"setting refine_channels={channels}, but {init} already has a {have}-channel "
+                            f"refiner; leave refine_channels at 0 to keep it")
 
 
 def weights_format(path) -> Optional[str]:
