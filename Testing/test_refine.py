@@ -174,3 +174,20 @@ def test_the_training_loss_reaches_the_refiner_at_both_resolutions():
         parts = learner(images, boxes, readers[:, 0], 0, readers=readers, present=torch.ones(2, 4, dtype=torch.bool))
         parts["loss"].backward()
         assert float(learner.model.refiner.net[-1].weight.grad.abs().sum()) > 0.0, resolution
+
+
+def test_a_fresh_refiner_learns_at_its_own_rate_and_plain_models_keep_two_groups(tmp_path):
+    from Training.learners import parameter_groups
+
+    plain = build_learner(TrainConfig(preset="tiny", freeze_encoder=True), intensity="unit")
+    groups = parameter_groups(plain, TrainConfig(refine_lr_scale=10.0))
+    assert [g["lr_scale"] for g in groups] == [1.0, 1.0]  # the two groups of every earlier checkpoint
+    cfg = TrainConfig(preset="tiny", freeze_encoder=True, refine_channels=4, refine_lr_scale=10.0)
+    learner = build_learner(cfg, intensity="unit")
+    groups = parameter_groups(learner, cfg)
+    refiner_ids = {id(p) for p in learner.model.refiner.parameters()}
+    fast = [p for g in groups if g["lr_scale"] == 10.0 for p in g["params"]]
+    assert {id(p) for p in fast} == refiner_ids
+    assert sum(len(g["params"]) for g in groups) == sum(1 for p in learner.parameters() if p.requires_grad)
+    with pytest.raises(SettingsError, match="refine_lr_scale"):
+        load_config(None, ["refine_lr_scale=0"])

@@ -39,6 +39,7 @@ class TrainConfig:
     latent_to_dense: bool = False
     refine_channels: int = 0  # ProbSAM: a mask refiner this wide at the input resolution (0 = none; with
     # init=, a model without one gets a fresh refiner that starts as a no-op)
+    refine_lr_scale: float = 1.0  # the refiner's learning rate as a multiple of lr (a fresh one beside trained weights)
     unet_channels: List[int] = field(default_factory=lambda: [32, 64, 128, 192])  # Prob U-Net only
     # --- loss
     beta: float = 1.0
@@ -153,6 +154,7 @@ _RANGES = {
     "grad_clip": _at_least(0), "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
     "eval_interval": _at_least(1), "eval_slices": _at_least(1), "eval_samples": _at_least(1),
     "log_interval": _at_least(1), "num_threads": _at_least(0), "refine_channels": _at_least(0),
+    "refine_lr_scale": _positive(),
     "set_weight": _at_least(0), "set_samples": _at_least(1), "consensus_weight": _at_least(0),
     "consensus_margin": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "empty_weight": _at_least(0),
     "empty_margin": _at_least(0),

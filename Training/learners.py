@@ -198,6 +198,22 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
     return ProbSAMLearner(model, loss_config(cfg))
 
 
+def parameter_groups(learner: nn.Module, cfg: TrainConfig) -> list:
+    """AdamW groups: weight decay on matrices and kernels only; a ProbSAM mask refiner learns at
+    cfg.refine_lr_scale x the schedule's rate (it starts from zero beside pretrained weights). Empty groups
+    are left out, so a model without a refiner has the two groups every earlier checkpoint has."""
+    refiner = getattr(getattr(learner, "model", None), "refiner", None)
+    fresh = {id(p) for p in refiner.parameters()} if refiner is not None else set()
+    groups = []
+    for scale, chosen in ((1.0, lambda p: id(p) not in fresh), (cfg.refine_lr_scale, lambda p: id(p) in fresh)):
+        params = [p for p in learner.parameters() if p.requires_grad and chosen(p)]
+        for decay, keep in ((cfg.weight_decay, lambda p: p.dim() >= 2), (0.0, lambda p: p.dim() < 2)):
+            members = [p for p in params if keep(p)]
+            if members:
+                groups.append({"params": members, "weight_decay": decay, "lr_scale": scale})
+    return groups
+
+
 def _match_refiner(model, channels: int, init: str) -> None:
     """refine_channels with init=: attach a fresh (no-op) refiner, or check the one the weights have.
     refine_channels=0 keeps whatever init has: a refiner is part of the model it was trained into."""

@@ -45,7 +45,7 @@ from Training.batches import SliceBatches, batch_positions, choose_readers, step
 from Training import guards
 from Training.config import load_config
 from Training.evaluate import evaluate_slices, summarise
-from Training.learners import build_learner
+from Training.learners import build_learner, parameter_groups
 
 # ---- settings -------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Train ProbSAM or the Prob U-Net baseline.")
@@ -129,10 +129,7 @@ if use_cache:  # rank 0 encodes every slice once; the others wait, then everyone
     barrier()
     train_cache, val_cache = (embedding_cache.open_cache(paths[s]) for s in ("train", "val"))
 
-decay = [p for p in learner.parameters() if p.requires_grad and p.dim() >= 2]
-no_decay = [p for p in learner.parameters() if p.requires_grad and p.dim() < 2]
-optimiser = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+optimiser = torch.optim.AdamW(parameter_groups(learner, cfg), lr=cfg.lr)
 step, best_ged, evals_since_best, train_seconds = 0, math.inf, 0, 0.0
 if resume_state is not None:
     optimiser.load_state_dict(resume_state["optimiser"])
@@ -199,7 +196,7 @@ while step < cfg.max_steps and not stopped_early:
     step_started = time.perf_counter()
     lr = learning_rate(step)
     for group in optimiser.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before refine_lr_scale lack it
     # Everything random in a step derives from (seed, step, rank): a resumed run repeats it exactly.
     positions = batch_positions(len(train_data), cfg.batch_size, step, cfg.seed, rank, world_size)
     rng = step_rng(cfg.seed, step, rank)
