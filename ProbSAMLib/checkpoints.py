@@ -79,8 +79,13 @@ MANIFEST: Dict[str, WeightsEntry] = {
     "demo_v4": WeightsEntry(
         "demo_v4", "probsam_tiny_demo_v4.safetensors", None,
         "4b5e239237eccf2011ae013af1dda5f882477b2cdb9bfb8494dd9d8b7761103b", 8_290_744, "Apache-2.0",
-        "DEMO model v4: demo_v3 trained 200 steps on with the readers'-majority consensus term (its mean "
+        "DEMO model v4 (superseded by demo_v5): demo_v3 trained 200 steps on with the readers'-majority consensus term (its mean "
         "prediction against the majority of the nodule's own readers). Not for clinical use.", bundled=True),
+    "demo_v5": WeightsEntry(
+        "demo_v5", "probsam_tiny_demo_v5.safetensors", None,
+        "b4e56bacec3cb1f75a1e31d84d1a782b0c82bd6d71f7bfe3dd0e35631fc3acee", 8_297_052, "Apache-2.0",
+        "DEMO model v5: demo_v4 with an 8-channel mask refiner (ProbSAMLib/refine.py) that reads the image at "
+        "full resolution, trained 400 steps on phantom v2. Not for clinical use.", bundled=True),
 }
 
 
