@@ -143,7 +143,9 @@ def _bytes_per_slice(model: ProbSAM, n_samples: int, half: bool) -> int:
     activations = 16 * tokens * variant["embed_dim"] * element
     # Decoder: N logit maps upsampled to img_size², in float32, plus the resized copies.
     decoder = 3 * n_samples * config.img_size ** 2 * 4
-    return attention + activations + decoder
+    # Mask refiner: its input (2 channels) and two hidden maps alive at once, every sample at img_size².
+    refiner = n_samples * config.img_size ** 2 * (2 + 2 * config.refine_channels) * 4 if config.refine_channels else 0
+    return attention + activations + decoder + refiner
 
 
 def _available_bytes(device: torch.device) -> int:
