@@ -131,6 +131,19 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     assert (tmp_path / "straight" / "tensorboard").is_dir()
 
 
+def test_resume_takes_the_refiners_learning_rate_from_the_settings_not_the_checkpoint(data_dir, tmp_path):
+    """`--resume refine_lr_scale=X` changes the refiner's rate from there on: the saved optimiser groups carry
+    the old scale, the configuration decides."""
+    common = [f"data={data_dir}", *TINY_RUN, "refine_channels=4", "lr_decay_steps=4", "eval_interval=2"]
+    for name in ("same", "faster"):
+        train(*common, f"out={tmp_path / name}", "max_steps=2")
+    train(f"out={tmp_path / 'same'}", "max_steps=4", resume=True)
+    train(f"out={tmp_path / 'faster'}", "max_steps=4", "refine_lr_scale=50", resume=True)
+    same, faster = (weights(tmp_path / name / "last.safetensors") for name in ("same", "faster"))
+    refiner = [key for key in same if key.startswith("refiner.")]
+    assert refiner and any(not torch.equal(same[k], faster[k]) for k in refiner)
+
+
 def test_refuses_to_overwrite_a_run(data_dir, tmp_path):
     train(f"data={data_dir}", *TINY_RUN, f"out={tmp_path / 'run'}", "max_steps=1", "eval_interval=1")
     again = subprocess.run([sys.executable, str(ROOT / "Training" / "train.py"), f"data={data_dir}",

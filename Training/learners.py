@@ -204,11 +204,12 @@ def parameter_groups(learner: nn.Module, cfg: TrainConfig) -> list:
     are left out, so a model without a refiner has the two groups every earlier checkpoint has."""
     refiner = getattr(getattr(learner, "model", None), "refiner", None)
     fresh = {id(p) for p in refiner.parameters()} if refiner is not None else set()
+    trainable = [p for p in learner.parameters() if p.requires_grad]
     groups = []
-    for scale, chosen in ((1.0, lambda p: id(p) not in fresh), (cfg.refine_lr_scale, lambda p: id(p) in fresh)):
-        params = [p for p in learner.parameters() if p.requires_grad and chosen(p)]
-        for decay, keep in ((cfg.weight_decay, lambda p: p.dim() >= 2), (0.0, lambda p: p.dim() < 2)):
-            members = [p for p in params if keep(p)]
+    for scale, params in ((1.0, [p for p in trainable if id(p) not in fresh]),
+                          (cfg.refine_lr_scale, [p for p in trainable if id(p) in fresh])):
+        for decay, members in ((cfg.weight_decay, [p for p in params if p.dim() >= 2]),
+                               (0.0, [p for p in params if p.dim() < 2])):
             if members:
                 groups.append({"params": members, "weight_decay": decay, "lr_scale": scale})
     return groups

@@ -129,10 +129,12 @@ if use_cache:  # rank 0 encodes every slice once; the others wait, then everyone
     barrier()
     train_cache, val_cache = (embedding_cache.open_cache(paths[s]) for s in ("train", "val"))
 
-optimiser = torch.optim.AdamW(parameter_groups(learner, cfg), lr=cfg.lr)
+groups = parameter_groups(learner, cfg)
+lr_scales = [group["lr_scale"] for group in groups]  # the configuration's, also on --resume
+optimiser = torch.optim.AdamW(groups, lr=cfg.lr)
 step, best_ged, evals_since_best, train_seconds = 0, math.inf, 0, 0.0
 if resume_state is not None:
-    optimiser.load_state_dict(resume_state["optimiser"])
+    optimiser.load_state_dict(resume_state["optimiser"])  # brings the saved groups' settings back
     step, best_ged = resume_state["step"], resume_state["best_ged"]
     evals_since_best = resume_state.get("evals_since_best", 0)
     train_seconds = resume_state.get("train_seconds", 0.0)
@@ -195,8 +197,8 @@ stopped_early = evals_since_best >= cfg.early_stop_patience > 0
 while step < cfg.max_steps and not stopped_early:
     step_started = time.perf_counter()
     lr = learning_rate(step)
-    for group in optimiser.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)  # checkpoints before refine_lr_scale lack it
+    for group, scale in zip(optimiser.param_groups, lr_scales):
+        group["lr"] = lr * scale
     # Everything random in a step derives from (seed, step, rank): a resumed run repeats it exactly.
     positions = batch_positions(len(train_data), cfg.batch_size, step, cfg.seed, rank, world_size)
     rng = step_rng(cfg.seed, step, rank)
