@@ -37,6 +37,11 @@ slot majority wherever two or more radiologists annotated the nodule (for two re
 
 Whose masks the set term scores (`set_voters`): "slots" (all M, an absent reader counting as an empty mask,
 as evaluation's GED does) or "readers" (only the slots whose reader annotated the nodule).
+What it scores of each sample (`set_above_half`): its probabilities p (default), or relu(2p - 1), what the
+sample shows once cut at 0.5 as GED cuts it. The consensus term averages probabilities, not cut samples, so
+with the cut a sample that GED sees as empty may still hold probability below 0.5 where the image shows a
+nodule: the mean prediction can clear 0.5 on a core that half the slots left empty (a two-reader nodule)
+without the set term pushing those samples' probability to 0.
 
 Resolution (`resolution`): "decoder" scores the decoder-grid logits against area-averaged targets;
 "image" scores logits upsampled to the image against the full-resolution masks (the learner upsamples
@@ -82,6 +87,7 @@ class LossConfig:
     # "multi" (all M, scored only on nodules at least two readers annotated) or "two" (pixels at least two of the
     # nodule's readers drew; a one-reader nodule's reader)
     set_voters: str = "slots"  # whose masks the set term scores: "slots" (all M) or "readers" (the nodule's)
+    set_above_half: bool = False  # the set term scores what a sample shows at 0.5 (relu(2p - 1)), not p itself
     empty_weight: float = 0.0  # weight of the empty-share term on the same K prior samples (0 = off)
     empty_margin: float = 1.0  # logits: a drawn sample's peak must exceed +margin, an empty one's stay below -margin
     resolution: str = "decoder"  # score logits on the decoder grid ("decoder") or upsampled to the image ("image")
@@ -178,7 +184,7 @@ def _transport_cost(d_sy, weights):
 
 
 def set_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.Tensor, kind: str = "energy",
-             eps: float = 1.0) -> torch.Tensor:
+             eps: float = 1.0, above_half: bool = False) -> torch.Tensor:
     """The set term per slice, (B,): K samples against the slice's M reader masks.
 
     Arguments:
@@ -186,10 +192,15 @@ def set_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.Tensor,
       readers: (B, M, S, S) the readers' targets on the decoder grid, empty masks included.
       present: (B, M) bool, the reader slots to use (absent readers are left out, as in evaluation).
       kind: "energy" (energy distance, 0 when the samples are the readers' set) or "ot".
+      above_half: score relu(2p - 1) instead of p: a pixel counts only where the sample shows it once cut at
+        0.5 (as GED sees the sample), so probability below 0.5 costs the set term nothing and gets no gradient
+        from it.
     """
     if kind not in ("energy", "ot"):
         raise ValueError(f"set_kind must be 'energy' or 'ot', got {kind!r}")
     probs = torch.sigmoid(logits.float())
+    if above_half:
+        probs = torch.relu(2.0 * probs - 1.0)
     readers, weights = readers.float(), present.float()
     d_sy = soft_iou_distance(probs, readers, eps)
     if kind == "ot":
@@ -296,7 +307,7 @@ def probsam_loss(out: TrainingOutput, target: torch.Tensor, step: int, cfg: Loss
                              "slots annotated the nodule)")
     if cfg.set_weight > 0:
         scored = voters.bool() if cfg.set_voters == "readers" else present
-        term = set_loss(prior_logits, readers, scored, cfg.set_kind).mean()
+        term = set_loss(prior_logits, readers, scored, cfg.set_kind, above_half=cfg.set_above_half).mean()
         loss = loss + cfg.set_weight * term
         parts["set"] = term.detach()
     if cfg.consensus_weight > 0:

@@ -335,3 +335,51 @@ def test_train_latent_only_keeps_the_decoder_and_trains_the_prior(tmp_path):
     optimiser.step()
     changed = {name.split(".")[0] for name, p in learner.model.named_parameters() if not torch.equal(p, before[name])}
     assert changed == {"prior", "posterior"}
+
+
+def test_train_refiner_only_changes_the_refiner_and_nothing_else():
+    """From demo_v5 (which has a refiner): one AdamW step moves the refiner's weights only; settings that
+    cannot work are refused (no init; with train_latent_only; weights without a refiner)."""
+    from ProbSAMLib import checkpoints
+
+    init = str(checkpoints.entry_path(checkpoints.MANIFEST["demo_v5"]))
+    with pytest.raises(SettingsError, match="train_refiner_only"):
+        load_config(None, ["train_refiner_only=true"])
+    with pytest.raises(SettingsError, match="train_refiner_only"):
+        load_config(None, ["train_refiner_only=true", f"init={init}", "train_latent_only=true"])
+    plain = str(checkpoints.entry_path(checkpoints.MANIFEST["demo_v4"]))
+    with pytest.raises(SettingsError, match="no mask refiner"):
+        build_learner(load_config(None, ["train_refiner_only=true", f"init={plain}"]), context_size=64)
+    cfg = load_config(None, ["train_refiner_only=true", f"init={init}", "beta=1.0", "anneal_steps=0",
+                             "set_weight=10", "consensus_weight=10", "set_samples=4"])
+    learner = build_learner(cfg, intensity="hu", context_size=64)
+    before = {name: p.detach().clone() for name, p in learner.model.named_parameters()}
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(trainable, lr=1e-3)
+    images = torch.rand(2, 64, 64) * 1000 - 800
+    readers = torch.zeros(2, 4, 64, 64, dtype=torch.bool)
+    readers[:, :3, 24:40, 24:40] = True
+    torch.manual_seed(0)
+    parts = learner(images, torch.tensor([[20.0, 20.0, 44.0, 44.0]] * 2), readers[:, 0], 0, readers=readers,
+                    present=torch.ones(2, 4, dtype=torch.bool))
+    parts["loss"].backward()
+    optimiser.step()
+    changed = {name.split(".")[0] for name, p in learner.model.named_parameters() if not torch.equal(p, before[name])}
+    assert changed == {"refiner"}
+
+
+def test_set_term_above_half_ignores_probability_below_the_cut_and_scores_what_is_shown():
+    """set_above_half: samples at 0.45 everywhere against empty readers cost nothing and get no gradient (cut at
+    0.5 they are empty, as GED sees them); the soft set term charges them. Above 0.5 a pixel still counts."""
+    from ProbSAMLib.loss import set_loss
+
+    readers = torch.zeros(1, 4, 16, 16)
+    present = torch.ones(1, 4, dtype=torch.bool)
+    faint = torch.full((1, 4, 16, 16), float(torch.logit(torch.tensor(0.45))), requires_grad=True)
+    assert float(set_loss(faint, readers, present)) > 0.5
+    cost = set_loss(faint, readers, present, above_half=True)
+    cost.backward()
+    assert float(cost) == pytest.approx(0.0, abs=1e-6) and float(faint.grad.abs().sum()) == 0.0
+    shown = torch.full((1, 4, 16, 16), -8.0)
+    shown[:, :, 4:12, 4:12] = 3.0  # p = 0.95 in a square no reader drew
+    assert float(set_loss(shown, readers, present, above_half=True)) > 0.5

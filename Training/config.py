@@ -34,6 +34,7 @@ class TrainConfig:
     init: Optional[str] = None  # start from these ProbSAM weights (safetensors)
     freeze_encoder: bool = True
     train_latent_only: bool = False  # train only the prior and posterior nets (needs init, freeze_encoder)
+    train_refiner_only: bool = False  # train only the mask refiner (needs init; everything it refines stays fixed)
     cache: bool = True  # frozen-encoder embedding cache (fp16 memmap); --no-cache / cache=false
     latent_dim: int = 6
     latent_to_dense: bool = False
@@ -54,6 +55,8 @@ class TrainConfig:
     consensus_voters: str = "slots"  # majority of all 4 slots ("slots"), of the nodule's readers ("readers"), of
     # all 4 slots on nodules at least two readers annotated ("multi"), or what at least two readers drew ("two")
     set_voters: str = "slots"  # set term against all 4 slots ("slots") or the nodule's readers' masks ("readers")
+    set_above_half: bool = False  # set term on relu(2p - 1): what a sample shows at 0.5, as GED sees it; the
+    # probability below 0.5 is left to the consensus term (which averages probabilities, not cut samples)
     empty_weight: float = 0.0  # share of empty prior samples vs the readers' share (ProbSAM; 0 = off)
     empty_margin: float = 1.0  # hinge margin (logits) of the empty-share term
     loss_resolution: str = "decoder"  # ProbSAM: score logits on the decoder grid or upsampled to the "image"
@@ -201,6 +204,9 @@ def validate(config: TrainConfig) -> None:
     if config.train_latent_only and (config.model != "probsam" or not config.init or not config.freeze_encoder):
         raise SettingsError("setting train_latent_only needs model=probsam, init= (the weights whose decoder "
                             "stays fixed) and freeze_encoder=true")
+    if config.train_refiner_only and (config.model != "probsam" or not config.init or config.train_latent_only):
+        raise SettingsError("setting train_refiner_only needs model=probsam and init= (the weights whose samples the "
+                            "refiner corrects), and excludes train_latent_only")
     if config.min_lr > config.lr:
         raise SettingsError(f"setting min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
     if config.device.lower() not in ("auto", "cpu", "mps") and not config.device.lower().startswith("cuda"):

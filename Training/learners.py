@@ -164,7 +164,7 @@ def loss_config(cfg: TrainConfig) -> LossConfig:
                       free_bits=cfg.free_bits, set_weight=cfg.set_weight, set_samples=cfg.set_samples,
                       set_kind=cfg.set_kind, consensus_weight=cfg.consensus_weight,
                       consensus_margin=cfg.consensus_margin, consensus_voters=cfg.consensus_voters,
-                      set_voters=cfg.set_voters,
+                      set_voters=cfg.set_voters, set_above_half=cfg.set_above_half,
                       empty_weight=cfg.empty_weight, empty_margin=cfg.empty_margin,
                       resolution=cfg.loss_resolution)
 
@@ -195,6 +195,12 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
     if cfg.train_latent_only:  # the masks z can decode to stay as `init` left them; only the nets over z learn
         model.sam.requires_grad_(False)
         model.latent_projection.requires_grad_(False)
+    if cfg.train_refiner_only:  # the samples stay as `init` draws them; only their correction learns
+        if model.refiner is None:
+            raise SettingsError(f"setting train_refiner_only: {cfg.init} has no mask refiner; set refine_channels "
+                                f"to attach one")
+        model.requires_grad_(False)
+        model.refiner.requires_grad_(True)
     return ProbSAMLearner(model, loss_config(cfg))
 
 
