@@ -44,6 +44,10 @@ class ProbSAMConfig:
         at. None = unknown (the sampler falls back to img_size).
       refine_channels: > 0 adds a mask refiner (refine.py) of this width: the decoder's logits, upsampled
         to img_size, corrected by convolutions that also read the image. 0 = SAM's masks as decoded.
+      neighbour_slices: the encoder's three input channels are the slices below, at and above the one
+        segmented (k - 1, k, k + 1), as a radiologist scrolls to tell a nodule's fading edge or a vessel
+        running through from the nodule itself; False = SAM's way, the slice copied to all three. A model
+        that reads neighbours and is given one slice alone sees it copied, as at the ends of a scan.
     """
 
     encoder: str = "vit_b"
@@ -59,6 +63,7 @@ class ProbSAMConfig:
     freeze_encoder: bool = True
     context_size: Optional[int] = None
     refine_channels: int = 0
+    neighbour_slices: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -81,6 +86,9 @@ class ProbSAMConfig:
         if int(self.refine_channels) < 0:
             raise ValueError(f"refine_channels must be >= 0 (0 = no refiner), got {self.refine_channels}")
         self.refine_channels = int(self.refine_channels)
+        if self.neighbour_slices not in (True, False):
+            raise ValueError(f"neighbour_slices must be true or false, got {self.neighbour_slices!r}")
+        self.neighbour_slices = bool(self.neighbour_slices)
 
     @property
     def embedding_size(self) -> int:

@@ -376,3 +376,11 @@ def slice_boxes_2d(voxel_box: VoxelBox) -> list:
     """
     (i0, j0, k0), (i1, j1, k1) = voxel_box.lo, voxel_box.hi
     return [(k, (i0, j0, i1, j1)) for k in range(k0, k1)]
+
+
+def slices_with_neighbours(volume: np.ndarray, ks) -> np.ndarray:
+    """(K, H, W) volume, (n,) slice indices -> (n, 3, H, W): slices k - 1, k, k + 1 of each, the slice itself
+    where the volume ends (what a model reading neighbouring slices is shown at the edge of a scan)."""
+    ks = np.asarray(ks, dtype=np.int64)
+    below, above = np.clip(ks - 1, 0, len(volume) - 1), np.clip(ks + 1, 0, len(volume) - 1)
+    return np.stack([volume[below], volume[ks], volume[above]], axis=1)

@@ -59,15 +59,40 @@ class ProbSAM(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @torch.no_grad()
+    def read_neighbour_slices(self) -> None:
+        """Let the encoder read the slices below and above (config.neighbour_slices) without changing what
+        it computes: the patch embedding's weights for the three copies of the slice move onto the middle
+        channel (rescaled for SAM's per-channel normalisation, the bias absorbing the mean), and the weights
+        of the neighbours start at zero, to be learnt. Exact wherever the input is not padding."""
+        if self.config.neighbour_slices:
+            return
+        conv = self.sam.image_encoder.patch_embed.proj
+        mean, std = self.sam.pixel_mean.view(3).float(), self.sam.pixel_std.view(3).float()
+        weight = conv.weight.float()  # (D, 3, p, p), read on (x - mean_c) / std_c
+        centre = (weight / std.view(1, 3, 1, 1)).sum(1) * std[1]  # (D, p, p), read on (x - mean_1) / std_1
+        shift = (mean[1] / std[1]) * centre.sum((1, 2)) - (weight.sum((2, 3)) * (mean / std)).sum(1)
+        conv.weight.zero_()
+        conv.weight[:, 1] = centre.to(conv.weight.dtype)
+        conv.bias += shift.to(conv.bias.dtype)
+        self.config.neighbour_slices = True
+
     # ---- image side -------------------------------------------------------------------------------
     def model_input(self, images01: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) grey images in [0, 1] -> (B, 3, S, S) normalised, padded encoder input."""
+        """(B, H, W) grey slices or (B, 3, H, W) slices k - 1, k, k + 1 in [0, 1] -> (B, 3, S, S) normalised,
+        padded encoder input: the three slices as channels when the model reads neighbours
+        (config.neighbour_slices), else slice k in all three (a lone slice is copied either way)."""
+        if images01.ndim == 4 and not self.config.neighbour_slices:
+            images01 = preprocess.centre_slice(images01)
+        elif images01.ndim == 4 and images01.shape[1] != 3:
+            raise ValueError(f"expected the slices below, at and above: (B, 3, H, W), got {tuple(images01.shape)}")
         return preprocess.images_to_model_input(
             images01, self.config.img_size, self.sam.pixel_mean, self.sam.pixel_std
         )
 
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) grey images in [0, 1] -> (B, C, h, w) image embeddings (runs the ViT once)."""
+        """(B, H, W) grey slices, or (B, 3, H, W) with the slices below and above, in [0, 1] ->
+        (B, C, h, w) image embeddings (runs the ViT once)."""
         pixels = self.model_input(images01.to(self.device))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
             return self.sam.image_encoder(pixels)
@@ -100,7 +125,8 @@ class ProbSAM(nn.Module):
 
         Arguments:
           embeddings: (B, C, h, w); boxes: (B, 4) in the model frame; z: (B, N, L).
-          images01: (B, H, W) the encoded images in [0, 1]; needed only by a model with a refiner.
+          images01: (B, H, W) or (B, 3, H, W) the encoded images in [0, 1]; needed only by a model with a
+            refiner, which reads the segmented slice itself.
         Returns:
           (B, N, S, S) logits on the padded square, S = config.mask_size (4h, or img_size with a refiner).
         """
@@ -117,7 +143,8 @@ class ProbSAM(nn.Module):
         if images01 is None:
             raise ValueError("this model refines its masks with the image (config.refine_channels > 0): "
                              "pass the encoded images to decode(..., images01=)")
-        frame = preprocess.images_to_model_frame(images01.to(logits.device), self.config.img_size)
+        frame = preprocess.images_to_model_frame(preprocess.centre_slice(images01).to(logits.device),
+                                                 self.config.img_size)
         return self.refiner(logits, frame)
 
     def forward(

@@ -29,12 +29,24 @@ def resized_shape(height: int, width: int, target: int) -> Tuple[int, int]:
     return int(round(height * scale)), int(round(width * scale))
 
 
-def _resized_to_longest_side(images01: torch.Tensor, img_size: int) -> torch.Tensor:
-    """(B, H, W) -> (B, 1, h, w) with max(h, w) = img_size (antialiased bilinear; unchanged if already so)."""
+def centre_slice(images01: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) slices, or (B, 3, H, W) slices k - 1, k, k + 1 (see ProbSAMConfig.neighbour_slices) ->
+    (B, H, W) the slices k themselves."""
+    if images01.ndim == 4 and images01.shape[1] == 3:
+        return images01[:, 1]
     if images01.ndim != 3:
-        raise ValueError(f"expected images shaped (B, H, W), got {tuple(images01.shape)}")
+        raise ValueError(f"expected images shaped (B, H, W), or (B, 3, H, W) with the slices below and above, "
+                         f"got {tuple(images01.shape)}")
+    return images01
+
+
+def _resized_to_longest_side(images01: torch.Tensor, img_size: int) -> torch.Tensor:
+    """(B, H, W) -> (B, 1, h, w), or (B, C, H, W) -> (B, C, h, w), with max(h, w) = img_size (antialiased
+    bilinear; unchanged if already so)."""
+    if images01.ndim not in (3, 4):
+        raise ValueError(f"expected images shaped (B, H, W) or (B, C, H, W), got {tuple(images01.shape)}")
     new_hw = resized_shape(images01.shape[-2], images01.shape[-1], img_size)
-    x = images01.unsqueeze(1).float()
+    x = (images01.unsqueeze(1) if images01.ndim == 3 else images01).float()
     if new_hw != tuple(images01.shape[-2:]):
         x = F.interpolate(x, new_hw, mode="bilinear", align_corners=False, antialias=True)
     return x
@@ -50,7 +62,8 @@ def images_to_model_input(
     """Grey images in [0, 1] -> SAM's normalised, padded encoder input.
 
     Arguments:
-      images01: (B, H, W) float in [0, 1].
+      images01: (B, H, W) float in [0, 1], each grey slice copied to SAM's three colour channels, or
+        (B, 3, H, W) three slices (k - 1, k, k + 1) as the three channels.
       pixel_mean, pixel_std: SAM's (3, 1, 1) buffers in 0..255 units.
 
     Returns:

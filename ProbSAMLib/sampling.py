@@ -37,12 +37,14 @@ def make_generator(seed: Optional[int]) -> torch.Generator:
 
 
 def images_to_unit(model: ProbSAM, images) -> torch.Tensor:
-    """(B, H, W) or (H, W) images in HU (or [0, 1] when the model has no window) -> (B, H, W) in [0, 1]."""
+    """(B, H, W) or (H, W) images in HU (or [0, 1] when the model has no window) -> (B, H, W) in [0, 1];
+    (B, 3, H, W), each slice with the slices below and above it, -> (B, 3, H, W) in [0, 1]."""
     x = torch.as_tensor(np.asarray(images, dtype=np.float32) if not torch.is_tensor(images) else images).float()
     if x.ndim == 2:
         x = x[None]
-    if x.ndim != 3:
-        raise ValueError(f"expected an image (H, W) or a batch (B, H, W), got shape {tuple(x.shape)}")
+    if x.ndim != 3 and not (x.ndim == 4 and x.shape[1] == 3):
+        raise ValueError(f"expected an image (H, W), a batch (B, H, W) or slices with their neighbours "
+                         f"(B, 3, H, W), got shape {tuple(x.shape)}")
     if not torch.isfinite(x).all():
         raise ValueError("the image contains NaN or infinite values")
     return preprocess.window_ct(x, model.config.window)
@@ -103,7 +105,9 @@ def sample_masks(
     """N plausible masks for each (image, box).
 
     Arguments:
-      images: (H, W) or (B, H, W) CT in HU (or [0, 1] if the model's config.window is None).
+      images: (H, W) or (B, H, W) CT in HU (or [0, 1] if the model's config.window is None); or
+        (B, 3, H, W), each slice with the one below and above, for a model that reads neighbouring slices
+        (config.neighbour_slices; given one slice alone, such a model sees it copied).
       boxes: (4,) or (B, 4) boxes (x1, y1, x2, y2) in image pixels, continuous edges.
       n_samples: N. seed / generator: make the draw reproducible. mode: "sample" or "mean" (prior mean,
         deterministic: the model's single best guess).

@@ -1,7 +1,8 @@
 """Sampling a CT volume: one 3D box -> N coherent 3D segmentations and their uncertainty volumes.
 
 The model is 2D: it works on axial slices ``volume[k]`` ((J, I) = rows y, columns x) with the box's
-per-slice 2D box (``geometry.slice_boxes_2d``). For every slice of the voxel box:
+per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring slices
+(``config.neighbour_slices``) also sees ``volume[k - 1]`` and ``volume[k + 1]``. For every slice of the voxel box:
 
 1. Context window. The model sees a square window centred on the box, of side
    ``max(min_context, longest box side + 2 * CONTEXT_MARGIN_PX)`` pixels, shifted to stay inside the
@@ -44,7 +45,7 @@ from . import report
 from .config import ENCODER_VARIANTS
 from .device import autocast
 from .errors import SettingsError
-from .geometry import VolumeGeometry, VoxelBox, slice_boxes_2d
+from .geometry import VolumeGeometry, VoxelBox, slice_boxes_2d, slices_with_neighbours
 from .model import ProbSAM
 from .preprocess import boxes_to_model_frame
 from .sampling import images_to_unit, make_generator, sample_from_embeddings
@@ -123,12 +124,26 @@ def context_window(box2d, image_hw, min_side: int, margin: int = CONTEXT_MARGIN_
 def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple:
     """(k0, k1, r0, r1, c0, c1), ends exclusive: the only voxels ``sample_volume`` reads for this box.
 
-    The box's slices times the context window. A caller that holds the volume elsewhere (the Slicer
-    module's worker process) sends just this block; the rest of the volume can be anything.
+    The box's slices (and the one below and above, inside the volume, for a model that reads neighbouring
+    slices) times the context window. A caller that holds the volume elsewhere (the Slicer module's worker
+    process) sends just this block; the rest of the volume can be anything.
     """
     x1, y1, x2, y2 = slice_boxes_2d(voxel_box)[0][1]
     r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
-    return voxel_box.lo[2], voxel_box.hi[2], r0, r1, c0, c1
+    reach = 1 if model.config.neighbour_slices else 0
+    k0, k1 = max(voxel_box.lo[2] - reach, 0), min(voxel_box.hi[2] + reach, int(shape_kji[0]))
+    return k0, k1, r0, r1, c0, c1
+
+
+def model_slices(region: np.ndarray, first: int, n_slices: int, neighbour_slices: bool) -> np.ndarray:
+    """What the model reads for the box's slices: (Kb, h, w), or (Kb, 3, h, w) slices k - 1, k, k + 1 for
+    a model that reads neighbours (the slice itself where the volume ends).
+
+    region: (Kr, h, w) the input region's slices (``input_region``); first: the box's first slice in it.
+    """
+    if not neighbour_slices:
+        return region[first:first + n_slices]
+    return slices_with_neighbours(region, np.arange(first, first + n_slices))
 
 
 # --- chunk size -----------------------------------------------------------------------------------------
@@ -222,7 +237,8 @@ def _draw_noise(generator: torch.Generator, n_slices: int, n_samples: int, laten
 
 def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict,
                   cancel: Optional[CancelFn] = None):
-    """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU.
+    """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU
+    (or (B, 3, h, w) with the slices below and above, ``model_slices``).
 
     Every slice goes through the model on its own: batched matrix products round differently for different
     batch sizes (last-bit differences), so grouping slices would make the files depend on the slice
@@ -239,7 +255,8 @@ def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: tor
 
 @torch.no_grad()
 def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict):
-    """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU."""
+    """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU
+    (or (B, 3, h, w) with the slices below and above)."""
     device = model.device
     start = time.perf_counter()
     images01 = images_to_unit(model, np.array(images_hu, dtype=np.float32))  # a writable copy for torch
@@ -352,14 +369,15 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
 
     slices = slice_boxes_2d(voxel_box)
     x1, y1, x2, y2 = slices[0][1]
-    _, _, r0, r1, c0, c1 = input_region(model, voxel_box, volume.shape)
-    region = volume[voxel_box.lo[2]:voxel_box.hi[2], r0:r1, c0:c1]
+    k0, k1, r0, r1, c0, c1 = input_region(model, voxel_box, volume.shape)
+    region = volume[k0:k1, r0:r1, c0:c1]
     if not np.isfinite(region).all():
         raise ValueError(f"the volume holds {int(region.size - np.isfinite(region).sum())} NaN or infinite "
                          f"values around the box; fix or mask them before segmenting")
     box_in_window = (x1 - c0, y1 - r0, x2 - c0, y2 - r0)
 
     n_slices = len(slices)
+    region = model_slices(region, voxel_box.lo[2] - k0, n_slices, model.config.neighbour_slices)
     eps = _draw_noise(make_generator(seed), n_slices, n_samples, model.config.latent_dim, z_mode)
     batch = int(slice_batch) if slice_batch else choose_slice_batch(model, n_samples, n_slices)
     if batch < 1:

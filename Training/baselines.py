@@ -57,6 +57,7 @@ class PriorMeanBaseline(torch.nn.Module):
         super().__init__()
         self.learner = learner
         self.latent_dim = learner.latent_dim
+        self.reads_neighbours = getattr(learner, "reads_neighbours", False)
 
     @torch.no_grad()
     def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,

@@ -23,7 +23,8 @@ from Training.dataset_format import SliceDataset
 class Batch:
     """images (B, H, W) float32 in [0, 1]; masks (B, M, H, W) bool; present (B, M) bool;
     boxes (B, 4) prompt boxes in image pixels; positions (B,) rows of the split (for the cache);
-    flips (B,) int flip codes applied to image and masks (0 = none, see flip_images)."""
+    flips (B,) int flip codes applied to image and masks (0 = none, see flip_images);
+    neighbours (B, 2, H, W) like images: the slices below and above (None when the data set has none)."""
 
     images: torch.Tensor
     masks: torch.Tensor
@@ -31,6 +32,14 @@ class Batch:
     boxes: torch.Tensor
     positions: np.ndarray
     flips: Optional[np.ndarray] = None
+    neighbours: Optional[torch.Tensor] = None
+
+    def model_images(self, reads_neighbours: bool) -> torch.Tensor:
+        """What a model is shown: (B, 3, H, W) slices k - 1, k, k + 1 for one that reads neighbours
+        (config.neighbour_slices) when the data set has them, else the slices (B, H, W)."""
+        if not reads_neighbours or self.neighbours is None:
+            return self.images
+        return torch.stack([self.neighbours[:, 0], self.images, self.neighbours[:, 1]], dim=1)
 
 
 # A flip code's bit 0 flips left-right (columns), bit 1 up-down (rows): 0 none, 1 lr, 2 ud, 3 both.
@@ -96,25 +105,34 @@ class SliceBatches:
         images = window_ct(np.asarray(self.dataset.images[rows], dtype=np.float32), self.window)
         masks = np.asarray(self.dataset.masks[rows], dtype=bool)
         present = np.asarray(self.dataset.present[rows], dtype=bool)
+        neighbours = None
+        if self.dataset.neighbours is not None:
+            neighbours = window_ct(np.asarray(self.dataset.neighbours[rows], dtype=np.float32), self.window)
         flips = np.zeros(len(rows), dtype=np.int64)
         if flip and rng is not None:
-            images, masks, flips = _random_flips(images, masks, rng)
+            images, masks, neighbours, flips = _random_flips(images, masks, neighbours, rng)
         boxes = union_boxes(masks, present, self.box_margin)
         if jitter > 0 and rng is not None:
             boxes = jitter_boxes(boxes, self.image_hw, rng, jitter, jitter_max_px)
         return Batch(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)),
                      torch.from_numpy(np.ascontiguousarray(masks)), torch.from_numpy(present),
-                     torch.from_numpy(boxes), np.asarray(positions), flips)
+                     torch.from_numpy(boxes), np.asarray(positions), flips,
+                     None if neighbours is None else torch.from_numpy(np.ascontiguousarray(neighbours)))
 
 
-def _random_flips(images: np.ndarray, masks: np.ndarray, rng: np.random.Generator):
-    """Each slice flipped left-right and/or up-down with probability 1/2 each -> (images, masks, codes)."""
+def _random_flips(images: np.ndarray, masks: np.ndarray, neighbours: Optional[np.ndarray],
+                  rng: np.random.Generator):
+    """Each slice (with its neighbours) flipped left-right and/or up-down with probability 1/2 each
+    -> (images, masks, neighbours, codes)."""
     images, masks = images.copy(), masks.copy()
+    neighbours = None if neighbours is None else neighbours.copy()
     codes = np.zeros(len(images), dtype=np.int64)
     for i in range(len(images)):
         codes[i] = int(rng.random() < 0.5) | (int(rng.random() < 0.5) << 1)
         images[i], masks[i] = flip_images(images[i], codes[i]), flip_images(masks[i], codes[i])
-    return images, masks, codes
+        if neighbours is not None:
+            neighbours[i] = flip_images(neighbours[i], codes[i])
+    return images, masks, neighbours, codes
 
 
 def choose_readers(present: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:

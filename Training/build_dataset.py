@@ -28,12 +28,14 @@ class StoredChunk:
 
     path: Path
     n: int
+    has_neighbours: bool = False
 
     def load(self) -> Chunk:
         with np.load(ChunkStore._file(self.path, ".npz")) as data:
             images, masks, present = data["images"], data["masks"], data["present"]
+            neighbours = data["neighbours"] if "neighbours" in data.files else None
         rows = json.loads(ChunkStore._file(self.path, ".json").read_text(encoding="utf-8"))["rows"]
-        return Chunk(images, masks, present, rows)
+        return Chunk(images, masks, present, rows, neighbours)
 
 
 class ChunkStore:
@@ -63,7 +65,10 @@ class ChunkStore:
     def put(self, key: str, chunk: Chunk, info: dict) -> None:
         base = self._base(key)
         tmp = base.with_name(base.name + ".tmp.npz")
-        np.savez(tmp, images=chunk.images, masks=chunk.masks, present=chunk.present)
+        arrays = dict(images=chunk.images, masks=chunk.masks, present=chunk.present)
+        if chunk.neighbours is not None:
+            arrays["neighbours"] = chunk.neighbours
+        np.savez(tmp, **arrays)
         os.replace(tmp, self._file(base, ".npz"))
         marker = base.with_name(base.name + ".tmp.json")
         marker.write_text(json.dumps({"n": chunk.n, "info": info, "rows": chunk.rows}), encoding="utf-8")
@@ -71,7 +76,9 @@ class ChunkStore:
 
     def get(self, key: str) -> StoredChunk:
         record = json.loads(self._file(self._base(key), ".json").read_text(encoding="utf-8"))
-        return StoredChunk(self._base(key), int(record["n"]))
+        with np.load(self._file(self._base(key), ".npz")) as data:  # reads the archive's index only
+            has_neighbours = "neighbours" in data.files
+        return StoredChunk(self._base(key), int(record["n"]), has_neighbours)
 
     def info(self, key: str) -> dict:
         return json.loads(self._file(self._base(key), ".json").read_text(encoding="utf-8"))["info"]

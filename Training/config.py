@@ -40,6 +40,8 @@ class TrainConfig:
     latent_to_dense: bool = False
     refine_channels: int = 0  # ProbSAM: a mask refiner this wide at the input resolution (0 = none; with
     # init=, a model without one gets a fresh refiner that starts as a no-op)
+    neighbour_slices: bool = False  # ProbSAM: the encoder reads slices k - 1, k, k + 1 (the data set's neighbours.npy);
+    # with init=, a one-slice model is converted exactly (ProbSAM.read_neighbour_slices) and learns the neighbours
     refine_lr_scale: float = 1.0  # the refiner's learning rate as a multiple of lr (a fresh one beside trained weights)
     unet_channels: List[int] = field(default_factory=lambda: [32, 64, 128, 192])  # Prob U-Net only
     # --- loss
@@ -207,6 +209,11 @@ def validate(config: TrainConfig) -> None:
     if config.train_refiner_only and (config.model != "probsam" or not config.init or config.train_latent_only):
         raise SettingsError("setting train_refiner_only needs model=probsam and init= (the weights whose samples the "
                             "refiner corrects), and excludes train_latent_only")
+    if config.neighbour_slices and (config.model != "probsam" or (config.init and (
+            config.freeze_encoder or config.train_latent_only or config.train_refiner_only))):
+        raise SettingsError("setting neighbour_slices needs model=probsam, and with init= a trainable encoder "
+                            "(freeze_encoder=false, not train_latent_only or train_refiner_only): the weights that "
+                            "read the neighbouring slices start at zero and must learn")
     if config.min_lr > config.lr:
         raise SettingsError(f"setting min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
     if config.device.lower() not in ("auto", "cpu", "mps") and not config.device.lower().startswith("cuda"):

@@ -5,6 +5,9 @@ A data set is a directory (see Training/README.md for the full description):
     images.npy          (S, H, W) int16 HU, or float32 in [0, 1] when meta["intensity"] == "unit"
     masks.npy           (S, 4, H, W) bool, one mask a reader slot (empty when the reader is absent)
     reader_present.npy  (S, 4) bool, which reader slots hold a real annotation of the nodule
+    neighbours.npy      (S, 2, H, W) like images.npy: the slices just below and above each slice (k - 1, k + 1,
+                        the slice itself at the volume's ends), for models that read neighbouring slices;
+                        written by the volume builders (phantom, DICOM), absent for the pickle importer
     slices.csv          one row a slice (columns: COLUMNS + the per-reader rating columns)
     splits.json         train / val / test split with its seed and unit ("patient" or "series_uid")
     meta.json           format, version, source, intensity, crop size, counts, build parameters
@@ -28,6 +31,7 @@ from typing import Iterable, List, Optional, Sequence
 import numpy as np
 
 from ProbSAMLib.errors import InputError, SettingsError
+from ProbSAMLib.geometry import slices_with_neighbours
 from ProbSAMLib.outputdir import OutputFolder
 
 FORMAT = "probsam-lidc-slices"
@@ -49,16 +53,22 @@ SPLIT_FRACTIONS = (0.64, 0.16, 0.20)
 @dataclass
 class Chunk:
     """A batch of slices ready to write: images (n, H, W), masks (n, 4, H, W) bool,
-    present (n, 4) bool and one row dict a slice (keys from COLUMNS; missing ones default)."""
+    present (n, 4) bool, one row dict a slice (keys from COLUMNS; missing ones default) and, from a
+    volume, neighbours (n, 2, H, W): the slices below and above each one."""
 
     images: np.ndarray
     masks: np.ndarray
     present: np.ndarray
     rows: list
+    neighbours: Optional[np.ndarray] = None
 
     @property
     def n(self) -> int:
         return len(self.rows)
+
+    @property
+    def has_neighbours(self) -> bool:
+        return self.neighbours is not None
 
     def load(self) -> "Chunk":
         return self
@@ -66,12 +76,17 @@ class Chunk:
 
 def empty_chunk(height: int, width: int, dtype=np.int16) -> Chunk:
     return Chunk(np.zeros((0, height, width), dtype), np.zeros((0, N_READERS, height, width), bool),
-                 np.zeros((0, N_READERS), bool), [])
+                 np.zeros((0, N_READERS), bool), [], np.zeros((0, 2, height, width), dtype))
 
 
 def concat_chunks(chunks: Sequence[Chunk]) -> Chunk:
+    """One chunk of all; it keeps neighbours only when every chunk has them."""
+    with_neighbours = all(c.neighbours is not None for c in chunks)
     return Chunk(*(np.concatenate([getattr(c, name) for c in chunks])
-                   for name in ("images", "masks", "present")), [r for c in chunks for r in c.rows])
+                   for name in ("images", "masks", "present")), [r for c in chunks for r in c.rows],
+                 np.concatenate([c.neighbours for c in chunks]) if with_neighbours else None)
+
+
 
 
 def slices_from_volume(image: np.ndarray, reader_masks: np.ndarray, row: dict,
@@ -93,7 +108,8 @@ def slices_from_volume(image: np.ndarray, reader_masks: np.ndarray, row: dict,
     rows = [dict(row, k=int(k0 + k), n_readers=n_readers, n_marked=int(marked[:, k].sum()),
                  z_mm=float(z_positions[k]) if z_positions is not None else float("nan"))
             for k in keep]
-    return Chunk(np.ascontiguousarray(image[keep]), masks, present, rows)
+    neighbours = np.ascontiguousarray(slices_with_neighbours(image, keep)[:, [0, 2]])  # below, above
+    return Chunk(np.ascontiguousarray(image[keep]), masks, present, rows, neighbours)
 
 
 def make_splits(patient_ids: Iterable[str], seed: int = 0) -> dict:
@@ -181,17 +197,24 @@ def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int, splits: Opti
     images = open_memmap(tmp / "images.npy", "w+", first.images.dtype, (total, height, width))
     masks = open_memmap(tmp / "masks.npy", "w+", bool, (total, N_READERS, height, width))
     present = open_memmap(tmp / "reader_present.npy", "w+", bool, (total, N_READERS))
+    # neighbours.npy only when every chunk has them (a work directory of an older build may not)
+    with_neighbours = all(getattr(c, "has_neighbours", False) for c in chunks)
+    neighbours = open_memmap(tmp / "neighbours.npy", "w+", first.images.dtype, (total, 2, height, width)) \
+        if with_neighbours else None
     rows, start = [], 0
     for ref in chunks:
         chunk = ref.load()
         stop = start + chunk.n
         images[start:stop], masks[start:stop] = chunk.images, chunk.masks
         present[start:stop] = chunk.present
+        if neighbours is not None:
+            neighbours[start:stop] = chunk.neighbours
         rows += [dict(r, index=start + i) for i, r in enumerate(chunk.rows)]
         start = stop
-    for array in (images, masks, present):
+    arrays = [a for a in (images, masks, present, neighbours) if a is not None]
+    for array in arrays:
         array.flush()
-    del images, masks, present
+    del images, masks, present, neighbours, arrays
     _write_csv(tmp / "slices.csv", rows)
     present_ids = {r["patient_id"] for r in rows}
     if splits is not None:
@@ -238,6 +261,8 @@ class SliceDataset:
         self.splits = _read_json(self.path / "splits.json")
         self.images, self.masks, self.present = (_read_array(self.path / name) for name in
                                                  ("images.npy", "masks.npy", "reader_present.npy"))
+        has_neighbours = (self.path / "neighbours.npy").is_file()
+        self.neighbours = _read_array(self.path / "neighbours.npy") if has_neighbours else None
         try:
             with open(self.path / "slices.csv", newline="", encoding="utf-8") as fh:
                 records = list(csv.DictReader(fh))
@@ -298,6 +323,8 @@ def _check_consistent(dataset: "SliceDataset", n_rows: int) -> None:
     wrong = [f"{name} {shape}" for name, shape in shapes.items() if not shape or shape[0] != expected]
     if dataset.masks.ndim != 4 or dataset.images.ndim != 3 or dataset.masks.shape[2:] != dataset.images.shape[1:]:
         wrong.append(f"images {dataset.images.shape} vs masks {dataset.masks.shape}")
+    if dataset.neighbours is not None and dataset.neighbours.shape != (expected, 2) + dataset.images.shape[1:]:
+        wrong.append(f"neighbours.npy {dataset.neighbours.shape}")
     if n_rows != expected:
         wrong.append(f"slices.csv {n_rows} rows")
     if wrong:

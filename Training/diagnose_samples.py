@@ -53,7 +53,8 @@ def diagnose(model_path: Path, data: str, split: str, max_slices: int, seed: int
         batch = batches.read(chunk)
         noise = torch.stack([slice_noise(seed, s, n_samples, learner.latent_dim)
                              for s in batches.dataset.indices[chunk]])
-        probs = learner.sample_probabilities(batch.images, batch.boxes, n_samples, noise=noise).float().numpy()
+        images = batch.model_images(getattr(learner, "reads_neighbours", False))
+        probs = learner.sample_probabilities(images, batch.boxes, n_samples, noise=noise).float().numpy()
         rows += [slice_diagnosis(probs[i], batch.masks[i].numpy()) for i in range(len(chunk))]
     groups = {k: [row for row in rows if row["n_marked"] == k] for k in sorted({row["n_marked"] for row in rows})}
     groups["all"] = rows

@@ -32,7 +32,8 @@ def encoder_fingerprint(model: ProbSAM) -> str:
     for name, tensor in sorted(model.sam.image_encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().float().numpy().tobytes())
-    digest.update(json.dumps([model.config.img_size, model.config.window]).encode())
+    inputs = [model.config.img_size, model.config.window] + (["neighbours"] if model.config.neighbour_slices else [])
+    digest.update(json.dumps(inputs).encode())
     return digest.hexdigest()[:16]
 
 
@@ -62,7 +63,7 @@ def build_cache(model: ProbSAM, batches, path: Path, batch_size: int = 32, progr
         model.eval()
         for start in tqdm(range(0, len(batches), batch_size), desc=f"caching {path.name}", disable=not progress):
             positions = np.arange(start, min(start + batch_size, len(batches)))
-            images = batches.read(positions).images
+            images = batches.read(positions).model_images(model.config.neighbour_slices)
             for v, code in enumerate(codes):
                 encoded = model.encode(flip_images(images, code).contiguous())
                 store[start:start + len(positions), v] = encoded.float().cpu().numpy().astype(np.float16)

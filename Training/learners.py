@@ -45,10 +45,15 @@ class ProbSAMLearner(nn.Module):
     def latent_dim(self) -> int:
         return self.model.config.latent_dim
 
+    @property
+    def reads_neighbours(self) -> bool:
+        """Whether to show it the slices below and above (Batch.model_images)."""
+        return self.model.config.neighbour_slices
+
     def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None,
                 readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None,
                 voters: Optional[torch.Tensor] = None) -> dict:
-        """images (B, H, W) in [0, 1], boxes (B, 4) image pixels, targets (B, H, W) one reader's mask;
+        """images (B, H, W) in [0, 1] (or (B, 3, H, W) with the slices below and above), boxes (B, 4) image pixels, targets (B, H, W) one reader's mask;
         readers (B, M, H, W) and present (B, M): every reader's mask, for the set term (set_weight > 0);
         voters (B, M): the slots whose reader annotated the nodule (consensus_voters or set_voters "readers")."""
         config, image_hw = self.model.config, images.shape[-2:]
@@ -184,11 +189,13 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         model.config.freeze_encoder = cfg.freeze_encoder
         model.sam.image_encoder.requires_grad_(not cfg.freeze_encoder)
         _match_refiner(model, cfg.refine_channels, cfg.init)
+        if cfg.neighbour_slices:  # exact: step 0 is `init`; the neighbours' weights start at zero
+            model.read_neighbour_slices()
     else:
         window = None if intensity == "unit" else ProbSAMConfig().window
         config = ProbSAMConfig.preset(cfg.preset, latent_dim=cfg.latent_dim, latent_to_dense=cfg.latent_to_dense,
                                       freeze_encoder=cfg.freeze_encoder, window=window,
-                                      refine_channels=cfg.refine_channels)
+                                      refine_channels=cfg.refine_channels, neighbour_slices=cfg.neighbour_slices)
         model = build_probsam(config, sam_checkpoint=cfg.sam_checkpoint, seed=cfg.seed)
     if context_size is not None:
         model.config.context_size = int(context_size)

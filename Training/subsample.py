@@ -43,7 +43,7 @@ def subsample(source, out, fraction: float, seed: int = 0, force: bool = False) 
     index = np.flatnonzero(np.isin(data.table["patient_id"], sorted(keep)))
     rows = [{c: _plain(data.table[c][i]) for c in COLUMNS if c in data.table} for i in index]
     chunk = Chunk(np.asarray(data.images[index]), np.asarray(data.masks[index]), np.asarray(data.present[index]),
-                  rows)
+                  rows, None if data.neighbours is None else np.asarray(data.neighbours[index]))
     # Counts, format, crop and date are recomputed by write_dataset; only the note is ours to extend.
     note = (data.meta.get("note", "") + f"; patient subsample {fraction} of {source} (seed {seed})").lstrip("; ")
     meta = dict(data.meta, note=note)

@@ -99,6 +99,9 @@ def barrier() -> None:
 train_data = SliceBatches(guards.load_split(cfg.data, "train"), box_margin=cfg.box_margin)
 val_data = SliceBatches(guards.load_split(cfg.data, "val"), box_margin=cfg.box_margin)
 learner = build_learner(cfg, train_data.dataset.intensity, context_size=max(train_data.image_hw)).to(device)
+if getattr(learner, "reads_neighbours", False) and train_data.dataset.neighbours is None:
+    raise errors.SettingsError(f"the model reads the slices below and above (neighbour_slices), but {cfg.data} has no "
+                               f"neighbours.npy; rebuild it with make_phantom.py or prepare_lidc.py")
 use_cache = learner.caches_embeddings and cfg.cache
 resume_state = guards.load_resume_state(out / "ckpt.pt", device) if args.resume else None  # before any write
 if resume_state is not None:
@@ -213,7 +216,7 @@ while step < cfg.max_steps and not stopped_early:
     # being an empty mask, exactly as evaluation counts them.
     all_slots = torch.ones_like(batch.present)
     with autocast(device, use_bf16):
-        parts = model(batch.images.to(device), batch.boxes.to(device), targets.to(device), step, embeddings=embeddings,
+        parts = model(batch.model_images(learner.reads_neighbours).to(device), batch.boxes.to(device), targets.to(device), step, embeddings=embeddings,
                       readers=batch.masks.to(device), present=all_slots.to(device), voters=batch.present.to(device))
     optimiser.zero_grad(set_to_none=True)
     parts["loss"].backward()
