@@ -393,7 +393,8 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
     settings = {"n_samples": n_samples, "seed": seed, "seed_given": seed_given, "z_mode": z_mode,
                 "threshold": THRESHOLD, "slice_batch": batch, "oom_retries": oom_retries,
                 "device": str(model.device), "context_window_rc": [r0, r1, c0, c1],
-                "encoder": model.config.encoder, "latent_dim": model.config.latent_dim}
+                "encoder": model.config.encoder, "latent_dim": model.config.latent_dim,
+                "neighbour_slices": model.config.neighbour_slices}
     result.summary = report.volume_summary(result, settings, timings)
     timings["total_s"] = time.perf_counter() - started
     result.summary["timings_s"] = {key: round(value, 4) for key, value in timings.items()}

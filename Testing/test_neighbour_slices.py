@@ -141,9 +141,10 @@ def test_the_volume_sampler_reads_the_neighbours_from_the_volume():
     changed = volume.copy()
     changed[3] = -1000.0  # only the slice above the box
     for model, should_change in ((one_slice, False), (reader, True)):
-        a = sample_volume(model, volume, geometry, box, n_samples=3, seed=5).mean_probability
-        b = sample_volume(model, changed, geometry, box, n_samples=3, seed=5).mean_probability
+        first = sample_volume(model, volume, geometry, box, n_samples=3, seed=5)
+        a, b = first.mean_probability, sample_volume(model, changed, geometry, box, n_samples=3, seed=5).mean_probability
         assert (np.abs(a - b).max() > 1e-4) == should_change
+        assert first.summary["settings"]["neighbour_slices"] == should_change  # the summary says what it read
 
     # The 2D sampler given (B, 3, H, W) shows the reader the same slices as the volume sampler does
     stack = np.stack([volume[1], volume[2], volume[3]])[None]
