@@ -10,7 +10,7 @@ import torch
 from ProbSAMLib import ProbSAMConfig, build_probsam
 from ProbSAMLib.build import load_probsam
 from ProbSAMLib.checkpoints import save_probsam
-from ProbSAMLib.errors import SettingsError
+from ProbSAMLib.errors import InputError, SettingsError
 from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_ijk
 from ProbSAMLib.sampling import sample_masks
 from ProbSAMLib.volume import input_region, sample_volume
@@ -101,6 +101,10 @@ def test_data_sets_store_the_slices_below_and_above(tmp_path):
     # a patient subsample keeps them; a data set written without them (the pickle importer) has none
     subsample(tmp_path / "ds", tmp_path / "sub", 1.0)
     np.testing.assert_array_equal(load_dataset(tmp_path / "sub").neighbours, chunk.neighbours)
+    # a damaged neighbours.npy (here: one row short) is named, not read past
+    np.save(tmp_path / "sub" / "neighbours.npy", chunk.neighbours[:-1])
+    with pytest.raises(InputError, match="neighbours.npy"):
+        load_dataset(tmp_path / "sub")
     bare = Chunk(chunk.images, chunk.masks, chunk.present, chunk.rows)
     write_dataset(tmp_path / "bare", [bare], {"source": "test", "intensity": "hu"})
     assert load_dataset(tmp_path / "bare").neighbours is None
