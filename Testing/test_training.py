@@ -173,6 +173,23 @@ def test_two_process_gloo_ddp_keeps_replicas_identical(data_dir, tmp_path):
     assert (out / "best.safetensors").is_file() and (out / "ckpt.pt").is_file()
 
 
+def test_train_py_runs_the_prob_unet_and_a_model_reading_neighbouring_slices(data_dir, tmp_path):
+    """Both learners go through the same loop: the one-slice baseline and a ProbSAM that is shown the slices
+    below and above (here with the frozen-encoder cache, which must encode them too)."""
+    from safetensors import safe_open
+    from Training.prob_unet import FORMAT as PROB_UNET_FORMAT
+
+    train(f"data={data_dir}", *TINY_RUN[1:], "model=prob_unet", "unet_channels=[8,16]", f"out={tmp_path / 'unet'}",
+          "max_steps=2", "eval_interval=2")
+    with safe_open(str(tmp_path / "unet" / "last.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["format"] == PROB_UNET_FORMAT
+    train(f"data={data_dir}", *TINY_RUN, "neighbour_slices=true", f"out={tmp_path / 'nb'}", "max_steps=2",
+          "eval_interval=2")
+    with safe_open(str(tmp_path / "nb" / "last.safetensors"), framework="pt") as handle:
+        assert json.loads(handle.metadata()["config"])["neighbour_slices"] is True
+    assert list((tmp_path / "nb" / "embedding_cache").glob("embeddings_train_*.npy"))
+
+
 # ---------------------------------------------------------------------- baseline + evaluate
 def test_prob_unet_samples_differ_and_round_trip(tmp_path):
     from Training.prob_unet import ProbUNet, box_channel, load_prob_unet, save_prob_unet

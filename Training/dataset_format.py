@@ -81,12 +81,10 @@ def empty_chunk(height: int, width: int, dtype=np.int16) -> Chunk:
 
 def concat_chunks(chunks: Sequence[Chunk]) -> Chunk:
     """One chunk of all; it keeps neighbours only when every chunk has them."""
-    with_neighbours = all(c.neighbours is not None for c in chunks)
+    with_neighbours = all(c.has_neighbours for c in chunks)
     return Chunk(*(np.concatenate([getattr(c, name) for c in chunks])
                    for name in ("images", "masks", "present")), [r for c in chunks for r in c.rows],
                  np.concatenate([c.neighbours for c in chunks]) if with_neighbours else None)
-
-
 
 
 def slices_from_volume(image: np.ndarray, reader_masks: np.ndarray, row: dict,

@@ -93,7 +93,8 @@ def evaluate_slices(predictor, batches: SliceBatches, positions: np.ndarray, siz
     parameters = list(predictor.parameters())
     device = device or (parameters[0].device if parameters else torch.device("cpu"))
     predictor.eval()
-    if getattr(predictor, "reads_neighbours", False) and batches.dataset.neighbours is None:
+    reads_neighbours = getattr(predictor, "reads_neighbours", False)  # the baselines read one slice
+    if reads_neighbours and batches.dataset.neighbours is None:
         print(f"warning: the model reads the slices below and above, but {batches.dataset.path} has no "
               f"neighbours.npy: it is shown each slice alone (copied), as at the ends of a scan", file=sys.stderr)
     table = batches.dataset.table
@@ -106,7 +107,7 @@ def evaluate_slices(predictor, batches: SliceBatches, positions: np.ndarray, siz
         noise = torch.stack([slice_noise(seed, s, n_max, latent_dim) for s in slices]) if latent_dim else None
         embeddings = embeddings_of(chunk) if embeddings_of is not None else None
         with autocast(device):
-            images = batch.model_images(getattr(predictor, "reads_neighbours", False))
+            images = batch.model_images(reads_neighbours)
             probs = predictor.sample_probabilities(images.to(device), batch.boxes, n_max,
                                                    embeddings=embeddings, noise=noise)
         probs = probs.float().cpu().numpy()

@@ -126,6 +126,7 @@ class ProbSAMLearner(nn.Module):
 class ProbUNetLearner(nn.Module):
     uses_embeddings = False
     caches_embeddings = False
+    reads_neighbours = False  # the baseline reads one slice
 
     def __init__(self, model: ProbUNet, loss_config: LossConfig):
         super().__init__()

@@ -99,7 +99,7 @@ def barrier() -> None:
 train_data = SliceBatches(guards.load_split(cfg.data, "train"), box_margin=cfg.box_margin)
 val_data = SliceBatches(guards.load_split(cfg.data, "val"), box_margin=cfg.box_margin)
 learner = build_learner(cfg, train_data.dataset.intensity, context_size=max(train_data.image_hw)).to(device)
-if getattr(learner, "reads_neighbours", False) and train_data.dataset.neighbours is None:
+if learner.reads_neighbours and train_data.dataset.neighbours is None:
     raise errors.SettingsError(f"the model reads the slices below and above (neighbour_slices), but {cfg.data} has no "
                                f"neighbours.npy; rebuild it with make_phantom.py or prepare_lidc.py")
 use_cache = learner.caches_embeddings and cfg.cache
