@@ -48,6 +48,9 @@ class ProbSAMConfig:
         segmented (k - 1, k, k + 1), as a radiologist scrolls to tell a nodule's fading edge or a vessel
         running through from the nodule itself; False = SAM's way, the slice copied to all three. A model
         that reads neighbours and is given one slice alone sees it copied, as at the ends of a scan.
+      refine_neighbours: the mask refiner (needs refine_channels > 0) reads the slices below and above
+        beside slice k, while the encoder may still read slice k alone: the decoder's samples stay as a
+        one-slice model draws them, and only their pixel-level correction sees the neighbours.
     """
 
     encoder: str = "vit_b"
@@ -64,6 +67,7 @@ class ProbSAMConfig:
     context_size: Optional[int] = None
     refine_channels: int = 0
     neighbour_slices: bool = False
+    refine_neighbours: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -89,6 +93,11 @@ class ProbSAMConfig:
         if self.neighbour_slices not in (True, False):
             raise ValueError(f"neighbour_slices must be true or false, got {self.neighbour_slices!r}")
         self.neighbour_slices = bool(self.neighbour_slices)
+        if self.refine_neighbours not in (True, False):
+            raise ValueError(f"refine_neighbours must be true or false, got {self.refine_neighbours!r}")
+        self.refine_neighbours = bool(self.refine_neighbours)
+        if self.refine_neighbours and not self.refine_channels:
+            raise ValueError("refine_neighbours needs a mask refiner (refine_channels > 0)")
 
     @property
     def embedding_size(self) -> int:
@@ -99,6 +108,12 @@ class ProbSAMConfig:
     def low_res_size(self) -> int:
         """Side of the mask decoder's logits (4x the embedding grid)."""
         return 4 * self.embedding_size
+
+    @property
+    def reads_neighbours(self) -> bool:
+        """Whether any part of the model reads the slices below and above (encoder or refiner): what the
+        volume sampler and the data loaders must supply."""
+        return self.neighbour_slices or self.refine_neighbours
 
     @property
     def mask_size(self) -> int:

@@ -44,7 +44,8 @@ class ProbSAM(nn.Module):
         self.prior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim)
         self.posterior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim, mask_channels)
         self.latent_projection = LatentProjection(config.latent_dim, dim, config.latent_to_dense)
-        self.refiner = MaskRefiner(config.refine_channels) if config.refine_channels else None
+        self.refiner = (MaskRefiner(config.refine_channels, 3 if config.refine_neighbours else 1)
+                        if config.refine_channels else None)
         if config.freeze_encoder:
             self.sam.image_encoder.requires_grad_(False)
 
@@ -76,6 +77,14 @@ class ProbSAM(nn.Module):
         conv.weight[:, 1] = centre.to(conv.weight.dtype)
         conv.bias += shift.to(conv.bias.dtype)
         self.config.neighbour_slices = True
+
+    def refine_with_neighbour_slices(self) -> None:
+        """Let the mask refiner read the slices below and above (config.refine_neighbours) without changing
+        what it computes (MaskRefiner.read_neighbour_slices); the encoder and decoder are untouched."""
+        if self.refiner is None:
+            raise ValueError("this model has no mask refiner to read the neighbouring slices (refine_channels = 0)")
+        self.refiner.read_neighbour_slices()
+        self.config.refine_neighbours = True
 
     # ---- image side -------------------------------------------------------------------------------
     def model_input(self, images01: torch.Tensor) -> torch.Tensor:
@@ -143,9 +152,20 @@ class ProbSAM(nn.Module):
         if images01 is None:
             raise ValueError("this model refines its masks with the image (config.refine_channels > 0): "
                              "pass the encoded images to decode(..., images01=)")
-        frame = preprocess.images_to_model_frame(preprocess.centre_slice(images01).to(logits.device),
+        frame = preprocess.images_to_model_frame(self._refiner_slices(images01).to(logits.device),
                                                  self.config.img_size)
         return self.refiner(logits, frame)
+
+    def _refiner_slices(self, images01: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) or (B, 3, H, W) -> what the refiner reads: slice k (B, H, W), or with
+        config.refine_neighbours (B, 3, H, W) k - 1, k, k + 1 (a lone slice copied, as at a scan's ends)."""
+        if not self.config.refine_neighbours:
+            return preprocess.centre_slice(images01)
+        if images01.ndim == 3:
+            return images01.unsqueeze(1).expand(-1, 3, -1, -1)
+        if images01.ndim != 4 or images01.shape[1] != 3:
+            raise ValueError(f"expected the slices below, at and above: (B, 3, H, W), got {tuple(images01.shape)}")
+        return images01
 
     def forward(
         self, embeddings: torch.Tensor, boxes: torch.Tensor, masks_low_res: torch.Tensor, n_samples: int = 1,

@@ -75,8 +75,9 @@ def images_to_model_input(
 
 
 def images_to_model_frame(images01: torch.Tensor, img_size: int) -> torch.Tensor:
-    """(B, H, W) grey images in [0, 1] -> (B, 1, img_size, img_size) in [0, 1], resized and padded with 0
-    as the encoder's input is: the image the mask refiner (refine.py) reads beside the logits."""
+    """(B, H, W) grey images in [0, 1] -> (B, 1, img_size, img_size), or (B, C, H, W) -> (B, C, img_size,
+    img_size), in [0, 1], resized and padded with 0 as the encoder's input is: the image(s) the mask
+    refiner (refine.py) reads beside the logits."""
     return _pad_to_square(_resized_to_longest_side(images01, img_size), img_size)
 
 

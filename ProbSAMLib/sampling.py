@@ -107,7 +107,7 @@ def sample_masks(
     Arguments:
       images: (H, W) or (B, H, W) CT in HU (or [0, 1] if the model's config.window is None); or
         (B, 3, H, W), each slice with the one below and above, for a model that reads neighbouring slices
-        (config.neighbour_slices; given one slice alone, such a model sees it copied).
+        (config.neighbour_slices or refine_neighbours; given one slice alone, such a model sees it copied).
       boxes: (4,) or (B, 4) boxes (x1, y1, x2, y2) in image pixels, continuous edges.
       n_samples: N. seed / generator: make the draw reproducible. mode: "sample" or "mean" (prior mean,
         deterministic: the model's single best guess).

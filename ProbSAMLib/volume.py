@@ -2,7 +2,7 @@
 
 The model is 2D: it works on axial slices ``volume[k]`` ((J, I) = rows y, columns x) with the box's
 per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring slices
-(``config.neighbour_slices``) also sees ``volume[k - 1]`` and ``volume[k + 1]``. For every slice of the voxel box:
+(``config.neighbour_slices``, or its refiner: ``config.refine_neighbours``) also sees ``volume[k - 1]`` and ``volume[k + 1]``. For every slice of the voxel box:
 
 1. Context window. The model sees a square window centred on the box, of side
    ``max(min_context, longest box side + 2 * CONTEXT_MARGIN_PX)`` pixels, shifted to stay inside the
@@ -125,12 +125,12 @@ def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple
     """(k0, k1, r0, r1, c0, c1), ends exclusive: the only voxels ``sample_volume`` reads for this box.
 
     The box's slices (and the one below and above, inside the volume, for a model that reads neighbouring
-    slices) times the context window. A caller that holds the volume elsewhere (the Slicer module's worker
+    slices in its encoder or refiner) times the context window. A caller that holds the volume elsewhere (the Slicer module's worker
     process) sends just this block; the rest of the volume can be anything.
     """
     x1, y1, x2, y2 = slice_boxes_2d(voxel_box)[0][1]
     r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
-    reach = 1 if model.config.neighbour_slices else 0
+    reach = 1 if model.config.reads_neighbours else 0
     k0, k1 = max(voxel_box.lo[2] - reach, 0), min(voxel_box.hi[2] + reach, int(shape_kji[0]))
     return k0, k1, r0, r1, c0, c1
 
@@ -377,7 +377,7 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
     box_in_window = (x1 - c0, y1 - r0, x2 - c0, y2 - r0)
 
     n_slices = len(slices)
-    region = model_slices(region, voxel_box.lo[2] - k0, n_slices, model.config.neighbour_slices)
+    region = model_slices(region, voxel_box.lo[2] - k0, n_slices, model.config.reads_neighbours)
     eps = _draw_noise(make_generator(seed), n_slices, n_samples, model.config.latent_dim, z_mode)
     batch = int(slice_batch) if slice_batch else choose_slice_batch(model, n_samples, n_slices)
     if batch < 1:
@@ -394,7 +394,8 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
                 "threshold": THRESHOLD, "slice_batch": batch, "oom_retries": oom_retries,
                 "device": str(model.device), "context_window_rc": [r0, r1, c0, c1],
                 "encoder": model.config.encoder, "latent_dim": model.config.latent_dim,
-                "neighbour_slices": model.config.neighbour_slices}
+                "neighbour_slices": model.config.neighbour_slices,
+                "refine_neighbours": model.config.refine_neighbours}
     result.summary = report.volume_summary(result, settings, timings)
     timings["total_s"] = time.perf_counter() - started
     result.summary["timings_s"] = {key: round(value, 4) for key, value in timings.items()}

@@ -188,6 +188,12 @@ def test_train_py_runs_the_prob_unet_and_a_model_reading_neighbouring_slices(dat
     with safe_open(str(tmp_path / "nb" / "last.safetensors"), framework="pt") as handle:
         assert json.loads(handle.metadata()["config"])["neighbour_slices"] is True
     assert list((tmp_path / "nb" / "embedding_cache").glob("embeddings_train_*.npy"))
+    # a refiner that reads the neighbours beside a one-slice encoder: the cache holds one-slice embeddings
+    train(f"data={data_dir}", *TINY_RUN, "refine_channels=4", "refine_neighbours=true", f"out={tmp_path / 'rn'}",
+          "max_steps=2", "eval_interval=2")
+    with safe_open(str(tmp_path / "rn" / "last.safetensors"), framework="pt") as handle:
+        config = json.loads(handle.metadata()["config"])
+    assert config["refine_neighbours"] is True and config["neighbour_slices"] is False
 
 
 # ---------------------------------------------------------------------- baseline + evaluate

@@ -42,6 +42,8 @@ class TrainConfig:
     # init=, a model without one gets a fresh refiner that starts as a no-op)
     neighbour_slices: bool = False  # ProbSAM: the encoder reads slices k - 1, k, k + 1 (the data set's neighbours.npy);
     # with init=, a one-slice model is converted exactly (ProbSAM.read_neighbour_slices) and learns the neighbours
+    refine_neighbours: bool = False  # ProbSAM: the mask refiner reads slices k - 1, k, k + 1 (neighbours.npy); with
+    # init=, its weights for the neighbours start at zero (MaskRefiner.read_neighbour_slices); the encoder is unchanged
     refine_lr_scale: float = 1.0  # the refiner's learning rate as a multiple of lr (a fresh one beside trained weights)
     unet_channels: List[int] = field(default_factory=lambda: [32, 64, 128, 192])  # Prob U-Net only
     # --- loss
@@ -214,6 +216,11 @@ def validate(config: TrainConfig) -> None:
         raise SettingsError("setting neighbour_slices needs model=probsam, and with init= a trainable encoder "
                             "(freeze_encoder=false, not train_latent_only or train_refiner_only): the weights that "
                             "read the neighbouring slices start at zero and must learn")
+    if config.refine_neighbours and (config.model != "probsam" or config.train_latent_only or (
+            not config.init and not config.refine_channels)):
+        raise SettingsError("setting refine_neighbours needs model=probsam with a mask refiner (refine_channels > 0, "
+                            "or init= weights that have one) that trains (not train_latent_only): the refiner's "
+                            "weights for the neighbouring slices start at zero and must learn")
     if config.min_lr > config.lr:
         raise SettingsError(f"setting min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
     if config.device.lower() not in ("auto", "cpu", "mps") and not config.device.lower().startswith("cuda"):

@@ -47,8 +47,8 @@ class ProbSAMLearner(nn.Module):
 
     @property
     def reads_neighbours(self) -> bool:
-        """Whether to show it the slices below and above (Batch.model_images)."""
-        return self.model.config.neighbour_slices
+        """Whether to show it the slices below and above (Batch.model_images): its encoder or refiner reads them."""
+        return self.model.config.reads_neighbours
 
     def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None,
                 readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None,
@@ -192,11 +192,17 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         _match_refiner(model, cfg.refine_channels, cfg.init)
         if cfg.neighbour_slices:  # exact: step 0 is `init`; the neighbours' weights start at zero
             model.read_neighbour_slices()
+        if cfg.refine_neighbours:  # exact too: the refiner's weights for the neighbours start at zero
+            if model.refiner is None:
+                raise SettingsError(f"setting refine_neighbours: {cfg.init} has no mask refiner; set refine_channels "
+                                    f"to attach one")
+            model.refine_with_neighbour_slices()
     else:
         window = None if intensity == "unit" else ProbSAMConfig().window
         config = ProbSAMConfig.preset(cfg.preset, latent_dim=cfg.latent_dim, latent_to_dense=cfg.latent_to_dense,
                                       freeze_encoder=cfg.freeze_encoder, window=window,
-                                      refine_channels=cfg.refine_channels, neighbour_slices=cfg.neighbour_slices)
+                                      refine_channels=cfg.refine_channels, neighbour_slices=cfg.neighbour_slices,
+                                      refine_neighbours=cfg.refine_neighbours)
         model = build_probsam(config, sam_checkpoint=cfg.sam_checkpoint, seed=cfg.seed)
     if context_size is not None:
         model.config.context_size = int(context_size)

@@ -100,7 +100,7 @@ train_data = SliceBatches(guards.load_split(cfg.data, "train"), box_margin=cfg.b
 val_data = SliceBatches(guards.load_split(cfg.data, "val"), box_margin=cfg.box_margin)
 learner = build_learner(cfg, train_data.dataset.intensity, context_size=max(train_data.image_hw)).to(device)
 if learner.reads_neighbours and train_data.dataset.neighbours is None:
-    raise errors.SettingsError(f"the model reads the slices below and above (neighbour_slices), but {cfg.data} has no "
+    raise errors.SettingsError(f"the model reads the slices below and above (neighbour_slices or refine_neighbours), but {cfg.data} has no "
                                f"neighbours.npy; rebuild it with make_phantom.py or prepare_lidc.py")
 use_cache = learner.caches_embeddings and cfg.cache
 resume_state = guards.load_resume_state(out / "ckpt.pt", device) if args.resume else None  # before any write
