@@ -42,6 +42,8 @@ class TrainConfig:
     # init=, a model without one gets a fresh refiner that starts as a no-op)
     neighbour_slices: bool = False  # ProbSAM: the encoder reads slices k - 1, k, k + 1 (the data set's neighbours.npy);
     # with init=, a one-slice model is converted exactly (ProbSAM.read_neighbour_slices) and learns the neighbours
+    train_neighbours_only: bool = False  # with neighbour_slices and init=: only the encoder's weights for slices
+    # k - 1 and k + 1 (and a mask refiner) learn; every weight that reads slice k stays exactly as init has it
     refine_neighbours: bool = False  # ProbSAM: the mask refiner reads slices k - 1, k, k + 1 (neighbours.npy); with
     # init=, its weights for the neighbours start at zero (MaskRefiner.read_neighbour_slices); the encoder is unchanged
     refine_lr_scale: float = 1.0  # the refiner's learning rate as a multiple of lr (a fresh one beside trained weights)
@@ -216,6 +218,11 @@ def validate(config: TrainConfig) -> None:
         raise SettingsError("setting neighbour_slices needs model=probsam, and with init= a trainable encoder "
                             "(freeze_encoder=false, not train_latent_only or train_refiner_only): the weights that "
                             "read the neighbouring slices start at zero and must learn")
+    if config.train_neighbours_only and not (config.model == "probsam" and config.init and config.neighbour_slices
+                                             and not config.train_latent_only and not config.train_refiner_only):
+        raise SettingsError("setting train_neighbours_only needs model=probsam, init= (the one-slice weights that "
+                            "stay fixed) and neighbour_slices=true (with freeze_encoder=false), and excludes "
+                            "train_latent_only and train_refiner_only")
     if config.refine_neighbours and (config.model != "probsam" or config.train_latent_only or (
             not config.init and not config.refine_channels)):
         raise SettingsError("setting refine_neighbours needs model=probsam with a mask refiner (refine_channels > 0, "

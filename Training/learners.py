@@ -215,7 +215,25 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
                                 f"to attach one")
         model.requires_grad_(False)
         model.refiner.requires_grad_(True)
+    if cfg.train_neighbours_only:  # what reads slice k stays as `init` has it; the neighbours (and refiner) learn
+        model.requires_grad_(False)
+        _learn_neighbour_weights_only(model.sam.image_encoder.patch_embed.proj)
+        if model.refiner is not None:
+            model.refiner.requires_grad_(True)
     return ProbSAMLearner(model, loss_config(cfg))
+
+
+def _learn_neighbour_weights_only(conv: nn.Conv2d) -> None:
+    """The patch embedding's weights for slices k - 1 and k + 1 (input channels 0 and 2) learn; slice k's
+    (channel 1) share their tensor, so their gradient is zeroed instead, and AdamW, with no weight decay on
+    this tensor (parameter_groups), leaves them exactly as they are."""
+    def without_slice_k(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:, 1] = 0
+        return grad
+
+    conv.weight.requires_grad_(True)
+    conv.weight.register_hook(without_slice_k)
 
 
 def parameter_groups(learner: nn.Module, cfg: TrainConfig) -> list:
@@ -225,11 +243,14 @@ def parameter_groups(learner: nn.Module, cfg: TrainConfig) -> list:
     refiner = getattr(getattr(learner, "model", None), "refiner", None)
     fresh = {id(p) for p in refiner.parameters()} if refiner is not None else set()
     trainable = [p for p in learner.parameters() if p.requires_grad]
+    # train_neighbours_only: decay would shrink slice k's weights, which must not move
+    undecayed = ({id(learner.model.sam.image_encoder.patch_embed.proj.weight)} if cfg.train_neighbours_only
+                 else set())
     groups = []
     for scale, params in ((1.0, [p for p in trainable if id(p) not in fresh]),
                           (cfg.refine_lr_scale, [p for p in trainable if id(p) in fresh])):
-        for decay, members in ((cfg.weight_decay, [p for p in params if p.dim() >= 2]),
-                               (0.0, [p for p in params if p.dim() < 2])):
+        for decay, members in ((cfg.weight_decay, [p for p in params if p.dim() >= 2 and id(p) not in undecayed]),
+                               (0.0, [p for p in params if p.dim() < 2 or id(p) in undecayed])):
             if members:
                 groups.append({"params": members, "weight_decay": decay, "lr_scale": scale})
     return groups
