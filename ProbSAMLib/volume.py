@@ -1,8 +1,9 @@
 """Sampling a CT volume: one 3D box -> N coherent 3D segmentations and their uncertainty volumes.
 
 The model is 2D: it works on axial slices ``volume[k]`` ((J, I) = rows y, columns x) with the box's
-per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring slices
-(``config.neighbour_slices``, or its refiner: ``config.refine_neighbours``) also sees ``volume[k - 1]`` and ``volume[k + 1]``. For every slice of the voxel box:
+per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring slices (in its encoder,
+``config.neighbour_slices``, or its refiner, ``config.refine_neighbours``) also sees ``volume[k - 1]`` and
+``volume[k + 1]``. For every slice of the voxel box:
 
 1. Context window. The model sees a square window centred on the box, of side
    ``max(min_context, longest box side + 2 * CONTEXT_MARGIN_PX)`` pixels, shifted to stay inside the
@@ -125,8 +126,8 @@ def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple
     """(k0, k1, r0, r1, c0, c1), ends exclusive: the only voxels ``sample_volume`` reads for this box.
 
     The box's slices (and the one below and above, inside the volume, for a model that reads neighbouring
-    slices in its encoder or refiner) times the context window. A caller that holds the volume elsewhere (the Slicer module's worker
-    process) sends just this block; the rest of the volume can be anything.
+    slices in its encoder or refiner) times the context window. A caller that holds the volume elsewhere
+    (the Slicer module's worker process) sends just this block; the rest of the volume can be anything.
     """
     x1, y1, x2, y2 = slice_boxes_2d(voxel_box)[0][1]
     r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
