@@ -136,13 +136,13 @@ def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple
     return k0, k1, r0, r1, c0, c1
 
 
-def model_slices(region: np.ndarray, first: int, n_slices: int, neighbour_slices: bool) -> np.ndarray:
+def model_slices(region: np.ndarray, first: int, n_slices: int, reads_neighbours: bool) -> np.ndarray:
     """What the model reads for the box's slices: (Kb, h, w), or (Kb, 3, h, w) slices k - 1, k, k + 1 for
     a model that reads neighbours (the slice itself where the volume ends).
 
     region: (Kr, h, w) the input region's slices (``input_region``); first: the box's first slice in it.
     """
-    if not neighbour_slices:
+    if not reads_neighbours:
         return region[first:first + n_slices]
     return slices_with_neighbours(region, np.arange(first, first + n_slices))
 
