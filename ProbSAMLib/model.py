@@ -91,12 +91,9 @@ class ProbSAM(nn.Module):
         """(B, H, W) grey slices or (B, 3, H, W) slices k - 1, k, k + 1 in [0, 1] -> (B, 3, S, S) normalised,
         padded encoder input: the three slices as channels when the model reads neighbours
         (config.neighbour_slices), else slice k in all three (a lone slice is copied either way)."""
-        if images01.ndim == 4 and not self.config.neighbour_slices:
-            images01 = preprocess.centre_slice(images01)
-        elif images01.ndim == 4 and images01.shape[1] != 3:
-            raise ValueError(f"expected the slices below, at and above: (B, 3, H, W), got {tuple(images01.shape)}")
+        read = preprocess.neighbour_stack if self.config.neighbour_slices else preprocess.centre_slice
         return preprocess.images_to_model_input(
-            images01, self.config.img_size, self.sam.pixel_mean, self.sam.pixel_std
+            read(images01), self.config.img_size, self.sam.pixel_mean, self.sam.pixel_std
         )
 
     def encode(self, images01: torch.Tensor) -> torch.Tensor:
@@ -152,20 +149,10 @@ class ProbSAM(nn.Module):
         if images01 is None:
             raise ValueError("this model refines its masks with the image (config.refine_channels > 0): "
                              "pass the encoded images to decode(..., images01=)")
-        frame = preprocess.images_to_model_frame(self._refiner_slices(images01).to(logits.device),
+        read = preprocess.neighbour_stack if self.config.refine_neighbours else preprocess.centre_slice
+        frame = preprocess.images_to_model_frame(read(images01).to(logits.device),
                                                  self.config.img_size)
         return self.refiner(logits, frame)
-
-    def _refiner_slices(self, images01: torch.Tensor) -> torch.Tensor:
-        """(B, H, W) or (B, 3, H, W) -> what the refiner reads: slice k (B, H, W), or with
-        config.refine_neighbours (B, 3, H, W) k - 1, k, k + 1 (a lone slice copied, as at a scan's ends)."""
-        if not self.config.refine_neighbours:
-            return preprocess.centre_slice(images01)
-        if images01.ndim == 3:
-            return images01.unsqueeze(1).expand(-1, 3, -1, -1)
-        if images01.ndim != 4 or images01.shape[1] != 3:
-            raise ValueError(f"expected the slices below, at and above: (B, 3, H, W), got {tuple(images01.shape)}")
-        return images01
 
     def forward(
         self, embeddings: torch.Tensor, boxes: torch.Tensor, masks_low_res: torch.Tensor, n_samples: int = 1,

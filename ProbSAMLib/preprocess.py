@@ -40,6 +40,16 @@ def centre_slice(images01: torch.Tensor) -> torch.Tensor:
     return images01
 
 
+def neighbour_stack(images01: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) slices k - 1, k, k + 1 (checked), or (B, H, W) lone slices -> (B, 3, H, W), each lone
+    slice copied, as at the ends of a scan: what a part of the model that reads neighbours is shown."""
+    if images01.ndim == 3:
+        return images01.unsqueeze(1).expand(-1, 3, -1, -1)
+    if images01.ndim != 4 or images01.shape[1] != 3:
+        raise ValueError(f"expected the slices below, at and above: (B, 3, H, W), got {tuple(images01.shape)}")
+    return images01
+
+
 def _resized_to_longest_side(images01: torch.Tensor, img_size: int) -> torch.Tensor:
     """(B, H, W) -> (B, 1, h, w), or (B, C, H, W) -> (B, C, h, w), with max(h, w) = img_size (antialiased
     bilinear; unchanged if already so)."""
