@@ -196,6 +196,30 @@ def test_train_py_runs_the_prob_unet_and_a_model_reading_neighbouring_slices(dat
     assert config["refine_neighbours"] is True and config["neighbour_slices"] is False
 
 
+def test_train_py_anchors_to_a_reference_it_neither_trains_nor_saves(data_dir, tmp_path):
+    """anchor_weight: the reference model (here init itself) is read, its term is logged, and neither the
+    weights file nor ckpt.pt carries it; a missing reference stops the run before it writes anything."""
+    from ProbSAMLib import ProbSAMConfig, build_probsam
+    from ProbSAMLib.checkpoints import save_probsam
+
+    save_probsam(build_probsam(ProbSAMConfig.preset("tiny"), seed=0), tmp_path / "ref.safetensors")
+    init = tmp_path / "ref.safetensors"
+    train(f"data={data_dir}", *TINY_RUN, f"init={init}", "anchor_weight=2", "anchor_min_readers=1",
+          f"out={tmp_path / 'anchored'}", "max_steps=2", "eval_interval=2")
+    logged = [json.loads(line) for line in (tmp_path / "anchored" / "log.jsonl").read_text().splitlines()]
+    steps = [record for record in logged if "train/loss" in record]
+    assert len(steps) == 2 and all("train/anchor" in record for record in steps)
+    assert set(load_file(tmp_path / "anchored" / "last.safetensors")) == set(load_file(init))
+    checkpoint = torch.load(tmp_path / "anchored" / "ckpt.pt", weights_only=False)
+    assert not any("anchor" in key for key in checkpoint["learner"])
+    missing = subprocess.run([sys.executable, str(ROOT / "Training" / "train.py"), f"data={data_dir}", *TINY_RUN,
+                              f"init={init}", "anchor_weight=2", f"anchor={tmp_path / 'nowhere.safetensors'}",
+                              f"out={tmp_path / 'refused'}"], cwd=ROOT, capture_output=True, text=True,
+                             env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=300)
+    assert missing.returncode != 0 and "nowhere.safetensors" in missing.stderr
+    assert not (tmp_path / "refused").exists()
+
+
 # ---------------------------------------------------------------------- baseline + evaluate
 def test_prob_unet_samples_differ_and_round_trip(tmp_path):
     from Training.prob_unet import ProbUNet, box_channel, load_prob_unet, save_prob_unet

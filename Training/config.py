@@ -66,6 +66,10 @@ class TrainConfig:
     empty_weight: float = 0.0  # share of empty prior samples vs the readers' share (ProbSAM; 0 = off)
     empty_margin: float = 1.0  # hinge margin (logits) of the empty-share term
     loss_resolution: str = "decoder"  # ProbSAM: score logits on the decoder grid or upsampled to the "image"
+    anchor_weight: float = 0.0  # ProbSAM: keep the K prior samples on anchored slices where a reference model's are
+    # (Training/anchor.py; 0 = off)
+    anchor: Optional[str] = None  # the reference model's weights (safetensors); None = init
+    anchor_min_readers: int = 3  # anchored slices: every reader of the nodule marked them, and at least this many
     # --- optimisation
     batch_size: int = 32  # per process
     max_steps: int = 3000
@@ -166,7 +170,7 @@ _RANGES = {
     "refine_lr_scale": _positive(),
     "set_weight": _at_least(0), "set_samples": _at_least(1), "consensus_weight": _at_least(0),
     "consensus_margin": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "empty_weight": _at_least(0),
-    "empty_margin": _at_least(0),
+    "empty_margin": _at_least(0), "anchor_weight": _at_least(0), "anchor_min_readers": _at_least(1),
     "consensus_voters": (lambda v: v in CONSENSUS_VOTERS, f"one of {', '.join(CONSENSUS_VOTERS)}"),
     "set_voters": (lambda v: v in SET_VOTERS, f"one of {', '.join(SET_VOTERS)}"),
     "loss_resolution": (lambda v: v in LOSS_RESOLUTIONS, f"one of {', '.join(LOSS_RESOLUTIONS)}"),
@@ -228,6 +232,10 @@ def validate(config: TrainConfig) -> None:
         raise SettingsError("setting refine_neighbours needs model=probsam with a mask refiner (refine_channels > 0, "
                             "or init= weights that have one) that trains (not train_latent_only): the refiner's "
                             "weights for the neighbouring slices start at zero and must learn")
+    if config.anchor_weight > 0 and (config.model != "probsam" or not (config.anchor or config.init)
+                                     or config.train_latent_only):
+        raise SettingsError("setting anchor_weight needs model=probsam and a reference model (anchor= or init= "
+                            "weights), and excludes train_latent_only (the decoder must be free to drift)")
     if config.min_lr > config.lr:
         raise SettingsError(f"setting min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
     if config.device.lower() not in ("auto", "cpu", "mps") and not config.device.lower().startswith("cuda"):

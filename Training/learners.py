@@ -24,6 +24,7 @@ from ProbSAMLib.config import ProbSAMConfig
 from ProbSAMLib.errors import SettingsError
 from ProbSAMLib.loss import LossConfig, probsam_loss
 from ProbSAMLib.sampling import sample_from_embeddings
+from Training.anchor import Anchor, anchor_loss, anchored_slices
 from Training.config import TrainConfig
 from Training.prob_unet import FORMAT as PROB_UNET_FORMAT
 from Training.prob_unet import ProbUNet, load_prob_unet, save_prob_unet
@@ -32,10 +33,12 @@ from Training.prob_unet import ProbUNet, load_prob_unet, save_prob_unet
 class ProbSAMLearner(nn.Module):
     uses_embeddings = True
 
-    def __init__(self, model, loss_config: LossConfig):
+    def __init__(self, model, loss_config: LossConfig, anchor: Optional[Anchor] = None, anchor_weight: float = 0.0,
+                 anchor_min_readers: int = 3):
         super().__init__()
         self.model = model
         self.loss_config = loss_config
+        self.anchor, self.anchor_weight, self.anchor_min_readers = anchor, anchor_weight, anchor_min_readers
 
     @property
     def caches_embeddings(self) -> bool:
@@ -66,20 +69,29 @@ class ProbSAMLearner(nn.Module):
         scored = self._scored(image_hw)
         logits = scored["logits"](out.logits)
         loss_target = targets.float() if scored["on_image"] else self._on_mask_grid(targets, image_hw)
-        if not self.loss_config.needs_prior_samples:
+        if not self.loss_config.needs_prior_samples and self.anchor is None:
             return probsam_loss(out, loss_target, step, self.loss_config, logits=logits,
                                 pixel_weight=scored["pixel_weight"])
-        if readers is None or present is None:
-            raise ValueError("set_weight, consensus_weight or empty_weight > 0: the learner needs every "
-                             "reader's mask (readers=, present=)")
+        if readers is None or present is None or (self.anchor is not None and voters is None):
+            raise ValueError("set_weight, consensus_weight, empty_weight or anchor_weight > 0: the learner needs every "
+                             "reader's mask (readers=, present=; and voters= for the anchor)")
         # K samples from the PRIOR, decoded from the same embeddings (reparameterised: the set, consensus
         # and empty-share terms' gradients reach the prior net).
         z = out.prior.rsample((self.loss_config.set_samples,)).transpose(0, 1)  # (B, K, L)
         prior_logits = scored["logits"](self.model.decode(embeddings, boxes_model, z, images))
         reader_targets = readers.float() if scored["on_image"] else self._on_mask_grid(readers, image_hw)
-        return probsam_loss(out, loss_target, step, self.loss_config, prior_logits, reader_targets, present.bool(),
-                            None if voters is None else voters.to(present.device).bool(), logits=logits,
-                            pixel_weight=scored["pixel_weight"])
+        parts = probsam_loss(out, loss_target, step, self.loss_config, prior_logits, reader_targets, present.bool(),
+                             None if voters is None else voters.to(present.device).bool(), logits=logits,
+                             pixel_weight=scored["pixel_weight"])
+        if self.anchor is None:
+            return parts
+        noise = ((z - out.prior.base_dist.loc[:, None]) / out.prior.base_dist.scale[:, None]).detach()
+        reference = scored["logits"](self.anchor.sample_logits(images, boxes_model, noise))
+        anchored = anchored_slices(readers, voters.to(readers.device), self.anchor_min_readers)
+        term = anchor_loss(prior_logits, reference, anchored, scored["pixel_weight"]).mean()
+        parts["loss"] = parts["loss"] + self.anchor_weight * term
+        parts["anchor"] = term.detach()
+        return parts
 
     def _on_mask_grid(self, masks: torch.Tensor, image_hw) -> torch.Tensor:
         """(..., H, W) masks area-averaged onto the square the model's logits come on (config.mask_size)."""
@@ -220,6 +232,9 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         _learn_neighbour_weights_only(model.sam.image_encoder.patch_embed.proj)
         if model.refiner is not None:
             model.refiner.requires_grad_(True)
+    if cfg.anchor_weight > 0:  # the reference: `anchor`, or the weights training starts from
+        anchor = Anchor(Path(cfg.anchor or cfg.init), model.config, cfg.sam_checkpoint)
+        return ProbSAMLearner(model, loss_config(cfg), anchor, cfg.anchor_weight, cfg.anchor_min_readers)
     return ProbSAMLearner(model, loss_config(cfg))
 
 

@@ -63,8 +63,9 @@ out = Path(cfg.out)
 if args.resume:
     guards.check_run_folder(out, resume=True)
     cfg = load_config(str(out / "config.yaml"), args.overrides)
-out_existed = guards.check_run_folder(out, args.resume, inputs=[cfg.data, cfg.init, cfg.sam_checkpoint])
-for option in ("init", "sam_checkpoint"):
+out_existed = guards.check_run_folder(out, args.resume,
+                                     inputs=[cfg.data, cfg.init, cfg.sam_checkpoint, cfg.anchor])
+for option in ("init", "sam_checkpoint", "anchor"):
     if getattr(cfg, option):
         guards.existing_file(option, getattr(cfg, option))
 if args.no_cache:
