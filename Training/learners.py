@@ -85,6 +85,7 @@ class ProbSAMLearner(nn.Module):
                              pixel_weight=scored["pixel_weight"])
         if self.anchor is None:
             return parts
+        # the noise behind z, recovered rather than drawn apart, so runs without the anchor draw exactly as before
         noise = ((z - out.prior.base_dist.loc[:, None]) / out.prior.base_dist.scale[:, None]).detach()
         reference = scored["logits"](self.anchor.sample_logits(images, boxes_model, noise))
         anchored = anchored_slices(readers, voters.to(readers.device), self.anchor_min_readers)
@@ -232,10 +233,9 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         _learn_neighbour_weights_only(model.sam.image_encoder.patch_embed.proj)
         if model.refiner is not None:
             model.refiner.requires_grad_(True)
-    if cfg.anchor_weight > 0:  # the reference: `anchor`, or the weights training starts from
-        anchor = Anchor(Path(cfg.anchor or cfg.init), model.config, cfg.sam_checkpoint)
-        return ProbSAMLearner(model, loss_config(cfg), anchor, cfg.anchor_weight, cfg.anchor_min_readers)
-    return ProbSAMLearner(model, loss_config(cfg))
+    # the anchor's reference: `anchor`, or the weights training starts from
+    anchor = Anchor(Path(cfg.anchor or cfg.init), model.config, cfg.sam_checkpoint) if cfg.anchor_weight > 0 else None
+    return ProbSAMLearner(model, loss_config(cfg), anchor, cfg.anchor_weight, cfg.anchor_min_readers)
 
 
 def _learn_neighbour_weights_only(conv: nn.Conv2d) -> None:
