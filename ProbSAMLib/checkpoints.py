@@ -84,8 +84,15 @@ MANIFEST: Dict[str, WeightsEntry] = {
     "demo_v5": WeightsEntry(
         "demo_v5", "probsam_tiny_demo_v5.safetensors", None,
         "b4e56bacec3cb1f75a1e31d84d1a782b0c82bd6d71f7bfe3dd0e35631fc3acee", 8_297_052, "Apache-2.0",
-        "DEMO model v5: demo_v4 with an 8-channel mask refiner (ProbSAMLib/refine.py) that reads the image at "
-        "full resolution, trained 400 steps on phantom v2. Not for clinical use.", bundled=True),
+        "DEMO model v5 (superseded by demo_v6): demo_v4 with an 8-channel mask refiner (ProbSAMLib/refine.py) "
+        "that reads the image at full resolution, trained 400 steps on phantom v2. Not for clinical use.",
+        bundled=True),
+    "demo_v6": WeightsEntry(
+        "demo_v6", "probsam_tiny_demo_v6.safetensors", None,
+        "86e751518dc809a0979004387e0901988a2d696d5eb9e33d261272ce73de961a", 8_297_332, "Apache-2.0",
+        "DEMO model v6: demo_v5 taught to read the slices below and above (neighbour_slices), with an anchor "
+        "term keeping its samples at demo_v5's on slices every reader marked; 750 steps on phantom v2. "
+        "Not for clinical use.", bundled=True),
 }
 
 

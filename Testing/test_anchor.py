@@ -112,5 +112,7 @@ def test_training_refuses_a_reference_it_cannot_use(tmp_path):
                      [f"init={tmp_path / 'plain.safetensors'}", "anchor_weight=1", "train_latent_only=true"]):
         with pytest.raises(SettingsError, match="anchor_weight"):
             load_config(None, settings)
+    with pytest.raises(SettingsError, match="anchor= names a reference model but anchor_weight is 0"):
+        load_config(None, [f"init={tmp_path / 'plain.safetensors'}", f"anchor={tmp_path / 'plain.safetensors'}"])
     with pytest.raises(SettingsError, match="anchor_weight must be at least 0"):
         load_config(None, ["anchor_weight=-1"])

@@ -236,6 +236,9 @@ def validate(config: TrainConfig) -> None:
                                      or config.train_latent_only):
         raise SettingsError("setting anchor_weight needs model=probsam and a reference model (anchor= or init= "
                             "weights), and excludes train_latent_only (the decoder must be free to drift)")
+    if config.anchor and config.anchor_weight == 0:
+        raise SettingsError("setting anchor= names a reference model but anchor_weight is 0, so it would be "
+                            "ignored; give anchor_weight > 0 or drop anchor=")
     if config.min_lr > config.lr:
         raise SettingsError(f"setting min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
     if config.device.lower() not in ("auto", "cpu", "mps") and not config.device.lower().startswith("cuda"):
