@@ -10,6 +10,7 @@ and the ratios probsam_16 / sam_1 and reference_16 / probsam_16. Random weights:
     python Testing/benchmarks/sampling.py                       # tiny and vit_b on the chosen device
     python Testing/benchmarks/sampling.py --models tiny --device cuda
     python Testing/benchmarks/sampling.py --models tiny --refine-channels 0 8   # the mask refiner's cost
+    python Testing/benchmarks/sampling.py --models tiny --refine-channels 8 --neighbours 0 1   # reading k +- 1
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ def timed(fn, device, repeats):
     return statistics.median(times)
 
 
-def bench_model(name: str, device: torch.device, repeats: int, n: int = 16, refine_channels: int = 0):
-    model = build_probsam(ProbSAMConfig.preset(name, refine_channels=refine_channels), seed=0).to(device).eval()
+def bench_model(name: str, device: torch.device, repeats: int, n: int = 16, refine_channels: int = 0,
+                neighbours: bool = False):
+    config = ProbSAMConfig.preset(name, refine_channels=refine_channels, neighbour_slices=neighbours)
+    model = build_probsam(config, seed=0).to(device).eval()
     size = model.config.img_size
-    image = torch.rand(1, size, size, device=device)
+    image = torch.rand(1, 3, size, size, device=device) if neighbours else torch.rand(1, size, size, device=device)
     box = torch.tensor([[size * 0.3, size * 0.3, size * 0.6, size * 0.6]], device=device)
     gen = torch.Generator().manual_seed(0)
 
@@ -67,15 +70,18 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--refine-channels", type=int, nargs="+", default=[0],
                         help="mask refiner widths to time (0 = none, as SAM decodes)")
+    parser.add_argument("--neighbours", type=int, nargs="+", default=[0], choices=(0, 1),
+                        help="1 = the encoder reads slices k - 1, k, k + 1 (neighbour_slices), 0 = slice k alone")
     args = parser.parse_args()
     device = choose_device(args.device)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
     print(f"device {device} ({precision}), torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print(f"{'model':<7} {'refine':>6} {'sam_1 s':>9} {'probsam_16 s':>13} {'reference_16 s':>15} "
+    print(f"{'model':<7} {'refine':>6} {'k+-1':>4} {'sam_1 s':>9} {'probsam_16 s':>13} {'reference_16 s':>15} "
           f"{'probsam/sam':>12} {'reference/probsam':>18}")
-    for name, channels in itertools.product(args.models, args.refine_channels):
-        sam_1, probsam_n, reference_n = bench_model(name, device, args.repeats, refine_channels=channels)
-        print(f"{name:<7} {channels:>6} {sam_1:9.4f} {probsam_n:13.4f} {reference_n:15.4f} "
+    for name, channels, neighbours in itertools.product(args.models, args.refine_channels, args.neighbours):
+        sam_1, probsam_n, reference_n = bench_model(name, device, args.repeats, refine_channels=channels,
+                                                    neighbours=bool(neighbours))
+        print(f"{name:<7} {channels:>6} {neighbours:>4} {sam_1:9.4f} {probsam_n:13.4f} {reference_n:15.4f} "
               f"{probsam_n / sam_1:12.2f} {reference_n / probsam_n:18.2f}")
 
 
