@@ -196,6 +196,18 @@ def test_train_py_runs_the_prob_unet_and_a_model_reading_neighbouring_slices(dat
     assert config["refine_neighbours"] is True and config["neighbour_slices"] is False
 
 
+def test_prob_unet_training_is_deterministic_for_a_seed_and_thread_count(data_dir, tmp_path):
+    """The baseline's runs are reproducible on CPU: the same seed (and thread count) gives bit-identical
+    weights, another seed other weights. (Another thread count may round sums differently; the README says so.)"""
+    run = [f"data={data_dir}", *TINY_RUN[1:], "model=prob_unet", "unet_channels=[8,16]", "max_steps=3",
+           "eval_interval=100"]
+    for name, seed in (("a", 5), ("b", 5), ("c", 6)):
+        train(*run, f"seed={seed}", f"out={tmp_path / name}")
+    a, b, c = (load_file(str(tmp_path / name / "last.safetensors")) for name in "abc")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
 def test_train_py_anchors_to_a_reference_it_neither_trains_nor_saves(data_dir, tmp_path):
     """anchor_weight: the reference model (here init itself) is read, its term is logged, and neither the
     weights file nor ckpt.pt carries it; a missing reference stops the run before it writes anything."""
