@@ -238,6 +238,13 @@ def consensus_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.T
     return (shortfall + excess).sum((-2, -1)) / size
 
 
+def slots_that_drew(readers: torch.Tensor) -> torch.Tensor:
+    """(B, M) bool: which reader slots drew anything on the slice. readers: (B, M, H, W) masks or soft
+    targets (any coverage counts, so a reader's sliver that area-averaging onto a grid makes faint still
+    counts as drawn)."""
+    return readers.flatten(2).amax(-1) > 0
+
+
 def empty_share_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch.Tensor,
                      margin: float = 1.0) -> torch.Tensor:
     """Whether the right number of the K samples come out empty, per slice (B,).
@@ -255,7 +262,7 @@ def empty_share_loss(logits: torch.Tensor, readers: torch.Tensor, present: torch
     """
     peak = logits.float().flatten(2).amax(-1)  # (B, K)
     weights = present.float()
-    drew = (readers.flatten(2).amax(-1) > 0).float()  # (B, M): soft targets, any coverage counts
+    drew = slots_that_drew(readers).float()  # (B, M)
     share = (drew * weights).sum(1) / weights.sum(1).clamp(min=1)
     n_drawn = torch.round(share * peak.shape[1])  # (B,)
     rank = peak.detach().argsort(dim=1, descending=True).argsort(dim=1)  # 0 = highest peak

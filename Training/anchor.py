@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ProbSAMLib.build import load_probsam
 from ProbSAMLib.errors import SettingsError
+from ProbSAMLib.loss import slots_that_drew
 
 
 def anchored_slices(readers: torch.Tensor, voters: torch.Tensor, min_readers: int) -> torch.Tensor:
@@ -32,7 +33,7 @@ def anchored_slices(readers: torch.Tensor, voters: torch.Tensor, min_readers: in
     readers: (B, M, H, W) every slot's mask (a reader who did not mark the slice: empty);
     voters: (B, M) bool, the slots whose reader annotated the nodule."""
     voters = voters.bool()
-    marked = readers.flatten(2).amax(-1) > 0  # (B, M)
+    marked = slots_that_drew(readers)  # (B, M)
     n_voters = voters.sum(1)
     return ((marked & voters).sum(1) == n_voters) & (n_voters >= min_readers)
 
