@@ -6,7 +6,7 @@ for clinical use.
 Typical use::
 
     from ProbSAMLib import load_model, sample_masks
-    model = load_model("demo_v6")                  # bundled tiny demo model, CPU/CUDA/MPS chosen for you
+    model = load_model("demo_v7")                  # bundled tiny demo model, CPU/CUDA/MPS chosen for you
     result = sample_masks(model, ct_slice_hu, box_xyxy, n_samples=16, seed=0)
     result.masks.shape                             # (1, 16, H, W)
 """

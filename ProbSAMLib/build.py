@@ -96,7 +96,7 @@ def _load_state(module: torch.nn.Module, state, source, strict: bool, allowed_mi
 
 
 def load_model(
-    name: str = "demo_v6",
+    name: str = "demo_v7",
     checkpoint: Optional[Path] = None,
     sam_checkpoint: Optional[Path] = None,
     device: str = "auto",
@@ -104,8 +104,8 @@ def load_model(
 ) -> ProbSAM:
     """The model a user asks for by name (``registry.MODEL_NAMES``), ready for inference on the device.
 
-    name: "demo_v6" (bundled tiny model; DEMO, rendered data, not for clinical use; "demo_v5", "demo_v4",
-    "demo_v3", "demo_v2", "demo" are the earlier versions),
+    name: "demo_v7" (bundled tiny model; DEMO, rendered data, not for clinical use; "demo_v6", "demo_v5",
+    "demo_v4", "demo_v3", "demo_v2", "demo" are the earlier versions),
     "vit_b"/"vit_l"/"vit_h"
     (official SAM weights from `sam_checkpoint`, the cache or a download, plus ProbSAM heads from
     `checkpoint`), or "file" (a full ProbSAM safetensors file at `checkpoint`).

@@ -90,9 +90,14 @@ MANIFEST: Dict[str, WeightsEntry] = {
     "demo_v6": WeightsEntry(
         "demo_v6", "probsam_tiny_demo_v6.safetensors", None,
         "86e751518dc809a0979004387e0901988a2d696d5eb9e33d261272ce73de961a", 8_297_332, "Apache-2.0",
-        "DEMO model v6: demo_v5 taught to read the slices below and above (neighbour_slices), with an anchor "
-        "term keeping its samples at demo_v5's on slices every reader marked; 750 steps on phantom v2. "
-        "Not for clinical use.", bundled=True),
+        "DEMO model v6 (superseded by demo_v7): demo_v5 taught to read the slices below and above "
+        "(neighbour_slices), with an anchor term keeping its samples at demo_v5's on slices every reader marked; "
+        "750 steps on phantom v2. Not for clinical use.", bundled=True),
+    "demo_v7": WeightsEntry(
+        "demo_v7", "probsam_tiny_demo_v7.safetensors", None,
+        "a708061cc2d223258121c043aee958cb0daf107933f106704a4ce046f7a6382b", 8_297_340, "Apache-2.0",
+        "DEMO model v7: demo_v6 trained 150 steps on with the consensus term asking for the majority of all four "
+        "reader slots and set_above_half; reads the slices below and above. Not for clinical use.", bundled=True),
 }
 
 

@@ -68,17 +68,19 @@ def _load_file(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], downl
 
 
 MODELS = {entry.name: entry for entry in (
-    ModelEntry("demo_v6", "bundled tiny DEMO model v6 (rendered phantom with hard cases; reads the slices below and "
-               "above; not for clinical use)", False, 1, _demo_loader("demo_v6"), DEMO_WARNING, "demo_v6"),
-    ModelEntry("demo_v5", "bundled tiny DEMO model v5, superseded by demo_v6 (kept so earlier runs reproduce)",
+    ModelEntry("demo_v7", "bundled tiny DEMO model v7 (rendered phantom with hard cases; reads the slices below and "
+               "above; not for clinical use)", False, 1, _demo_loader("demo_v7"), DEMO_WARNING, "demo_v7"),
+    ModelEntry("demo_v6", "bundled tiny DEMO model v6, superseded by demo_v7 (kept so earlier runs reproduce)",
+               False, 1, _demo_loader("demo_v6"), DEMO_WARNING, "demo_v6"),
+    ModelEntry("demo_v5", "bundled tiny DEMO model v5, superseded by demo_v7 (kept so earlier runs reproduce)",
                False, 1, _demo_loader("demo_v5"), DEMO_WARNING, "demo_v5"),
-    ModelEntry("demo_v4", "bundled tiny DEMO model v4, superseded by demo_v6 (kept so earlier runs reproduce)",
+    ModelEntry("demo_v4", "bundled tiny DEMO model v4, superseded by demo_v7 (kept so earlier runs reproduce)",
                False, 1, _demo_loader("demo_v4"), DEMO_WARNING, "demo_v4"),
-    ModelEntry("demo_v3", "bundled tiny DEMO model v3, superseded by demo_v6 (kept so earlier runs reproduce)",
+    ModelEntry("demo_v3", "bundled tiny DEMO model v3, superseded by demo_v7 (kept so earlier runs reproduce)",
                False, 1, _demo_loader("demo_v3"), DEMO_WARNING, "demo_v3"),
-    ModelEntry("demo_v2", "bundled tiny DEMO model v2, superseded by demo_v6 (kept so earlier runs reproduce)",
+    ModelEntry("demo_v2", "bundled tiny DEMO model v2, superseded by demo_v7 (kept so earlier runs reproduce)",
                False, 1, _demo_loader("demo_v2"), DEMO_WARNING, "demo_v2"),
-    ModelEntry("demo", "bundled tiny DEMO model v1, superseded by demo_v6 (kept so earlier runs reproduce)", False,
+    ModelEntry("demo", "bundled tiny DEMO model v1, superseded by demo_v7 (kept so earlier runs reproduce)", False,
                1, _demo_loader("demo"), DEMO_WARNING, "demo"),
     ModelEntry("vit_b", "SAM ViT-B + ProbSAM heads (--checkpoint)", False, 4, _sam_loader("vit_b"), weights="sam_vit_b"),
     ModelEntry("vit_l", "SAM ViT-L + ProbSAM heads (--checkpoint)", False, 6, _sam_loader("vit_l"), weights="sam_vit_l"),
@@ -86,7 +88,7 @@ MODELS = {entry.name: entry for entry in (
     ModelEntry("file", "a full ProbSAM .safetensors file (--checkpoint)", True, 2, _load_file),
 )}
 MODEL_NAMES = tuple(MODELS)
-DEFAULT_MODEL = "demo_v6"  # what `probsam demo`/`sample`, load_model and the Slicer module use unless told
+DEFAULT_MODEL = "demo_v7"  # what `probsam demo`/`sample`, load_model and the Slicer module use unless told
 
 
 def model_entry(name: str) -> ModelEntry:

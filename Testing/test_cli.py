@@ -286,13 +286,13 @@ def test_demo_writes_everything_and_a_montage(files, tmp_path):
 
 
 def test_demo_with_the_bundled_model(tmp_path, capsys):
-    """`probsam demo` uses the current demo model (demo_v6), says so on stderr and in summary.json."""
+    """`probsam demo` uses the current demo model (demo_v7), says so on stderr and in summary.json."""
     from ProbSAMLib.registry import DEFAULT_MODEL
 
-    assert DEFAULT_MODEL == "demo_v6"
+    assert DEFAULT_MODEL == "demo_v7"
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--samples", "4"]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["model"]["name"] == "demo_v6" and "DEMO" in summary["model"]["label"]
+    assert summary["model"]["name"] == "demo_v7" and "DEMO" in summary["model"]["label"]
     assert "not for clinical use" in capsys.readouterr().err
 
 

@@ -257,7 +257,7 @@ def test_roi_outside_the_volume_is_a_clear_error(slicer, module, logic, tiny_wei
 def test_parameter_node_ranges_and_every_roi_skips_other_modules_rois(slicer, module):
     logic = module.ProbSAMSlicerLogic()
     p = logic.getParameterNode()
-    assert (p.numberOfSamples, p.seed, p.model) == (16, 0, "demo_v6")
+    assert (p.numberOfSamples, p.seed, p.model) == (16, 0, "demo_v7")
     with pytest.raises(ValueError):
         p.seed = -1
     with pytest.raises(ValueError):
