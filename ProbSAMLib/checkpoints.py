@@ -42,6 +42,13 @@ class WeightsEntry:
     bundled: bool = False
 
 
+def _bundled_demo(name: str, sha256: str, size: int, description: str) -> WeightsEntry:
+    """A demo model shipped as ProbSAMLib/models/probsam_tiny_<name>.safetensors (no URL, Apache-2.0, checked
+    like a download)."""
+    return WeightsEntry(name, f"probsam_tiny_{name}.safetensors", None, sha256, size, "Apache-2.0", description,
+                        bundled=True)
+
+
 MANIFEST: Dict[str, WeightsEntry] = {
     "sam_vit_b": WeightsEntry(
         "sam_vit_b", "sam_vit_b_01ec64.pth",
@@ -61,43 +68,35 @@ MANIFEST: Dict[str, WeightsEntry] = {
     # Bundled files are checked like downloads: a bit flip or a half-copied install is refused. A
     # retrained demo model gets a NEW entry (name, file, SHA-256); old entries stay so earlier runs,
     # whose provenance names them, reproduce (Testing/test_bad_inputs_cli.py checks every one).
-    "demo": WeightsEntry(
-        "demo", "probsam_tiny_demo.safetensors", None,
-        "993fe11112b1c4b326c12318c4dac37d3078f694a0fc5aed623d85bbb2bd373b", 8_290_336, "Apache-2.0",
+    "demo": _bundled_demo(
+        "demo", "993fe11112b1c4b326c12318c4dac37d3078f694a0fc5aed623d85bbb2bd373b", 8_290_336,
         "DEMO model v1 (superseded): tiny ProbSAM trained on the rendered LIDC contour phantom v1. "
-        "Not for clinical use.", bundled=True),
-    "demo_v2": WeightsEntry(
-        "demo_v2", "probsam_tiny_demo_v2.safetensors", None,
-        "3ebfe61edcf745338fe2cd18b6822a4be44f0a77c839d9e7a8a7ab128959491d", 8_290_472, "Apache-2.0",
+        "Not for clinical use."),
+    "demo_v2": _bundled_demo(
+        "demo_v2", "3ebfe61edcf745338fe2cd18b6822a4be44f0a77c839d9e7a8a7ab128959491d", 8_290_472,
         "DEMO model v2 (superseded by demo_v3): tiny ProbSAM trained on the rendered phantom v2 (hard cases), "
-        "all four reader slots, set term. Not for clinical use.", bundled=True),
-    "demo_v3": WeightsEntry(
-        "demo_v3", "probsam_tiny_demo_v3.safetensors", None,
-        "dfb775f8bbcc0326a0c292c0ef398173c438d3a520da0c83f7230bae893d5f9e", 8_290_512, "Apache-2.0",
+        "all four reader slots, set term. Not for clinical use."),
+    "demo_v3": _bundled_demo(
+        "demo_v3", "dfb775f8bbcc0326a0c292c0ef398173c438d3a520da0c83f7230bae893d5f9e", 8_290_512,
         "DEMO model v3 (superseded by demo_v4): demo_v2 fine-tuned on phantom v2 without free bits and with 8 "
-        "prior samples in the set term. Not for clinical use.", bundled=True),
-    "demo_v4": WeightsEntry(
-        "demo_v4", "probsam_tiny_demo_v4.safetensors", None,
-        "4b5e239237eccf2011ae013af1dda5f882477b2cdb9bfb8494dd9d8b7761103b", 8_290_744, "Apache-2.0",
+        "prior samples in the set term. Not for clinical use."),
+    "demo_v4": _bundled_demo(
+        "demo_v4", "4b5e239237eccf2011ae013af1dda5f882477b2cdb9bfb8494dd9d8b7761103b", 8_290_744,
         "DEMO model v4 (superseded by demo_v5): demo_v3 trained 200 steps on with the readers'-majority consensus term (its mean "
-        "prediction against the majority of the nodule's own readers). Not for clinical use.", bundled=True),
-    "demo_v5": WeightsEntry(
-        "demo_v5", "probsam_tiny_demo_v5.safetensors", None,
-        "b4e56bacec3cb1f75a1e31d84d1a782b0c82bd6d71f7bfe3dd0e35631fc3acee", 8_297_052, "Apache-2.0",
+        "prediction against the majority of the nodule's own readers). Not for clinical use."),
+    "demo_v5": _bundled_demo(
+        "demo_v5", "b4e56bacec3cb1f75a1e31d84d1a782b0c82bd6d71f7bfe3dd0e35631fc3acee", 8_297_052,
         "DEMO model v5 (superseded by demo_v6): demo_v4 with an 8-channel mask refiner (ProbSAMLib/refine.py) "
-        "that reads the image at full resolution, trained 400 steps on phantom v2. Not for clinical use.",
-        bundled=True),
-    "demo_v6": WeightsEntry(
-        "demo_v6", "probsam_tiny_demo_v6.safetensors", None,
-        "86e751518dc809a0979004387e0901988a2d696d5eb9e33d261272ce73de961a", 8_297_332, "Apache-2.0",
+        "that reads the image at full resolution, trained 400 steps on phantom v2. Not for clinical use."),
+    "demo_v6": _bundled_demo(
+        "demo_v6", "86e751518dc809a0979004387e0901988a2d696d5eb9e33d261272ce73de961a", 8_297_332,
         "DEMO model v6 (superseded by demo_v7): demo_v5 taught to read the slices below and above "
         "(neighbour_slices), with an anchor term keeping its samples at demo_v5's on slices every reader marked; "
-        "750 steps on phantom v2. Not for clinical use.", bundled=True),
-    "demo_v7": WeightsEntry(
-        "demo_v7", "probsam_tiny_demo_v7.safetensors", None,
-        "a708061cc2d223258121c043aee958cb0daf107933f106704a4ce046f7a6382b", 8_297_340, "Apache-2.0",
+        "750 steps on phantom v2. Not for clinical use."),
+    "demo_v7": _bundled_demo(
+        "demo_v7", "a708061cc2d223258121c043aee958cb0daf107933f106704a4ce046f7a6382b", 8_297_340,
         "DEMO model v7: demo_v6 trained 150 steps on with the consensus term asking for the majority of all four "
-        "reader slots and set_above_half; reads the slices below and above. Not for clinical use.", bundled=True),
+        "reader slots and set_above_half; reads the slices below and above. Not for clinical use."),
 }
 
 

@@ -67,28 +67,34 @@ def _load_file(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], downl
     return load_probsam(Path(checkpoint), sam_checkpoint=sam_checkpoint)
 
 
+DEFAULT_MODEL = "demo_v7"  # what `probsam demo`/`sample`, load_model and the Slicer module use unless told
+
+
+def _demo_model(name: str, version: str) -> ModelEntry:
+    """A bundled demo model: the current one (DEFAULT_MODEL) or an earlier one kept so earlier runs reproduce."""
+    if name == DEFAULT_MODEL:
+        description = (f"bundled tiny DEMO model {version} (rendered phantom with hard cases; reads the slices "
+                       "below and above; not for clinical use)")
+    else:
+        description = (f"bundled tiny DEMO model {version}, superseded by {DEFAULT_MODEL} (kept so earlier runs "
+                       "reproduce)")
+    return ModelEntry(name, description, False, 1, _demo_loader(name), DEMO_WARNING, name)
+
+
 MODELS = {entry.name: entry for entry in (
-    ModelEntry("demo_v7", "bundled tiny DEMO model v7 (rendered phantom with hard cases; reads the slices below and "
-               "above; not for clinical use)", False, 1, _demo_loader("demo_v7"), DEMO_WARNING, "demo_v7"),
-    ModelEntry("demo_v6", "bundled tiny DEMO model v6, superseded by demo_v7 (kept so earlier runs reproduce)",
-               False, 1, _demo_loader("demo_v6"), DEMO_WARNING, "demo_v6"),
-    ModelEntry("demo_v5", "bundled tiny DEMO model v5, superseded by demo_v7 (kept so earlier runs reproduce)",
-               False, 1, _demo_loader("demo_v5"), DEMO_WARNING, "demo_v5"),
-    ModelEntry("demo_v4", "bundled tiny DEMO model v4, superseded by demo_v7 (kept so earlier runs reproduce)",
-               False, 1, _demo_loader("demo_v4"), DEMO_WARNING, "demo_v4"),
-    ModelEntry("demo_v3", "bundled tiny DEMO model v3, superseded by demo_v7 (kept so earlier runs reproduce)",
-               False, 1, _demo_loader("demo_v3"), DEMO_WARNING, "demo_v3"),
-    ModelEntry("demo_v2", "bundled tiny DEMO model v2, superseded by demo_v7 (kept so earlier runs reproduce)",
-               False, 1, _demo_loader("demo_v2"), DEMO_WARNING, "demo_v2"),
-    ModelEntry("demo", "bundled tiny DEMO model v1, superseded by demo_v7 (kept so earlier runs reproduce)", False,
-               1, _demo_loader("demo"), DEMO_WARNING, "demo"),
+    _demo_model("demo_v7", "v7"),
+    _demo_model("demo_v6", "v6"),
+    _demo_model("demo_v5", "v5"),
+    _demo_model("demo_v4", "v4"),
+    _demo_model("demo_v3", "v3"),
+    _demo_model("demo_v2", "v2"),
+    _demo_model("demo", "v1"),
     ModelEntry("vit_b", "SAM ViT-B + ProbSAM heads (--checkpoint)", False, 4, _sam_loader("vit_b"), weights="sam_vit_b"),
     ModelEntry("vit_l", "SAM ViT-L + ProbSAM heads (--checkpoint)", False, 6, _sam_loader("vit_l"), weights="sam_vit_l"),
     ModelEntry("vit_h", "SAM ViT-H + ProbSAM heads (--checkpoint)", False, 8, _sam_loader("vit_h"), weights="sam_vit_h"),
     ModelEntry("file", "a full ProbSAM .safetensors file (--checkpoint)", True, 2, _load_file),
 )}
 MODEL_NAMES = tuple(MODELS)
-DEFAULT_MODEL = "demo_v7"  # what `probsam demo`/`sample`, load_model and the Slicer module use unless told
 
 
 def model_entry(name: str) -> ModelEntry:
