@@ -116,3 +116,30 @@ def test_training_refuses_a_reference_it_cannot_use(tmp_path):
         load_config(None, [f"init={tmp_path / 'plain.safetensors'}", f"anchor={tmp_path / 'plain.safetensors'}"])
     with pytest.raises(SettingsError, match="anchor_weight must be at least 0"):
         load_config(None, ["anchor_weight=-1"])
+
+
+def test_the_reference_reads_only_the_anchored_slices(tmp_path, monkeypatch):
+    """The reference's forward pass (an encoder: the costly part) runs on the anchored slices alone, and not at
+    all on a batch without one; the term still averages over the whole batch."""
+    save_probsam(_tiny(), tmp_path / "ref.safetensors")
+    cfg = TrainConfig(preset="tiny", init=str(tmp_path / "ref.safetensors"), freeze_encoder=False, anchor_weight=1.0,
+                      loss_resolution="image", set_samples=3)
+    learner = build_learner(cfg, intensity="unit")
+    with torch.no_grad():
+        learner.model.sam.mask_decoder.output_upscaling[-2].bias.add_(0.5)
+    read = []
+    original = learner.anchor.sample_logits
+    monkeypatch.setattr(learner.anchor, "sample_logits",
+                        lambda images, boxes, noise: read.append(len(images)) or original(images, boxes, noise))
+    images, boxes, target, readers, voters = _batch()
+    both, _ = _loss_and_grads(learner, (images, boxes, target, readers, voters), 1.0)
+    readers_one = readers.clone()
+    readers_one[1, 2] = 0  # slice 1: one of its nodule's three readers left it out, so it is not anchored
+    one, _ = _loss_and_grads(learner, (images, boxes, target, readers_one, voters), 1.0)
+    readers_none = readers.clone()
+    readers_none[:, 2] = 0
+    none, _ = _loss_and_grads(learner, (images, boxes, target, readers_none, voters), 1.0)
+    assert read == [2, 1]
+    assert float(none["anchor"]) == 0.0
+    # slice 0 alone carries the term, averaged over both slices: about half of what both slices cost
+    assert 0.2 * float(both["anchor"]) < float(one["anchor"]) < 0.8 * float(both["anchor"])

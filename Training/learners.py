@@ -85,11 +85,17 @@ class ProbSAMLearner(nn.Module):
                              pixel_weight=scored["pixel_weight"])
         if self.anchor is None:
             return parts
-        # the noise behind z, recovered rather than drawn apart, so runs without the anchor draw exactly as before
-        noise = ((z - out.prior.base_dist.loc[:, None]) / out.prior.base_dist.scale[:, None]).detach()
-        reference = scored["logits"](self.anchor.sample_logits(images, boxes_model, noise))
         anchored = anchored_slices(readers, voters.to(readers.device), self.anchor_min_readers)
-        term = anchor_loss(prior_logits, reference, anchored, scored["pixel_weight"]).mean()
+        # the reference reads only the slices it holds (its encoder is the costly part; the term is 0 elsewhere)
+        rows = anchored.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            parts["anchor"] = torch.zeros((), device=parts["loss"].device)
+            return parts
+        # the noise behind z, recovered rather than drawn apart, so runs without the anchor draw exactly as before
+        noise = ((z[rows] - out.prior.base_dist.loc[rows, None]) / out.prior.base_dist.scale[rows, None]).detach()
+        reference = scored["logits"](self.anchor.sample_logits(images[rows], boxes_model[rows], noise))
+        # mean over the whole batch (a slice that is not anchored adds 0), as if every slice had been read
+        term = anchor_loss(prior_logits[rows], reference, anchored[rows], scored["pixel_weight"]).sum() / len(anchored)
         parts["loss"] = parts["loss"] + self.anchor_weight * term
         parts["anchor"] = term.detach()
         return parts
