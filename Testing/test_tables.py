@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from ProbSAMLib.errors import SettingsError
-from Training.tables import compare_table, main, runs_table
+from Training.tables import compare_table, influence_table, main, runs_table
 
 
 def interval(estimate, low, high):
@@ -55,3 +55,31 @@ def test_runs_table_reads_logs_and_configs(tmp_path, capsys):
     assert "m: best val GED@16 0.350 ± 0.071 (mean ± sd over 2 runs)" in text
     assert main(["runs", str(tmp_path / "nothing")]) == 2
     assert "no training runs" in capsys.readouterr().err
+
+
+def _slices(differences_by_patient, case="partial_volume"):
+    """Two methods' per-slice rows: method a scores 0.5 + d on each slice of a patient whose difference is d."""
+    a, b = [], []
+    for patient, (n, d) in differences_by_patient.items():
+        for k in range(n):
+            row = {"patient_id": patient, "n_marked": 1 + k % 4, "case": case}
+            a.append(dict(row, dice_majority=0.5 + d + 0.01 * k))
+            b.append(dict(row, dice_majority=0.5 + 0.01 * k))
+    return {"a": a, "b": b}
+
+
+def test_influence_table_finds_the_patient_that_decides_the_interval():
+    patients = {f"P{i:02d}": (3, 0.1 + 0.01 * (i % 3)) for i in range(12)}
+    patients["OUTLIER"] = (10, -0.9)  # many slices, all lost: drags the lower bound below 0
+    lines = influence_table(_slices(patients), "case partial_volume", n_boot=200).splitlines()
+    assert lines[0] == "case partial_volume: a − b, dice_majority, 46 slices of 13 patients"
+    everyone, first = lines[4], lines[5]
+    low_all = float(everyone.split("[")[1].split(",")[0])
+    assert first.startswith("| OUTLIER | 10 | -0.900 |")
+    low_without = float(first.split("[")[1].split(",")[0])
+    assert low_all < 0 < low_without
+    assert len(lines) == 5 + 5  # the top 5 patients
+    with pytest.raises(SettingsError, match="no slice group 'case plain'"):
+        influence_table(_slices(patients), "case plain")
+    with pytest.raises(SettingsError, match="two methods"):
+        influence_table(_slices(patients), "all", methods=["a", "c"])

@@ -6,6 +6,8 @@
     # of the metric with its 95 % interval, then the paired difference of the first method to the others
     python Training/tables.py compare results/v2_full_n16 --metric dice_majority [--methods A B ...]
     python Training/tables.py compare results/v2_full_n16 --metric ged@16 --difference ged_ratio@16
+    # which patients decide a paired interval: the difference again without each one (leave one patient out)
+    python Training/tables.py influence results/test_demo_v7 --group "case partial_volume" --methods A B
 """
 from __future__ import annotations
 
@@ -19,10 +21,13 @@ from typing import List, Optional, Sequence
 if __package__ in (None, ""):  # `python Training/tables.py` from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import yaml
 
 from ProbSAMLib.errors import SettingsError
 from Training import guards
+from Training.bootstrap import PatientBootstrap
+from Training.evaluation_report import read_per_slice, reader_groups
 
 
 def cell(interval: Optional[dict]) -> str:
@@ -87,6 +92,43 @@ def compare_table(results: dict, metric: str, methods: Optional[Sequence[str]] =
     return "\n".join(lines)
 
 
+def influence_table(per_slice: dict, group: str, metric: str = "dice_majority", methods: Sequence[str] = (),
+                    n_boot: int = 1000, seed: int = 0, top: int = 5) -> str:
+    """The paired difference first − second method of ``metric`` on one slice group (evaluation_report's
+    groups: "all", "case plain", "2 readers", ...), then again without each single patient, the ``top``
+    patients whose removal moves the lower bound most (either way) listed with their slices and own mean
+    difference. What it is for: reading an interval, not changing the protocol; the protocol's interval
+    is the first row."""
+    names = list(methods or per_slice)[:2]
+    if len(names) != 2 or any(n not in per_slice for n in names):
+        raise SettingsError(f"influence needs two methods of {sorted(per_slice)}, got {list(methods)}")
+    first, second = (per_slice[n] for n in names)
+    groups = reader_groups(first)
+    if group not in groups:
+        raise SettingsError(f"no slice group {group!r}; the groups are {sorted(groups)}")
+    if metric not in first[0]:
+        raise SettingsError(f"no per-slice metric {metric!r}")
+    index = groups[group]
+    patients = np.array([first[i]["patient_id"] for i in index])
+    a = np.array([first[i][metric] for i in index], dtype=np.float64)
+    b = np.array([second[i][metric] for i in index], dtype=np.float64)
+
+    def interval(keep: np.ndarray):
+        return PatientBootstrap(patients[keep], n_boot, seed).difference(a[keep], b[keep])
+
+    everyone = interval(np.ones(len(index), dtype=bool))
+    rows = []
+    for patient in sorted(set(patients.tolist())):
+        own = patients == patient
+        rows.append((interval(~own), patient, int(own.sum()), float(np.mean(a[own] - b[own]))))
+    rows.sort(key=lambda r: abs(r[0].low - everyone.low), reverse=True)
+    lines = [f"{group}: {names[0]} − {names[1]}, {metric}, {len(index)} slices of {len(rows)} patients",
+             "", "| left out | slices | its own mean difference | difference without it |", "|---|---|---|---|",
+             f"| nobody | {len(index)} | – | {everyone.format()} |"]
+    lines += [f"| {patient} | {n} | {own:+.3f} | {iv.format()} |" for iv, patient, n, own in rows[:top]]
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return guards.run_main("tables.py", lambda: _main(argv))
 
@@ -101,8 +143,23 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     compare.add_argument("--metric", default="dice_majority")
     compare.add_argument("--methods", nargs="+", help="columns in order; the first is the reference")
     compare.add_argument("--difference", help="the paired column's metric (default --metric), e.g. ged_ratio@16")
+    influence = sub.add_parser("influence", help="a paired interval without each single patient")
+    influence.add_argument("results", help="an evaluate.py --out folder (its per_slice_*.csv)")
+    influence.add_argument("--group", default="all", help='a slice group, e.g. "case partial_volume"')
+    influence.add_argument("--metric", default="dice_majority")
+    influence.add_argument("--methods", nargs=2, help="the two methods (default: the first two tables)")
+    influence.add_argument("--top", type=int, default=5)
     args = parser.parse_args(argv)
-    if args.command == "runs":
+    if args.command == "influence":
+        tables = sorted(Path(args.results).glob("per_slice_*.csv"))
+        if not tables:
+            raise SettingsError(f"no per_slice_*.csv in {args.results}: give an evaluate.py --out folder")
+        per_slice = dict(read_per_slice(path)[:2] for path in tables)
+        if not args.methods:  # the order evaluate.py ran them in is the one in results.json
+            order = json.loads((Path(args.results) / "results.json").read_text(encoding="utf-8"))["intervals"]["all"]
+            per_slice = {name: per_slice[name] for name in order if name in per_slice}
+        print(influence_table(per_slice, args.group, args.metric, args.methods or ()))
+    elif args.command == "runs":
         root = Path(args.root)
         if not any(root.glob("*/log.jsonl")):
             raise SettingsError(f"no training runs (*/log.jsonl) under {root}")
