@@ -158,7 +158,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         if not args.methods:  # the order evaluate.py ran them in is the one in results.json
             order = json.loads((Path(args.results) / "results.json").read_text(encoding="utf-8"))["intervals"]["all"]
             per_slice = {name: per_slice[name] for name in order if name in per_slice}
-        print(influence_table(per_slice, args.group, args.metric, args.methods or ()))
+        print(influence_table(per_slice, args.group, args.metric, args.methods or (), top=args.top))
     elif args.command == "runs":
         root = Path(args.root)
         if not any(root.glob("*/log.jsonl")):
