@@ -6,9 +6,9 @@ import SimpleITK as sitk
 
 from ProbSAMLib import nrrd
 from ProbSAMLib.geometry import VolumeGeometry
-from ProbSAMLib.imageio import (AtomicOutputDir, MultipleSeriesError, OutputExistsError, VolumeReadError,
-                                distinct_colors, read_segment_metadata, read_segmentation, read_volume,
-                                write_image, write_sample_files, write_segmentation)
+from ProbSAMLib.imageio import (AtomicOutputDir, IntensityWarning, MultipleSeriesError, OutputExistsError,
+                                VolumeReadError, distinct_colors, read_segment_metadata, read_segmentation,
+                                read_volume, write_image, write_sample_files, write_segmentation)
 from Testing.helpers import write_dicom_series
 
 C, S = np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30))
@@ -41,7 +41,8 @@ def test_read_volume_files_keep_geometry_and_values(tmp_path, suffix):
 def test_dicom_folder_one_and_two_series(tmp_path):
     first = np.arange(4 * 6 * 5).reshape(4, 6, 5) - 50
     write_dicom_series(tmp_path, first, "1.2.3.4.5.1", "a", "lung window")
-    volume = read_volume(tmp_path)
+    with pytest.warns(IntensityWarning, match="span -50..69, which does not look like CT"):  # not HU: warned
+        volume = read_volume(tmp_path)
     assert volume.GetSize() == (5, 6, 4)
     np.testing.assert_allclose(volume.GetSpacing(), (0.8, 0.8, 2.5), atol=1e-6)
     np.testing.assert_array_equal(sitk.GetArrayFromImage(volume), first)
@@ -53,7 +54,8 @@ def test_dicom_folder_one_and_two_series(tmp_path):
     assert "2 DICOM series" in message and "1.2.3.4.5.1 (4 files, CT, 'lung window')" in message
     assert "1.2.3.4.5.2 (3 files, CT, 'bone')" in message and "series_uid" in message
     assert sorted(s["files"] for s in info.value.series) == [3, 4]
-    chosen = read_volume(tmp_path, series_uid="1.2.3.4.5.2")
+    with pytest.warns(IntensityWarning, match="span 950..1039"):
+        chosen = read_volume(tmp_path, series_uid="1.2.3.4.5.2")
     np.testing.assert_array_equal(sitk.GetArrayFromImage(chosen), first[:3] + 1000)
     with pytest.raises(VolumeReadError, match="series 9.9 is not in"):
         read_volume(tmp_path, series_uid="9.9")
@@ -89,7 +91,8 @@ def test_read_volume_rejects_unusable_inputs(tmp_path):
 
 def test_4d_volume_with_one_time_point_is_accepted(tmp_path):
     sitk.WriteImage(sitk.Image([5, 4, 3, 1], sitk.sitkInt16), str(tmp_path / "one.nrrd"))
-    assert read_volume(tmp_path / "one.nrrd").GetSize() == (5, 4, 3)
+    with pytest.warns(IntensityWarning, match="span 0..0"):  # an all-zero image is not CT either
+        assert read_volume(tmp_path / "one.nrrd").GetSize() == (5, 4, 3)
 
 
 # --- atomic output folder ---------------------------------------------------------------------------
