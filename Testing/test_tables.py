@@ -83,3 +83,24 @@ def test_influence_table_finds_the_patient_that_decides_the_interval():
         influence_table(_slices(patients), "case plain")
     with pytest.raises(SettingsError, match="two methods"):
         influence_table(_slices(patients), "all", methods=["a", "c"])
+
+
+def test_influence_command_reads_an_evaluate_folder_in_its_method_order(tmp_path, capsys):
+    import numpy as np
+    from Training.evaluation_report import write_per_slice
+
+    per_slice = _slices({f"P{i}": (2, 0.1 * (i - 2)) for i in range(5)})
+    for name, rows in per_slice.items():
+        rows = [dict(r, position=k, slice=k, series_uid="s", calibration_bins=np.zeros((10, 3)))
+                for k, r in enumerate(rows)]
+        write_per_slice(tmp_path / f"per_slice_{name}.csv", name, rows, 0, "", "abc")
+    # evaluate.py ran b first: its order, not the files' names, decides which difference is shown
+    (tmp_path / "results.json").write_text(json.dumps({"intervals": {"all": {"b": {}, "a": {}}}}))
+    assert main(["influence", str(tmp_path), "--group", "case partial_volume", "--top", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("case partial_volume: b − a, dice_majority, 10 slices of 5 patients")
+    assert len(lines) == 5 + 2
+    assert main(["influence", str(tmp_path), "--methods", "a", "b"]) == 0
+    assert capsys.readouterr().out.startswith("all: a − b")
+    assert main(["influence", str(tmp_path / "nowhere")]) != 0
+    assert "no per_slice_*.csv" in capsys.readouterr().err
