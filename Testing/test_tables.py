@@ -83,6 +83,10 @@ def test_influence_table_finds_the_patient_that_decides_the_interval():
         influence_table(_slices(patients), "case plain")
     with pytest.raises(SettingsError, match="two methods"):
         influence_table(_slices(patients), "all", methods=["a", "c"])
+    shuffled = _slices(patients)
+    shuffled["b"] = shuffled["b"][::-1]  # another order of the slices: pairing them would be meaningless
+    with pytest.raises(SettingsError, match="not scored on the same slices"):
+        influence_table(shuffled, "all")
 
 
 def test_influence_command_reads_an_evaluate_folder_in_its_method_order(tmp_path, capsys):
@@ -104,3 +108,7 @@ def test_influence_command_reads_an_evaluate_folder_in_its_method_order(tmp_path
     assert capsys.readouterr().out.startswith("all: a − b")
     assert main(["influence", str(tmp_path / "nowhere")]) != 0
     assert "no per_slice_*.csv" in capsys.readouterr().err
+    (tmp_path / "results.json").unlink()
+    assert main(["influence", str(tmp_path)]) != 0
+    err = capsys.readouterr().err
+    assert "no results.json" in err and "--methods A B" in err

@@ -103,6 +103,9 @@ def influence_table(per_slice: dict, group: str, metric: str = "dice_majority", 
     if len(names) != 2 or any(n not in per_slice for n in names):
         raise SettingsError(f"influence needs two methods of {sorted(per_slice)}, got {list(methods)}")
     first, second = (per_slice[n] for n in names)
+    if [(r["patient_id"], r.get("slice")) for r in first] != [(r["patient_id"], r.get("slice")) for r in second]:
+        raise SettingsError(f"{names[0]} and {names[1]} were not scored on the same slices in the same order; "
+                            "pair only the tables of one evaluate.py output")
     groups = reader_groups(first)
     if group not in groups:
         raise SettingsError(f"no slice group {group!r}; the groups are {sorted(groups)}")
@@ -156,7 +159,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             raise SettingsError(f"no per_slice_*.csv in {args.results}: give an evaluate.py --out folder")
         per_slice = dict(read_per_slice(path)[:2] for path in tables)
         if not args.methods:  # the order evaluate.py ran them in is the one in results.json
-            order = json.loads((Path(args.results) / "results.json").read_text(encoding="utf-8"))["intervals"]["all"]
+            summary = Path(args.results) / "results.json"
+            if not summary.is_file():
+                raise SettingsError(f"no results.json in {args.results} to take the methods' order from; "
+                                    f"name them with --methods A B (the tables: {sorted(per_slice)})")
+            order = json.loads(summary.read_text(encoding="utf-8"))["intervals"]["all"]
             per_slice = {name: per_slice[name] for name in order if name in per_slice}
         print(influence_table(per_slice, args.group, args.metric, args.methods or (), top=args.top))
     elif args.command == "runs":
