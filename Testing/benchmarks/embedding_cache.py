@@ -44,8 +44,11 @@ class Subset(SliceBatches):
 
 
 def synchronise(device: torch.device) -> None:
+    """Wait for queued GPU work, so the clock measures it (CUDA and MPS run asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
 
 
 def measured(device: torch.device, work) -> tuple:
