@@ -33,7 +33,6 @@ whole volume (the CLI's outputs).
 
 from __future__ import annotations
 
-import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -47,6 +46,8 @@ from .config import ENCODER_VARIANTS
 from .device import autocast
 from .errors import SettingsError
 from .geometry import VolumeGeometry, VoxelBox, slice_boxes_2d, slices_with_neighbours
+from .memory import available_bytes, bytes_per_slice, choose_batch, host_available_bytes, is_out_of_memory
+from .memory import release_cached_memory
 from .model import ProbSAM
 from .preprocess import boxes_to_model_frame
 from .sampling import images_to_unit, make_generator, sample_from_embeddings
@@ -55,9 +56,6 @@ from .uncertainty import uncertainty_maps
 THRESHOLD = 0.5
 CONTEXT_MARGIN_PX = 16
 Z_MODES = ("per_sample", "per_slice")
-# Chunks larger than this gain nothing on a CPU and only cost memory.
-_CPU_MAX_BATCH = 8
-_GPU_MAX_BATCH = 32
 
 ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
@@ -147,83 +145,34 @@ def model_slices(region: np.ndarray, first: int, n_slices: int, reads_neighbours
     return slices_with_neighbours(region, np.arange(first, first + n_slices))
 
 
-# --- chunk size -----------------------------------------------------------------------------------------
-def _bytes_per_slice(model: ProbSAM, n_samples: int, half: bool) -> int:
-    """A generous estimate of the peak memory one slice needs in the encoder and the N-sample decoder."""
-    config = model.config
-    variant = ENCODER_VARIANTS[config.encoder]
-    tokens = config.embedding_size ** 2
-    element = 2 if half else 4
-    # SAM's global attention materialises (heads, T, T) scores; softmax and rel-pos keep ~3 copies.
-    attention = 3 * variant["num_heads"] * tokens ** 2 * element
-    activations = 16 * tokens * variant["embed_dim"] * element
-    # Decoder: N logit maps upsampled to img_size², in float32, plus the resized copies.
-    decoder = 3 * n_samples * config.img_size ** 2 * 4
-    # Mask refiner: its input (2 channels) and two hidden maps alive at once, every sample at img_size².
-    refiner = n_samples * config.img_size ** 2 * (2 + 2 * config.refine_channels) * 4 if config.refine_channels else 0
-    return attention + activations + decoder + refiner
-
-
-def _available_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    if device.type == "cpu":
-        return _host_available_bytes()
-    return 1 << 30  # MPS reports no free memory; stay modest
-
-
-def _host_available_bytes() -> int:
-    """Memory the OS can give without swapping: MemAvailable (Linux), else free pages, else 2 GiB."""
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError):  # not on Linux/macOS
-        return 2 << 30
-
-
+# --- memory ---------------------------------------------------------------------------------------------
 def estimate_bytes(model: ProbSAM, n_samples: int, voxel_box: VoxelBox) -> dict:
     """Peak memory of one run: ``device`` for one slice in the model, ``host`` for the kept results."""
     width, height, depth = voxel_box.size
     box_voxels = width * height * depth
     # probabilities (float32) + masks (bool) of every sample in the box, the four maps, the saved copies
     host = n_samples * box_voxels * (4 + 1 + 1) + 4 * 4 * box_voxels
-    device = _bytes_per_slice(model, n_samples, half=model.device.type == "cuda")
+    device = bytes_per_slice(model, n_samples, half=model.device.type == "cuda")
     return {"host": int(host), "device": int(device)}
 
 
 def check_fits(model: ProbSAM, n_samples: int, voxel_box: VoxelBox) -> None:
     """Refuse, before any work, a run whose estimate exceeds the memory available (says what to change)."""
     need = estimate_bytes(model, n_samples, voxel_box)
-    host_free = _host_available_bytes()
+    host_free = host_available_bytes()
     on_host = need["host"] + (need["device"] if model.device.type == "cpu" else 0)
     problems = []
     if on_host > host_free:
         problems.append(f"about {on_host / 2**30:.1f} GiB of memory, {host_free / 2**30:.1f} GiB available")
-    if model.device.type == "cuda" and need["device"] > _available_bytes(model.device):
+    if model.device.type == "cuda" and need["device"] > available_bytes(model.device):
         problems.append(f"about {need['device'] / 2**30:.1f} GiB of GPU memory for one slice, "
-                        f"{_available_bytes(model.device) / 2**30:.1f} GiB free")
+                        f"{available_bytes(model.device) / 2**30:.1f} GiB free")
     if problems:
         per_sample = max(1, on_host // max(1, n_samples))
         fitting = max(0, int(host_free // per_sample) - 1)
         raise SettingsError(f"{n_samples} samples on a box of {voxel_box.size[0]} x {voxel_box.size[1]} x "
                             f"{voxel_box.size[2]} voxels need {' and '.join(problems)}; use fewer samples "
                             f"(about {fitting} fit) or a smaller box")
-
-
-def choose_slice_batch(model: ProbSAM, n_samples: int, n_slices: int) -> int:
-    """Slices per chunk: half the free memory divided by the per-slice estimate, within [1, cap]."""
-    device = model.device
-    per_slice = _bytes_per_slice(model, n_samples, half=device.type == "cuda")
-    budget = _available_bytes(device) // 2
-    cap = _GPU_MAX_BATCH if device.type == "cuda" else _CPU_MAX_BATCH
-    return int(max(1, min(cap, n_slices, budget // per_slice)))
 
 
 # --- sampling -------------------------------------------------------------------------------------------
@@ -283,11 +232,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _is_oom(error: BaseException) -> bool:
-    oom = getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
-
-
 def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: torch.Tensor, batch: int,
                 progress: ProgressFn, cancel: Optional[CancelFn]):
     """All slices of ``region`` (Kb, h, w), ``batch`` at a time; the box part of every probability map.
@@ -308,10 +252,9 @@ def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: to
             probs, z = _sample_chunk(model, region[done:stop], box_in_window, eps[done:stop], timings,
                                      cancel)
         except Exception as error:  # out of GPU memory: halve the chunk and retry it
-            if not _is_oom(error):
+            if not is_out_of_memory(error):
                 raise
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_cached_memory()
             if batch == 1:
                 raise RuntimeError("out of GPU memory with a single slice per batch; use a smaller model or "
                                    "--device cpu") from error
@@ -380,7 +323,7 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
     n_slices = len(slices)
     region = model_slices(region, voxel_box.lo[2] - k0, n_slices, model.config.reads_neighbours)
     eps = _draw_noise(make_generator(seed), n_slices, n_samples, model.config.latent_dim, z_mode)
-    batch = int(slice_batch) if slice_batch else choose_slice_batch(model, n_samples, n_slices)
+    batch = int(slice_batch) if slice_batch else choose_batch(model, n_samples, n_slices)
     if batch < 1:
         raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
     report_progress(0.0, f"sampling {n_samples} masks on {n_slices} slices")

@@ -198,11 +198,12 @@ def device_warning(name: str, requested: str, device_type: str, gpu_gib: Optiona
 
 
 def _error_kind(error: BaseException) -> str:
-    from .volume import Cancelled, _is_oom
+    from .memory import is_out_of_memory
+    from .volume import Cancelled
 
     if isinstance(error, Cancelled):
         return "cancelled"
-    if _is_oom(error) or "out of GPU memory" in str(error) or isinstance(error, MemoryError):
+    if is_out_of_memory(error) or "out of GPU memory" in str(error) or isinstance(error, MemoryError):
         return "out_of_memory"
     return "error"
 

@@ -139,6 +139,25 @@ def test_patient_bootstrap_clusters_pairs_and_pools():
 
 
 # ------------------------------------------------------------------------------- evaluate.py
+def test_the_batch_is_chosen_from_free_memory_for_sam_models(monkeypatch):
+    """--batch-size 0: a ProbSAM model (also inside the prior-mean baseline) gets as many slices as half the
+    free memory holds by ProbSAMLib.memory's estimate, at most 16; other predictors get 16."""
+    from ProbSAMLib import memory
+    from Training.baselines import PriorMeanBaseline, ThresholdBaseline
+    from Training.config import TrainConfig
+    from Training.evaluate import slices_per_batch
+    from Training.learners import build_learner
+    learner = build_learner(TrainConfig(preset="tiny"))
+    per_slice = memory.bytes_per_slice(learner.model, 100, half=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 10 * per_slice)  # room for 5
+    assert slices_per_batch(learner, 100, 40) == 5
+    assert slices_per_batch(PriorMeanBaseline(learner), 100, 40) == 5
+    assert slices_per_batch(learner, 100, 3) == 3
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 100 * per_slice)
+    assert slices_per_batch(learner, 100, 40) == 16
+    assert slices_per_batch(ThresholdBaseline((-600, 1500)), 100, 40) == 16
+
+
 def test_noise_is_independent_of_the_batch_size(phantom):
     from Training.batches import SliceBatches
     from Training.config import TrainConfig

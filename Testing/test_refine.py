@@ -196,10 +196,10 @@ def test_a_fresh_refiner_learns_at_its_own_rate_and_plain_models_keep_two_groups
 def test_the_memory_estimate_counts_the_refiners_full_resolution_maps():
     """A refiner holds N maps of img_size² per hidden layer; the volume sampler's memory check must see them
     (for SAM's 1024² input, 16 samples and 8 channels they are ~1.2 GB)."""
-    from ProbSAMLib.volume import _bytes_per_slice
+    from ProbSAMLib.memory import bytes_per_slice
 
     model = _tiny()
-    plain = _bytes_per_slice(model, 16, half=False)
+    plain = bytes_per_slice(model, 16, half=False)
     model.attach_refiner(8)
-    refined = _bytes_per_slice(model, 16, half=False)
+    refined = bytes_per_slice(model, 16, half=False)
     assert refined - plain >= 16 * model.config.img_size ** 2 * 2 * 8 * 4

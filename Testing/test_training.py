@@ -104,6 +104,55 @@ def test_cached_embeddings_give_the_on_the_fly_loss(data_dir, tmp_path):
     assert embedding_cache.cache_file(tmp_path, batches, "val", other.model) != path
 
 
+def test_the_cache_build_halves_its_chunk_on_out_of_memory(data_dir, tmp_path, monkeypatch):
+    """No GPU here: a CUDA out-of-memory error is simulated for chunks of more than 2 slices. The build must
+    shrink its chunk 8 -> 4 -> 2 and give the cache a build of chunks of 2 gives, byte for byte; out of memory
+    with one slice a chunk is raised, and leaves no file behind."""
+    from Training import embedding_cache
+    from Training.batches import SliceBatches
+    from Training.config import TrainConfig
+    from Training.dataset_format import load_dataset
+    from Training.learners import build_learner
+    batches = SliceBatches(load_dataset(data_dir, "val"))
+    model = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=3)).model
+    reference = embedding_cache.build_cache(model, batches, tmp_path / "two.npy", batch_size=2, progress=False)
+    encode, chunks = model.encode, []
+
+    def encode_or_fail(images, limit):
+        chunks.append(len(images))
+        if len(images) > limit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return encode(images)
+
+    monkeypatch.setattr(model, "encode", lambda images: encode_or_fail(images, 2))
+    built = embedding_cache.build_cache(model, batches, tmp_path / "auto.npy", batch_size=8, progress=False)
+    assert chunks[:3] == [8, 4, 2] and max(chunks[3:]) == 2
+    np.testing.assert_array_equal(np.load(built), np.load(reference))
+
+    monkeypatch.setattr(model, "encode", lambda images: encode_or_fail(images, 0))
+    with pytest.raises(torch.cuda.OutOfMemoryError):
+        embedding_cache.build_cache(model, batches, tmp_path / "none.npy", batch_size=4, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto.npy", "two.npy"]
+
+
+def test_the_cache_build_chooses_its_chunk_from_free_memory(data_dir, tmp_path, monkeypatch):
+    """batch_size None: half the free memory over ProbSAMLib.memory's per-slice estimate."""
+    from ProbSAMLib import memory
+    from Training import embedding_cache
+    from Training.batches import SliceBatches
+    from Training.config import TrainConfig
+    from Training.dataset_format import load_dataset
+    from Training.learners import build_learner
+    batches = SliceBatches(load_dataset(data_dir, "val"))
+    model = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=3)).model
+    per_slice = memory.bytes_per_slice(model, 0, half=False)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 6 * per_slice + 1)  # room for 3
+    encode, chunks = model.encode, []
+    monkeypatch.setattr(model, "encode", lambda images: chunks.append(len(images)) or encode(images))
+    embedding_cache.build_cache(model, batches, tmp_path / "cache.npy", progress=False)
+    assert chunks[0] == 3 and max(chunks) == 3 and sum(chunks) == len(batches)
+
+
 # ------------------------------------------------------------------------- resume and DDP
 def weights(path):
     return load_file(str(path))

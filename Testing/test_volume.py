@@ -14,11 +14,11 @@ import torch
 
 from ProbSAMLib import ProbSAMConfig, build_probsam, preprocess
 from ProbSAMLib.geometry import Box3D, VolumeGeometry, voxel_box_from_ijk, voxel_box_from_physical
+from ProbSAMLib.memory import choose_batch
 from ProbSAMLib.model import ProbSAM
 from ProbSAMLib.report import longest_axial_diameter_mm
 from ProbSAMLib.sampling import images_to_unit, sample_from_embeddings
-from ProbSAMLib.volume import (Cancelled, choose_slice_batch, context_window, min_context_size,
-                               sample_volume)
+from ProbSAMLib.volume import Cancelled, context_window, min_context_size, sample_volume
 from Testing.helpers import rotation
 
 torch.set_num_threads(1)
@@ -250,8 +250,8 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(model, monkeyp
 
 
 def test_automatic_slice_batch_is_within_limits(model):
-    assert 1 <= choose_slice_batch(model, 16, 40) <= 8
-    assert choose_slice_batch(model, 16, 3) <= 3
+    assert 1 <= choose_batch(model, 16, 40) <= 8
+    assert choose_batch(model, 16, 3) <= 3
 
 
 # --- bad input -------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ProbSAMLib import memory
 from ProbSAMLib.model import ProbSAM
 from Training.batches import FLIP_CODES, flip_images
 
@@ -46,10 +47,15 @@ def cache_file(cache_dir: Path, batches, split: str, model: ProbSAM, flips: bool
 
 
 @torch.no_grad()
-def build_cache(model: ProbSAM, batches, path: Path, batch_size: int = 32, progress: bool = True,
+def build_cache(model: ProbSAM, batches, path: Path, batch_size: Optional[int] = None, progress: bool = True,
                 flips: bool = False) -> Path:
     """Encode every slice of ``batches`` into an fp16 (S, V, C, h, w) .npy at ``path`` (atomic); V = 4 flip
-    variants (FLIP_CODES order) when ``flips``, else 1."""
+    variants (FLIP_CODES order) when ``flips``, else 1.
+
+    ``batch_size`` None chooses the slices per chunk from free memory (ProbSAMLib.memory: SAM ViT-B needs
+    ~2.5 GB a slice); an out-of-memory error halves the chunk and encodes it again, so a smaller GPU
+    builds the same cache, only in more chunks.
+    """
     path = Path(path)
     if path.is_file():
         return path
@@ -57,16 +63,25 @@ def build_cache(model: ProbSAM, batches, path: Path, batch_size: int = 32, progr
     grid, channels = model.config.embedding_size, model.config.prompt_dim
     tmp = path.with_name(path.name + f".{os.getpid()}.part")
     codes = FLIP_CODES if flips else (0,)
+    chunk = int(batch_size) if batch_size else memory.choose_batch(model, 0, len(batches))
     store = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16,
                                       shape=(len(batches), len(codes), channels, grid, grid))
     try:
         model.eval()
-        for start in tqdm(range(0, len(batches), batch_size), desc=f"caching {path.name}", disable=not progress):
-            positions = np.arange(start, min(start + batch_size, len(batches)))
-            images = batches.read(positions).model_images(model.config.neighbour_slices)
-            for v, code in enumerate(codes):
-                encoded = model.encode(flip_images(images, code).contiguous())
-                store[start:start + len(positions), v] = encoded.float().cpu().numpy().astype(np.float16)
+        with tqdm(total=len(batches), desc=f"caching {path.name}", disable=not progress) as bar:
+            start = 0
+            while start < len(batches):
+                positions = np.arange(start, min(start + chunk, len(batches)))
+                try:
+                    store[positions[0]:positions[-1] + 1] = _encode_variants(model, batches, positions, codes)
+                except Exception as error:
+                    if not memory.is_out_of_memory(error) or chunk == 1:
+                        raise
+                    memory.release_cached_memory()
+                    chunk = max(1, chunk // 2)
+                    continue
+                start += len(positions)
+                bar.update(len(positions))
         store.flush()
         del store
         os.replace(tmp, path)
@@ -74,6 +89,13 @@ def build_cache(model: ProbSAM, batches, path: Path, batch_size: int = 32, progr
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _encode_variants(model: ProbSAM, batches, positions: np.ndarray, codes) -> np.ndarray:
+    """(B, V, C, h, w) fp16 embeddings of ``positions``, one variant per flip code."""
+    images = batches.read(positions).model_images(model.config.neighbour_slices)
+    encoded = [model.encode(flip_images(images, code).contiguous()).float().cpu().numpy() for code in codes]
+    return np.stack(encoded, axis=1).astype(np.float16)
 
 
 def open_cache(path: Path) -> np.ndarray:

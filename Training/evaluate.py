@@ -31,10 +31,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ProbSAMLib import metrics
+from ProbSAMLib import memory, metrics
 from ProbSAMLib.config import LUNG_WINDOW
 from ProbSAMLib.device import autocast, choose_device
 from ProbSAMLib.errors import SettingsError, WeightsError
+from ProbSAMLib.model import ProbSAM
 from Training import guards
 from Training.batches import SliceBatches, validation_positions
 from Training.evaluation_report import ID_KEYS, project_commit, read_per_slice, write_results
@@ -81,14 +82,25 @@ def box_region(box: np.ndarray, image_hw) -> np.ndarray:
     return ((ys >= box[1]) & (ys < box[3]))[:, None] & ((xs >= box[0]) & (xs < box[2]))[None, :]
 
 
+def slices_per_batch(predictor, n_samples: int, n_slices: int, cap: int = 16) -> int:
+    """``cap`` slices, or fewer where a SAM encoder would not fit: ViT-B needs ~2.5 GB a slice, so 16 slices
+    and 100 samples would not fit a 24 GB GPU (ProbSAMLib.memory)."""
+    learner = getattr(predictor, "learner", predictor)  # the prior-mean baseline wraps a learner
+    model = getattr(learner, "model", None)
+    if isinstance(model, ProbSAM):
+        return memory.choose_batch(model, n_samples, n_slices, cap=cap)
+    return max(1, min(cap, n_slices))
+
+
 @torch.no_grad()
 def evaluate_slices(predictor, batches: SliceBatches, positions: np.ndarray, sizes: Sequence[int] = (16, 100),
-                    seed: int = 0, batch_size: int = 16, device: Optional[torch.device] = None,
+                    seed: int = 0, batch_size: int = 0, device: Optional[torch.device] = None,
                     embeddings_of=None, progress: bool = True) -> List[dict]:
     """One metric row per slice for a learner or a baseline (Training/baselines.py).
 
     ``embeddings_of(positions)`` supplies cached embeddings (ProbSAM). The annotations are all reader
-    slots (absent reader = empty mask); n_marked is how many of them marked the slice.
+    slots (absent reader = empty mask); n_marked is how many of them marked the slice. ``batch_size`` 0
+    chooses the slices per batch from free memory (at most 16); the rows do not depend on it.
     """
     parameters = list(predictor.parameters())
     device = device or (parameters[0].device if parameters else torch.device("cpu"))
@@ -100,6 +112,7 @@ def evaluate_slices(predictor, batches: SliceBatches, positions: np.ndarray, siz
     table = batches.dataset.table
     n_max, latent_dim = max(sizes), int(getattr(predictor, "latent_dim", 0))
     rows = []
+    batch_size = batch_size or slices_per_batch(predictor, n_max, len(positions))
     for start in tqdm(range(0, len(positions), batch_size), desc="evaluating", disable=not progress, leave=False):
         chunk = positions[start:start + batch_size]
         batch = batches.read(chunk)
@@ -190,7 +203,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
     parser.add_argument("--sam-checkpoint", default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="slices per batch; 0 = chosen from free memory, at most 16 (results do not depend on it)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--out", required=True)
@@ -304,7 +318,7 @@ def check_arguments(args, names: Sequence[str]) -> None:
     for value in args.samples:
         guards.at_least("--samples", value, 1)
     guards.at_least("--max-slices", args.max_slices, 0)
-    guards.at_least("--batch-size", args.batch_size, 1)
+    guards.at_least("--batch-size", args.batch_size, 0)
     guards.at_least("--seed", args.seed, 0)
     guards.at_least("--bootstrap", args.bootstrap, 1)
     guards.at_least("--num-threads", args.num_threads, 0)
