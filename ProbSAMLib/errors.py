@@ -83,10 +83,23 @@ def message(error: BaseException) -> str:
         return f"no space left on device{where}; free some space or choose another output folder"
     if isinstance(error, MemoryError):
         return "out of memory; use fewer samples, a smaller box or a smaller --slice-batch"
+    if _is_gpu_out_of_memory(error):
+        # torch's text runs on for lines about allocator settings; its first two sentences say what failed.
+        what = ". ".join(" ".join(str(error).split()).split(". ")[:2]).rstrip(".")
+        return (f"{what}. The GPU cannot hold this much at once: use fewer slices or samples at a time "
+                f"(train.py: batch_size, or cache=true with a frozen encoder; evaluate.py: --batch-size; "
+                f"probsam: --slice-batch, --samples), or --device cpu")
     if isinstance(error, OSError) and error.strerror and error.filename:
         return f"{error.strerror}: {error.filename}"
     text = " ".join(str(error).split()) or type(error).__name__
     return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _is_gpu_out_of_memory(error: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or the RuntimeError MPS and older torch raise (no torch import here)."""
+    if type(error).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(error, RuntimeError) and " out of memory" in str(error).split("\n")[0]
 
 
 def report(prog: str, error: BaseException, nothing_written: bool = True) -> int:

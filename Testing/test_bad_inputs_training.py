@@ -160,7 +160,7 @@ def cases(w: dict) -> dict:
                                            "not a readable training checkpoint"),
         "evaluate: --samples 0": (*ev("--samples", "0"), 2, "--samples must be at least 1"),
         "evaluate: --max-slices -1": (*ev("--max-slices", "-1"), 2, "--max-slices must be at least 0"),
-        "evaluate: --batch-size 0": (*ev("--batch-size", "0"), 2, "--batch-size must be at least 1"),
+        "evaluate: --batch-size -1": (*ev("--batch-size", "-1"), 2, "--batch-size must be at least 0"),
         "evaluate: --box-margin nan": (*ev("--box-margin", "nan"), 2, "--box-margin"),
         "evaluate: corrupt weights": (*ev(model=weights / "garbage.safetensors"), 2, "not a usable"),
         "evaluate: foreign weights": (*ev(model=weights / "foreign.safetensors"), 2, "not a usable"),
@@ -321,6 +321,33 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
                                  "batch_size=2", "max_steps=1"], monkeypatch)
     err = capsys.readouterr().err
     assert code == 1 and "train.py: error: no space left on device while writing" in err, err
+    assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_out_of_gpu_memory_is_one_line_that_says_what_to_change(tmp_path, monkeypatch, capsys):
+    """No GPU here: the cache build raises the error torch raises on a full GPU (its real text, many lines).
+    train.py ends with one line naming what failed and the settings that need less memory, exit status 1."""
+    import torch
+    from Training import embedding_cache
+
+    data = tiny_dataset(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+
+    def full_gpu(model, data, path, **options):
+        raise torch.cuda.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity of 23.55 GiB of which "
+            "1.06 GiB is free. Including non-PyTorch memory, this process has 22.48 GiB memory in use.\nOf the "
+            "allocated memory 21.9 GiB is allocated by PyTorch. If reserved but unallocated memory is large try "
+            "setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True to avoid fragmentation.")
+
+    monkeypatch.setattr(embedding_cache, "build_cache", full_gpu)
+    before = snapshot(tmp_path)
+    code = run_train_in_process([f"data={data}", f"out={tmp_path / 'run'}", "preset=tiny", "num_threads=1",
+                                 "batch_size=2", "max_steps=1"], monkeypatch)
+    err = capsys.readouterr().err
+    line = "train.py: error: CUDA out of memory. Tried to allocate 2.00 GiB. The GPU cannot hold this much at once"
+    assert code == 1 and err.count("\n") == 1 and err.startswith(line), err
+    assert "batch_size" in err and "cache=true" in err and "PYTORCH_CUDA_ALLOC_CONF" not in err
     assert snapshot(tmp_path) == before and not (tmp_path / "run").exists()
 
 
