@@ -18,6 +18,7 @@ log.jsonl in out/.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -77,10 +78,12 @@ distributed = "RANK" in os.environ
 if distributed:  # launched by torchrun
     rank, world_size, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     use_cuda = torch.cuda.is_available() and cfg.device in ("auto", "cuda")
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
     device = torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
+    # Naming each rank's GPU (torch >= 2.3) spares NCCL guessing it from the rank, which can hang.
+    bound = {"device_id": device} if use_cuda and "device_id" in inspect.signature(dist.init_process_group).parameters else {}
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo", **bound)
 else:
     rank, world_size = 0, 1
     device = choose_device(cfg.device)
