@@ -42,7 +42,6 @@ import numpy as np
 import torch
 
 from . import report
-from .config import ENCODER_VARIANTS
 from .device import autocast
 from .errors import SettingsError
 from .geometry import VolumeGeometry, VoxelBox, slice_boxes_2d, slices_with_neighbours

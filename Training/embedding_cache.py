@@ -53,7 +53,7 @@ def build_cache(model: ProbSAM, batches, path: Path, batch_size: Optional[int] =
     variants (FLIP_CODES order) when ``flips``, else 1.
 
     ``batch_size`` None chooses the slices per chunk from free memory (ProbSAMLib.memory: SAM ViT-B needs
-    ~2.5 GB a slice); an out-of-memory error halves the chunk and encodes it again, so a smaller GPU
+    about 2.4 GiB a slice); an out-of-memory error halves the chunk and encodes it again, so a smaller GPU
     builds the same cache, only in more chunks.
     """
     path = Path(path)
