@@ -52,6 +52,15 @@ def choose_device(preference: str = "auto") -> torch.device:
     raise SettingsError(f"unknown device {preference!r}; use auto, cpu, cuda, cuda:N or mps")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device``: CUDA and MPS run asynchronously, so a clock read without
+    this measures the queueing, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 def autocast(device: torch.device, enabled: bool = True):
     """bf16 autocast on CUDA GPUs that support it; a no-op elsewhere (CPU results stay exact fp32)."""
     if enabled and device.type == "cuda" and torch.cuda.is_bf16_supported():

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from . import report
-from .device import autocast
+from .device import autocast, synchronize
 from .errors import SettingsError
 from .geometry import VolumeGeometry, VoxelBox, slice_boxes_2d, slices_with_neighbours
 from .memory import available_bytes, bytes_per_slice, choose_batch, host_available_bytes, is_out_of_memory
@@ -211,7 +211,7 @@ def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: to
     images01 = images_to_unit(model, np.array(images_hu, dtype=np.float32))  # a writable copy for torch
     with autocast(device):
         embeddings = model.encode(images01.to(device)).float()
-    _sync(device)
+    synchronize(device)
     timings["encode_s"] += time.perf_counter() - start
 
     start = time.perf_counter()
@@ -221,14 +221,9 @@ def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: to
     mu, sigma = prior.base_dist.loc, prior.base_dist.scale  # (B, L)
     z = mu.unsqueeze(1) + sigma.unsqueeze(1) * eps.to(device, mu.dtype)
     probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], z=z, images01=images01)
-    _sync(device)
+    synchronize(device)
     timings["decode_s"] += time.perf_counter() - start
     return probs, z
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: torch.Tensor, batch: int,

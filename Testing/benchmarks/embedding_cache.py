@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from ProbSAMLib.device import autocast, choose_device
+from ProbSAMLib.device import autocast, choose_device, synchronize
 from Training import embedding_cache
 from Training.batches import SliceBatches, batch_positions, choose_readers, step_rng
 from Training.config import TrainConfig
@@ -45,22 +45,14 @@ class Subset(SliceBatches):
         return self.n
 
 
-def synchronise(device: torch.device) -> None:
-    """Wait for queued GPU work, so the clock measures it (CUDA and MPS run asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
-
-
 def measured(device: torch.device, work) -> tuple:
     """(seconds, peak allocated MiB or None) of ``work()`` on ``device``."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    synchronise(device)
+    synchronize(device)
     started = time.perf_counter()
     work()
-    synchronise(device)
+    synchronize(device)
     seconds = time.perf_counter() - started
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return seconds, peak

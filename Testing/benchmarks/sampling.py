@@ -23,20 +23,18 @@ import time
 import torch
 
 from ProbSAMLib import ProbSAMConfig, build_probsam
-from ProbSAMLib.device import autocast, choose_device
+from ProbSAMLib.device import autocast, choose_device, synchronize
 
 
 def timed(fn, device, repeats):
-    """Median wall time of fn() over `repeats` runs after one warm-up, synchronising CUDA."""
+    """Median wall time of fn() over `repeats` runs after one warm-up, synchronising CUDA and MPS."""
     fn()
     times = []
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
