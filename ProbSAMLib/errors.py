@@ -83,7 +83,7 @@ def message(error: BaseException) -> str:
         return f"no space left on device{where}; free some space or choose another output folder"
     if isinstance(error, MemoryError):
         return "out of memory; use fewer samples, a smaller box or a smaller --slice-batch"
-    if _is_gpu_out_of_memory(error):
+    if is_gpu_out_of_memory(error):
         # torch's text runs on for lines about allocator settings; its first two sentences say what failed.
         what = ". ".join(" ".join(str(error).split()).split(". ")[:2]).rstrip(".")
         return (f"{what}. The GPU cannot hold this much at once: use fewer slices or samples at a time "
@@ -95,11 +95,12 @@ def message(error: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
-def _is_gpu_out_of_memory(error: BaseException) -> bool:
-    """torch.cuda.OutOfMemoryError, or the RuntimeError MPS and older torch raise (no torch import here)."""
+def is_gpu_out_of_memory(error: BaseException) -> bool:
+    """torch.cuda.OutOfMemoryError, or the RuntimeError MPS and older torch raise: an error a smaller batch
+    can avoid (the host's MemoryError is not one). Read by name and text, so this module needs no torch."""
     if type(error).__name__ == "OutOfMemoryError":
         return True
-    return isinstance(error, RuntimeError) and " out of memory" in str(error).split("\n")[0]
+    return isinstance(error, RuntimeError) and "out of memory" in str(error)
 
 
 def report(prog: str, error: BaseException, nothing_written: bool = True) -> int:

@@ -75,12 +75,6 @@ def choose_batch(model, n_samples: int, n_slices: int, cap: int = 0) -> int:
     return int(max(1, min(cap, n_slices, available_bytes(device) // 2 // per_slice)))
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """A CUDA (or MPS) out-of-memory error, which a smaller batch can avoid."""
-    oom = getattr(torch.cuda, "OutOfMemoryError", ())
-    return isinstance(error, oom) or (isinstance(error, RuntimeError) and "out of memory" in str(error))
-
-
 def release_cached_memory() -> None:
     """Give the allocator's cached blocks back after an out-of-memory error, before retrying smaller."""
     if torch.cuda.is_available():

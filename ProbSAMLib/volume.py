@@ -43,10 +43,9 @@ import torch
 
 from . import report
 from .device import autocast, synchronize
-from .errors import SettingsError
+from .errors import SettingsError, is_gpu_out_of_memory
 from .geometry import VolumeGeometry, VoxelBox, slice_boxes_2d, slices_with_neighbours
-from .memory import available_bytes, bytes_per_slice, choose_batch, host_available_bytes, is_out_of_memory
-from .memory import release_cached_memory
+from .memory import available_bytes, bytes_per_slice, choose_batch, host_available_bytes, release_cached_memory
 from .model import ProbSAM
 from .preprocess import boxes_to_model_frame
 from .sampling import images_to_unit, make_generator, sample_from_embeddings
@@ -246,7 +245,7 @@ def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: to
             probs, z = _sample_chunk(model, region[done:stop], box_in_window, eps[done:stop], timings,
                                      cancel)
         except Exception as error:  # out of GPU memory: halve the chunk and retry it
-            if not is_out_of_memory(error):
+            if not is_gpu_out_of_memory(error):
                 raise
             release_cached_memory()
             if batch == 1:

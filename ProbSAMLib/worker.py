@@ -198,12 +198,12 @@ def device_warning(name: str, requested: str, device_type: str, gpu_gib: Optiona
 
 
 def _error_kind(error: BaseException) -> str:
-    from .memory import is_out_of_memory
+    from .errors import is_gpu_out_of_memory
     from .volume import Cancelled
 
     if isinstance(error, Cancelled):
         return "cancelled"
-    if is_out_of_memory(error) or "out of GPU memory" in str(error) or isinstance(error, MemoryError):
+    if is_gpu_out_of_memory(error) or "out of GPU memory" in str(error) or isinstance(error, MemoryError):
         return "out_of_memory"
     return "error"
 

@@ -1,6 +1,6 @@
-"""ProbSAMLib.memory: the per-slice estimate against peaks measured on a GPU, the free-memory figure, and
-the recognition of out-of-memory errors. No GPU here: the CUDA memory queries are replaced by stand-ins
-(monkeypatch) where a test needs them, which says so."""
+"""ProbSAMLib.memory: the per-slice estimate against peaks measured on a GPU and the free-memory figure;
+and the recognition of out-of-memory errors (ProbSAMLib.errors). No GPU here: the CUDA memory queries are
+replaced by stand-ins (monkeypatch) where a test needs them, which says so."""
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +8,7 @@ import torch
 
 from ProbSAMLib import memory
 from ProbSAMLib.config import ProbSAMConfig
+from ProbSAMLib.errors import is_gpu_out_of_memory
 
 # Peaks per slice of SAM ViT-B's encoder at 1024², measured on an NVIDIA H200 with
 # Testing/benchmarks/embedding_cache.py (78,476 MiB for 32 slices in float32, 58,162 MiB for 29 under bf16
@@ -59,4 +60,4 @@ def test_the_batch_is_half_the_free_memory_over_the_estimate(monkeypatch):
     (MemoryError(), False),  # the host's memory: a smaller GPU chunk does not help
 ])
 def test_out_of_memory_errors_are_told_apart(error, expected):
-    assert memory.is_out_of_memory(error) is expected
+    assert is_gpu_out_of_memory(error) is expected

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ProbSAMLib import memory
+from ProbSAMLib import errors, memory
 from ProbSAMLib.model import ProbSAM
 from Training.batches import FLIP_CODES, flip_images
 
@@ -73,9 +73,9 @@ def build_cache(model: ProbSAM, batches, path: Path, batch_size: Optional[int] =
             while start < len(batches):
                 positions = np.arange(start, min(start + chunk, len(batches)))
                 try:
-                    store[positions[0]:positions[-1] + 1] = _encode_variants(model, batches, positions, codes)
+                    store[start:start + len(positions)] = _encode_variants(model, batches, positions, codes)
                 except Exception as error:
-                    if not memory.is_out_of_memory(error) or chunk == 1:
+                    if not errors.is_gpu_out_of_memory(error) or chunk == 1:
                         raise
                     memory.release_cached_memory()
                     chunk = max(1, chunk // 2)

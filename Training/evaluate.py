@@ -83,8 +83,8 @@ def box_region(box: np.ndarray, image_hw) -> np.ndarray:
 
 
 def slices_per_batch(predictor, n_samples: int, n_slices: int, cap: int = 16) -> int:
-    """``cap`` slices, or fewer where a SAM encoder would not fit: ViT-B needs ~2.5 GB a slice, so 16 slices
-    and 100 samples would not fit a 24 GB GPU (ProbSAMLib.memory)."""
+    """``cap`` slices, or fewer where a SAM encoder would not fit: ViT-B needs about 2.4 GiB a slice, so 16
+    slices and 100 samples would not fit a 24 GB GPU (ProbSAMLib.memory)."""
     learner = getattr(predictor, "learner", predictor)  # the prior-mean baseline wraps a learner
     model = getattr(learner, "model", None)
     if isinstance(model, ProbSAM):
