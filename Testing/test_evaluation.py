@@ -449,3 +449,36 @@ def test_phantom_ceiling_scores_the_ideal_predictors_against_the_slot_majority(t
     done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "Training" / "phantom_ceiling.py"),
                            "--data", str(tmp_path / "none")], capture_output=True, text=True)
     assert done.returncode == 2 and "no meta.json" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_phantom_ceiling_what_if_scores_named_patients_as_a_model_did(tmp_path, capsys):
+    """--as-scored: on the named patients' slices every ideal predictor scores what a per-slice table
+    recorded, so the table shows whether those patients alone decide a target."""
+    from Testing.helpers import faint_and_dense_dataset, write_per_slice_table
+    from Training import phantom_ceiling
+    from Training.dataset_format import load_dataset
+
+    data = faint_and_dense_dataset(tmp_path / "ds", {"train": 1, "val": 1, "test": 1})
+    test = load_dataset(data, "test")
+    table = test.table
+    # The model drew on the faint (one-slot, majority-empty) slices of P15 only: Dice 0 there, 1 elsewhere.
+    wrong = (table["patient_id"][test.indices] == "P15") & (table["case"][test.indices] == "faint")
+    write_per_slice_table(tmp_path / "per_slice_m.csv", "m", test, np.where(wrong, 0.0, 1.0))
+
+    def faint_row(argv):
+        assert phantom_ceiling.main(["--data", str(data), "--bootstrap", "50"] + argv) == 0
+        out = capsys.readouterr().out
+        return out, next(line for line in out.splitlines() if line.startswith("| case faint |"))
+
+    _, plain = faint_row([])
+    # the threshold leaves the faint blobs out, as the readers' majority does: both 1.000, difference 0
+    assert plain.startswith("| case faint | 20 | 1.000 | 1.000 |") and "0.000 [0.000, 0.000]" in plain
+    out, what_if = faint_row(["--as-scored", str(tmp_path / "per_slice_m.csv"), "--patients", "P15"])
+    assert "What if: on the slices of P15 every ideal predictor scores what m scored" in out
+    assert what_if.startswith("| case faint | 20 | 1.000 | 0.800 |")  # 4 of 20 faint slices now 0
+    assert "| -0.200 [" in what_if
+    for argv, message in ((["--patients", "P15"], "go together"),
+                          (["--as-scored", str(tmp_path / "per_slice_m.csv"), "--patients", "P01"],
+                           "P01 has no slice in this split")):
+        assert phantom_ceiling.main(["--data", str(data)] + argv) == 2
+        assert message in capsys.readouterr().err

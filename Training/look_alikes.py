@@ -21,6 +21,11 @@ the box's area (how big), the fine texture (standard deviation of the box minus 
 ground glass is mottled, solid tissue and partial-volume fringes are not), and, where the data set has
 neighbouring slices, the mean absolute change to the slice below and to the one above (a fringe fades along
 z, a nodule's body does not).
+
+With --results (an evaluate.py --out folder of the same data set and split) it also tells whether a model
+does what its training data teach: over the split's slices whose majority is empty, grouped by their
+look-alikes' share, how often each method's mean prediction left the slice empty (on such a slice its Dice
+against the majority is 1 when it did and 0 when it did not).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ from ProbSAMLib.boxes import union_boxes
 from ProbSAMLib.errors import InputError, SettingsError
 from Training import guards
 from Training.bootstrap import PatientBootstrap
+from Training.evaluation_report import read_per_slice
 
 FEATURES = ("mean", "median", "p90", "p99", "log area", "fine texture")
 NEIGHBOUR_FEATURES = ("change below", "change above")
@@ -103,6 +109,57 @@ def look_alikes(reference: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
     return search.kneighbors((query - centre) / scale, return_distance=False)
 
 
+def composition(data, rows: np.ndarray, empty: np.ndarray) -> str:
+    """One line: the slices at data set indices `rows` by case type, majority drawn / empty, and the median of
+    their readers' mean texture rating (1 ground glass .. 5 solid) where the table has ratings."""
+    table = data.table
+    parts = []
+    if "case" in table:
+        cases = table["case"][rows].astype(str)
+        for case in sorted(set(cases), key=lambda c: -(cases == c).sum()):
+            parts.append(f"{case} {int(((cases == case) & ~empty).sum())} / {int(((cases == case) & empty).sum())}")
+    line = "by case type, majority drawn / empty: " + (", ".join(parts) if parts else "– (no case column)")
+    if "texture_0" in table:
+        ratings = np.stack([table[f"texture_{slot}"][rows] for slot in range(4)]).astype(float)
+        rated = ratings > 0  # 0: no reader in that slot
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = (ratings * rated).sum(axis=0) / rated.sum(axis=0)  # NaN where nobody rated
+        for name, chosen in (("drawn", ~empty), ("empty", empty)):
+            if np.isfinite(mean[chosen]).any():
+                line += f"; median readers' texture rating of the {name} ones {np.nanmedian(mean[chosen]):.1f}"
+    return line
+
+
+def left_empty_table(results: Path, slice_index: np.ndarray, majority_empty: np.ndarray, share: np.ndarray,
+                     group: np.ndarray, bins=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) -> str:
+    """Markdown: over the majority-empty slices (data set indices `slice_index`), by look-alikes' share, the
+    share of them each method of an evaluate.py folder left empty."""
+    tables = sorted(Path(results).glob("per_slice_*.csv"))
+    if not tables:
+        raise InputError(f"no per_slice_*.csv in {results}: give an evaluate.py --out folder")
+    left_empty = {}
+    for path in tables:
+        method, rows, _ = read_per_slice(path)
+        dice = {int(r["slice"]): r["dice_majority"] for r in rows}
+        missing = [int(i) for i in slice_index[majority_empty] if int(i) not in dice]
+        if missing:
+            raise InputError(f"{path.name} did not score {len(missing)} of these slices (data set index "
+                             f"{missing[0]}, ...): evaluate the same data set and split in full")
+        left_empty[method] = np.array([dice[int(i)] >= 0.5 for i in slice_index], dtype=float)
+    lines = ["| look-alikes' majority empty | slices | " + " | ".join(left_empty) + " |",
+             "|---|---|" + "---|" * len(left_empty)]
+    edges = list(bins[:-1]) + [np.inf]
+    for low, high in zip(edges[:-1], edges[1:]):
+        chosen = majority_empty & (share >= low) & (share < high)
+        label = f"{low:.1f}–{min(high, 1.0):.1f}"
+        lines.append(f"| {label} | {int(chosen.sum())} | " + " | ".join(
+            f"{v[chosen].mean():.2f}" if chosen.any() else "–" for v in left_empty.values()) + " |")
+    chosen = majority_empty & group
+    lines.append(f"| the group | {int(chosen.sum())} | " + " | ".join(
+        f"{v[chosen].mean():.2f}" if chosen.any() else "–" for v in left_empty.values()) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return guards.run_main("look_alikes.py", lambda: _main(argv))
 
@@ -123,6 +180,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-slice", action="store_true", help="also list each slice of the group")
+    parser.add_argument("--results", help="an evaluate.py --out folder of this data set and --split: how often "
+                                          "each method left the majority-empty slices empty, by look-alikes' share")
     args = parser.parse_args(argv)
     if args.reference == args.split:
         raise SettingsError(f"--reference must be another split than --split ({args.split}): a slice's "
@@ -136,7 +195,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     query_data, reference_data = guards.load_split(args.data, args.split), guards.load_split(args.data, args.reference)
     use_neighbours = query_data.neighbours is not None
     features = FEATURES + (NEIGHBOUR_FEATURES if use_neighbours else ())
-    _, reference, reference_empty = describe(reference_data, args.box_margin, use_neighbours)
+    reference_positions, reference, reference_empty = describe(reference_data, args.box_margin, use_neighbours)
     if len(reference) < args.k:
         raise SettingsError(f"--k {args.k} is more than the {len(reference)} marked {args.reference} slices")
     positions, query, query_empty = describe(query_data, args.box_margin, use_neighbours)
@@ -147,8 +206,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
 
     nearest = look_alikes(reference, query, args.k)  # (Q, k)
     share = reference_empty[nearest].mean(axis=1)
-    reference_patients = reference_data.patient_ids[
-        [i for i in range(len(reference_data)) if reference_data[i]["masks"].any()]]
+    reference_patients = reference_data.patient_ids[reference_positions]
 
     def row(name: str, selected: np.ndarray) -> str:
         chosen = nearest[selected].ravel()
@@ -165,10 +223,17 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     print("|---|---|---|---|---|")
     print(row("the group", group))
     print(row(f"every marked {args.split} slice", np.ones(len(group), bool)))
+    chosen = nearest[group].ravel()
+    print(f"\nThe group's {chosen.size} look-alikes " + composition(
+        reference_data, reference_data.indices[reference_positions[chosen]], reference_empty[chosen]) + ".")
     both = len(np.unique(query_empty)) == 2
     auc = f"{roc_auc_score(query_empty, share):.3f}" if both else "– (one class only)"
     print(f"\nThe look-alikes' share as a score for \"the majority is empty\" over every marked {args.split} "
           f"slice: AUC {auc}.")
+    if args.results:
+        print(f"\nMajority-empty {args.split} slices by their look-alikes' share: the share of them each method's "
+              f"mean prediction left empty ({args.results}).\n")
+        print(left_empty_table(Path(args.results), query_data.indices[positions], query_empty, share, group))
     if args.per_slice:
         table, rows = query_data.table, query_data.indices[positions[group]]
         print("\n| patient | k | slots marked | majority empty | look-alikes' majority empty |\n|---|---|---|---|---|")

@@ -15,6 +15,13 @@ slots, as evaluate.py), the Dice of
   trained with loss_resolution "decoder" learns, even when it learns its targets exactly.
 with paired-bootstrap intervals over patients of each one's difference to the threshold. It tells which
 mean-prediction targets a model can meet on the data at all, and what to train towards.
+
+    python Training/phantom_ceiling.py --data data/phantom_v2 --split test \
+        --as-scored results/test_demo_v7/per_slice_demo_v7.csv --patients LIDC-IDRI-0052
+
+asks what if: the ideal predictors again, but on the named patients' slices each scores what that
+evaluate.py per-slice table scored (a model's mistakes there). It tells whether a target could be met by a
+model perfect everywhere else, or whether those patients alone decide it.
 """
 from __future__ import annotations
 
@@ -32,12 +39,13 @@ import torch
 from ProbSAMLib import preprocess
 from ProbSAMLib.boxes import union_boxes
 from ProbSAMLib.config import ProbSAMConfig
+from ProbSAMLib.errors import InputError, SettingsError
 from ProbSAMLib.metrics import mean_prediction_scores
 from ProbSAMLib.threshold import THRESHOLD_HU, threshold_component
 from Training import guards
 from Training.baselines import hu_to_unit
 from Training.bootstrap import PatientBootstrap
-from Training.evaluation_report import reader_groups
+from Training.evaluation_report import read_per_slice, reader_groups
 
 PREDICTORS = ("threshold", "readers' majority", "calibrated mean", "majority via the grid")
 TINY = ProbSAMConfig.preset("tiny")
@@ -75,6 +83,25 @@ def report(scores: Dict[str, np.ndarray], patients: np.ndarray, rows: list, n_bo
     return "\n".join(lines)
 
 
+def score_as(scores: Dict[str, np.ndarray], slice_index: np.ndarray, patients: np.ndarray, per_slice_csv,
+             named: Sequence[str]) -> str:
+    """Overwrite, in place, every predictor's scores on the named patients' slices (data set indices
+    `slice_index`) but the threshold's with the Dice of the mean that `per_slice_csv` recorded; its method."""
+    method, rows, _ = read_per_slice(Path(per_slice_csv))
+    dice = {int(r["slice"]): r["dice_majority"] for r in rows}
+    unknown = sorted(set(named) - set(patients))
+    if unknown:
+        raise SettingsError(f"--patients: {unknown[0]} has no slice in this split")
+    chosen = np.isin(patients, list(named))
+    missing = [int(i) for i in slice_index[chosen] if int(i) not in dice]
+    if missing:
+        raise InputError(f"{per_slice_csv} did not score {len(missing)} of those patients' slices (data set "
+                         f"index {missing[0]}, ...): give a per-slice table of the same data set and split")
+    for name in PREDICTORS[1:]:
+        scores[name][chosen] = [dice[int(i)] for i in slice_index[chosen]]
+    return method
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     return guards.run_main("phantom_ceiling.py", lambda: _main(argv))
 
@@ -86,7 +113,13 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--box-margin", type=float, default=2.0)
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--as-scored", metavar="PER_SLICE_CSV",
+                        help="an evaluate.py per_slice_*.csv of this split: on --patients' slices, every ideal "
+                             "predictor scores what it recorded")
+    parser.add_argument("--patients", nargs="+", default=(), help="the patients --as-scored applies to")
     args = parser.parse_args(argv)
+    if bool(args.as_scored) != bool(args.patients):
+        raise SettingsError("--as-scored and --patients go together: a per-slice table and whose slices it scores")
     guards.at_least("--box-margin", args.box_margin, 0)
     guards.at_least("--bootstrap", args.bootstrap, 1)
     data = guards.load_split(args.data, args.split)
@@ -98,8 +131,13 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         for p, value in slice_scores(item["image"].astype(np.float32), item["masks"], item["present"],
                                      box, level).items():
             scores[p][i] = value
+    what_if = ""
+    if args.as_scored:
+        method = score_as(scores, data.indices, data.patient_ids, args.as_scored, args.patients)
+        what_if = (f" What if: on the slices of {', '.join(args.patients)} every ideal predictor scores what "
+                   f"{method} scored ({args.as_scored}).")
     print(f"{args.data}, split {args.split}: {len(data)} slices. Dice against the readers' majority (2 of 4 "
-          f"slots); Δ: paired bootstrap over patients ({args.bootstrap} replicates), 95 % interval.\n")
+          f"slots); Δ: paired bootstrap over patients ({args.bootstrap} replicates), 95 % interval.{what_if}\n")
     table = data.table
     rows = [{"n_marked": int(table["n_marked"][i]), "case": str(table["case"][i]) if "case" in table else ""}
             for i in data.indices]
