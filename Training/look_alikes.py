@@ -164,9 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return guards.run_main("look_alikes.py", lambda: _main(argv))
 
 
-def _main(argv: Optional[Sequence[str]] = None) -> int:
-    from sklearn.metrics import roc_auc_score
-
+def settings(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -191,7 +189,13 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     guards.at_least("--bootstrap", args.bootstrap, 1)
     for n in args.n_marked:
         guards.at_least("--n-marked", n, 1)
+    return args
 
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from sklearn.metrics import roc_auc_score
+
+    args = settings(argv)
     query_data, reference_data = guards.load_split(args.data, args.split), guards.load_split(args.data, args.reference)
     use_neighbours = query_data.neighbours is not None
     features = FEATURES + (NEIGHBOUR_FEATURES if use_neighbours else ())
@@ -219,7 +223,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
           f"{list(args.case) or 'any'}, slots marked {list(args.n_marked) or 'any'}); each slice's {args.k} "
           f"nearest {args.reference} slices by box statistics ({', '.join(features)}). Share of slices whose "
           f"slot majority (2 of 4) is empty; interval: bootstrap over {args.reference} patients, 95 %.\n")
-    print(f"| slices | n | majority empty | look-alikes' majority empty | distinct look-alikes (patients) |")
+    print("| slices | n | majority empty | look-alikes' majority empty | distinct look-alikes (patients) |")
     print("|---|---|---|---|---|")
     print(row("the group", group))
     print(row(f"every marked {args.split} slice", np.ones(len(group), bool)))
