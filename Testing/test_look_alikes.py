@@ -23,6 +23,8 @@ def test_the_look_alikes_carry_the_reference_splits_answer(tmp_path, capsys):
     assert every[1:3] == ["40", "0.50"] and every[3].startswith("0.50")
     assert "AUC 1.000" in out
     assert "The group's 200 look-alikes by case type, majority drawn / empty: faint 0 / 200." in out
+    # the share is calibrated here: dense slices (share 0) are never majority-empty, faint ones (share 1) always
+    assert "| 0.0–0.2 | 20 | 0.00 |" in out and "| 0.8–1.0 | 20 | 1.00 |" in out and "| 0.4–0.6 | 0 | – |" in out
 
     # Same images, but in train all four slots drew the faint blobs: now the look-alikes say "not empty",
     # though the test group's own majority is still empty -- the case a model cannot learn from train.

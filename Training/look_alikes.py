@@ -130,8 +130,27 @@ def composition(data, rows: np.ndarray, empty: np.ndarray) -> str:
     return line
 
 
+BANDS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+
+
+def bands(share: np.ndarray):
+    """(label, (n,) bool) for each band of BANDS the look-alikes' share falls in (the last one closed)."""
+    edges = list(BANDS[:-1]) + [np.inf]
+    return [(f"{low:.1f}–{min(high, 1.0):.1f}", (share >= low) & (share < high))
+            for low, high in zip(edges[:-1], edges[1:])]
+
+
+def calibration_table(share: np.ndarray, majority_empty: np.ndarray) -> str:
+    """Markdown: by look-alikes' share, how many slices and how many of them really have an empty majority."""
+    lines = ["| look-alikes' majority empty | slices | majority empty |", "|---|---|---|"]
+    for label, chosen in bands(share):
+        value = f"{majority_empty[chosen].mean():.2f}" if chosen.any() else "–"
+        lines.append(f"| {label} | {int(chosen.sum())} | {value} |")
+    return "\n".join(lines)
+
+
 def left_empty_table(results: Path, slice_index: np.ndarray, majority_empty: np.ndarray, share: np.ndarray,
-                     group: np.ndarray, bins=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0)) -> str:
+                     group: np.ndarray) -> str:
     """Markdown: over the majority-empty slices (data set indices `slice_index`), by look-alikes' share, the
     share of them each method of an evaluate.py folder left empty."""
     tables = sorted(Path(results).glob("per_slice_*.csv"))
@@ -148,10 +167,8 @@ def left_empty_table(results: Path, slice_index: np.ndarray, majority_empty: np.
         left_empty[method] = np.array([dice[int(i)] >= 0.5 for i in slice_index], dtype=float)
     lines = ["| look-alikes' majority empty | slices | " + " | ".join(left_empty) + " |",
              "|---|---|" + "---|" * len(left_empty)]
-    edges = list(bins[:-1]) + [np.inf]
-    for low, high in zip(edges[:-1], edges[1:]):
-        chosen = majority_empty & (share >= low) & (share < high)
-        label = f"{low:.1f}–{min(high, 1.0):.1f}"
+    for label, band in bands(share):
+        chosen = majority_empty & band
         lines.append(f"| {label} | {int(chosen.sum())} | " + " | ".join(
             f"{v[chosen].mean():.2f}" if chosen.any() else "–" for v in left_empty.values()) + " |")
     chosen = majority_empty & group
@@ -233,7 +250,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     both = len(np.unique(query_empty)) == 2
     auc = f"{roc_auc_score(query_empty, share):.3f}" if both else "– (one class only)"
     print(f"\nThe look-alikes' share as a score for \"the majority is empty\" over every marked {args.split} "
-          f"slice: AUC {auc}.")
+          f"slice: AUC {auc}; by its value, how many of them have an empty majority:\n")
+    print(calibration_table(share, query_empty))
     if args.results:
         print(f"\nMajority-empty {args.split} slices by their look-alikes' share: the share of them each method's "
               f"mean prediction left empty ({args.results}).\n")
