@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from ProbSAMLib.errors import SettingsError
 from Training.bootstrap import PatientBootstrap
 
 # Reported columns in order (metric name -> header, arrow = better direction); @N sizes come from the rows.
@@ -220,6 +221,15 @@ def read_per_slice(path: Path) -> tuple:
     margin = first.get("box_margin", "")
     return first["method"], rows, {"seed": int(first["seed"]), "model_sha256": first["model_sha256"],
                                    "commit": first["commit"], "box_margin": float(margin) if margin else None}
+
+
+def read_results_folder(folder) -> Dict[str, List[dict]]:
+    """Every per-slice table of an evaluate.py --out folder -> {method: rows} (read_per_slice's rows), in
+    file-name order; SettingsError when the folder holds none."""
+    tables = sorted(Path(folder).glob("per_slice_*.csv"))
+    if not tables:
+        raise SettingsError(f"no per_slice_*.csv in {folder}: give an evaluate.py --out folder")
+    return dict(read_per_slice(path)[:2] for path in tables)
 
 
 def write_results(out: Path, per_slice: Dict[str, List[dict]], protocol: str, provenance: dict,

@@ -44,7 +44,7 @@ from ProbSAMLib.boxes import union_boxes
 from ProbSAMLib.errors import InputError, SettingsError
 from Training import guards
 from Training.bootstrap import PatientBootstrap
-from Training.evaluation_report import read_per_slice
+from Training.evaluation_report import read_results_folder
 
 FEATURES = ("mean", "median", "p90", "p99", "log area", "fine texture")
 NEIGHBOUR_FEATURES = ("change below", "change above")
@@ -64,8 +64,9 @@ def box_statistics(image: np.ndarray, box: np.ndarray, neighbours: Optional[np.n
 
 
 def majority_is_empty(masks: np.ndarray) -> bool:
-    """masks (4, H, W) bool: no pixel that at least 2 of the 4 slots drew (evaluate.py's majority)."""
-    return not bool((masks.sum(axis=0) >= 2).any())
+    """masks (4, H, W) bool: no pixel that at least half the slots drew (metrics.mean_prediction_scores'
+    majority at its vote_level 0.5, which evaluate.py scores against: 2 of 4)."""
+    return not bool((masks.mean(axis=0) >= 0.5).any())
 
 
 def describe(data, box_margin: float, use_neighbours: bool):
@@ -153,27 +154,25 @@ def left_empty_table(results: Path, slice_index: np.ndarray, majority_empty: np.
                      group: np.ndarray) -> str:
     """Markdown: over the majority-empty slices (data set indices `slice_index`), by look-alikes' share, the
     share of them each method of an evaluate.py folder left empty."""
-    tables = sorted(Path(results).glob("per_slice_*.csv"))
-    if not tables:
-        raise InputError(f"no per_slice_*.csv in {results}: give an evaluate.py --out folder")
+    wanted = slice_index[majority_empty]  # on these a method's Dice against the majority is 1 or 0
     left_empty = {}
-    for path in tables:
-        method, rows, _ = read_per_slice(path)
+    for method, rows in read_results_folder(results).items():
         dice = {int(r["slice"]): r["dice_majority"] for r in rows}
-        missing = [int(i) for i in slice_index[majority_empty] if int(i) not in dice]
+        missing = [int(i) for i in wanted if int(i) not in dice]
         if missing:
-            raise InputError(f"{path.name} did not score {len(missing)} of these slices (data set index "
-                             f"{missing[0]}, ...): evaluate the same data set and split in full")
-        left_empty[method] = np.array([dice[int(i)] >= 0.5 for i in slice_index], dtype=float)
+            raise InputError(f"{method}'s per-slice table in {results} did not score {len(missing)} of these "
+                             f"slices (data set index {missing[0]}, ...): evaluate the same data set and split "
+                             f"in full")
+        left_empty[method] = np.array([dice[int(i)] >= 0.5 for i in wanted], dtype=float)
+
+    def row(label: str, chosen: np.ndarray) -> str:
+        cells = [f"{v[chosen].mean():.2f}" if chosen.any() else "–" for v in left_empty.values()]
+        return f"| {label} | {int(chosen.sum())} | " + " | ".join(cells) + " |"
+
     lines = ["| look-alikes' majority empty | slices | " + " | ".join(left_empty) + " |",
              "|---|---|" + "---|" * len(left_empty)]
-    for label, band in bands(share):
-        chosen = majority_empty & band
-        lines.append(f"| {label} | {int(chosen.sum())} | " + " | ".join(
-            f"{v[chosen].mean():.2f}" if chosen.any() else "–" for v in left_empty.values()) + " |")
-    chosen = majority_empty & group
-    lines.append(f"| the group | {int(chosen.sum())} | " + " | ".join(
-        f"{v[chosen].mean():.2f}" if chosen.any() else "–" for v in left_empty.values()) + " |")
+    lines += [row(label, band) for label, band in bands(share[majority_empty])]
+    lines.append(row("the group", group[majority_empty]))
     return "\n".join(lines)
 
 

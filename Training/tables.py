@@ -27,7 +27,7 @@ import yaml
 from ProbSAMLib.errors import SettingsError
 from Training import guards
 from Training.bootstrap import PatientBootstrap
-from Training.evaluation_report import read_per_slice, reader_groups
+from Training.evaluation_report import read_results_folder, reader_groups
 
 
 def cell(interval: Optional[dict]) -> str:
@@ -154,10 +154,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     influence.add_argument("--top", type=int, default=5)
     args = parser.parse_args(argv)
     if args.command == "influence":
-        tables = sorted(Path(args.results).glob("per_slice_*.csv"))
-        if not tables:
-            raise SettingsError(f"no per_slice_*.csv in {args.results}: give an evaluate.py --out folder")
-        per_slice = dict(read_per_slice(path)[:2] for path in tables)
+        per_slice = read_results_folder(args.results)
         if not args.methods:  # the order evaluate.py ran them in is the one in results.json
             summary = Path(args.results) / "results.json"
             if not summary.is_file():
