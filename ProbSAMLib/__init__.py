@@ -13,20 +13,20 @@ Typical use::
 
 __version__ = "0.1.0"
 
-from .config import ProbSAMConfig  # noqa: E402,F401
+from ProbSAMLib.modeling.config import ProbSAMConfig  # noqa: E402,F401
 
 
 def __getattr__(name):
     # Lazy: `import ProbSAMLib` stays cheap (no torch import) for the Slicer module's start-up.
     lazy = {
-        "ProbSAM": ("model", "ProbSAM"),
-        "build_probsam": ("build", "build_probsam"),
-        "load_probsam": ("build", "load_probsam"),
-        "load_model": ("build", "load_model"),
-        "sample_masks": ("sampling", "sample_masks"),
-        "sample_volume": ("volume", "sample_volume"),
-        "save_probsam": ("checkpoints", "save_probsam"),
-        "choose_device": ("device", "choose_device"),
+        "ProbSAM": ("modeling.probsam", "ProbSAM"),
+        "build_probsam": ("weights.build", "build_probsam"),
+        "load_probsam": ("weights.build", "load_probsam"),
+        "load_model": ("weights.build", "load_model"),
+        "sample_masks": ("inference.sampling", "sample_masks"),
+        "sample_volume": ("inference.volume", "sample_volume"),
+        "save_probsam": ("weights.checkpoints", "save_probsam"),
+        "choose_device": ("inference.device", "choose_device"),
     }
     if name in lazy:
         import importlib

@@ -2,7 +2,7 @@
 
 Place one or more Markups ROIs around an object in a CT volume, click "Sample masks": each ROI gets N
 segmentation nodes (one plausible mask each), an uncertainty volume and a table of sizes. The sampling is
-ProbSAMLib.volume.sample_volume, the same path as the ``probsam`` CLI.
+ProbSAMLib.inference.volume.sample_volume, the same path as the ``probsam`` CLI.
 
 Slicer imports every module at start-up, so nothing here imports torch or installs anything at import
 time; ProbSAMLib's torch-dependent parts are imported inside the functions that need them.
@@ -36,7 +36,7 @@ def _addRepositoryRootToPath() -> None:
 _addRepositoryRootToPath()
 
 from ProbSAMLib import __version__ as PROBSAM_VERSION  # noqa: E402  (cheap: no torch)
-from ProbSAMLib.registry import DEFAULT_MODEL, MODEL_NAMES, MODELS as MODEL_ENTRIES  # noqa: E402
+from ProbSAMLib.weights.registry import DEFAULT_MODEL, MODEL_NAMES, MODELS as MODEL_ENTRIES  # noqa: E402
 from ProbSAMSlicerLib import dependencies, outputs, sampling_process  # noqa: E402  (needs the path above)
 from ProbSAMSlicerLib.roi_geometry import matrix_to_numpy, roi_voxel_box  # noqa: E402
 from ProbSAMSlicerLib.sampling_process import (SamplingRequest, SamplingRun, SamplingSettings,  # noqa: E402
@@ -227,7 +227,7 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _finish(self, run) -> None:
-        from ProbSAMLib.volume import Cancelled
+        from ProbSAMLib.inference.volume import Cancelled
 
         try:
             self._outputs = self.logic.finishProcessing(run, self._runVolume)
@@ -352,7 +352,7 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
         ``roiNodes``: one ROI node or a list. Each RoiOutputs has ``segmentationNodes``,
         ``uncertaintyVolumeNode`` and ``tableNode``. A failure raises and adds nothing to the scene.
-        ``progress(fraction, message)``; ``cancel() -> bool``: True stops the run (ProbSAMLib.volume.Cancelled).
+        ``progress(fraction, message)``; ``cancel() -> bool``: True stops the run (ProbSAMLib.inference.volume.Cancelled).
         """
         roiNodes = list(roiNodes) if isinstance(roiNodes, (list, tuple)) else [roiNodes]
         settings = SamplingSettings(int(numberOfSamples), seed, model, checkpointPath or "", samCheckpointPath or "",
@@ -425,7 +425,7 @@ class ProbSAMSlicerTest(ScriptedLoadableModuleTest):
         import SimpleITK as sitk
 
         from ProbSAMLib.geometry import VolumeGeometry
-        from ProbSAMLib.phantom import demo_box, demo_volume
+        from ProbSAMLib.demo.phantom import demo_box, demo_volume
 
         phantom = demo_volume(0, seed=0)
         geometry = VolumeGeometry.from_sitk(phantom.image)

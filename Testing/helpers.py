@@ -80,7 +80,7 @@ def faint_and_dense_dataset(out, faint_slots_by_split, seed=0):
     """A data set of 20 patients (12 train, 3 val, 5 test), 4 faint and 4 dense slices each (case column
     "faint" / "dense"). Dense blobs: all 4 slots drew them. Faint ones: as many slots as
     faint_slots_by_split[split] (1: the slot majority is empty; 4: it is not)."""
-    from Training.dataset_format import N_READERS, Chunk, write_dataset
+    from Training.data.dataset_format import N_READERS, Chunk, write_dataset
 
     splits = {"seed": 0, "fractions": [0.64, 0.16, 0.2], "unit": "patient",
               "train": [f"P{i:02d}" for i in range(12)], "val": [f"P{i:02d}" for i in range(12, 15)],
@@ -110,7 +110,7 @@ def faint_and_dense_dataset(out, faint_slots_by_split, seed=0):
 def write_per_slice_table(path, method: str, dataset, dice_majority) -> None:
     """An evaluate.py per-slice CSV for every slice of `dataset` (a load_dataset split) with the given Dice
     of the mean against the majority (one value a slice); the other metrics are left out."""
-    from Training.evaluation_report import write_per_slice
+    from Training.evaluation.report import write_per_slice
 
     table = dataset.table
     rows = [{"position": p, "slice": int(i), "n_marked": int(table["n_marked"][i]),

@@ -42,8 +42,8 @@ _SHARED = {}
 def tiny_weights(tmp_path_factory):
     if "weights" not in _SHARED:
         from ProbSAMLib import ProbSAMConfig
-        from ProbSAMLib.build import build_probsam
-        from ProbSAMLib.checkpoints import save_probsam
+        from ProbSAMLib.weights.build import build_probsam
+        from ProbSAMLib.weights.checkpoints import save_probsam
 
         path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
         save_probsam(build_probsam(ProbSAMConfig.preset("tiny"), seed=0), path)

@@ -1,15 +1,15 @@
-"""The anchor term (Training/anchor.py): which slices it holds, that it pairs each sample with the reference's
+"""The anchor term (Training/learning/anchor.py): which slices it holds, that it pairs each sample with the reference's
 sample for the same noise (so at the reference's own weights it costs nothing and pulls nowhere), that it
 grows and pulls once the model leaves the reference, and that training refuses a reference it cannot use."""
 import pytest
 import torch
 
 from ProbSAMLib import ProbSAMConfig, build_probsam
-from ProbSAMLib.checkpoints import save_probsam
+from ProbSAMLib.weights.checkpoints import save_probsam
 from ProbSAMLib.errors import SettingsError
-from Training.anchor import anchor_loss, anchored_slices
+from Training.learning.anchor import anchor_loss, anchored_slices
 from Training.config import TrainConfig, load_config
-from Training.learners import build_learner
+from Training.learning.learners import build_learner
 
 torch.set_num_threads(1)
 

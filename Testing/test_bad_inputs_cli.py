@@ -24,11 +24,13 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import save_file
 
-from ProbSAMLib import checkpoints, cli, errors, save_probsam
+from ProbSAMLib.weights import checkpoints
+from ProbSAMLib.app import cli
+from ProbSAMLib import errors, save_probsam
 from ProbSAMLib.geometry import VolumeGeometry
-from ProbSAMLib.markups import write_roi_json
+from ProbSAMLib.io.markups import write_roi_json
 from ProbSAMLib.geometry import Box3D
-from ProbSAMLib.outputdir import MARKER, OutputFolder
+from ProbSAMLib.io.outputdir import MARKER, OutputFolder
 from Testing.helpers import diverse_tiny_model, snapshot, write_dicom_series
 
 torch.set_num_threads(1)
@@ -300,7 +302,7 @@ def test_bundled_model_with_a_flipped_bit_is_refused(world, capsys, monkeypatch)
         if entry.bundled:
             path = checkpoints.entry_path(entry)
             assert (checkpoints.sha256_file(path), path.stat().st_size) == (entry.sha256, entry.size), entry.name
-    from ProbSAMLib.registry import DEFAULT_MODEL, model_entry
+    from ProbSAMLib.weights.registry import DEFAULT_MODEL, model_entry
     bundled = checkpoints.entry_path(checkpoints.MANIFEST[model_entry(DEFAULT_MODEL).weights])  # what `sample` loads
     copy = world["root"] / "package_models"
     copy.mkdir()
@@ -329,7 +331,7 @@ def test_offline_variable_that_is_not_yes_or_no_is_a_usage_error(world, capsys, 
 
 
 def test_values_that_are_not_hounsfield_units_are_warned_about(tmp_path):
-    from ProbSAMLib.imageio import IntensityWarning, read_volume
+    from ProbSAMLib.io.imageio import IntensityWarning, read_volume
 
     mr = np.random.default_rng(0).uniform(0, 1200, (6, 20, 20)).astype(np.int16)
     sitk.WriteImage(sitk.GetImageFromArray(mr), str(tmp_path / "mr.nrrd"))
@@ -409,7 +411,7 @@ def _default_sigint():
 def start_paused(argv, point, tmp_path):
     env = dict(os.environ, PROBSAM_TEST_PAUSE=point, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1",
                PROBSAM_CACHE=str(tmp_path / "cache"))
-    child = subprocess.Popen([sys.executable, "-m", "ProbSAMLib.cli", *map(str, argv)], cwd=tmp_path, env=env,
+    child = subprocess.Popen([sys.executable, "-m", "ProbSAMLib.app.cli", *map(str, argv)], cwd=tmp_path, env=env,
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              encoding="utf-8", preexec_fn=_default_sigint)
     lines = []
@@ -475,7 +477,7 @@ def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(world,
 
 
 def test_gzip_check_reads_a_whole_file(tmp_path):
-    from ProbSAMLib.imageio import VolumeReadError, _check_complete_gzip
+    from ProbSAMLib.io.imageio import VolumeReadError, _check_complete_gzip
 
     path = tmp_path / "x.gz"
     path.write_bytes(gzip.compress(b"x" * 100000))
@@ -508,7 +510,7 @@ def test_itk_native_messages_of_a_failed_read_are_not_printed(tmp_path):
     write_ct(tmp_path / "ct.mha")
     whole = (tmp_path / "ct.mha").read_bytes()
     (tmp_path / "cut.mha").write_bytes(whole[:len(whole) // 2])
-    code = ("import sys; from ProbSAMLib.imageio import read_volume\n"
+    code = ("import sys; from ProbSAMLib.io.imageio import read_volume\n"
             "try:\n    read_volume(sys.argv[1])\nexcept ValueError as e:\n    print('error:', e, file=sys.stderr)")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cut.mha")], capture_output=True, text=True,
                           encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)

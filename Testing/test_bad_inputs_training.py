@@ -24,10 +24,11 @@ from safetensors.torch import save_file
 
 from ProbSAMLib import errors
 from Testing.helpers import snapshot
-from Training import evaluate, import_pickle, make_phantom, prepare_lidc
+from Training.evaluation import evaluate
+from Training.data import import_pickle, make_phantom, prepare_lidc
 from Training.config import TrainConfig
-from Training.dataset_format import N_READERS, Chunk, write_dataset
-from Training.learners import build_learner
+from Training.data.dataset_format import N_READERS, Chunk, write_dataset
+from Training.learning.learners import build_learner
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
@@ -307,7 +308,7 @@ def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_folder(tmp_path,
     """A failure at run time after train.py made its run folder (here: a full disk while building the
     embedding cache) is one line, exit status 1, and the half-made folder is gone."""
     import errno
-    from Training import embedding_cache
+    from Training.data import embedding_cache
 
     data = tiny_dataset(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
@@ -328,7 +329,7 @@ def test_out_of_gpu_memory_is_one_line_that_says_what_to_change(tmp_path, monkey
     """No GPU here: the cache build raises the error torch raises on a full GPU (its real text, many lines).
     train.py ends with one line naming what failed and the settings that need less memory, exit status 1."""
     import torch
-    from Training import embedding_cache
+    from Training.data import embedding_cache
 
     data = tiny_dataset(tmp_path / "data")
     monkeypatch.chdir(tmp_path)

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from ProbSAMLib import ProbSAMConfig, build_probsam, checkpoints, load_probsam, save_probsam
-from ProbSAMLib.build import load_model
-from ProbSAMLib.checkpoints import CheckpointError, WeightsEntry
-from ProbSAMLib.sampling import sample_masks
+from ProbSAMLib import ProbSAMConfig, build_probsam, load_probsam, save_probsam
+from ProbSAMLib.weights import checkpoints
+from ProbSAMLib.weights.build import load_model
+from ProbSAMLib.weights.checkpoints import CheckpointError, WeightsEntry
+from ProbSAMLib.inference.sampling import sample_masks
 
 torch.set_num_threads(1)
 

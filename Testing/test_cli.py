@@ -1,7 +1,7 @@
 """The `probsam` command: end to end through a subprocess, geometry of every output, reproducibility,
 and every bad input (clear one-line message, exit status 2, no output folder).
 
-Most runs call `ProbSAMLib.cli.main(argv)` in-process (fast); one goes through the installed console
+Most runs call `ProbSAMLib.app.cli.main(argv)` in-process (fast); one goes through the installed console
 script. The model is a tiny random ProbSAM saved to a file (`--model file --checkpoint`), so nothing
 here depends on the bundled demo weights except the test that says so.
 """
@@ -17,10 +17,12 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ProbSAMLib import checkpoints, cli, save_probsam
+from ProbSAMLib.weights import checkpoints
+from ProbSAMLib.app import cli
+from ProbSAMLib import save_probsam
 from ProbSAMLib.geometry import Box3D, VolumeGeometry, voxel_box_from_physical
-from ProbSAMLib.imageio import read_segmentation
-from ProbSAMLib.markups import write_roi_json
+from ProbSAMLib.io.imageio import read_segmentation
+from ProbSAMLib.io.markups import write_roi_json
 from Testing.helpers import diverse_tiny_model, write_dicom_series
 
 torch.set_num_threads(1)
@@ -71,7 +73,7 @@ def voxel_region(mask):
 # --- end to end ----------------------------------------------------------------------------------------
 def test_console_script_end_to_end(files, tmp_path):
     script = Path(sys.executable).parent / "probsam"
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "ProbSAMLib.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "ProbSAMLib.app.cli"]
     out = tmp_path / "out"
     done = subprocess.run(command + ["sample", str(files["lps"]), "--box", "14,16,3,29,31,9", "--box-space",
                                      "ijk", "--samples", "4", "--seed", "0", "--out", str(out), "--model",
@@ -252,7 +254,7 @@ def test_dicom_folder_with_several_series_lets_the_user_choose(files, tmp_path, 
 
 
 def test_a_failure_while_writing_leaves_no_output(files, tmp_path, monkeypatch, capsys):
-    from ProbSAMLib import report
+    from ProbSAMLib.app import report
 
     def broken(data, path, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device (simulated)", str(path))
@@ -287,7 +289,7 @@ def test_demo_writes_everything_and_a_montage(files, tmp_path):
 
 def test_demo_with_the_bundled_model(tmp_path, capsys):
     """`probsam demo` uses the current demo model (demo_v7), says so on stderr and in summary.json."""
-    from ProbSAMLib.registry import DEFAULT_MODEL
+    from ProbSAMLib.weights.registry import DEFAULT_MODEL
 
     assert DEFAULT_MODEL == "demo_v7"
     assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--samples", "4"]) == 0

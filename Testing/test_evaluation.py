@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
-    from Training.make_phantom import make_phantom
+    from Training.data.make_phantom import make_phantom
     out = tmp_path_factory.mktemp("evaluation") / "phantom"
     make_phantom(out, scans=4, progress=False)
     return out
@@ -51,9 +51,9 @@ def synthetic_pickle(n_series=12, slices=3, empty_every=4):
 
 def test_literature_split_equals_scikit_learn_and_keeps_empty_slices(tmp_path):
     from sklearn.model_selection import train_test_split
-    from Training.batches import SliceBatches
-    from Training.dataset_format import load_dataset
-    from Training.import_pickle import import_pickle
+    from Training.data.batches import SliceBatches
+    from Training.data.dataset_format import load_dataset
+    from Training.data.import_pickle import import_pickle
 
     data = synthetic_pickle()
     meta = import_pickle(None, tmp_path / "lit", data=data, split="literature")
@@ -79,7 +79,7 @@ def test_literature_split_equals_scikit_learn_and_keeps_empty_slices(tmp_path):
 
 # ------------------------------------------------------------------------------------ baselines
 def test_threshold_baseline_keeps_the_component_at_the_box_centre():
-    from Training.baselines import ThresholdBaseline, hu_to_unit, threshold_component
+    from Training.evaluation.baselines import ThresholdBaseline, hu_to_unit, threshold_component
     assert hu_to_unit(-400.0) == pytest.approx(950 / 1500)  # lung window (-600, 1500)
     image = np.zeros((20, 20), np.float32)
     image[4:8, 4:8] = 0.9      # 16 px, holds the centre of box A
@@ -106,7 +106,7 @@ def _only(image, rc):
 # ------------------------------------------------------------------------------------ bootstrap
 def test_patient_bootstrap_clusters_pairs_and_pools():
     from ProbSAMLib.metrics import calibration_bins, ece_from_bins
-    from Training.bootstrap import PatientBootstrap
+    from Training.evaluation.bootstrap import PatientBootstrap
     rng = np.random.default_rng(0)
     values = rng.random(10)
     patients = [f"p{i}" for i in range(10)]
@@ -141,12 +141,12 @@ def test_patient_bootstrap_clusters_pairs_and_pools():
 # ------------------------------------------------------------------------------- evaluate.py
 def test_the_batch_is_chosen_from_free_memory_for_sam_models(monkeypatch):
     """--batch-size 0: a ProbSAM model (also inside the prior-mean baseline) gets as many slices as half the
-    free memory holds by ProbSAMLib.memory's estimate, at most 16; other predictors get 16."""
-    from ProbSAMLib import memory
-    from Training.baselines import PriorMeanBaseline, ThresholdBaseline
+    free memory holds by ProbSAMLib.inference.memory's estimate, at most 16; other predictors get 16."""
+    from ProbSAMLib.inference import memory
+    from Training.evaluation.baselines import PriorMeanBaseline, ThresholdBaseline
     from Training.config import TrainConfig
-    from Training.evaluate import slices_per_batch
-    from Training.learners import build_learner
+    from Training.evaluation.evaluate import slices_per_batch
+    from Training.learning.learners import build_learner
     learner = build_learner(TrainConfig(preset="tiny"))
     per_slice = memory.bytes_per_slice(learner.model, 100, half=False)
     monkeypatch.setattr(memory, "available_bytes", lambda device: 10 * per_slice)  # room for 5
@@ -159,11 +159,11 @@ def test_the_batch_is_chosen_from_free_memory_for_sam_models(monkeypatch):
 
 
 def test_noise_is_independent_of_the_batch_size(phantom):
-    from Training.batches import SliceBatches
+    from Training.data.batches import SliceBatches
     from Training.config import TrainConfig
-    from Training.dataset_format import load_dataset
-    from Training.evaluate import evaluate_slices
-    from Training.learners import build_learner
+    from Training.data.dataset_format import load_dataset
+    from Training.evaluation.evaluate import evaluate_slices
+    from Training.learning.learners import build_learner
     torch.manual_seed(0)
     learner = build_learner(TrainConfig(model="prob_unet", unet_channels=[4, 8]))
     for p in learner.model.fcomb.parameters():  # make z matter (random, not dead, ReLUs)
@@ -175,7 +175,7 @@ def test_noise_is_independent_of_the_batch_size(phantom):
     for a, b in zip(*rows):
         assert a["slice"] == b["slice"] and a["ged@4"] == b["ged@4"] and a["ncc@4"] == pytest.approx(b["ncc@4"], rel=1e-3, nan_ok=True)  # conv round-off
     # the noise is a function of (seed, slice) only, and the samples do follow it
-    from Training.evaluate import slice_noise
+    from Training.evaluation.evaluate import slice_noise
     assert torch.equal(slice_noise(2, 7, 4, 6), slice_noise(2, 7, 4, 6))
     assert not torch.equal(slice_noise(2, 7, 4, 6), slice_noise(3, 7, 4, 6))
     assert not torch.equal(slice_noise(2, 7, 4, 6), slice_noise(2, 8, 4, 6))
@@ -186,10 +186,10 @@ def test_noise_is_independent_of_the_batch_size(phantom):
 
 
 def test_evaluate_reports_intervals_baselines_and_per_slice_provenance(phantom, tmp_path):
-    from Training import evaluate
+    from Training.evaluation import evaluate
     from Training.config import TrainConfig
     import hashlib
-    from Training.learners import build_learner
+    from Training.learning.learners import build_learner
     model = tmp_path / "probsam" / "best.safetensors"
     build_learner(TrainConfig(preset="tiny", seed=0)).save(model)
     out = tmp_path / "results"
@@ -233,9 +233,9 @@ def test_evaluate_reports_intervals_baselines_and_per_slice_provenance(phantom, 
 def test_reused_runs_give_the_side_by_side_tables(phantom, tmp_path):
     """Methods evaluated in separate runs (in parallel) and joined with --reuse give exactly the tables
     of one side-by-side run; a table made with other settings is refused before anything is written."""
-    from Training import evaluate
+    from Training.evaluation import evaluate
     from Training.config import TrainConfig
-    from Training.learners import build_learner
+    from Training.learning.learners import build_learner
     from ProbSAMLib.errors import SettingsError
     model = tmp_path / "probsam" / "best.safetensors"
     build_learner(TrainConfig(preset="tiny", seed=1)).save(model)
@@ -282,7 +282,7 @@ def test_reused_runs_give_the_side_by_side_tables(phantom, tmp_path):
 
 def test_mean_prediction_averages_sample_probabilities():
     """Dice vs majority uses the average of the N sample probabilities (not a vote of thresholded masks)."""
-    from Training.evaluate import slice_metrics
+    from Training.evaluation.evaluate import slice_metrics
     probs = np.zeros((3, 1, 2))
     probs[:2, 0, 0] = 0.6                     # two samples at 0.6, one at 0: vote 2/3 on, mean 0.4 off
     probs[:, 0, 1] = 0.9                      # mean 0.9 on
@@ -293,11 +293,11 @@ def test_mean_prediction_averages_sample_probabilities():
 
 # ------------------------------------------------------------------------- training side
 def test_flipped_embeddings_are_cached_for_every_flip(phantom, tmp_path):
-    from Training import embedding_cache
-    from Training.batches import FLIP_CODES, SliceBatches, flip_images
+    from Training.data import embedding_cache
+    from Training.data.batches import FLIP_CODES, SliceBatches, flip_images
     from Training.config import TrainConfig
-    from Training.dataset_format import load_dataset
-    from Training.learners import build_learner
+    from Training.data.dataset_format import load_dataset
+    from Training.learning.learners import build_learner
     batches = SliceBatches(load_dataset(phantom, "val"))
     learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=3))
     path = embedding_cache.cache_file(tmp_path, batches, "val", learner.model, flips=True)
@@ -340,7 +340,7 @@ def test_early_stopping_ends_the_run_inside_the_budget_and_resumes(phantom, tmp_
 
 def centre_crops(source: Path, out: Path, side: int) -> None:
     """The data set at ``source`` cut to its central side² pixels (slices left without a mark dropped)."""
-    from Training.dataset_format import Chunk, load_dataset, write_dataset
+    from Training.data.dataset_format import Chunk, load_dataset, write_dataset
     ds = load_dataset(source)
     lo = (ds.images.shape[-1] - side) // 2
     masks = np.asarray(ds.masks[..., lo:lo + side, lo:lo + side])
@@ -353,9 +353,9 @@ def centre_crops(source: Path, out: Path, side: int) -> None:
 
 
 def test_a_model_trained_on_64_px_crops_samples_a_64_px_window(phantom, tmp_path):
-    from ProbSAMLib.build import load_probsam
+    from ProbSAMLib.weights.build import load_probsam
     from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_ijk
-    from ProbSAMLib.volume import min_context_size, sample_volume
+    from ProbSAMLib.inference.volume import min_context_size, sample_volume
     data = tmp_path / "crops64"
     centre_crops(phantom, data, 64)
     out = tmp_path / "run"
@@ -374,9 +374,9 @@ def test_a_model_trained_on_64_px_crops_samples_a_64_px_window(phantom, tmp_path
 
 
 def test_subsample_keeps_whole_patients_in_their_splits(phantom, tmp_path):
-    """Training/subsample.py (the search runs' data): whole patients, same split, never over the source."""
-    from Training.dataset_format import load_dataset
-    from Training.subsample import main
+    """research/subsample.py (the search runs' data): whole patients, same split, never over the source."""
+    from Training.data.dataset_format import load_dataset
+    from research.subsample import main
 
     assert main([str(phantom), "--fraction", "0.5", "--out", str(tmp_path / "sub")]) == 0
     full, sub = load_dataset(phantom), load_dataset(tmp_path / "sub")
@@ -395,9 +395,9 @@ def test_subsample_keeps_whole_patients_in_their_splits(phantom, tmp_path):
 
 
 def test_diagnose_samples_counts_empty_samples_and_areas_per_slice(tmp_path):
-    """Training/diagnose_samples.py: the readers themselves as 4 samples give the readers' own figures;
+    """research/diagnose_samples.py: the readers themselves as 4 samples give the readers' own figures;
     bad input is one error line, exit 2."""
-    from Training.diagnose_samples import slice_diagnosis
+    from research.diagnose_samples import slice_diagnosis
 
     masks = np.zeros((4, 16, 16), bool)
     masks[0, 4:10, 4:10] = True   # 36 px
@@ -421,12 +421,12 @@ def test_diagnose_samples_counts_empty_samples_and_areas_per_slice(tmp_path):
 
 
 def test_phantom_ceiling_scores_the_ideal_predictors_against_the_slot_majority(tmp_path):
-    """Training/phantom_ceiling.py: on a nodule only one of four radiologists annotated, the nodule's own
+    """research/phantom_ceiling.py: on a nodule only one of four radiologists annotated, the nodule's own
     readers' majority is the disc (Dice 0 against the empty slot majority) and the calibrated mean is
     empty (Dice 1); where 2 of 4 drew, the calibrated mean ("> 0.5") misses the disc the majority holds;
     the threshold finds the bright disc; through the decoder grid the disc loses its edge. A missing data set
     is one clear error line, exit 2."""
-    from Training.phantom_ceiling import slice_scores, through_decoder_grid
+    from research.phantom_ceiling import slice_scores, through_decoder_grid
 
     yy, xx = np.mgrid[:32, :32]
     disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 36
@@ -455,8 +455,8 @@ def test_phantom_ceiling_what_if_scores_named_patients_as_a_model_did(tmp_path, 
     """--as-scored: on the named patients' slices every ideal predictor scores what a per-slice table
     recorded, so the table shows whether those patients alone decide a target."""
     from Testing.helpers import faint_and_dense_dataset, write_per_slice_table
-    from Training import phantom_ceiling
-    from Training.dataset_format import load_dataset
+    from research import phantom_ceiling
+    from Training.data.dataset_format import load_dataset
 
     data = faint_and_dense_dataset(tmp_path / "ds", {"train": 1, "val": 1, "test": 1})
     test = load_dataset(data, "test")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from ProbSAMLib import nrrd
+from ProbSAMLib.io import nrrd
 from ProbSAMLib.geometry import VolumeGeometry
-from ProbSAMLib.imageio import (AtomicOutputDir, IntensityWarning, MultipleSeriesError, OutputExistsError,
+from ProbSAMLib.io.imageio import (AtomicOutputDir, IntensityWarning, MultipleSeriesError, OutputExistsError,
                                 VolumeReadError, distinct_colors, read_segment_metadata, read_segmentation,
                                 read_volume, write_image, write_sample_files, write_segmentation)
 from Testing.helpers import write_dicom_series

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from ProbSAMLib import ProbSAMConfig, build_probsam, preprocess
-from ProbSAMLib.loss import LossConfig, probsam_loss
+from ProbSAMLib import ProbSAMConfig, build_probsam
+from ProbSAMLib.modeling import preprocess
+from Training.learning.loss import LossConfig, probsam_loss
 from ProbSAMLib.metrics import ged, sample_diversity
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from Training.dataset_format import load_dataset, make_splits
+from Training.data.dataset_format import load_dataset, make_splits
 
 GOOD, BAD = "LIDC-IDRI-0957", "LIDC-IDRI-0983"  # the annotated scans with the fewest slices
 
@@ -60,8 +60,8 @@ def home(tmp_path, monkeypatch):
 
 
 def test_prepare_lidc_end_to_end(tmp_path, home):
-    from Training.lidc_nodules import scan_nodules, select_scans
-    from Training.prepare_lidc import main
+    from Training.data.lidc_nodules import scan_nodules, select_scans
+    from Training.data.prepare_lidc import main
 
     root = tmp_path / "LIDC-IDRI"
     good = select_scans(patients=[GOOD])
@@ -125,7 +125,7 @@ def _fake_pickle(n_patients=6, slices=3):
 
 
 def test_import_pickle(tmp_path):
-    from Training.import_pickle import main
+    from Training.data.import_pickle import main
 
     data = _fake_pickle()
     path = tmp_path / "data_lidc.pickle"
@@ -155,7 +155,7 @@ def test_splits_are_by_patient_seeded_and_disjoint(tmp_path):
     assert make_splits(reversed(ids), seed=0) == split  # order of appearance does not matter
     assert make_splits(ids, seed=1)["test"] != split["test"]
 
-    from Training.import_pickle import import_pickle
+    from Training.data.import_pickle import import_pickle
     import_pickle("in-memory", tmp_path / "ds", data=_fake_pickle(n_patients=10))
     seen = {}
     for name in ("train", "val", "test"):
@@ -169,8 +169,8 @@ def test_splits_are_by_patient_seeded_and_disjoint(tmp_path):
 
 def test_torch_dataset(tmp_path):
     pytest.importorskip("torch")
-    from Training.datasets import LIDCSlices
-    from Training.import_pickle import import_pickle
+    from research.datasets import LIDCSlices
+    from Training.data.import_pickle import import_pickle
 
     import_pickle("in-memory", tmp_path / "ds", data=_fake_pickle())
     train = LIDCSlices(tmp_path / "ds", "train")

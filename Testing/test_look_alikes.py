@@ -1,10 +1,10 @@
-"""Training/look_alikes.py: what the reference split's look-alikes of a slice group say about its majority."""
+"""research/look_alikes.py: what the reference split's look-alikes of a slice group say about its majority."""
 import numpy as np
 import pytest
 
 from Testing.helpers import faint_and_dense_dataset, faint_or_dense_slice, write_per_slice_table
-from Training import look_alikes
-from Training.dataset_format import N_READERS
+from research import look_alikes
+from Training.data.dataset_format import N_READERS
 
 def _table_row(text: str, name: str) -> list:
     line = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
@@ -71,7 +71,7 @@ def test_bad_settings_are_one_line_errors(tmp_path, capsys, argv, message):
 
 
 def test_results_show_how_often_each_method_left_the_majority_empty_slices_empty(tmp_path, capsys):
-    from Training.dataset_format import load_dataset
+    from Training.data.dataset_format import load_dataset
 
     data = faint_and_dense_dataset(tmp_path / "ds", {"train": 1, "val": 1, "test": 1})
     test = load_dataset(data, "test")

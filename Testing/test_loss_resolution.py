@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ProbSAMLib import preprocess
+from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.errors import SettingsError
-from ProbSAMLib.loss import LossConfig, probsam_loss
-from ProbSAMLib.model import TrainingOutput
+from Training.learning.loss import LossConfig, probsam_loss
+from ProbSAMLib.modeling.probsam import TrainingOutput
 from Training.config import TrainConfig, load_config
-from Training.learners import build_learner
+from Training.learning.learners import build_learner
 
 
 def _normal(batch):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ProbSAMLib.geometry import Box3D
-from ProbSAMLib.markups import MarkupsError, list_rois, read_roi_json, write_roi_json
+from ProbSAMLib.io.markups import MarkupsError, list_rois, read_roi_json, write_roi_json
 
 C, S = np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30))
 ROT_Z30 = np.array([[C, -S, 0], [S, C, 0], [0, 0, 1]])  # columns: ROI x, y, z axes

@@ -1,4 +1,4 @@
-"""ProbSAMLib.memory: the per-slice estimate against peaks measured on a GPU and the free-memory figure;
+"""ProbSAMLib.inference.memory: the per-slice estimate against peaks measured on a GPU and the free-memory figure;
 and the recognition of out-of-memory errors (ProbSAMLib.errors). No GPU here: the CUDA memory queries are
 replaced by stand-ins (monkeypatch) where a test needs them, which says so."""
 from types import SimpleNamespace
@@ -6,8 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from ProbSAMLib import memory
-from ProbSAMLib.config import ProbSAMConfig
+from ProbSAMLib.inference import memory
+from ProbSAMLib.modeling.config import ProbSAMConfig
 from ProbSAMLib.errors import is_gpu_out_of_memory
 
 # Peaks per slice of SAM ViT-B's encoder at 1024², measured on an NVIDIA H200 with

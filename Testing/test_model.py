@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from ProbSAMLib import ProbSAMConfig, build_probsam, preprocess
-from ProbSAMLib.decoding import decode_masks
-from ProbSAMLib.sampling import sample_masks
+from ProbSAMLib import ProbSAMConfig, build_probsam
+from ProbSAMLib.modeling import preprocess
+from ProbSAMLib.modeling.decoding import decode_masks
+from ProbSAMLib.inference.sampling import sample_masks
 
 torch.set_num_threads(1)
 

@@ -8,18 +8,18 @@ import pytest
 import torch
 
 from ProbSAMLib import ProbSAMConfig, build_probsam
-from ProbSAMLib.build import load_probsam
-from ProbSAMLib.checkpoints import save_probsam
+from ProbSAMLib.weights.build import load_probsam
+from ProbSAMLib.weights.checkpoints import save_probsam
 from ProbSAMLib.errors import InputError, SettingsError
 from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_ijk
-from ProbSAMLib.sampling import sample_masks
-from ProbSAMLib.volume import input_region, sample_volume
-from Training.batches import SliceBatches, flip_images
+from ProbSAMLib.inference.sampling import sample_masks
+from ProbSAMLib.inference.volume import input_region, sample_volume
+from Training.data.batches import SliceBatches, flip_images
 from Training.config import TrainConfig, load_config
-from Training.dataset_format import Chunk, load_dataset, slices_from_volume, write_dataset
-from Training.embedding_cache import encoder_fingerprint
-from Training.learners import build_learner, parameter_groups
-from Training.subsample import subsample
+from Training.data.dataset_format import Chunk, load_dataset, slices_from_volume, write_dataset
+from Training.data.embedding_cache import encoder_fingerprint
+from Training.learning.learners import build_learner, parameter_groups
+from research.subsample import subsample
 
 torch.set_num_threads(1)
 BOX = np.array([40.0, 42.0, 84.0, 86.0])

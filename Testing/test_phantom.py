@@ -1,8 +1,8 @@
-"""The LIDC contour phantom: the renderer (ProbSAMLib.phantom) and Training/make_phantom.py."""
+"""The LIDC contour phantom: the renderer (ProbSAMLib.demo.phantom) and Training/data/make_phantom.py."""
 import numpy as np
 import pytest
 
-from ProbSAMLib.phantom import (PhantomVolume, demo_count, demo_volume,
+from ProbSAMLib.demo.phantom import (PhantomVolume, demo_count, demo_volume,
                                 load_demo_nodule, render_nodule_volume)
 
 PATIENTS = ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "LIDC-IDRI-0069"]
@@ -103,13 +103,13 @@ def test_demo_volume_offline():
 
 @pytest.fixture(scope="module")
 def pylidc():
-    from Training.pylidc_compat import import_pylidc
+    from Training.data.pylidc_compat import import_pylidc
     return import_pylidc()
 
 
 @pytest.fixture(scope="module")
 def phantom_dir(tmp_path_factory, pylidc):
-    from Training.make_phantom import make_phantom
+    from Training.data.make_phantom import make_phantom
     out = tmp_path_factory.mktemp("phantom") / "ds"
     make_phantom(out, patients=PATIENTS, progress=False)
     return out
@@ -126,7 +126,7 @@ def _pylidc_mask_in_crop(annotation, k0, row0, col0, shape):
 
 
 def test_reader_masks_equal_pylidc_boolean_mask(phantom_dir, pylidc):
-    from Training.dataset_format import load_dataset
+    from Training.data.dataset_format import load_dataset
     ds = load_dataset(phantom_dir)
     t = ds.table
     assert set(t["patient_id"]) == set(PATIENTS)
@@ -155,7 +155,7 @@ def test_reader_masks_equal_pylidc_boolean_mask(phantom_dir, pylidc):
 
 
 def test_phantom_build_is_deterministic(phantom_dir, tmp_path):
-    from Training.make_phantom import make_phantom
+    from Training.data.make_phantom import make_phantom
     again, other_seed = tmp_path / "again", tmp_path / "seed1"
     make_phantom(again, patients=PATIENTS[:1], progress=False)
     make_phantom(other_seed, patients=PATIENTS[:1], seed=1, progress=False)
@@ -167,7 +167,7 @@ def test_phantom_build_is_deterministic(phantom_dir, tmp_path):
 
 
 def test_phantom_refuses_to_overwrite(phantom_dir):
-    from Training.make_phantom import main
+    from Training.data.make_phantom import main
     assert main(["--out", str(phantom_dir), "--scans", "1"]) == 2  # exists: bad input
 
 
@@ -176,8 +176,8 @@ def test_v2_cases_labelled_per_slice_heldout_only_in_test(phantom_dir):
     belong to test patients only."""
     import json
 
-    from ProbSAMLib.phantom_cases import CASES, choose_case
-    from Training.dataset_format import load_dataset
+    from Training.data.phantom_cases import CASES, choose_case
+    from Training.data.dataset_format import load_dataset
     ds = load_dataset(phantom_dir)
     t, splits = ds.table, ds.splits
     assert ds.meta["generator_version"] == 2 and ds.meta["params"]["generator"] == 2
@@ -196,8 +196,8 @@ def test_v2_cases_labelled_per_slice_heldout_only_in_test(phantom_dir):
 
 
 def test_generator_1_reproduces_v1_and_plain_v2_nodules_match_it(phantom_dir, tmp_path):
-    from Training.dataset_format import load_dataset
-    from Training.make_phantom import make_phantom
+    from Training.data.dataset_format import load_dataset
+    from Training.data.make_phantom import make_phantom
     v1 = tmp_path / "v1"
     make_phantom(v1, patients=PATIENTS, progress=False, generator=1)
     old, new = load_dataset(v1), load_dataset(phantom_dir)
@@ -223,7 +223,7 @@ def test_v2_split_is_the_v1_split(tmp_path):
     annotations) has no slices and must not shift the split away from v1's."""
     import json
 
-    from Training.make_phantom import make_phantom
+    from Training.data.make_phantom import make_phantom
     patients = ["LIDC-IDRI-0001", "LIDC-IDRI-0003", "LIDC-IDRI-0069", "LIDC-IDRI-0072", "LIDC-IDRI-0252"]
     for generator in (1, 2):
         make_phantom(tmp_path / f"v{generator}", patients=patients, progress=False, generator=generator)

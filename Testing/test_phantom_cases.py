@@ -1,15 +1,15 @@
-"""Phantom generator v2's hard cases (ProbSAMLib.phantom_cases): each is drawn as specified and makes
+"""Phantom generator v2's hard cases (Training.data.phantom_cases): each is drawn as specified and makes
 the -400 HU threshold baseline fail the way real CT does; shares, variants and seeds behave."""
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from ProbSAMLib.boxes import union_box
+from Training.data.boxes import union_box
 from ProbSAMLib.metrics import dice
-from ProbSAMLib.phantom import render_nodule_volume
-from ProbSAMLib.phantom_cases import (CASE_SHARES, CASES, HELDOUT_SHARE, NoduleCase, choose_case,
+from ProbSAMLib.demo.phantom import render_nodule_volume
+from Training.data.phantom_cases import (CASE_SHARES, CASES, HELDOUT_SHARE, NoduleCase, choose_case,
                                       edge_slices, slab_kernel)
-from ProbSAMLib.threshold import threshold_component
+from Training.evaluation.threshold import threshold_component
 
 SPACING = (0.7, 0.7, 1.25)  # (x, y, z) mm
 HARD = [c for c in CASES if c != "plain"]

@@ -1,4 +1,4 @@
-"""The two terms on the set term's K prior samples that shape the consensus (ProbSAMLib.loss).
+"""The two terms on the set term's K prior samples that shape the consensus (Training.learning.loss).
 
 consensus_loss (the samples' mean prediction against the readers' majority) must be 0 when the mean
 prediction is the majority with the margin, charge the knife-edge of a calibrated two-reader slice and
@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 
-from ProbSAMLib.loss import LossConfig, consensus_loss, empty_share_loss, probsam_loss, set_loss
-from ProbSAMLib.model import TrainingOutput
+from Training.learning.loss import LossConfig, consensus_loss, empty_share_loss, probsam_loss, set_loss
+from ProbSAMLib.modeling.probsam import TrainingOutput
 from ProbSAMLib.metrics import mean_prediction_scores
 from Training.config import TrainConfig, load_config
 from ProbSAMLib.errors import SettingsError
-from Training.learners import build_learner
+from Training.learning.learners import build_learner
 
 torch.set_num_threads(1)
 S = 32
@@ -327,7 +327,7 @@ def modules_one_step_changes(learner, images: torch.Tensor) -> set:
 
 def test_train_latent_only_keeps_the_decoder_and_trains_the_prior(tmp_path):
     """From the bundled demo weights: one AdamW step changes the prior and posterior nets only."""
-    from ProbSAMLib import checkpoints
+    from ProbSAMLib.weights import checkpoints
 
     init = str(checkpoints.entry_path(checkpoints.MANIFEST["demo_v3"]))
     with pytest.raises(SettingsError, match="train_latent_only"):
@@ -343,7 +343,7 @@ def test_train_latent_only_keeps_the_decoder_and_trains_the_prior(tmp_path):
 def test_train_refiner_only_changes_the_refiner_and_nothing_else():
     """From demo_v5 (which has a refiner): one AdamW step moves the refiner's weights only; settings that
     cannot work are refused (no init; with train_latent_only; weights without a refiner)."""
-    from ProbSAMLib import checkpoints
+    from ProbSAMLib.weights import checkpoints
 
     init = str(checkpoints.entry_path(checkpoints.MANIFEST["demo_v5"]))
     with pytest.raises(SettingsError, match="train_refiner_only"):
@@ -362,7 +362,7 @@ def test_train_refiner_only_changes_the_refiner_and_nothing_else():
 def test_set_term_above_half_ignores_probability_below_the_cut_and_scores_what_is_shown():
     """set_above_half: samples at 0.45 everywhere against empty readers cost nothing and get no gradient (cut at
     0.5 they are empty, as GED sees them); the soft set term charges them. Above 0.5 a pixel still counts."""
-    from ProbSAMLib.loss import set_loss
+    from Training.learning.loss import set_loss
 
     readers = torch.zeros(1, 4, 16, 16)
     present = torch.ones(1, 4, dtype=torch.bool)

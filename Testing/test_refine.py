@@ -1,4 +1,4 @@
-"""The mask refiner (ProbSAMLib/refine.py): a no-op when attached, it reads the image, it learns an edge the
+"""The mask refiner (ProbSAMLib/modeling/refine.py): a no-op when attached, it reads the image, it learns an edge the
 decoder grid cannot draw, and every entry point (2D sampler, volume sampler, weights files, training) carries
 the image to it."""
 import json
@@ -8,16 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ProbSAMLib import ProbSAMConfig, build_probsam, preprocess
-from ProbSAMLib.build import load_probsam
-from ProbSAMLib.checkpoints import save_probsam
+from ProbSAMLib import ProbSAMConfig, build_probsam
+from ProbSAMLib.modeling import preprocess
+from ProbSAMLib.weights.build import load_probsam
+from ProbSAMLib.weights.checkpoints import save_probsam
 from ProbSAMLib.errors import SettingsError
 from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_ijk
-from ProbSAMLib.refine import MaskRefiner
-from ProbSAMLib.sampling import sample_masks
-from ProbSAMLib.volume import sample_volume
+from ProbSAMLib.modeling.refine import MaskRefiner
+from ProbSAMLib.inference.sampling import sample_masks
+from ProbSAMLib.inference.volume import sample_volume
 from Training.config import TrainConfig, load_config
-from Training.learners import build_learner
+from Training.learning.learners import build_learner
 
 torch.set_num_threads(1)
 BOX = torch.tensor([[40.0, 42.0, 84.0, 86.0]])
@@ -177,7 +178,7 @@ def test_the_training_loss_reaches_the_refiner_at_both_resolutions():
 
 
 def test_a_fresh_refiner_learns_at_its_own_rate_and_plain_models_keep_two_groups(tmp_path):
-    from Training.learners import parameter_groups
+    from Training.learning.learners import parameter_groups
 
     plain = build_learner(TrainConfig(preset="tiny", freeze_encoder=True), intensity="unit")
     groups = parameter_groups(plain, TrainConfig(refine_lr_scale=10.0))
@@ -196,7 +197,7 @@ def test_a_fresh_refiner_learns_at_its_own_rate_and_plain_models_keep_two_groups
 def test_the_memory_estimate_counts_the_refiners_full_resolution_maps():
     """A refiner holds N maps of img_size² per hidden layer; the volume sampler's memory check must see them
     (for SAM's 1024² input, 16 samples and 8 channels they are ~1.2 GB)."""
-    from ProbSAMLib.memory import bytes_per_slice
+    from ProbSAMLib.inference.memory import bytes_per_slice
 
     model = _tiny()
     plain = bytes_per_slice(model, 16, half=False)

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from ProbSAMLib import ProbSAMConfig, build_probsam
-from ProbSAMLib.build import load_probsam
-from ProbSAMLib.checkpoints import save_probsam
+from ProbSAMLib.weights.build import load_probsam
+from ProbSAMLib.weights.checkpoints import save_probsam
 from ProbSAMLib.errors import SettingsError
 from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_ijk
-from ProbSAMLib.refine import MaskRefiner
-from ProbSAMLib.volume import input_region, sample_volume
+from ProbSAMLib.modeling.refine import MaskRefiner
+from ProbSAMLib.inference.volume import input_region, sample_volume
 from Training.config import TrainConfig, load_config
-from Training.learners import build_learner
+from Training.learning.learners import build_learner
 
 torch.set_num_threads(1)
 

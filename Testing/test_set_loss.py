@@ -1,4 +1,4 @@
-"""The set term (ProbSAMLib.loss.set_loss): K prior samples against all readers' masks of a slice.
+"""The set term (Training.learning.loss.set_loss): K prior samples against all readers' masks of a slice.
 
 It must be ~0 when the samples are the readers' set (empty readers included), grow when the samples
 collapse onto one reader or never come out empty, ignore absent reader slots, pass its gradient to
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ProbSAMLib.loss import LossConfig, set_loss, soft_iou_distance
+from Training.learning.loss import LossConfig, set_loss, soft_iou_distance
 from Training.config import TrainConfig
-from Training.learners import build_learner
+from Training.learning.learners import build_learner
 
 torch.set_num_threads(1)
 S = 32

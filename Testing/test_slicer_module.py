@@ -162,8 +162,8 @@ def test_saved_scene_reads_back_the_same_segments(slicer, module, logic, tiny_we
 
 
 def test_cli_segmentation_file_loads_as_named_coloured_segments(slicer, tmp_path):
-    from ProbSAMLib import cli
-    from ProbSAMLib.imageio import read_segmentation
+    from ProbSAMLib.app import cli
+    from ProbSAMLib.io.imageio import read_segmentation
 
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--samples", "3", "--seed", "0", "-q"]) == 0
     ct = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
@@ -306,7 +306,7 @@ def test_demo_warning_sits_under_the_model_selector(slicer, module):
     import xml.etree.ElementTree as ET
     from pathlib import Path
 
-    from ProbSAMLib.registry import MODELS
+    from ProbSAMLib.weights.registry import MODELS
 
     logic = module.ProbSAMSlicerLogic()
     for name, entry in MODELS.items():

@@ -1,4 +1,4 @@
-"""The module's sampling worker process (ProbSAMLib.worker driven by ProbSAMSlicerLib.sampling_process),
+"""The module's sampling worker process (ProbSAMLib.app.worker driven by ProbSAMSlicerLib.sampling_process),
 with the scene on REAL Slicer core. Tests wait on the worker's messages and on its exit, never on sleeps;
 they pause the worker with SIGSTOP to make "mid-run" deterministic (POSIX only).
 """
@@ -63,7 +63,7 @@ def test_second_run_reuses_the_loaded_model(slicer, module, logic, tiny_weights)
 
 
 def test_cancel_mid_run_stops_it_and_keeps_the_worker(slicer, module, logic, tiny_weights, monkeypatch):
-    from ProbSAMLib.volume import Cancelled
+    from ProbSAMLib.inference.volume import Cancelled
 
     # This test is about the worker stopping when asked; the kill after the grace time has its own test
     # below. A long grace keeps a heavily loaded machine from turning "asked" into "killed".
@@ -91,7 +91,7 @@ def test_cancel_mid_run_stops_it_and_keeps_the_worker(slicer, module, logic, tin
 def test_unresponsive_worker_is_killed_then_a_crash_is_a_clear_error(slicer, module, own_logic, tiny_weights):
     """A worker that does not answer Cancel is killed after the grace time; the next run starts a new one,
     and when that one dies mid-run (as under the OOM killer) the run fails clearly and adds no nodes."""
-    from ProbSAMLib.volume import Cancelled
+    from ProbSAMLib.inference.volume import Cancelled
 
     volume, roi = tall_scene(slicer)
     run = start(module, own_logic, volume, roi, tiny_weights)
@@ -119,7 +119,7 @@ def test_unresponsive_worker_is_killed_then_a_crash_is_a_clear_error(slicer, mod
 def test_out_of_memory_is_reported_with_what_to_do(module):
     import torch
 
-    from ProbSAMLib.worker import _error_kind
+    from ProbSAMLib.app.worker import _error_kind
 
     assert _error_kind(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) == "out_of_memory"
     assert _error_kind(ValueError("bad box")) == "error"
@@ -140,7 +140,7 @@ def test_worker_runs_in_slicers_python(module, tmp_path, monkeypatch):
 
 def test_process_cancel_callback_stops_the_run_and_adds_nothing(slicer, module, logic, tiny_weights):
     """The scripting entry point: ``process(..., cancel=)`` is asked while it waits; True cancels."""
-    from ProbSAMLib.volume import Cancelled
+    from ProbSAMLib.inference.volume import Cancelled
 
     volume, roi = tall_scene(slicer)
     asked = []

@@ -1,11 +1,11 @@
-"""Training/tables.py: the README and docs tables come from the tools' own outputs."""
+"""research/tables.py: the README and docs tables come from the tools' own outputs."""
 import json
 
 import pytest
 import yaml
 
 from ProbSAMLib.errors import SettingsError
-from Training.tables import compare_table, influence_table, main, runs_table
+from research.tables import compare_table, influence_table, main, runs_table
 
 
 def interval(estimate, low, high):
@@ -91,7 +91,7 @@ def test_influence_table_finds_the_patient_that_decides_the_interval():
 
 def test_influence_command_reads_an_evaluate_folder_in_its_method_order(tmp_path, capsys):
     import numpy as np
-    from Training.evaluation_report import write_per_slice
+    from Training.evaluation.report import write_per_slice
 
     per_slice = _slices({f"P{i}": (2, 0.1 * (i - 2)) for i in range(5)})
     for name, rows in per_slice.items():

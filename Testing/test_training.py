@@ -22,7 +22,7 @@ TINY_RUN = ["model=probsam", "preset=tiny", "freeze_encoder=true", "cache=true",
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-    from Training.make_phantom import make_phantom
+    from Training.data.make_phantom import make_phantom
     out = tmp_path_factory.mktemp("training") / "phantom"
     make_phantom(out, scans=6, progress=False)
     return out
@@ -56,7 +56,7 @@ def test_config_file_then_overrides(tmp_path):
 
 # ------------------------------------------------------------------------------------ batches
 def test_batches_cover_each_epoch_once_and_split_across_ranks():
-    from Training.batches import batch_positions
+    from Training.data.batches import batch_positions
     n, batch = 50, 4
     per_epoch = n // (batch * 2)
     seen = [np.concatenate([batch_positions(n, batch, s, 0, r, 2) for r in (0, 1)]) for s in range(per_epoch)]
@@ -68,8 +68,8 @@ def test_batches_cover_each_epoch_once_and_split_across_ranks():
 
 
 def test_prompt_is_the_union_box_of_all_readers(data_dir):
-    from Training.batches import SliceBatches
-    from Training.dataset_format import load_dataset
+    from Training.data.batches import SliceBatches
+    from Training.data.dataset_format import load_dataset
     batches = SliceBatches(load_dataset(data_dir, "train"), box_margin=0)
     batch = batches.read(np.arange(8))
     for masks, present, box in zip(batch.masks.numpy(), batch.present.numpy(), batch.boxes.numpy()):
@@ -80,11 +80,11 @@ def test_prompt_is_the_union_box_of_all_readers(data_dir):
 
 # ------------------------------------------------------------------------------- cache == fly
 def test_cached_embeddings_give_the_on_the_fly_loss(data_dir, tmp_path):
-    from Training import embedding_cache
-    from Training.batches import SliceBatches
+    from Training.data import embedding_cache
+    from Training.data.batches import SliceBatches
     from Training.config import TrainConfig
-    from Training.dataset_format import load_dataset
-    from Training.learners import build_learner
+    from Training.data.dataset_format import load_dataset
+    from Training.learning.learners import build_learner
     batches = SliceBatches(load_dataset(data_dir, "val"))
     learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=3))
     path = embedding_cache.cache_file(tmp_path, batches, "val", learner.model)
@@ -108,11 +108,11 @@ def test_the_cache_build_halves_its_chunk_on_out_of_memory(data_dir, tmp_path, m
     """No GPU here: a CUDA out-of-memory error is simulated for chunks of more than 2 slices. The build must
     shrink its chunk 8 -> 4 -> 2 and give the cache a build of chunks of 2 gives, byte for byte; out of memory
     with one slice a chunk is raised, and leaves no file behind."""
-    from Training import embedding_cache
-    from Training.batches import SliceBatches
+    from Training.data import embedding_cache
+    from Training.data.batches import SliceBatches
     from Training.config import TrainConfig
-    from Training.dataset_format import load_dataset
-    from Training.learners import build_learner
+    from Training.data.dataset_format import load_dataset
+    from Training.learning.learners import build_learner
     batches = SliceBatches(load_dataset(data_dir, "val"))
     model = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=3)).model
     reference = embedding_cache.build_cache(model, batches, tmp_path / "two.npy", batch_size=2, progress=False)
@@ -136,13 +136,13 @@ def test_the_cache_build_halves_its_chunk_on_out_of_memory(data_dir, tmp_path, m
 
 
 def test_the_cache_build_chooses_its_chunk_from_free_memory(data_dir, tmp_path, monkeypatch):
-    """batch_size None: half the free memory over ProbSAMLib.memory's per-slice estimate."""
-    from ProbSAMLib import memory
-    from Training import embedding_cache
-    from Training.batches import SliceBatches
+    """batch_size None: half the free memory over ProbSAMLib.inference.memory's per-slice estimate."""
+    from ProbSAMLib.inference import memory
+    from Training.data import embedding_cache
+    from Training.data.batches import SliceBatches
     from Training.config import TrainConfig
-    from Training.dataset_format import load_dataset
-    from Training.learners import build_learner
+    from Training.data.dataset_format import load_dataset
+    from Training.learning.learners import build_learner
     batches = SliceBatches(load_dataset(data_dir, "val"))
     model = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=3)).model
     per_slice = memory.bytes_per_slice(model, 0, half=False)
@@ -168,7 +168,7 @@ def test_resume_reproduces_the_uninterrupted_run(data_dir, tmp_path):
     for key in straight:
         torch.testing.assert_close(straight[key], resumed[key], rtol=0, atol=0, msg=key)
     from Training.config import TrainConfig
-    from Training.learners import build_learner
+    from Training.learning.learners import build_learner
     initial = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0)).model.state_dict()
     trained = [k for k in straight if k.startswith(("prior.", "posterior.", "sam.mask_decoder."))]
     assert trained and sum(not torch.equal(straight[k], initial[k]) for k in trained) > len(trained) // 2
@@ -226,7 +226,7 @@ def test_train_py_runs_the_prob_unet_and_a_model_reading_neighbouring_slices(dat
     """Both learners go through the same loop: the one-slice baseline and a ProbSAM that is shown the slices
     below and above (here with the frozen-encoder cache, which must encode them too)."""
     from safetensors import safe_open
-    from Training.prob_unet import FORMAT as PROB_UNET_FORMAT
+    from Training.learning.prob_unet import FORMAT as PROB_UNET_FORMAT
 
     train(f"data={data_dir}", *TINY_RUN[1:], "model=prob_unet", "unet_channels=[8,16]", f"out={tmp_path / 'unet'}",
           "max_steps=2", "eval_interval=2")
@@ -261,7 +261,7 @@ def test_train_py_anchors_to_a_reference_it_neither_trains_nor_saves(data_dir, t
     """anchor_weight: the reference model (here init itself) is read, its term is logged, and neither the
     weights file nor ckpt.pt carries it; a missing reference stops the run before it writes anything."""
     from ProbSAMLib import ProbSAMConfig, build_probsam
-    from ProbSAMLib.checkpoints import save_probsam
+    from ProbSAMLib.weights.checkpoints import save_probsam
 
     save_probsam(build_probsam(ProbSAMConfig.preset("tiny"), seed=0), tmp_path / "ref.safetensors")
     init = tmp_path / "ref.safetensors"
@@ -283,7 +283,7 @@ def test_train_py_anchors_to_a_reference_it_neither_trains_nor_saves(data_dir, t
 
 # ---------------------------------------------------------------------- baseline + evaluate
 def test_prob_unet_samples_differ_and_round_trip(tmp_path):
-    from Training.prob_unet import ProbUNet, box_channel, load_prob_unet, save_prob_unet
+    from Training.learning.prob_unet import ProbUNet, box_channel, load_prob_unet, save_prob_unet
     torch.manual_seed(0)
     model = ProbUNet((4, 8, 8), latent_dim=3)
     images, boxes = torch.rand(2, 32, 32), torch.tensor([[4.0, 6.0, 20.0, 12.0], [0, 0, 32, 32]])
@@ -302,7 +302,7 @@ def test_prob_unet_samples_differ_and_round_trip(tmp_path):
 
 def test_prob_unet_combine_equals_fcomb_on_the_concatenation():
     """The split first 1x1 conv (features once, z per sample) is Kohl et al.'s fcomb on [features, z]."""
-    from Training.prob_unet import ProbUNet
+    from Training.learning.prob_unet import ProbUNet
     torch.manual_seed(0)
     model = ProbUNet((4, 8, 8), latent_dim=3)
     features, z = torch.randn(2, 4, 16, 12), torch.randn(2, 5, 3)
@@ -314,7 +314,7 @@ def test_prob_unet_combine_equals_fcomb_on_the_concatenation():
 
 
 def test_slice_metrics_are_perfect_for_the_readers_themselves():
-    from Training.evaluate import slice_metrics
+    from Training.evaluation.evaluate import slice_metrics
     readers = np.zeros((2, 16, 16), bool)
     readers[0, 4:8, 4:8] = True
     readers[1, 3:10, 3:10] = True
@@ -327,8 +327,8 @@ def test_slice_metrics_are_perfect_for_the_readers_themselves():
 
 
 def test_evaluate_writes_a_side_by_side_table(data_dir, tmp_path):
-    from Training import evaluate
-    from Training.learners import build_learner
+    from Training.evaluation import evaluate
+    from Training.learning.learners import build_learner
     from Training.config import TrainConfig
     build_learner(TrainConfig(preset="tiny", seed=0)).save(tmp_path / "probsam" / "best.safetensors")
     build_learner(TrainConfig(model="prob_unet", unet_channels=[4, 8])).save(tmp_path / "unet" / "best.safetensors")

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from ProbSAMLib.uncertainty import UncertaintyMaps, sample_areas, uncertainty_maps
+from ProbSAMLib.inference.uncertainty import UncertaintyMaps, sample_areas, uncertainty_maps
 
 LN2 = math.log(2)
 

@@ -12,13 +12,14 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ProbSAMLib import ProbSAMConfig, build_probsam, preprocess
+from ProbSAMLib import ProbSAMConfig, build_probsam
+from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.geometry import Box3D, VolumeGeometry, voxel_box_from_ijk, voxel_box_from_physical
-from ProbSAMLib.memory import choose_batch
-from ProbSAMLib.model import ProbSAM
-from ProbSAMLib.report import longest_axial_diameter_mm
-from ProbSAMLib.sampling import images_to_unit, sample_from_embeddings
-from ProbSAMLib.volume import Cancelled, context_window, min_context_size, sample_volume
+from ProbSAMLib.inference.memory import choose_batch
+from ProbSAMLib.modeling.probsam import ProbSAM
+from ProbSAMLib.app.report import longest_axial_diameter_mm
+from ProbSAMLib.inference.sampling import images_to_unit, sample_from_embeddings
+from ProbSAMLib.inference.volume import Cancelled, context_window, min_context_size, sample_volume
 from Testing.helpers import rotation
 
 torch.set_num_threads(1)
@@ -228,7 +229,7 @@ def test_out_of_memory_halves_the_chunk_and_gives_the_same_result(model, monkeyp
     volume, geometry = make_volume()
     voxel_box = voxel_box_from_ijk([10, 10, 0], [30, 30, 11], geometry)
     reference = sample_volume(model, volume, geometry, voxel_box, n_samples=3, seed=2, slice_batch=3)
-    from ProbSAMLib import volume as volume_module
+    from ProbSAMLib.inference import volume as volume_module
     sample_chunk = volume_module._sample_chunk
 
     def tight_chunk(model, images, *args):  # a chunk of more than 3 slices does not fit (simulated)

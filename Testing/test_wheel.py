@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ProbSAMLib import checkpoints
+from ProbSAMLib.weights import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +44,7 @@ def test_wheel_ships_every_bundled_model_and_data_file(wheel):
         if entry.bundled:
             info = archive.getinfo(f"ProbSAMLib/models/{entry.filename}")
             assert info.file_size == entry.size, entry.name
-    assert "ProbSAMLib/cli.py" in names
+    assert "ProbSAMLib/app/cli.py" in names
     assert not any(n.startswith(("Training/", "Testing/", "ProbSAMSlicer/")) for n in names)
 
 

@@ -1,4 +1,4 @@
-"""ProbSAMLib.worker, the sampling server the Slicer module runs in a child process: its protocol on
+"""ProbSAMLib.app.worker, the sampling server the Slicer module runs in a child process: its protocol on
 stdout only, even when libraries print, and cancel by request id. Waits on the worker's pipes."""
 
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ProbSAMLib.worker import read_frame, write_frame
+from ProbSAMLib.app.worker import read_frame, write_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     from ProbSAMLib import ProbSAMConfig
-    from ProbSAMLib.build import build_probsam
-    from ProbSAMLib.checkpoints import save_probsam
+    from ProbSAMLib.weights.build import build_probsam
+    from ProbSAMLib.weights.checkpoints import save_probsam
 
     path = tmp_path_factory.mktemp("w") / "tiny.safetensors"
     save_probsam(build_probsam(ProbSAMConfig.preset("tiny"), seed=0), path)
@@ -31,7 +31,7 @@ def noisy_worker(tmp_path):
     script.write_text(
         "import os, sys\n"
         f"sys.path.insert(0, {str(ROOT)!r})\n"
-        "import ProbSAMLib.build as build\n"
+        "import ProbSAMLib.weights.build as build\n"
         "real = build.load_model\n"
         "def noisy(*args, **kwargs):\n"
         "    print('a library printing on stdout')\n"
@@ -87,8 +87,8 @@ def test_frames_only_on_stdout_and_cancel_by_request_id(noisy_worker, weights):
 
 def test_device_warnings_come_from_the_worker():
     """The worker checks the device (Slicer's own process never initialises CUDA)."""
-    from ProbSAMLib.registry import MODELS
-    from ProbSAMLib.worker import device_warning
+    from ProbSAMLib.weights.registry import MODELS
+    from ProbSAMLib.app.worker import device_warning
 
     need = MODELS["vit_h"].min_gpu_gib
     assert "wants about" in device_warning("vit_h", "cuda", "cuda", need - 1) and "'cpu'" in \

@@ -15,13 +15,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ProbSAMLib.errors import SettingsError
-from ProbSAMLib.loss import CONSENSUS_VOTERS, LOSS_RESOLUTIONS, SET_VOTERS
+from Training.learning.loss import CONSENSUS_VOTERS, LOSS_RESOLUTIONS, SET_VOTERS
 
 
 @dataclass
 class TrainConfig:
     # --- data
-    data: str = "data/phantom"  # a data set written by Training/make_phantom.py or prepare_lidc.py
+    data: str = "data/phantom"  # a data set written by Training/data/make_phantom.py or prepare_lidc.py
     out: str = "runs/probsam_tiny"
     box_margin: float = 2.0  # pixels around the readers' union box (train and eval)
     box_jitter: float = 0.1  # training only: each edge moves by up to this fraction of the side...
@@ -67,7 +67,7 @@ class TrainConfig:
     empty_margin: float = 1.0  # hinge margin (logits) of the empty-share term
     loss_resolution: str = "decoder"  # ProbSAM: score logits on the decoder grid or upsampled to the "image"
     anchor_weight: float = 0.0  # ProbSAM: keep the K prior samples on anchored slices where a reference model's are
-    # (Training/anchor.py; 0 = off)
+    # (Training/learning/anchor.py; 0 = off)
     anchor: Optional[str] = None  # the reference model's weights (safetensors); None = init
     anchor_min_readers: int = 3  # anchored slices: every reader of the nodule marked them, and at least this many
     # --- optimisation

@@ -13,7 +13,7 @@ from typing import Callable, Iterable, Optional, Sequence
 
 from ProbSAMLib import errors
 from ProbSAMLib.errors import InputError, OutputRefusedError, SettingsError, WeightsError
-from ProbSAMLib.outputdir import OutputFolder
+from ProbSAMLib.io.outputdir import OutputFolder
 
 
 def run_main(prog: str, main: Callable[[], int], nothing_written: bool = True) -> int:
@@ -106,8 +106,8 @@ def load_resume_state(path: Path, device) -> dict:
 
 
 def load_weights(path, sam_checkpoint: Optional[str] = None):
-    """A trained model file as a learner (Training.learners.load_learner) or WeightsError naming the file."""
-    from Training.learners import load_learner
+    """A trained model file as a learner (Training.learning.learners.load_learner) or WeightsError naming the file."""
+    from Training.learning.learners import load_learner
 
     existing_file("--model", path)
     try:
@@ -121,8 +121,8 @@ def load_weights(path, sam_checkpoint: Optional[str] = None):
 
 def is_probsam_file(path) -> bool:
     """Whether ``path`` is a ProbSAM weights file (not a Prob U-Net one), or WeightsError naming the file."""
-    from ProbSAMLib.checkpoints import FORMAT
-    from Training.learners import weights_format
+    from ProbSAMLib.weights.checkpoints import FORMAT
+    from Training.learning.learners import weights_format
 
     existing_file("--model", path)
     try:
@@ -134,11 +134,11 @@ def is_probsam_file(path) -> bool:
 
 def load_split(data, split: str):
     """A data set split, with InputError for a missing, foreign or incomplete data set."""
-    from Training.dataset_format import load_dataset
+    from Training.data.dataset_format import load_dataset
 
     if not Path(data, "meta.json").is_file():
-        raise InputError(f"{data} is not a data set (no meta.json); build one with Training/make_phantom.py "
-                         f"or Training/prepare_lidc.py")
+        raise InputError(f"{data} is not a data set (no meta.json); build one with Training/data/make_phantom.py "
+                         f"or Training/data/prepare_lidc.py")
     dataset = load_dataset(data, split)
     if len(dataset) == 0:
         raise InputError(f"the {split} split of {data} holds no slices")

@@ -40,13 +40,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from ProbSAMLib.device import autocast, choose_device
-from Training import embedding_cache
-from Training.batches import SliceBatches, batch_positions, choose_readers, step_rng, validation_positions
+from ProbSAMLib.inference.device import autocast, choose_device
+from Training.data import embedding_cache
+from Training.data.batches import SliceBatches, batch_positions, choose_readers, step_rng, validation_positions
 from Training import guards
 from Training.config import load_config
-from Training.evaluate import evaluate_slices, summarise
-from Training.learners import build_learner, parameter_groups
+from Training.evaluation.evaluate import evaluate_slices, summarise
+from Training.learning.learners import build_learner, parameter_groups
 
 # ---- settings -------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Train ProbSAM or the Prob U-Net baseline.")

@@ -198,7 +198,7 @@ def _build_one(input_volume, roi_name: str, result: dict, uncertainty_kind: str,
                outputs: RoiOutputs) -> None:
     """Fills ``outputs`` as it goes, so that a failure leaves a record of what to remove.
 
-    Names and colours come from the worker (the CLI's: ProbSAMLib.report / imageio), so that Slicer's
+    Names and colours come from the worker (the CLI's: ProbSAMLib.app.report / imageio), so that Slicer's
     process does not import SimpleITK and scipy for them.
     """
     sh = _subject_hierarchy()

@@ -1,4 +1,4 @@
-"""The sampling worker seen from Slicer: a child process running ``ProbSAMLib.worker``.
+"""The sampling worker seen from Slicer: a child process running ``ProbSAMLib.app.worker``.
 
 Why a process: Slicer's main thread holds Python's GIL while Qt waits for events, so a Python thread
 only advances during the main thread's Python callbacks. The worker runs in Slicer's own Python
@@ -25,7 +25,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ProbSAMLib.registry import DEFAULT_MODEL  # cheap: no torch
+from ProbSAMLib.weights.registry import DEFAULT_MODEL  # cheap: no torch
 
 CANCEL_GRACE_S = 1.0
 KILL_WAIT_S = 10.0  # a killed process is gone in milliseconds; this only bounds the wait
@@ -65,13 +65,13 @@ def python_executable() -> str:
 
 
 def _cancelled(message: str) -> Exception:
-    from ProbSAMLib.volume import Cancelled  # torch is installed by the time anything runs
+    from ProbSAMLib.inference.volume import Cancelled  # torch is installed by the time anything runs
 
     return Cancelled(message)
 
 
 class WorkerProcess:
-    """``python -m ProbSAMLib.worker`` with ProbSAMLib on its path; frames in, frames out."""
+    """``python -m ProbSAMLib.app.worker`` with ProbSAMLib on its path; frames in, frames out."""
 
     def __init__(self, python: Optional[str] = None):
         self.python = python or python_executable()
@@ -91,14 +91,14 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBRARY_ROOT, env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._messages, self._stderr = queue.Queue(), collections.deque(maxlen=40)
-        self.process = subprocess.Popen([self.python, "-m", "ProbSAMLib.worker"], stdin=subprocess.PIPE,
+        self.process = subprocess.Popen([self.python, "-m", "ProbSAMLib.app.worker"], stdin=subprocess.PIPE,
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         threading.Thread(target=self._read_frames, args=(self.process, self._messages), daemon=True).start()
         threading.Thread(target=self._read_stderr, args=(self.process, self._stderr), daemon=True).start()
 
     @staticmethod
     def _read_frames(process, messages) -> None:
-        from ProbSAMLib.worker import read_frame
+        from ProbSAMLib.app.worker import read_frame
 
         try:
             while True:
@@ -118,7 +118,7 @@ class WorkerProcess:
             logging.debug(f"ProbSAM worker: {line}")
 
     def send(self, **message) -> None:
-        from ProbSAMLib.worker import write_frame
+        from ProbSAMLib.app.worker import write_frame
 
         try:
             write_frame(self.process.stdin, message)

@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
 
-from ProbSAMLib.device import autocast, choose_device, synchronize
-from Training import embedding_cache
-from Training.batches import SliceBatches, batch_positions, choose_readers, step_rng
+from ProbSAMLib.inference.device import autocast, choose_device, synchronize
+from Training.data import embedding_cache
+from Training.data.batches import SliceBatches, batch_positions, choose_readers, step_rng
 from Training.config import TrainConfig
-from Training.dataset_format import load_dataset
-from Training.learners import build_learner
+from Training.data.dataset_format import load_dataset
+from Training.learning.learners import build_learner
 
 
 class Subset(SliceBatches):

@@ -5,7 +5,7 @@
 
 For every slice: threshold the image at LEVEL inside the prompt box (the readers' union box + 2 px, as
 in training and evaluation), keep the 8-connected component at the box centre
-(ProbSAMLib.threshold.threshold_component, evaluate.py's baseline) and score its Dice against the readers' majority
+(Training.evaluation.threshold.threshold_component, evaluate.py's baseline) and score its Dice against the readers' majority
 (present readers, >= half of them: metrics.mean_prediction_scores' rule). Prints, per case type and
 variant, the number of slices and nodules, the mean Dice and a 95 % interval from a bootstrap over
 nodules (slices of one nodule are not independent). Slices whose majority is empty are counted
@@ -23,11 +23,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from ProbSAMLib.boxes import union_box  # noqa: E402
+from Training.data.boxes import union_box  # noqa: E402
 from ProbSAMLib.metrics import dice  # noqa: E402
-from ProbSAMLib.phantom_cases import edge_slices  # noqa: E402
-from ProbSAMLib.threshold import threshold_component  # noqa: E402
-from Training.dataset_format import load_dataset  # noqa: E402
+from Training.data.phantom_cases import edge_slices  # noqa: E402
+from Training.evaluation.threshold import threshold_component  # noqa: E402
+from Training.data.dataset_format import load_dataset  # noqa: E402
 
 
 def nodule_bootstrap(scores: np.ndarray, nodules: np.ndarray, rounds: int = 1000, seed: int = 0):

@@ -23,7 +23,7 @@ import time
 import torch
 
 from ProbSAMLib import ProbSAMConfig, build_probsam
-from ProbSAMLib.device import autocast, choose_device, synchronize
+from ProbSAMLib.inference.device import autocast, choose_device, synchronize
 
 
 def timed(fn, device, repeats):

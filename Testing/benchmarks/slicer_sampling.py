@@ -84,7 +84,7 @@ def timed_cli(ct, args) -> float:
         image.SetSpacing(SPACING)
         sitk.WriteImage(image, f"{tmp}/ct.nrrd")
         box = ",".join(str(v) for v in BOX_LO + tuple(h - 1 for h in BOX_HI))
-        command = [sys.executable, "-m", "ProbSAMLib.cli", "sample", f"{tmp}/ct.nrrd", "--box", box, "--box-space",
+        command = [sys.executable, "-m", "ProbSAMLib.app.cli", "sample", f"{tmp}/ct.nrrd", "--box", box, "--box-space",
                    "ijk", "--samples", str(args.samples), "--seed", "0", "--device", args.device, "--out",
                    f"{tmp}/out", "-q"]
         start = time.perf_counter()

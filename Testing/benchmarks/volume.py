@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from ProbSAMLib import ProbSAMConfig, build_probsam
-from ProbSAMLib.device import autocast, choose_device
+from ProbSAMLib.inference.device import autocast, choose_device
 from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_ijk
-from ProbSAMLib.sampling import images_to_unit
-from ProbSAMLib.volume import context_window, min_context_size, sample_volume
+from ProbSAMLib.inference.sampling import images_to_unit
+from ProbSAMLib.inference.volume import context_window, min_context_size, sample_volume
 
 from sampling import timed  # the shared timing helper of Testing/benchmarks/sampling.py (same folder)
 

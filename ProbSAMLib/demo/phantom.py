@@ -1,0 +1,306 @@
+"""LIDC contour phantom: synthetic CT around real reader contours.
+
+The renderer takes plain data (no pylidc): the readers' 3D masks of one nodule on a common voxel
+grid, the voxel spacing and each reader's ratings, and draws a CT volume in HU in which the image
+*explains* the readers' disagreement:
+
+- lung parenchyma (about -850 HU) with spatially correlated texture, a gravity gradient and noise;
+- a few tubular vessels that keep clear of the nodule;
+- a nodule whose density follows the readers' agreement: voxels every reader includes get the full
+  nodule density, voxels only some readers include are proportionally fainter;
+- solid vs ground-glass density from the mean texture rating (5 solid ... 1 ground glass);
+- edge blur from the mean margin rating (1 poorly defined ... 5 sharp);
+- a dense core when the readers rate the nodule calcified.
+
+Everything is vectorised numpy / scipy.ndimage and deterministic for a given seed.
+The bundled demo nodules (real LIDC-IDRI reader contours, see data/README.md) make a whole
+phantom CT volume available offline through :func:`demo_volume`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+import SimpleITK as sitk
+from scipy import ndimage
+from scipy.special import expit
+
+# pylidc's Annotation.feature_names order; the demo file stores ratings in this order.
+RATING_NAMES = ("subtlety", "internalStructure", "calcification", "sphericity", "margin",
+                "lobulation", "spiculation", "texture", "malignancy")
+_DEFAULT_RATINGS = {"texture": 5.0, "margin": 4.0, "calcification": 6.0}
+
+LUNG_HU = -850.0
+VESSEL_HU = 40.0
+# Peak nodule density by texture rating 1..5 (ground glass .. solid).
+_TEXTURE_HU = np.array([-600.0, -450.0, -300.0, -120.0, 30.0])
+# Edge blur (Gaussian sigma, mm) by margin rating 1..5 (poorly defined .. sharp).
+_MARGIN_SIGMA_MM = np.array([1.6, 1.2, 0.8, 0.5, 0.25])
+
+
+@dataclass
+class PhantomVolume:
+    """A rendered phantom.
+
+    image:        SimpleITK image, int16 HU, size (I, J, K), identity direction.
+    reader_masks: (R, K, J, I) bool, the readers' masks on the image grid.
+    ratings:      one dict a reader (rating name -> value).
+    offset:       (k, j, i) index where the input mask grid was placed in the image.
+    info:         free-form metadata (patient id, ...).
+    """
+
+    image: sitk.Image
+    reader_masks: np.ndarray
+    ratings: list
+    offset: Tuple[int, int, int] = (0, 0, 0)
+    info: dict = field(default_factory=dict)
+
+    @property
+    def array(self) -> np.ndarray:
+        """(K, J, I) int16 HU."""
+        return sitk.GetArrayFromImage(self.image)
+
+    @property
+    def agreement(self) -> np.ndarray:
+        """(K, J, I) float32, fraction of readers including each voxel."""
+        return self.reader_masks.mean(axis=0, dtype=np.float32)
+
+
+def stable_seed(*parts) -> int:
+    """A seed from any printable parts that does not change between runs or platforms."""
+    text = ":".join(str(p) for p in parts).encode()
+    return int.from_bytes(hashlib.sha256(text).digest()[:8], "little") >> 1
+
+
+def mean_rating(ratings: Sequence[Mapping[str, float]], name: str) -> float:
+    """Mean of one rating over the readers, with a neutral default when absent."""
+    values = [float(r[name]) for r in ratings if name in r and r[name] is not None]
+    return float(np.mean(values)) if values else _DEFAULT_RATINGS[name]
+
+
+def _smooth_noise(rng, shape, sigma_vox, dtype=np.float32) -> np.ndarray:
+    """Unit-variance Gaussian noise smoothed with `sigma_vox` (z, y, x) voxels."""
+    noise = rng.standard_normal(shape, dtype=dtype)
+    if max(sigma_vox) > 0:
+        noise = ndimage.gaussian_filter(noise, sigma_vox, truncate=3.0)
+    std = noise.std()
+    return noise / std if std > 0 else noise
+
+
+def _grid_mm(shape, spacing_zyx):
+    """Open (broadcastable) voxel-centre coordinates in mm, ordered (z, y, x)."""
+    return [np.arange(n, dtype=np.float32).reshape([-1 if a == i else 1 for a in range(3)]) * s
+            for i, (n, s) in enumerate(zip(shape, spacing_zyx))]
+
+
+def _parenchyma(rng, shape, spacing_zyx) -> np.ndarray:
+    """(K, J, I) float32 lung background: base density, gravity gradient, 2 mm texture."""
+    texture_sigma = [2.0 / s for s in spacing_zyx]
+    hu = LUNG_HU + 28.0 * _smooth_noise(rng, shape, texture_sigma)
+    # Dependent (posterior, +y in LPS) lung is a little denser.
+    y = _grid_mm(shape, spacing_zyx)[1]
+    hu += rng.uniform(10, 30) * (y / max(float(y.max()), 1.0) - 0.5)
+    return hu
+
+
+def _vessels(rng, shape, spacing_zyx, avoid_centre, avoid_radius, count) -> np.ndarray:
+    """(K, J, I) float32 in [0, 1]: straight tubes with soft walls, clear of the nodule."""
+    z, y, x = _grid_mm(shape, spacing_zyx)
+    extent = np.array(shape, dtype=np.float32) * np.array(spacing_zyx, dtype=np.float32)
+    out = np.zeros(shape, dtype=np.float32)
+    softness = 0.5 * float(min(spacing_zyx[1:]))
+    for _ in range(count):
+        for _attempt in range(20):
+            point = rng.uniform(0.0, 1.0, 3).astype(np.float32) * extent
+            direction = rng.standard_normal(3).astype(np.float32)
+            direction[0] *= 2.0  # vessels run mostly cranio-caudally
+            direction /= np.linalg.norm(direction)
+            radius = float(rng.uniform(0.6, 2.0))
+            rel = avoid_centre - point
+            miss = np.linalg.norm(rel - rel.dot(direction) * direction)
+            if miss > avoid_radius + radius + 3.0:
+                break
+        else:
+            continue  # the nodule fills the volume: no room for this vessel
+        np.maximum(out, tube((z, y, x), point, direction, radius, softness), out=out)
+    return out
+
+
+def tube(grid_mm, point, direction, radius: float, softness: float) -> np.ndarray:
+    """Soft infinite tube in [0, 1] around the line `point` + t * `direction` (unit), (z, y, x) mm.
+
+    grid_mm: the open grid of :func:`_grid_mm`; returns a (K, J, I) float32 array.
+    """
+    z, y, x = grid_mm
+    dz, dy, dx = z - point[0], y - point[1], x - point[2]
+    along = dz * direction[0] + dy * direction[1] + dx * direction[2]
+    dist2 = dz * dz + dy * dy + dx * dx - along * along
+    dist = np.sqrt(np.maximum(dist2, 0.0))
+    return expit((radius - dist) / softness)
+
+
+def _nodule_box(union: np.ndarray, margin_vox) -> Tuple[slice, ...]:
+    """Index box around the readers' union, grown by `margin_vox` (z, y, x), clipped."""
+    idx = np.nonzero(union)
+    return tuple(slice(max(int(a.min()) - m, 0), min(int(a.max()) + m + 1, n))
+                 for a, m, n in zip(idx, margin_vox, union.shape))
+
+
+def _nodule_density(rng, masks, spacing_zyx, ratings, box) -> Tuple[np.ndarray, np.ndarray]:
+    """Nodule opacity in [0, 1] and nodule HU inside `box`, both (k, j, i) float32."""
+    agreement = masks[(slice(None),) + box].mean(axis=0, dtype=np.float32)
+    sigma_mm = float(np.interp(mean_rating(ratings, "margin"), np.arange(1, 6), _MARGIN_SIGMA_MM))
+    opacity = ndimage.gaussian_filter(agreement, [sigma_mm / s for s in spacing_zyx], truncate=3.0)
+    texture = mean_rating(ratings, "texture")
+    peak = float(np.interp(texture, np.arange(1, 6), _TEXTURE_HU))
+    # Ground glass is mottled, solid tissue nearly homogeneous.
+    mottle = float(np.interp(texture, [1, 5], [55.0, 15.0]))
+    hu = peak + mottle * _smooth_noise(rng, agreement.shape, [0.8 / s for s in spacing_zyx])
+    if mean_rating(ratings, "calcification") < 5.5:
+        core = agreement >= 1.0
+        if core.any():
+            depth = ndimage.distance_transform_edt(core, sampling=spacing_zyx)
+            calc = (depth >= 0.6 * depth.max()).astype(np.float32)
+            hu += 450.0 * ndimage.gaussian_filter(calc, [0.4 / s for s in spacing_zyx])
+    return opacity, hu.astype(np.float32)
+
+
+def _place(reader_masks: np.ndarray, shape) -> Tuple[np.ndarray, Tuple[int, int, int]]:
+    """Centre (R, k, j, i) masks in a (R,) + `shape` grid; returns the masks and the offset."""
+    inner = reader_masks.shape[1:]
+    if any(s < n for s, n in zip(shape, inner)):
+        raise ValueError(f"shape {tuple(shape)} is smaller than the mask grid {inner}")
+    offset = tuple((s - n) // 2 for s, n in zip(shape, inner))
+    out = np.zeros((reader_masks.shape[0],) + tuple(shape), dtype=bool)
+    out[(slice(None),) + tuple(slice(o, o + n) for o, n in zip(offset, inner))] = reader_masks
+    return out, offset
+
+
+def render_nodule_volume(reader_masks: np.ndarray, spacing: Sequence[float],
+                         ratings: Sequence[Mapping[str, float]], seed: int,
+                         shape: Optional[Sequence[int]] = None,
+                         origin: Sequence[float] = (0.0, 0.0, 0.0),
+                         vessels: int = 4, noise_hu: float = 18.0, case=None) -> PhantomVolume:
+    """Render one nodule's neighbourhood as a phantom CT volume.
+
+    reader_masks: (R, K, J, I) bool, R >= 1 readers on a common (z, y, x) grid.
+    spacing:      (x, y, z) voxel spacing in mm (SimpleITK order).
+    ratings:      R dicts with 'texture' and 'margin' (1-5), optionally 'calcification' (1-6).
+    seed:         the only source of randomness; same inputs + seed -> identical volume.
+    shape:        optional larger (K, J, I) output grid; the masks are centred in it.
+    origin:       physical position (x, y, z) mm of voxel (0, 0, 0).
+    case:         optional hard case (Training.data.phantom_cases.NoduleCase, generator v2): it may change
+                  the ratings used for rendering and adds its structures after the nodule, before the
+                  noise, from its own random stream. None renders generator v1 exactly.
+    Returns a PhantomVolume with an int16 HU image and the masks on the image grid.
+    """
+    reader_masks = np.asarray(reader_masks, dtype=bool)
+    if reader_masks.ndim != 4 or reader_masks.shape[0] < 1:
+        raise ValueError(f"reader_masks must be (R, K, J, I) with R >= 1, got {reader_masks.shape}")
+    if len(ratings) != reader_masks.shape[0]:
+        raise ValueError(f"{len(ratings)} ratings for {reader_masks.shape[0]} readers")
+    masks, offset = _place(reader_masks, shape if shape is not None else reader_masks.shape[1:])
+    grid = masks.shape[1:]
+    spacing_zyx = tuple(float(s) for s in spacing[::-1])
+    rng = np.random.default_rng(seed)
+
+    union = masks.any(axis=0)
+    image = _parenchyma(rng, grid, spacing_zyx)
+    if union.any():
+        idx = np.argwhere(union).astype(np.float32) * np.array(spacing_zyx, dtype=np.float32)
+        centre = idx.mean(axis=0)
+        radius = float(np.linalg.norm(idx - centre, axis=1).max())
+    else:
+        centre, radius = np.zeros(3, np.float32), 0.0
+    tubes = _vessels(rng, grid, spacing_zyx, centre, radius, vessels)
+    image += tubes * (VESSEL_HU - image)
+
+    if union.any():
+        box = _nodule_box(union, [int(np.ceil(5.0 / s)) for s in spacing_zyx])
+        looks = case.rendering_ratings(ratings) if case is not None else ratings
+        opacity, nodule_hu = _nodule_density(rng, masks, spacing_zyx, looks, box)
+        image[box] += opacity * (nodule_hu - image[box])
+    if case is not None:
+        image = case.apply(image, masks, spacing_zyx)
+
+    in_plane = [0.0] + [0.6] * 2  # CT noise is correlated in-plane by the reconstruction kernel
+    image += noise_hu * _smooth_noise(rng, grid, in_plane)
+    hu = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
+
+    itk = sitk.GetImageFromArray(hu)
+    itk.SetSpacing([float(s) for s in spacing])
+    itk.SetOrigin([float(o) for o in origin])
+    itk.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return PhantomVolume(image=itk, reader_masks=masks, ratings=[dict(r) for r in ratings],
+                         offset=offset)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bundled demo nodules (real LIDC-IDRI reader contours; written by research/export_demo_nodules.py)
+
+@dataclass
+class DemoNodule:
+    """One bundled nodule: reader_masks (R, K, J, I) bool on its tight box, spacing (x, y, z) mm."""
+
+    reader_masks: np.ndarray
+    spacing: Tuple[float, float, float]
+    ratings: list
+    info: dict
+
+
+def _demo_file():
+    return resources.files("ProbSAMLib").joinpath("data", "demo_nodules.npz")
+
+
+def demo_count() -> int:
+    """How many demo nodules are bundled."""
+    with _demo_file().open("rb") as fh, np.load(fh) as data:
+        return len(json.loads(str(data["index"]))["nodules"])
+
+
+def load_demo_nodule(index: int = 0) -> DemoNodule:
+    """The `index`-th bundled LIDC nodule (reader masks unpacked, ratings as dicts)."""
+    with _demo_file().open("rb") as fh, np.load(fh) as data:
+        entries = json.loads(str(data["index"]))["nodules"]
+        if not 0 <= index < len(entries):
+            raise IndexError(f"demo nodule {index} out of range (0..{len(entries) - 1})")
+        entry = entries[index]
+        shape = tuple(entry["mask_shape"])
+        bits = data[f"masks_{index}"]
+    masks = np.unpackbits(bits, count=int(np.prod(shape))).reshape(shape).astype(bool)
+    ratings = [dict(zip(RATING_NAMES, map(int, r))) for r in entry["ratings"]]
+    info = {k: v for k, v in entry.items() if k not in ("mask_shape", "ratings")}
+    return DemoNodule(masks, tuple(entry["spacing"]), ratings, info)
+
+
+def demo_volume(index: int = 0, seed: int = 0, in_plane: int = 128,
+                depth_mm: float = 64.0) -> PhantomVolume:
+    """A whole small phantom CT volume (in_plane^2 x 24..40 slices) around a bundled nodule."""
+    nodule = load_demo_nodule(index)
+    k, j, i = nodule.reader_masks.shape[1:]
+    slices = int(np.clip(round(depth_mm / nodule.spacing[2]), 24, 40))
+    shape = (max(slices, k + 4), max(in_plane, j + 8), max(in_plane, i + 8))
+    # Place voxel (0,0,0) so the nodule sits at its approximate position in the scan.
+    origin = tuple(float(o) for o in nodule.info.get("origin", (0.0, 0.0, 0.0)))
+    volume = render_nodule_volume(nodule.reader_masks, nodule.spacing, nodule.ratings,
+                                  seed=stable_seed("demo", index, seed), shape=shape)
+    offset_mm = np.array(volume.offset[::-1], dtype=float) * np.array(nodule.spacing)
+    volume.image.SetOrigin(tuple(np.array(origin) - offset_mm))
+    volume.info = dict(nodule.info, demo_index=index, seed=seed)
+    return volume
+
+
+def demo_box(reader_masks: np.ndarray, geometry, margin: int = 3):
+    """The VoxelBox around the readers' union (R, K, J, I): their slices, ``margin`` voxels around in-plane.
+
+    The box the demo (CLI and the Slicer self-test) prompts with, as a user would draw it.
+    """
+    from ProbSAMLib.geometry import voxel_box_from_ijk
+
+    k, j, i = np.nonzero(reader_masks.any(axis=0))
+    return voxel_box_from_ijk([i.min() - margin, j.min() - margin, k.min()],
+                              [i.max() + margin, j.max() + margin, k.max()], geometry)

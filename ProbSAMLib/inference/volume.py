@@ -1,0 +1,352 @@
+"""Sampling a CT volume: one 3D box -> N coherent 3D segmentations and their uncertainty volumes.
+
+The model is 2D: it works on axial slices ``volume[k]`` ((J, I) = rows y, columns x) with the box's
+per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring slices (in its encoder,
+``config.neighbour_slices``, or its refiner, ``config.refine_neighbours``) also sees ``volume[k - 1]`` and
+``volume[k + 1]``. For every slice of the voxel box:
+
+1. Context window. The model sees a square window centred on the box, of side
+   ``max(min_context, longest box side + 2 * CONTEXT_MARGIN_PX)`` pixels, shifted to stay inside the
+   slice and cut to the slice where the slice is smaller. ``min_context`` is the crop size the model was
+   trained on (``config.context_size``), else its input size ``config.img_size`` — so the tiny
+   demo model sees a 128² crop as in training, and SAM (1024) sees the whole 512² slice as SAM does.
+   The window is the same on every slice, since the voxel box is a block of the grid.
+2. Encoding in chunks of ``slice_batch`` slices (the encoder runs once per slice). ``None`` chooses the
+   chunk from free memory; a CUDA out-of-memory error halves it and retries the chunk.
+3. Coherent latents. The prior P(z | slice, box) depends on the slice, so "one z per sample" means one
+   standard-normal draw eps_n (N, L) per sample, taken once from the seeded CPU generator and used on
+   every slice k as z_kn = mu_k + sigma_k * eps_n: sample n sits at the same place in every slice's
+   prior (the same "reader"), and is a coherent 3D segmentation. ``z_mode="per_slice"`` draws a fresh
+   eps for every slice instead (slices independent; for comparison). All eps are drawn before any slice
+   is processed, and each slice runs through the model on its own, so the result does not depend on
+   ``slice_batch`` (nor on free memory): same seed, byte-identical files on one machine.
+4. Decoding the N samples of a chunk in one pass; probabilities of the box's pixels are kept, the rest
+   of the window is discarded (the box is the prompt: the object is inside it). Masks are
+   probability > 0.5. Outputs cover the voxel box only (zeros around it when placed on the full grid).
+
+The result holds box-sized arrays, ``(Kb, Jb, Ib)`` / ``(N, Kb, Jb, Ib)``, cut to the voxel box on the
+input's grid; ``voxel_box.lo`` is their offset. Nothing outside the box is computed, so nothing outside it
+is stored: a 512 x 512 x 300 CT costs what its box costs. ``result.on_full_grid(name)`` (or
+``place_on_grid``) puts one of them on the full grid, zeros outside the box, where a file must hold the
+whole volume (the CLI's outputs).
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from ProbSAMLib.app import report
+from ProbSAMLib.inference.device import autocast, synchronize
+from ProbSAMLib.errors import SettingsError, is_gpu_out_of_memory
+from ProbSAMLib.geometry import VolumeGeometry, VoxelBox, slice_boxes_2d, slices_with_neighbours
+from ProbSAMLib.inference.memory import available_bytes, bytes_per_slice, choose_batch, host_available_bytes, release_cached_memory
+from ProbSAMLib.modeling.probsam import ProbSAM
+from ProbSAMLib.modeling.preprocess import boxes_to_model_frame
+from ProbSAMLib.inference.sampling import images_to_unit, make_generator, sample_from_embeddings
+from ProbSAMLib.inference.uncertainty import uncertainty_maps
+
+THRESHOLD = 0.5
+CONTEXT_MARGIN_PX = 16
+Z_MODES = ("per_sample", "per_slice")
+
+ProgressFn = Callable[[float, str], None]
+CancelFn = Callable[[], bool]
+
+
+class Cancelled(Exception):
+    """Raised when ``cancel()`` returned True; no partial result is returned."""
+
+
+@dataclass
+class VolumeSamplingResult:
+    """N sampled masks and the uncertainty volumes, cut to the voxel box of the input volume's grid.
+
+    masks (N, Kb, Jb, Ib) bool; mean_probability, entropy (nats), variance, mutual_information
+    (Kb, Jb, Ib) float32; the box's first voxel is ``voxel_box.lo`` (i, j, k) of ``geometry``.
+    summary: JSON-ready dict (see ``report.volume_summary``).
+    eps (Kb, N, L) and z (Kb, N, L): the standard-normal draws and the latents used on each of the
+    box's Kb slices (eps is the same on every slice with z_mode "per_sample").
+    """
+
+    masks: np.ndarray
+    mean_probability: np.ndarray
+    entropy: np.ndarray
+    variance: np.ndarray
+    mutual_information: np.ndarray
+    voxel_box: VoxelBox
+    geometry: VolumeGeometry
+    summary: dict
+    eps: Optional[np.ndarray] = field(default=None, repr=False)
+    z: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def on_full_grid(self, name: str) -> np.ndarray:
+        """``masks`` or one of the maps placed on the input's full grid, zeros outside the box."""
+        return place_on_grid(getattr(self, name), self.voxel_box, self.geometry.shape)
+
+
+def place_on_grid(values: np.ndarray, voxel_box: VoxelBox, shape_kji: tuple) -> np.ndarray:
+    """Box-sized ``(..., Kb, Jb, Ib)`` values on a ``(..., K, J, I)`` grid of zeros (same dtype)."""
+    lead = tuple(values.shape[:-3])
+    out = np.zeros(lead + tuple(shape_kji), dtype=values.dtype)
+    out[(slice(None),) * len(lead) + voxel_box.slices()] = values
+    return out
+
+
+# --- the context window -------------------------------------------------------------------------------
+def min_context_size(model: ProbSAM) -> int:
+    """Side in pixels of the smallest window the model should see: the crop size it was trained on
+    (``config.context_size``), else its input size ``config.img_size``."""
+    return int(model.config.context_size or model.config.img_size)
+
+
+def context_window(box2d, image_hw, min_side: int, margin: int = CONTEXT_MARGIN_PX) -> tuple:
+    """The (r0, r1, c0, c1) window (end exclusive) around a 2D box (x1, y1, x2, y2) on an (H, W) slice."""
+    x1, y1, x2, y2 = box2d
+    side = max(int(min_side), int(max(x2 - x1, y2 - y1)) + 2 * margin)
+    window = []
+    for lo, hi, size in ((y1, y2, image_hw[0]), (x1, x2, image_hw[1])):
+        extent = min(side, size)
+        start = int(round((lo + hi) / 2 - extent / 2))
+        start = min(max(start, 0), size - extent)
+        window += [start, start + extent]
+    return tuple(window)
+
+
+def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple:
+    """(k0, k1, r0, r1, c0, c1), ends exclusive: the only voxels ``sample_volume`` reads for this box.
+
+    The box's slices (and the one below and above, inside the volume, for a model that reads neighbouring
+    slices in its encoder or refiner) times the context window. A caller that holds the volume elsewhere
+    (the Slicer module's worker process) sends just this block; the rest of the volume can be anything.
+    """
+    x1, y1, x2, y2 = slice_boxes_2d(voxel_box)[0][1]
+    r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
+    reach = 1 if model.config.reads_neighbours else 0
+    k0, k1 = max(voxel_box.lo[2] - reach, 0), min(voxel_box.hi[2] + reach, int(shape_kji[0]))
+    return k0, k1, r0, r1, c0, c1
+
+
+def model_slices(region: np.ndarray, first: int, n_slices: int, reads_neighbours: bool) -> np.ndarray:
+    """What the model reads for the box's slices: (Kb, h, w), or (Kb, 3, h, w) slices k - 1, k, k + 1 for
+    a model that reads neighbours (the slice itself where the volume ends).
+
+    region: (Kr, h, w) the input region's slices (``input_region``); first: the box's first slice in it.
+    """
+    if not reads_neighbours:
+        return region[first:first + n_slices]
+    return slices_with_neighbours(region, np.arange(first, first + n_slices))
+
+
+# --- memory ---------------------------------------------------------------------------------------------
+def estimate_bytes(model: ProbSAM, n_samples: int, voxel_box: VoxelBox) -> dict:
+    """Peak memory of one run: ``device`` for one slice in the model, ``host`` for the kept results."""
+    width, height, depth = voxel_box.size
+    box_voxels = width * height * depth
+    # probabilities (float32) + masks (bool) of every sample in the box, the four maps, the saved copies
+    host = n_samples * box_voxels * (4 + 1 + 1) + 4 * 4 * box_voxels
+    device = bytes_per_slice(model, n_samples, half=model.device.type == "cuda")
+    return {"host": int(host), "device": int(device)}
+
+
+def check_fits(model: ProbSAM, n_samples: int, voxel_box: VoxelBox) -> None:
+    """Refuse, before any work, a run whose estimate exceeds the memory available (says what to change)."""
+    need = estimate_bytes(model, n_samples, voxel_box)
+    host_free = host_available_bytes()
+    on_host = need["host"] + (need["device"] if model.device.type == "cpu" else 0)
+    problems = []
+    if on_host > host_free:
+        problems.append(f"about {on_host / 2**30:.1f} GiB of memory, {host_free / 2**30:.1f} GiB available")
+    if model.device.type == "cuda" and need["device"] > available_bytes(model.device):
+        problems.append(f"about {need['device'] / 2**30:.1f} GiB of GPU memory for one slice, "
+                        f"{available_bytes(model.device) / 2**30:.1f} GiB free")
+    if problems:
+        per_sample = max(1, on_host // max(1, n_samples))
+        fitting = max(0, int(host_free // per_sample) - 1)
+        raise SettingsError(f"{n_samples} samples on a box of {voxel_box.size[0]} x {voxel_box.size[1]} x "
+                            f"{voxel_box.size[2]} voxels need {' and '.join(problems)}; use fewer samples "
+                            f"(about {fitting} fit) or a smaller box")
+
+
+# --- sampling -------------------------------------------------------------------------------------------
+def _draw_noise(generator: torch.Generator, n_slices: int, n_samples: int, latent_dim: int,
+                z_mode: str) -> torch.Tensor:
+    """(Kb, N, L) standard-normal eps on the CPU: one draw per sample, or one per slice and sample."""
+    if z_mode == "per_sample":
+        eps = torch.randn((n_samples, latent_dim), generator=generator)
+        return eps.unsqueeze(0).expand(n_slices, -1, -1).contiguous()
+    return torch.randn((n_slices, n_samples, latent_dim), generator=generator)
+
+
+def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict,
+                  cancel: Optional[CancelFn] = None):
+    """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU
+    (or (B, 3, h, w) with the slices below and above, ``model_slices``).
+
+    Every slice goes through the model on its own: batched matrix products round differently for different
+    batch sizes (last-bit differences), so grouping slices would make the files depend on the slice
+    batch (and so on free memory). One slice at a time, the same seed gives byte-identical files, and a
+    cancel is honoured between slices, not only between chunks.
+    """
+    parts = []
+    for b in range(len(images_hu)):
+        if cancel is not None and cancel():
+            raise Cancelled("sampling was cancelled")
+        parts.append(_sample_slices(model, images_hu[b:b + 1], box_in_window, eps[b:b + 1], timings))
+    return torch.cat([probs for probs, _ in parts]), torch.cat([z for _, z in parts])
+
+
+@torch.no_grad()
+def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict):
+    """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU
+    (or (B, 3, h, w) with the slices below and above)."""
+    device = model.device
+    start = time.perf_counter()
+    images01 = images_to_unit(model, np.array(images_hu, dtype=np.float32))  # a writable copy for torch
+    with autocast(device):
+        embeddings = model.encode(images01.to(device)).float()
+    synchronize(device)
+    timings["encode_s"] += time.perf_counter() - start
+
+    start = time.perf_counter()
+    image_hw = tuple(images01.shape[-2:])
+    boxes = torch.tensor([box_in_window], dtype=torch.float32, device=device).expand(len(images_hu), 4)
+    prior = model.prior_distribution(embeddings, boxes_to_model_frame(boxes, image_hw, model.config.img_size))
+    mu, sigma = prior.base_dist.loc, prior.base_dist.scale  # (B, L)
+    z = mu.unsqueeze(1) + sigma.unsqueeze(1) * eps.to(device, mu.dtype)
+    probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], z=z, images01=images01)
+    synchronize(device)
+    timings["decode_s"] += time.perf_counter() - start
+    return probs, z
+
+
+def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: torch.Tensor, batch: int,
+                progress: ProgressFn, cancel: Optional[CancelFn]):
+    """All slices of ``region`` (Kb, h, w), ``batch`` at a time; the box part of every probability map.
+
+    Returns probabilities (N, Kb, Jb, Ib), z (Kb, N, L), the final batch, the OOM retries and timings.
+    """
+    n_slices, n_samples = eps.shape[:2]
+    rows, cols = crop
+    probs_box = np.zeros((n_samples, n_slices, rows.stop - rows.start, cols.stop - cols.start), np.float32)
+    z_used = np.zeros(tuple(eps.shape), dtype=np.float32)
+    timings = {"encode_s": 0.0, "decode_s": 0.0}
+    oom_retries, done = 0, 0
+    while done < n_slices:
+        if cancel is not None and cancel():
+            raise Cancelled("sampling was cancelled")
+        stop = min(done + batch, n_slices)
+        try:
+            probs, z = _sample_chunk(model, region[done:stop], box_in_window, eps[done:stop], timings,
+                                     cancel)
+        except Exception as error:  # out of GPU memory: halve the chunk and retry it
+            if not is_gpu_out_of_memory(error):
+                raise
+            release_cached_memory()
+            if batch == 1:
+                raise RuntimeError("out of GPU memory with a single slice per batch; use a smaller model or "
+                                   "--device cpu") from error
+            batch, oom_retries = max(1, batch // 2), oom_retries + 1
+            continue
+        probs_box[:, done:stop] = probs[:, :, rows, cols].transpose(0, 1).float().cpu().numpy()
+        z_used[done:stop] = z.float().cpu().numpy()
+        done = stop
+        progress(0.9 * done / n_slices, f"slices {done}/{n_slices}")
+    if cancel is not None and cancel():
+        raise Cancelled("sampling was cancelled")
+    return probs_box, z_used, batch, oom_retries, timings
+
+
+def _check_inputs(volume_hu, geometry: VolumeGeometry, voxel_box: VoxelBox, n_samples: int, z_mode: str):
+    volume = np.asarray(volume_hu)
+    if volume.ndim != 3:
+        raise ValueError(f"the volume must be a 3D array (K, J, I), got shape {volume.shape}")
+    if volume.shape != geometry.shape:
+        raise ValueError(f"volume shape {volume.shape} does not match the geometry (K, J, I) {geometry.shape}")
+    if n_samples < 1:
+        raise ValueError(f"n_samples must be >= 1, got {n_samples}")
+    if z_mode not in Z_MODES:
+        raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
+    if any(h > s for h, s in zip(voxel_box.hi, geometry.size)):
+        raise ValueError(f"voxel box {voxel_box.lo}..{voxel_box.hi} reaches past the volume {geometry.size}")
+    width, height, _ = voxel_box.size
+    if width < 2 or height < 2:
+        raise ValueError(f"the box is only {width} x {height} voxels in the slice plane; draw it around the "
+                         f"whole object (at least 2 x 2 voxels)")
+    return volume
+
+
+def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box: VoxelBox,
+                  n_samples: int = 16, seed: Optional[int] = None, z_mode: str = "per_sample",
+                  slice_batch: Optional[int] = None, progress: Optional[ProgressFn] = None,
+                  cancel: Optional[CancelFn] = None) -> VolumeSamplingResult:
+    """N coherent 3D samples of the object in ``voxel_box`` and the uncertainty volumes.
+
+    Arguments:
+      model: a ProbSAM in eval mode on its device (``build.load_model``).
+      volume_hu: (K, J, I) CT in HU (or [0, 1] when ``model.config.window`` is None).
+      geometry: the volume's grid; voxel_box: the box (``geometry.voxel_box_from_*``).
+      seed: None draws a seed, which the summary records, so every run can be repeated.
+      z_mode: "per_sample" (one draw per sample, used on every slice) or "per_slice".
+      slice_batch: slices per encoder chunk; None = chosen from free memory.
+      progress: ``progress(fraction, message)``; cancel: ``cancel() -> bool``, checked between chunks.
+    """
+    started = time.perf_counter()
+    volume = _check_inputs(volume_hu, geometry, voxel_box, n_samples, z_mode)
+    check_fits(model, n_samples, voxel_box)
+    model.eval()
+    report_progress = progress or (lambda fraction, message: None)
+    seed_given = seed is not None
+    seed = int(seed) if seed_given else secrets.randbits(63)
+
+    slices = slice_boxes_2d(voxel_box)
+    x1, y1, x2, y2 = slices[0][1]
+    k0, k1, r0, r1, c0, c1 = input_region(model, voxel_box, volume.shape)
+    region = volume[k0:k1, r0:r1, c0:c1]
+    if not np.isfinite(region).all():
+        raise ValueError(f"the volume holds {int(region.size - np.isfinite(region).sum())} NaN or infinite "
+                         f"values around the box; fix or mask them before segmenting")
+    box_in_window = (x1 - c0, y1 - r0, x2 - c0, y2 - r0)
+
+    n_slices = len(slices)
+    region = model_slices(region, voxel_box.lo[2] - k0, n_slices, model.config.reads_neighbours)
+    eps = _draw_noise(make_generator(seed), n_slices, n_samples, model.config.latent_dim, z_mode)
+    batch = int(slice_batch) if slice_batch else choose_batch(model, n_samples, n_slices)
+    if batch < 1:
+        raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
+    report_progress(0.0, f"sampling {n_samples} masks on {n_slices} slices")
+    crop = (slice(y1 - r0, y2 - r0), slice(x1 - c0, x2 - c0))
+    probs_box, z_used, batch, oom_retries, timings = _run_chunks(
+        model, region, box_in_window, crop, eps, batch, report_progress, cancel)
+
+    report_progress(0.9, "uncertainty maps and summary")
+    result = _assemble(probs_box, geometry, voxel_box)
+    result.eps, result.z = eps.numpy().astype(np.float32), z_used
+    settings = {"n_samples": n_samples, "seed": seed, "seed_given": seed_given, "z_mode": z_mode,
+                "threshold": THRESHOLD, "slice_batch": batch, "oom_retries": oom_retries,
+                "device": str(model.device), "context_window_rc": [r0, r1, c0, c1],
+                "encoder": model.config.encoder, "latent_dim": model.config.latent_dim,
+                "neighbour_slices": model.config.neighbour_slices,
+                "refine_neighbours": model.config.refine_neighbours}
+    result.summary = report.volume_summary(result, settings, timings)
+    timings["total_s"] = time.perf_counter() - started
+    result.summary["timings_s"] = {key: round(value, 4) for key, value in timings.items()}
+    report_progress(1.0, "done")
+    return result
+
+
+def _assemble(probs_box: np.ndarray, geometry: VolumeGeometry, voxel_box: VoxelBox) -> VolumeSamplingResult:
+    """Masks and uncertainty maps of the box (box-sized; ``voxel_box.lo`` is their offset)."""
+    maps = uncertainty_maps(probs_box)
+    return VolumeSamplingResult(
+        masks=probs_box > THRESHOLD,
+        mean_probability=maps.mean_probability.astype(np.float32, copy=False),
+        entropy=maps.entropy.astype(np.float32, copy=False),
+        variance=maps.variance.astype(np.float32, copy=False),
+        mutual_information=maps.mutual_information.astype(np.float32, copy=False),
+        voxel_box=voxel_box, geometry=geometry, summary={})

@@ -1,0 +1,188 @@
+"""Probabilistic SAM: SAM's encoder, prompt encoder and mask decoder plus a latent space over masks.
+
+    image -> encoder -> embedding ─┬─> prior net P(z|x,box) ───────────┐ (inference)
+                                   ├─> posterior net Q(z|x,box,y) ─────┤ (training)
+    box -> prompt encoder -> box tokens + proj(z) ──> mask decoder <───┘ -> one mask per z
+                                                          └─> [refiner + image] (config.refine_channels)
+
+`encode` runs the encoder once; `decode` turns N latents per image into N masks in one decoder pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from segment_anything.modeling import Sam
+from torch.distributions import Independent
+
+from ProbSAMLib.modeling import preprocess
+from ProbSAMLib.modeling.config import ProbSAMConfig
+from ProbSAMLib.modeling.decoding import decode_masks
+from ProbSAMLib.modeling.latent import GaussianLatentNet, LatentProjection, box_coverage, fold_mask
+from ProbSAMLib.modeling.refine import MaskRefiner
+
+
+@dataclass
+class TrainingOutput:
+    """logits (B, N, S, S) (S = config.mask_size), and the two distributions over z (batch shape B)."""
+
+    logits: torch.Tensor
+    prior: Independent
+    posterior: Independent
+
+
+class ProbSAM(nn.Module):
+    def __init__(self, sam: Sam, config: ProbSAMConfig):
+        super().__init__()
+        self.config = config
+        self.sam = sam
+        dim, grid = config.prompt_dim, config.embedding_size
+        mask_channels = (config.low_res_size // grid) ** 2
+        self.prior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim)
+        self.posterior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim, mask_channels)
+        self.latent_projection = LatentProjection(config.latent_dim, dim, config.latent_to_dense)
+        self.refiner = (MaskRefiner(config.refine_channels, 3 if config.refine_neighbours else 1)
+                        if config.refine_channels else None)
+        if config.freeze_encoder:
+            self.sam.image_encoder.requires_grad_(False)
+
+    def attach_refiner(self, channels: int) -> None:
+        """Give a model without one a fresh refiner (a zero residual: the masks do not change until trained)."""
+        if self.refiner is not None:
+            raise ValueError(f"this model already has a refiner ({self.config.refine_channels} channels)")
+        self.refiner = MaskRefiner(channels).to(self.device)
+        self.config.refine_channels = int(channels)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def read_neighbour_slices(self) -> None:
+        """Let the encoder read the slices below and above (config.neighbour_slices) without changing what
+        it computes: the patch embedding's weights for the three copies of the slice move onto the middle
+        channel (rescaled for SAM's per-channel normalisation, the bias absorbing the mean), and the weights
+        of the neighbours start at zero, to be learnt. Exact wherever the input is not padding."""
+        if self.config.neighbour_slices:
+            return
+        conv = self.sam.image_encoder.patch_embed.proj
+        mean, std = self.sam.pixel_mean.view(3).float(), self.sam.pixel_std.view(3).float()
+        weight = conv.weight.float()  # (D, 3, p, p), read on (x - mean_c) / std_c
+        centre = (weight / std.view(1, 3, 1, 1)).sum(1) * std[1]  # (D, p, p), read on (x - mean_1) / std_1
+        shift = (mean[1] / std[1]) * centre.sum((1, 2)) - (weight.sum((2, 3)) * (mean / std)).sum(1)
+        conv.weight.zero_()
+        conv.weight[:, 1] = centre.to(conv.weight.dtype)
+        conv.bias += shift.to(conv.bias.dtype)
+        self.config.neighbour_slices = True
+
+    def refine_with_neighbour_slices(self) -> None:
+        """Let the mask refiner read the slices below and above (config.refine_neighbours) without changing
+        what it computes (MaskRefiner.read_neighbour_slices); the encoder and decoder are untouched."""
+        if self.refiner is None:
+            raise ValueError("this model has no mask refiner to read the neighbouring slices (refine_channels = 0)")
+        self.refiner.read_neighbour_slices()
+        self.config.refine_neighbours = True
+
+    # ---- image side -------------------------------------------------------------------------------
+    def model_input(self, images01: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) grey slices or (B, 3, H, W) slices k - 1, k, k + 1 in [0, 1] -> (B, 3, S, S) normalised,
+        padded encoder input: the three slices as channels when the model reads neighbours
+        (config.neighbour_slices), else slice k in all three (a lone slice is copied either way)."""
+        read = preprocess.neighbour_stack if self.config.neighbour_slices else preprocess.centre_slice
+        return preprocess.images_to_model_input(
+            read(images01), self.config.img_size, self.sam.pixel_mean, self.sam.pixel_std
+        )
+
+    def encode(self, images01: torch.Tensor) -> torch.Tensor:
+        """(B, H, W) grey slices, or (B, 3, H, W) with the slices below and above, in [0, 1] ->
+        (B, C, h, w) image embeddings (runs the ViT once)."""
+        pixels = self.model_input(images01.to(self.device))
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.config.freeze_encoder):
+            return self.sam.image_encoder(pixels)
+
+    # ---- prompt side ------------------------------------------------------------------------------
+    def _box_tokens(self, boxes: torch.Tensor):
+        """(B, 4) boxes with continuous edges in the model frame -> SAM sparse (B, 2, C), dense (B, C, h, w).
+
+        SAM's prompt encoder reads box corners as pixel indices and adds 0.5; our boxes are continuous
+        edges, so the far corner's last pixel index is x2 - 1.
+        """
+        sam_boxes = boxes - boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+        return self.sam.prompt_encoder(points=None, boxes=sam_boxes, masks=None)
+
+    def prior_distribution(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> Independent:
+        coverage = box_coverage(boxes, self.config.embedding_size, self.config.img_size)
+        return self.prior(embeddings, coverage)
+
+    def posterior_distribution(
+        self, embeddings: torch.Tensor, boxes: torch.Tensor, masks_low_res: torch.Tensor
+    ) -> Independent:
+        """masks_low_res: (B, S, S) target on the decoder grid (see preprocess.masks_to_low_res)."""
+        coverage = box_coverage(boxes, self.config.embedding_size, self.config.img_size)
+        folded = fold_mask(masks_low_res, self.config.embedding_size)
+        return self.posterior(embeddings, coverage, folded)
+
+    def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, z: torch.Tensor,
+               images01: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """N masks per image in one decoder pass.
+
+        Arguments:
+          embeddings: (B, C, h, w); boxes: (B, 4) in the model frame; z: (B, N, L).
+          images01: (B, H, W) or (B, 3, H, W) the encoded images in [0, 1]; needed only by a model with a
+            refiner, which reads the segmented slice itself.
+        Returns:
+          (B, N, S, S) logits on the padded square, S = config.mask_size (4h, or img_size with a refiner).
+        """
+        sparse, dense = self._box_tokens(boxes)
+        token_shift, dense_shift = self.latent_projection(z.to(sparse.dtype))
+        sparse = sparse.unsqueeze(1) + token_shift  # (B, N, 2, C)
+        dense = dense.unsqueeze(1)  # (B, 1, C, h, w)
+        if dense_shift is not None:
+            dense = dense + dense_shift
+        image_pe = self.sam.prompt_encoder.get_dense_pe()
+        logits = decode_masks(self.sam.mask_decoder, embeddings, image_pe, sparse, dense)
+        if self.refiner is None:
+            return logits
+        if images01 is None:
+            raise ValueError("this model refines its masks with the image (config.refine_channels > 0): "
+                             "pass the encoded images to decode(..., images01=)")
+        read = preprocess.neighbour_stack if self.config.refine_neighbours else preprocess.centre_slice
+        frame = preprocess.images_to_model_frame(read(images01).to(logits.device),
+                                                 self.config.img_size)
+        return self.refiner(logits, frame)
+
+    def forward(
+        self, embeddings: torch.Tensor, boxes: torch.Tensor, masks_low_res: torch.Tensor, n_samples: int = 1,
+        images01: Optional[torch.Tensor] = None,
+    ) -> TrainingOutput:
+        """Training pass: z from the posterior (reparameterised), decoded; both distributions returned.
+        images01 (B, H, W): the encoded images, for a model with a refiner."""
+        prior = self.prior_distribution(embeddings, boxes)
+        posterior = self.posterior_distribution(embeddings, boxes, masks_low_res)
+        z = posterior.rsample((n_samples,)).transpose(0, 1)  # (B, N, L)
+        return TrainingOutput(self.decode(embeddings, boxes, z, images01), prior, posterior)
+
+    def latents(
+        self,
+        embeddings: torch.Tensor,
+        boxes: torch.Tensor,
+        n_samples: int,
+        generator: Optional[torch.Generator] = None,
+        mode: str = "sample",
+    ) -> torch.Tensor:
+        """z from the prior, (B, N, L). mode="sample" draws; mode="mean" repeats the prior mean.
+
+        The standard-normal noise is drawn on the CPU from `generator`, so a seed gives the same z on
+        every device.
+        """
+        prior = self.prior_distribution(embeddings, boxes)
+        mu, sigma = prior.base_dist.loc, prior.base_dist.scale  # (B, L)
+        if mode == "mean":
+            return mu.unsqueeze(1).expand(-1, n_samples, -1)
+        if mode != "sample":
+            raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+        eps = torch.randn((mu.shape[0], n_samples, mu.shape[1]), generator=generator)
+        return mu.unsqueeze(1) + sigma.unsqueeze(1) * eps.to(mu.device, mu.dtype)

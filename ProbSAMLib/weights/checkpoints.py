@@ -1,0 +1,299 @@
+"""Weights: the manifest of known files, the cache, SHA-256 verification, and ProbSAM safetensors files.
+
+Official SAM checkpoints are torch pickles (`sam_vit_*.pth`) verified by SHA-256 before loading.
+ProbSAM weights (prior, posterior, projection, fine-tuned decoder; for the tiny model everything) are
+safetensors with the model config stored as JSON in the file's metadata, so a file rebuilds its model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from ProbSAMLib.modeling.config import ProbSAMConfig
+from ProbSAMLib.errors import WeightsError
+
+FORMAT = "probsam-v1"
+PACKAGE_MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+class CheckpointError(WeightsError):
+    """A weights file is missing, corrupt, of the wrong model, or cannot be fetched."""
+
+
+@dataclass(frozen=True)
+class WeightsEntry:
+    name: str
+    filename: str
+    url: Optional[str]
+    sha256: Optional[str]
+    size: Optional[int]  # bytes, for progress display only; the SHA-256 is the check
+    licence: str
+    description: str
+    bundled: bool = False
+
+
+def _bundled_demo(name: str, sha256: str, size: int, description: str) -> WeightsEntry:
+    """A demo model shipped as ProbSAMLib/models/probsam_tiny_<name>.safetensors (no URL, Apache-2.0, checked
+    like a download)."""
+    return WeightsEntry(name, f"probsam_tiny_{name}.safetensors", None, sha256, size, "Apache-2.0", description,
+                        bundled=True)
+
+
+MANIFEST: Dict[str, WeightsEntry] = {
+    "sam_vit_b": WeightsEntry(
+        "sam_vit_b", "sam_vit_b_01ec64.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
+        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375_042_383,
+        "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-B image encoder and decoder"),
+    "sam_vit_l": WeightsEntry(
+        "sam_vit_l", "sam_vit_l_0b3195.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
+        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1_249_524_607,
+        "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-L image encoder and decoder"),
+    "sam_vit_h": WeightsEntry(
+        "sam_vit_h", "sam_vit_h_4b8939.pth",
+        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
+        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2_564_550_879,
+        "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-H image encoder and decoder"),
+    # Bundled files are checked like downloads: a bit flip or a half-copied install is refused. A
+    # retrained demo model gets a NEW entry (name, file, SHA-256); old entries stay so earlier runs,
+    # whose provenance names them, reproduce (Testing/test_bad_inputs_cli.py checks every one).
+    "demo": _bundled_demo(
+        "demo", "993fe11112b1c4b326c12318c4dac37d3078f694a0fc5aed623d85bbb2bd373b", 8_290_336,
+        "DEMO model v1 (superseded): tiny ProbSAM trained on the rendered LIDC contour phantom v1. "
+        "Not for clinical use."),
+    "demo_v2": _bundled_demo(
+        "demo_v2", "3ebfe61edcf745338fe2cd18b6822a4be44f0a77c839d9e7a8a7ab128959491d", 8_290_472,
+        "DEMO model v2 (superseded by demo_v3): tiny ProbSAM trained on the rendered phantom v2 (hard cases), "
+        "all four reader slots, set term. Not for clinical use."),
+    "demo_v3": _bundled_demo(
+        "demo_v3", "dfb775f8bbcc0326a0c292c0ef398173c438d3a520da0c83f7230bae893d5f9e", 8_290_512,
+        "DEMO model v3 (superseded by demo_v4): demo_v2 fine-tuned on phantom v2 without free bits and with 8 "
+        "prior samples in the set term. Not for clinical use."),
+    "demo_v4": _bundled_demo(
+        "demo_v4", "4b5e239237eccf2011ae013af1dda5f882477b2cdb9bfb8494dd9d8b7761103b", 8_290_744,
+        "DEMO model v4 (superseded by demo_v5): demo_v3 trained 200 steps on with the readers'-majority consensus term (its mean "
+        "prediction against the majority of the nodule's own readers). Not for clinical use."),
+    "demo_v5": _bundled_demo(
+        "demo_v5", "b4e56bacec3cb1f75a1e31d84d1a782b0c82bd6d71f7bfe3dd0e35631fc3acee", 8_297_052,
+        "DEMO model v5 (superseded by demo_v6): demo_v4 with an 8-channel mask refiner (ProbSAMLib/modeling/refine.py) "
+        "that reads the image at full resolution, trained 400 steps on phantom v2. Not for clinical use."),
+    "demo_v6": _bundled_demo(
+        "demo_v6", "86e751518dc809a0979004387e0901988a2d696d5eb9e33d261272ce73de961a", 8_297_332,
+        "DEMO model v6 (superseded by demo_v7): demo_v5 taught to read the slices below and above "
+        "(neighbour_slices), with an anchor term keeping its samples at demo_v5's on slices every reader marked; "
+        "750 steps on phantom v2. Not for clinical use."),
+    "demo_v7": _bundled_demo(
+        "demo_v7", "a708061cc2d223258121c043aee958cb0daf107933f106704a4ce046f7a6382b", 8_297_340,
+        "DEMO model v7: demo_v6 trained 150 steps on with the consensus term asking for the majority of all four "
+        "reader slots and set_above_half; reads the slices below and above. Not for clinical use."),
+}
+
+
+def cache_dir() -> Path:
+    """Where downloaded weights live: $PROBSAM_CACHE, else the platform's user cache directory."""
+    override = os.environ.get("PROBSAM_CACHE")
+    if override:
+        return Path(override).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("ProbSAMSlicer", appauthor=False)) / "weights"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: Path, expected: Optional[str]) -> None:
+    if expected is None:
+        return
+    actual = sha256_file(path)
+    if actual != expected:
+        raise CheckpointError(
+            f"{path}: SHA-256 {actual} does not match the expected {expected}. The file is corrupt, "
+            f"truncated or a different model; delete it and download it again."
+        )
+
+
+def entry_path(entry: WeightsEntry) -> Path:
+    return PACKAGE_MODELS / entry.filename if entry.bundled else cache_dir() / entry.filename
+
+
+def resolve_weights(name: str, path: Optional[Path] = None, download: bool = True, progress: bool = True) -> Path:
+    """A verified local file for manifest entry `name`: the given path, the cache, or a fresh download."""
+    if name not in MANIFEST:
+        raise CheckpointError(f"unknown weights {name!r}; known: {', '.join(sorted(MANIFEST))}")
+    entry = MANIFEST[name]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"weights file {path} does not exist")
+        verify_sha256(path, entry.sha256)
+        return path
+    target = entry_path(entry)
+    if target.is_file():
+        verify_sha256(target, entry.sha256)
+        return target
+    if entry.bundled:
+        raise CheckpointError(f"the bundled weights {target} are missing from this installation")
+    if not download:
+        raise CheckpointError(_offline_message(entry, target))
+    _download(entry, target, progress)
+    return target
+
+
+def _offline_message(entry: WeightsEntry, target: Path) -> str:
+    flag = "--sam-checkpoint" if entry.name.startswith("sam_") else "--checkpoint"
+    return (f"{entry.filename} is not available offline. Download it from {entry.url} on a machine with "
+            f"internet access and either put it at {target}, pass its path with {flag}, or install it with "
+            f"`probsam fetch {entry.name} --from FILE`.")
+
+
+def _download(entry: WeightsEntry, target: Path, progress: bool) -> None:
+    """Download to a temporary name, verify, then move into place: no partial file is ever left."""
+    from tqdm.auto import tqdm
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=entry.filename + ".", suffix=".part", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(entry.url, timeout=60) as response:
+            total = int(response.headers.get("Content-Length") or entry.size or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=entry.filename, disable=not progress) as bar:
+                for block in iter(lambda: response.read(1 << 20), b""):
+                    out.write(block)
+                    bar.update(len(block))
+        verify_sha256(Path(tmp_name), entry.sha256)
+        os.replace(tmp_name, target)
+    except OSError as error:  # URLError is an OSError
+        raise CheckpointError(f"could not download {entry.url}: {error}. " + _offline_message(entry, target)) from error
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def load_torch_checkpoint(path: Path) -> Dict[str, torch.Tensor]:
+    """An official SAM .pth as a state dict, with a clear error for truncated or foreign files."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError...
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or corrupt?): {error}") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return state
+
+
+def save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict[str, str]) -> None:
+    """Write tensors + string metadata to `path` through a temporary name and a rename, so an
+    interrupted save never leaves a truncated file; the file gets the usual permissions (umask)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".part", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(state, tmp_name, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_name, 0o666 & ~umask)  # mkstemp creates 0600; weights are meant to be shared
+        os.replace(tmp_name, path)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+
+
+def save_probsam(model: torch.nn.Module, path: Path, heads_only: bool = False, extra: Optional[dict] = None) -> None:
+    """Write a ProbSAM model (or, for large SAMs, everything but the frozen image encoder) as safetensors."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if heads_only:
+        state = {k: v for k, v in state.items() if not k.startswith("sam.image_encoder.")}
+    metadata = {"format": FORMAT, "config": model.config.to_json(),
+                "contents": "heads" if heads_only else "full", "extra": json.dumps(extra or {})}
+    save_safetensors(state, path, metadata)
+
+
+def read_probsam_file(path: Path) -> Tuple[ProbSAMConfig, Dict[str, torch.Tensor], Dict[str, str]]:
+    """(config, state dict, metadata) of a ProbSAM safetensors file; CheckpointError if it is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # SafetensorError for truncated/garbled headers and data
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
+    if metadata.get("format") != FORMAT or "config" not in metadata:
+        raise CheckpointError(f"{path} is a safetensors file but not a ProbSAM checkpoint (no {FORMAT} config)")
+    return config_from_metadata(metadata["config"], path), state, metadata
+
+
+# Integer fields of ProbSAMConfig that size tensors: a file claiming 0 or "abc" must not reach torch.
+_POSITIVE_INT_FIELDS = ("img_size", "patch_size", "prompt_dim", "decoder_mlp_dim", "window_size", "latent_dim",
+                        "latent_hidden")
+
+
+def config_from_metadata(text: str, path) -> ProbSAMConfig:
+    """The ProbSAMConfig stored in a weights file, or CheckpointError naming the bad field."""
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise CheckpointError(f"{path}: its stored model config is not JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: its stored model config is not a JSON object")
+    for key in _POSITIVE_INT_FIELDS:
+        value = data.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 1 << 16:
+            raise CheckpointError(f"{path}: its stored model config has {key} = {value!r}; expected a positive "
+                                  f"whole number (the file is corrupt or not a ProbSAM checkpoint)")
+    window = data.get("window")
+    if window is not None and not (isinstance(window, list) and len(window) == 2
+                                   and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)):
+        raise CheckpointError(f"{path}: its stored model config has window = {window!r}; expected [centre, width]")
+    for key in ("latent_to_dense", "freeze_encoder"):
+        if not isinstance(data.get(key, False), bool):
+            raise CheckpointError(f"{path}: its stored model config has {key} = {data[key]!r}; expected true/false")
+    if not isinstance(data.get("extra", {}), dict) or not isinstance(data.get("encoder", "vit_b"), str):
+        raise CheckpointError(f"{path}: its stored model config has a wrong 'extra' or 'encoder' field")
+    try:
+        return ProbSAMConfig.from_json(json.dumps(data))
+    except (TypeError, ValueError, ZeroDivisionError) as error:
+        raise CheckpointError(f"{path}: its stored model config is not usable ({error})") from None
+
+
+def copy_into_cache(source: Path, name: str) -> Path:
+    """Verify a user-supplied file for manifest entry `name` and copy it into the cache (offline sites).
+
+    Bundled entries are refused: the cache is the only place this writes, never the installed package.
+    """
+    entry = MANIFEST[name]
+    if entry.bundled:
+        raise CheckpointError(f"{name!r} is bundled with ProbSAM and cannot be replaced")
+    verify_sha256(Path(source), entry.sha256)
+    target = entry_path(entry)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=entry.filename + ".", suffix=".part", dir=target.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp_name)
+        os.replace(tmp_name, target)
+    finally:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+    return target

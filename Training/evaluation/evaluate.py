@@ -1,0 +1,341 @@
+"""Evaluate trained models and baselines on a split: GED@16/@100, HM-IoU@16, NCC, ECE, Dmax, Dice/IoU
+of the mean prediction, sample diversity (ProbSAMLib.metrics), with 95 % patient-bootstrap intervals,
+broken down by how many readers marked the slice (and by case type for phantom v2), and paired
+differences (and the GED ratio) against the first model.
+
+    python Training/evaluation/evaluate.py --data data/phantom --split test \
+        --model runs/fair/probsam_tiny_seed0/best.safetensors --model runs/fair/prob_unet_seed0/best.safetensors \
+        --threshold-baseline --prior-mean --out results/phantom
+
+Protocol (written with every table, see protocol_text): the prompt is the union box of all readers of
+the slice plus a margin, no jitter (never one reader's own box); the annotations are the 4 reader slots,
+a reader who did not mark the slice (or the nodule) being an empty mask, as in the LIDC pickle; the
+first N of one seeded draw of max(N) samples give the @N metrics. Each slice's latent noise is drawn
+from (seed, slice index), so results do not depend on --batch-size.
+
+Outputs in --out: results.md (tables), results.json, results.csv (one row per method and reader group),
+per_slice_<name>.csv (every metric per slice, with the seed, the model file's SHA-256 and the commit).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+if __package__ in (None, ""):  # `python Training/evaluation/evaluate.py` from the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from ProbSAMLib.inference import memory
+from ProbSAMLib import metrics
+from ProbSAMLib.modeling.config import LUNG_WINDOW
+from ProbSAMLib.inference.device import autocast, choose_device
+from ProbSAMLib.errors import SettingsError, WeightsError
+from ProbSAMLib.modeling.probsam import ProbSAM
+from Training import guards
+from Training.data.batches import SliceBatches, validation_positions
+from Training.evaluation.report import ID_KEYS, project_commit, read_per_slice, write_results
+
+THRESHOLD = 0.5
+
+
+def slice_metrics(probs: np.ndarray, annotations: np.ndarray, sizes: Sequence[int],
+                  region: Optional[np.ndarray] = None) -> Dict[str, float]:
+    """probs (N, H, W) sample probabilities, annotations (M, H, W) -> the metric row of one slice.
+
+    ``region`` (H, W) bool: the pixels ECE is computed on (the prompt box). The row's "calibration_bins"
+    (3, bins) are the sums behind ECE, pooled over slices by the data-set ECE and its bootstrap.
+    """
+    samples = probs > THRESHOLD
+    row = {f"ged@{n}": metrics.ged(samples[:n], annotations) for n in sizes}
+    small = samples[:min(sizes)]
+    n = len(small)
+    row[f"hm_iou@{n}"] = metrics.hm_iou(small, annotations)
+    row[f"ncc@{n}"] = metrics.ncc(probs[:n], annotations)
+    row[f"dmax@{n}"] = metrics.dmax(small, annotations)
+    row[f"diversity@{n}"] = metrics.sample_diversity(small)
+    bins = metrics.calibration_bins(probs[:n].mean(0), annotations, region=region)
+    row[f"ece@{n}"] = metrics.ece_from_bins(bins)
+    # The mean prediction: the average of the N sample probabilities, thresholded at 0.5 (issue 13's
+    # definition; averaging the thresholded samples instead would be a vote of the N masks).
+    scores = metrics.mean_prediction_scores(probs[:n], annotations)
+    row.update({key: scores[key] for key in ("dice_mean_annotator", "iou_mean_annotator", "dice_majority",
+                                             "iou_majority")})
+    row["calibration_bins"] = bins
+    return row
+
+
+def slice_noise(seed: int, slice_index: int, n_samples: int, latent_dim: int) -> torch.Tensor:
+    """(N, L) standard-normal latent noise of one slice, a function of (seed, slice index) only."""
+    state = np.random.SeedSequence([int(seed), int(slice_index), 7]).generate_state(2, dtype=np.uint64)
+    generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    return torch.randn((n_samples, latent_dim), generator=generator)
+
+
+def box_region(box: np.ndarray, image_hw) -> np.ndarray:
+    """(H, W) bool of the pixels whose centres lie in the box (x1, y1, x2, y2, continuous edges)."""
+    ys, xs = np.arange(image_hw[0]) + 0.5, np.arange(image_hw[1]) + 0.5
+    return ((ys >= box[1]) & (ys < box[3]))[:, None] & ((xs >= box[0]) & (xs < box[2]))[None, :]
+
+
+def slices_per_batch(predictor, n_samples: int, n_slices: int, cap: int = 16) -> int:
+    """``cap`` slices, or fewer where a SAM encoder would not fit: ViT-B needs about 2.4 GiB a slice, so 16
+    slices and 100 samples would not fit a 24 GB GPU (ProbSAMLib.inference.memory)."""
+    learner = getattr(predictor, "learner", predictor)  # the prior-mean baseline wraps a learner
+    model = getattr(learner, "model", None)
+    if isinstance(model, ProbSAM):
+        return memory.choose_batch(model, n_samples, n_slices, cap=cap)
+    return max(1, min(cap, n_slices))
+
+
+@torch.no_grad()
+def evaluate_slices(predictor, batches: SliceBatches, positions: np.ndarray, sizes: Sequence[int] = (16, 100),
+                    seed: int = 0, batch_size: int = 0, device: Optional[torch.device] = None,
+                    embeddings_of=None, progress: bool = True) -> List[dict]:
+    """One metric row per slice for a learner or a baseline (Training/evaluation/baselines.py).
+
+    ``embeddings_of(positions)`` supplies cached embeddings (ProbSAM). The annotations are all reader
+    slots (absent reader = empty mask); n_marked is how many of them marked the slice. ``batch_size`` 0
+    chooses the slices per batch from free memory (at most 16); the rows do not depend on it.
+    """
+    parameters = list(predictor.parameters())
+    device = device or (parameters[0].device if parameters else torch.device("cpu"))
+    predictor.eval()
+    reads_neighbours = getattr(predictor, "reads_neighbours", False)  # the baselines read one slice
+    if reads_neighbours and batches.dataset.neighbours is None:
+        print(f"warning: the model reads the slices below and above, but {batches.dataset.path} has no "
+              f"neighbours.npy: it is shown each slice alone (copied), as at the ends of a scan", file=sys.stderr)
+    table = batches.dataset.table
+    n_max, latent_dim = max(sizes), int(getattr(predictor, "latent_dim", 0))
+    rows = []
+    batch_size = batch_size or slices_per_batch(predictor, n_max, len(positions))
+    for start in tqdm(range(0, len(positions), batch_size), desc="evaluating", disable=not progress, leave=False):
+        chunk = positions[start:start + batch_size]
+        batch = batches.read(chunk)
+        slices = batches.dataset.indices[chunk]
+        noise = torch.stack([slice_noise(seed, s, n_max, latent_dim) for s in slices]) if latent_dim else None
+        embeddings = embeddings_of(chunk) if embeddings_of is not None else None
+        with autocast(device):
+            images = batch.model_images(reads_neighbours)
+            probs = predictor.sample_probabilities(images.to(device), batch.boxes, n_max,
+                                                   embeddings=embeddings, noise=noise)
+        probs = probs.float().cpu().numpy()
+        for i, (position, index) in enumerate(zip(chunk, slices)):
+            annotations = batch.masks[i].numpy()  # all 4 slots
+            row = {"position": int(position), "slice": int(index), "patient_id": str(table["patient_id"][index]),
+                   "series_uid": str(table["series_uid"][index]),
+                   "n_marked": int(annotations.reshape(len(annotations), -1).any(1).sum())}
+            if "case" in table:  # phantom v2: the case type, for the per-case tables
+                row["case"] = str(table["case"][index])
+            region = box_region(batch.boxes[i].numpy(), annotations.shape[-2:])
+            row.update(slice_metrics(probs[i], annotations, sizes, region))
+            rows.append(row)
+    return rows
+
+
+def summarise(rows: List[dict]) -> Dict[str, float]:
+    """Mean of every metric over slices (NaN-aware for NCC, whose NaN count is reported); ECE pooled."""
+    keys = [k for k in rows[0] if k not in ID_KEYS and k != "calibration_bins" and not k.startswith("ece")]
+    with np.errstate(invalid="ignore"):  # an all-NaN column (NCC of a deterministic method) stays NaN
+        summary = {key: _nanmean([r[key] for r in rows]) for key in keys}
+    for key in [k for k in keys if k.startswith("ncc")]:
+        summary[f"{key}_nan_slices"] = int(np.isnan([r[key] for r in rows]).sum())
+    for key in [k for k in rows[0] if k.startswith("ece")]:
+        summary[key] = metrics.ece_from_bins(np.sum([r["calibration_bins"] for r in rows], axis=0))
+    summary["slices"] = len(rows)
+    return summary
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    return float(values[finite].mean()) if finite.any() else float("nan")
+
+
+def protocol_text(data: str, split: str, n_slices: int, n_unmarked: int, sizes, margin: float, seed: int,
+                  n_boot: int, baselines: Sequence[str] = ()) -> str:
+    text = (f"Data `{data}`, split **{split}**: {n_slices} slices evaluated"
+            + (f" ({n_unmarked} slices no reader marked are left out: a box prompt needs an object)"
+               if n_unmarked else "") + ". "
+            f"N = {', '.join(map(str, sizes))} samples (the @{min(sizes)} metrics use the first {min(sizes)} of one "
+            f"seeded draw, seed {seed}; each slice's latent noise depends only on the seed and the slice). "
+            f"Box prompt: union box of all readers + {margin:g} px, no jitter. Annotations: the 4 reader slots, "
+            f"a reader who did not mark the slice counting as an empty mask (M = 4, as in the LIDC pickle); "
+            f"rows by reader count group slices by how many readers marked them. d = 1 - IoU with IoU(empty, "
+            f"empty) = 1; GED with self-pairs; HM-IoU after MoSE (both sides replicated to lcm(N, M), Hungarian "
+            f"match); NCC after PHiSeg (NaN slices excluded and counted); ECE: 10 equal-width bins of the mean "
+            f"sample probability against every (pixel, reader) outcome inside the prompt box, pooled over "
+            f"slices; Dice/IoU of the mean prediction (the average of the N sample probabilities > 0.5) against the "
+            f"readers' majority (at least 2 of the 4 slots), Dice(empty, empty) = 1 (an empty prediction on "
+            f"a slice whose majority vote is empty scores 1). Intervals: 95 % percentile bootstrap over patients "
+            f"({n_boot} replicates); differences: paired bootstrap (same replicates for both methods).")
+    for line in baselines:
+        text += f"\n\n{line}"
+    return text
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    return guards.run_main("evaluate.py", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
+    from Training.evaluation.baselines import PriorMeanBaseline, ThresholdBaseline
+    from ProbSAMLib.weights.checkpoints import sha256_file
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--split", default="test", choices=["train", "val", "test"])
+    parser.add_argument("--model", action="append", default=[], help="weights file; repeat to compare")
+    parser.add_argument("--name", action="append", help="column name per --model (default: file's folder)")
+    parser.add_argument("--threshold-baseline", action="store_true",
+                        help="add the -400 HU threshold + connected-component baseline")
+    parser.add_argument("--prior-mean", action="store_true",
+                        help="add each ProbSAM model's deterministic prior-mean prediction as a baseline")
+    parser.add_argument("--unit-window", type=float, nargs=2, default=list(LUNG_WINDOW), metavar=("CENTRE", "WIDTH"),
+                        help="for data stored in [0, 1]: the HU window that produced it (threshold baseline)")
+    parser.add_argument("--samples", type=int, nargs="+", default=[16, 100])
+    parser.add_argument("--max-slices", type=int, default=0, help="seeded subset of the split (0 = all)")
+    parser.add_argument("--box-margin", type=float, default=2.0)
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
+    parser.add_argument("--sam-checkpoint", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="slices per batch; 0 = chosen from free memory, at most 16 (results do not depend on it)")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
+                        help="an earlier --out folder: a method found there under the same name is read from its "
+                             "per-slice table instead of evaluated again (same model file, seed, slices, box "
+                             "margin and sample sizes, else an error); repeat to combine runs made in parallel")
+    args = parser.parse_args(argv)
+    names = args.name or [Path(m).resolve().parent.name for m in args.model]
+    check_arguments(args, names)
+    output = guards.output_folder(args.out, args.force, inputs=[args.data, args.sam_checkpoint, *args.model])
+    if args.num_threads:
+        torch.set_num_threads(args.num_threads)
+    device = choose_device(args.device)
+    batches = SliceBatches(guards.load_split(args.data, args.split), box_margin=args.box_margin)
+    positions = validation_positions(len(batches), args.max_slices, args.seed)
+    sizes = sorted(set(args.samples))
+
+    # (name, predictor factory, model file or None): loaded one at a time to keep memory flat
+    methods = []
+    for name, path in zip(names, args.model):
+        methods.append((name, lambda p=path: guards.load_weights(p, args.sam_checkpoint), path))
+        if args.prior_mean and guards.is_probsam_file(path):
+            methods.append((f"{name} (prior mean)",
+                            lambda p=path: PriorMeanBaseline(guards.load_weights(p, args.sam_checkpoint)), path))
+    notes = []
+    if args.threshold_baseline:
+        window = LUNG_WINDOW if batches.dataset.intensity == "hu" else tuple(args.unit_window)
+        threshold = ThresholdBaseline(window)
+        methods.append(("threshold -400 HU", lambda t=threshold: t, None))
+        notes.append(f"Threshold baseline: {threshold.describe()}, inside the box.")
+    if len({m[0] for m in methods}) != len(methods):
+        raise SettingsError(f"method names must differ, got {[m[0] for m in methods]}; pass --name for each --model")
+
+    provenance = {"commit": project_commit(), "seed": args.seed, "box_margin": args.box_margin, "reused": {}}
+    for name, _, path in methods:
+        provenance[name] = sha256_file(Path(path)) if path else ""
+    # Every reused table is checked before any evaluation starts, so a mismatch costs nothing.
+    slices = batches.dataset.indices[positions]
+    patients = [str(batches.dataset.table["patient_id"][i]) for i in slices]
+    per_slice = reused_tables(args.reuse, [m[0] for m in methods], provenance, slices, patients, sizes, args.seed,
+                              args.box_margin)
+    for name, make, path in methods:
+        if name not in per_slice:
+            predictor = make().to(device)
+            per_slice[name] = evaluate_slices(predictor, batches, positions, sizes, args.seed, args.batch_size,
+                                              device)
+        print(name, json.dumps({k: round(v, 4) for k, v in summarise(per_slice[name]).items()}))
+    per_slice = {name: per_slice[name] for name, _, _ in methods}  # the command line's order
+    protocol = protocol_text(args.data, args.split, len(positions), batches.n_unmarked, sizes, args.box_margin,
+                             args.seed, args.bootstrap, notes)
+    with output as tmp:  # nothing under --out until complete
+        tables = write_results(tmp, per_slice, protocol, provenance, args.bootstrap, args.seed)
+    print(tables)
+    return 0
+
+
+def reused_tables(folders: Sequence[str], names: Sequence[str], provenance: dict, slices: np.ndarray,
+                  patients: Sequence[str], sizes: Sequence[int], seed: int,
+                  box_margin: float) -> Dict[str, List[dict]]:
+    """{method: rows} read from earlier runs' per-slice tables (evaluate.py --out folders) for the methods
+    of this run found there; records where each came from in provenance["reused"].
+
+    Reuse is exact, not approximate: each slice's noise depends only on (seed, slice), so a method's rows
+    are the same whichever run computed them, provided the model file (SHA-256), seed, slices (index and
+    patient), box margin and sample sizes are the same - each is checked, and a difference is an error
+    naming it. Not checked: a baseline's own settings (the threshold's --unit-window for [0, 1] data).
+    """
+    found = {}
+    for folder in folders:
+        for path in sorted(Path(folder).glob("per_slice_*.csv")):
+            try:
+                method, rows, info = read_per_slice(path)
+            except (ValueError, KeyError, TypeError) as error:
+                raise SettingsError(f"--reuse {folder}: cannot read {path.name}: {error}") from None
+            found.setdefault(method, (path, rows, info))
+    wanted = [f"ged@{n}" for n in sizes] + [f"hm_iou@{min(sizes)}"]
+    tables = {}
+    for name in names:
+        if name not in found:
+            continue
+        path, rows, info = found[name]
+        stored_sizes = sorted(int(k.split("@")[1]) for k in rows[0] if k.startswith("ged@"))
+        problems = [text for bad, text in [
+            (info["model_sha256"] != provenance[name], f"model SHA-256 {info['model_sha256'][:12] or 'none'} "
+                                                       f"there, {provenance[name][:12] or 'none'} here"),
+            (info["seed"] != seed, f"seed {info['seed']} there, {seed} here"),
+            (info["box_margin"] is not None and info["box_margin"] != box_margin,
+             f"box margin {info['box_margin']:g} there, {box_margin:g} here"),
+            (len(rows) != len(slices) or any((r["slice"], r["patient_id"]) != (int(s), p)
+                                             for r, s, p in zip(rows, slices, patients)),
+             f"other slices there ({len(rows)}) than here ({len(slices)}): same --data, --split and --max-slices?"),
+            (stored_sizes != list(sizes) or not all(k in rows[0] for k in wanted),
+             f"--samples {' '.join(map(str, stored_sizes))} there, {' '.join(map(str, sizes))} here")] if bad]
+        if problems:
+            raise SettingsError(f"--reuse: {path} cannot stand for '{name}' in this run: " + "; ".join(problems))
+        tables[name] = rows
+        provenance["reused"][name] = {"from": str(path), "commit": info["commit"]}
+    return tables
+
+
+def check_arguments(args, names: Sequence[str]) -> None:
+    """Every option's range and every input file, before anything is loaded or created."""
+    if len(names) != len(args.model):
+        raise SettingsError("give one --name per --model")
+    if len(set(names)) != len(names):
+        raise SettingsError(f"model names must differ, got {names}; pass --name for each --model")
+    if not args.model and not args.threshold_baseline:
+        raise SettingsError("nothing to evaluate: give --model and/or --threshold-baseline")
+    for value in args.samples:
+        guards.at_least("--samples", value, 1)
+    guards.at_least("--max-slices", args.max_slices, 0)
+    guards.at_least("--batch-size", args.batch_size, 0)
+    guards.at_least("--seed", args.seed, 0)
+    guards.at_least("--bootstrap", args.bootstrap, 1)
+    guards.at_least("--num-threads", args.num_threads, 0)
+    if not np.isfinite(args.box_margin) or args.box_margin < 0:
+        raise SettingsError(f"--box-margin must be a finite number >= 0, got {args.box_margin}")
+    if not all(np.isfinite(args.unit_window)) or args.unit_window[1] <= 0:
+        raise SettingsError(f"--unit-window needs a finite centre and a width > 0, got {args.unit_window}")
+    for path in args.model:
+        if not Path(path).is_file():
+            raise WeightsError(f"no weights file at {path}")
+    if args.sam_checkpoint is not None:
+        guards.existing_file("--sam-checkpoint", args.sam_checkpoint)
+    for folder in args.reuse:
+        if not Path(folder).is_dir() or not any(Path(folder).glob("per_slice_*.csv")):
+            raise SettingsError(f"--reuse {folder}: not an evaluate.py output folder (no per_slice_*.csv there)")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

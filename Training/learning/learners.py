@@ -1,0 +1,306 @@
+"""What train.py and evaluate.py need from a model, for ProbSAM and the Prob U-Net baseline alike.
+
+A learner is an nn.Module whose forward() is the whole training loss (so DistributedDataParallel wraps
+one call), plus ``sample_probabilities`` for evaluation and ``save`` for the weights file users load.
+
+Sampling takes the standard-normal latent noise ``noise`` (B, N, L) from the caller (z = mu + sigma *
+noise, mu and sigma from the prior), so evaluate.py can draw it per slice: the samples of a slice then do
+not depend on which other slices share its batch. ``mode="mean"`` gives the deterministic prior-mean
+prediction (z = mu), one of evaluate.py's baselines.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from ProbSAMLib.modeling import preprocess
+from ProbSAMLib.weights.build import build_probsam, load_probsam
+from ProbSAMLib.weights.checkpoints import FORMAT as PROBSAM_FORMAT
+from ProbSAMLib.weights.checkpoints import save_probsam
+from ProbSAMLib.modeling.config import ProbSAMConfig
+from ProbSAMLib.errors import SettingsError
+from Training.learning.loss import LossConfig, probsam_loss
+from ProbSAMLib.inference.sampling import sample_from_embeddings
+from Training.learning.anchor import Anchor, anchor_loss, anchored_slices
+from Training.config import TrainConfig
+from Training.learning.prob_unet import FORMAT as PROB_UNET_FORMAT
+from Training.learning.prob_unet import ProbUNet, load_prob_unet, save_prob_unet
+
+
+class ProbSAMLearner(nn.Module):
+    uses_embeddings = True
+
+    def __init__(self, model, loss_config: LossConfig, anchor: Optional[Anchor] = None, anchor_weight: float = 0.0,
+                 anchor_min_readers: int = 3):
+        super().__init__()
+        self.model = model
+        self.loss_config = loss_config
+        self.anchor, self.anchor_weight, self.anchor_min_readers = anchor, anchor_weight, anchor_min_readers
+
+    @property
+    def caches_embeddings(self) -> bool:
+        return self.model.config.freeze_encoder
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.config.latent_dim
+
+    @property
+    def reads_neighbours(self) -> bool:
+        """Whether to show it the slices below and above (Batch.model_images): its encoder or refiner reads them."""
+        return self.model.config.reads_neighbours
+
+    def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None,
+                readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None,
+                voters: Optional[torch.Tensor] = None) -> dict:
+        """images (B, H, W) in [0, 1] (or (B, 3, H, W) with the slices below and above), boxes (B, 4) image pixels, targets (B, H, W) one reader's mask;
+        readers (B, M, H, W) and present (B, M): every reader's mask, for the set term (set_weight > 0);
+        voters (B, M): the slots whose reader annotated the nodule (consensus_voters or set_voters "readers")."""
+        config, image_hw = self.model.config, images.shape[-2:]
+        if embeddings is None:
+            embeddings = self.model.encode(images)
+        boxes_model = preprocess.boxes_to_model_frame(boxes, image_hw, config.img_size)
+        target = preprocess.masks_to_low_res(targets.float(), image_hw, config.img_size, config.low_res_size)
+        # the posterior always reads the decoder-grid target
+        out = self.model(embeddings, boxes_model, target, images01=images)
+        scored = self._scored(image_hw)
+        logits = scored["logits"](out.logits)
+        loss_target = targets.float() if scored["on_image"] else self._on_mask_grid(targets, image_hw)
+        if not self.loss_config.needs_prior_samples and self.anchor is None:
+            return probsam_loss(out, loss_target, step, self.loss_config, logits=logits,
+                                pixel_weight=scored["pixel_weight"])
+        if readers is None or present is None or (self.anchor is not None and voters is None):
+            raise ValueError("set_weight, consensus_weight, empty_weight or anchor_weight > 0: the learner needs every "
+                             "reader's mask (readers=, present=; and voters= for the anchor)")
+        # K samples from the PRIOR, decoded from the same embeddings (reparameterised: the set, consensus
+        # and empty-share terms' gradients reach the prior net).
+        z = out.prior.rsample((self.loss_config.set_samples,)).transpose(0, 1)  # (B, K, L)
+        prior_logits = scored["logits"](self.model.decode(embeddings, boxes_model, z, images))
+        reader_targets = readers.float() if scored["on_image"] else self._on_mask_grid(readers, image_hw)
+        parts = probsam_loss(out, loss_target, step, self.loss_config, prior_logits, reader_targets, present.bool(),
+                             None if voters is None else voters.to(present.device).bool(), logits=logits,
+                             pixel_weight=scored["pixel_weight"])
+        if self.anchor is None:
+            return parts
+        anchored = anchored_slices(readers, voters.to(readers.device), self.anchor_min_readers)
+        # the reference reads only the slices it holds (its encoder is the costly part; the term is 0 elsewhere)
+        rows = anchored.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            parts["anchor"] = torch.zeros((), device=parts["loss"].device)
+            return parts
+        # the noise behind z, recovered rather than drawn apart, so runs without the anchor draw exactly as before
+        noise = ((z[rows] - out.prior.base_dist.loc[rows, None]) / out.prior.base_dist.scale[rows, None]).detach()
+        reference = scored["logits"](self.anchor.sample_logits(images[rows], boxes_model[rows], noise))
+        # mean over the whole batch (a slice that is not anchored adds 0), as if every slice had been read
+        term = anchor_loss(prior_logits[rows], reference, anchored[rows], scored["pixel_weight"]).sum() / len(anchored)
+        parts["loss"] = parts["loss"] + self.anchor_weight * term
+        parts["anchor"] = term.detach()
+        return parts
+
+    def _on_mask_grid(self, masks: torch.Tensor, image_hw) -> torch.Tensor:
+        """(..., H, W) masks area-averaged onto the square the model's logits come on (config.mask_size)."""
+        config = self.model.config
+        return preprocess.masks_to_low_res(masks.float(), image_hw, config.img_size, config.mask_size)
+
+    def _scored(self, image_hw) -> dict:
+        """How the loss sees the logits: on the decoder grid as decoded, or (resolution "image") upsampled to
+        the image as evaluation and the Slicer module see them, each pixel weighing its share of a grid cell.
+
+        Why "image": the decoder grid is half the tiny model's input resolution; its area-averaged targets,
+        upsampled and cut at 0.5, lose about 8 % Dice at the edge of a 15-pixel nodule, while a logit field on
+        that grid fitted at full resolution loses almost nothing (Training/README.md, loss resolution)."""
+        config = self.model.config
+        if self.loss_config.resolution == "decoder":
+            return {"on_image": False, "logits": lambda x: x, "pixel_weight": 1.0}
+        new_h, new_w = preprocess.resized_shape(image_hw[0], image_hw[1], config.img_size)
+        grid_cells = (config.low_res_size / config.img_size) ** 2 * new_h * new_w  # cells covering the image
+        return {"on_image": True, "logits": lambda x: preprocess.logits_to_image(x, image_hw, config.img_size),
+                "pixel_weight": grid_cells / (image_hw[0] * image_hw[1])}
+
+    @torch.no_grad()
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
+                             noise: Optional[torch.Tensor] = None, mode: str = "sample"):
+        """(B, N, H, W) foreground probabilities from the prior; ``noise`` (B, N, L) fixes the draw."""
+        if embeddings is None:
+            embeddings = self.model.encode(images.to(self.model.device))
+        z = None
+        if noise is not None or mode == "mean":
+            boxes_model = preprocess.boxes_to_model_frame(boxes.to(embeddings.device, torch.float32),
+                                                          images.shape[-2:], self.model.config.img_size)
+            prior = self.model.prior_distribution(embeddings, boxes_model)
+            z = latents_from_noise(prior.base_dist.loc, prior.base_dist.scale, n_samples, noise, mode)
+        probs, _ = sample_from_embeddings(self.model, embeddings, boxes, images.shape[-2:], n_samples, generator,
+                                          z=z, images01=images)
+        return probs
+
+    def save(self, path: Path, extra: Optional[dict] = None) -> None:
+        # A frozen SAM encoder is the official checkpoint: ship only what training changed.
+        heads_only = self.model.config.freeze_encoder and self.model.config.encoder != "tiny"
+        save_probsam(self.model, path, heads_only=heads_only, extra=extra)
+
+
+class ProbUNetLearner(nn.Module):
+    uses_embeddings = False
+    caches_embeddings = False
+    reads_neighbours = False  # the baseline reads one slice
+
+    def __init__(self, model: ProbUNet, loss_config: LossConfig):
+        super().__init__()
+        self.model = model
+        self.loss_config = loss_config
+
+    @property
+    def latent_dim(self) -> int:
+        return self.model.latent_dim
+
+    def forward(self, images, boxes, targets, step: int, embeddings=None, readers=None, present=None,
+                voters=None) -> dict:
+        """As ProbSAMLearner.forward; readers/present/voters are unused (the set term is ProbSAM's only)."""
+        out = self.model(images, boxes, targets.float())
+        return probsam_loss(out, targets.float(), step, self.loss_config)
+
+    @torch.no_grad()
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
+                             noise: Optional[torch.Tensor] = None, mode: str = "sample"):
+        return self.model.sample_probabilities(images, boxes, n_samples, generator, noise=noise, mode=mode)
+
+    def save(self, path: Path, extra: Optional[dict] = None) -> None:
+        save_prob_unet(self.model, path, extra)
+
+
+def latents_from_noise(mu: torch.Tensor, sigma: torch.Tensor, n_samples: int,
+                       noise: Optional[torch.Tensor] = None, mode: str = "sample") -> torch.Tensor:
+    """Prior mu, sigma (B, L) and standard-normal noise (B, N, L) -> z (B, N, L); mode "mean": z = mu."""
+    if mode == "mean":
+        return mu[:, None].expand(-1, n_samples, -1)
+    if mode != "sample":
+        raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
+    if noise is None or tuple(noise.shape) != (mu.shape[0], n_samples, mu.shape[1]):
+        raise ValueError(f"noise must have shape {(mu.shape[0], n_samples, mu.shape[1])}, got "
+                         f"{None if noise is None else tuple(noise.shape)}")
+    return mu[:, None] + sigma[:, None] * noise.to(mu.device, mu.dtype)
+
+
+def loss_config(cfg: TrainConfig) -> LossConfig:
+    return LossConfig(beta=cfg.beta, dice_weight=cfg.dice_weight, anneal_steps=cfg.anneal_steps,
+                      free_bits=cfg.free_bits, set_weight=cfg.set_weight, set_samples=cfg.set_samples,
+                      set_kind=cfg.set_kind, consensus_weight=cfg.consensus_weight,
+                      consensus_margin=cfg.consensus_margin, consensus_voters=cfg.consensus_voters,
+                      set_voters=cfg.set_voters, set_above_half=cfg.set_above_half,
+                      empty_weight=cfg.empty_weight, empty_margin=cfg.empty_margin,
+                      resolution=cfg.loss_resolution)
+
+
+def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optional[int] = None) -> nn.Module:
+    """A fresh (or ``cfg.init``-initialised) learner for ``cfg.model``.
+
+    context_size: side of the training crops; stored in the ProbSAM config, so the volume sampler shows
+    the model windows at the scale it was trained at.
+    """
+    if cfg.model == "prob_unet":
+        return ProbUNetLearner(ProbUNet(cfg.unet_channels, cfg.latent_dim), loss_config(cfg))
+    if cfg.model != "probsam":
+        raise ValueError(f"model must be 'probsam' or 'prob_unet', got {cfg.model!r}")
+    if cfg.init:
+        model = load_probsam(Path(cfg.init), sam_checkpoint=cfg.sam_checkpoint)
+        model.config.freeze_encoder = cfg.freeze_encoder
+        model.sam.image_encoder.requires_grad_(not cfg.freeze_encoder)
+        _match_refiner(model, cfg.refine_channels, cfg.init)
+        if cfg.neighbour_slices:  # exact: step 0 is `init`; the neighbours' weights start at zero
+            model.read_neighbour_slices()
+        if cfg.refine_neighbours:  # exact too: the refiner's weights for the neighbours start at zero
+            if model.refiner is None:
+                raise SettingsError(f"setting refine_neighbours: {cfg.init} has no mask refiner; set refine_channels "
+                                    f"to attach one")
+            model.refine_with_neighbour_slices()
+    else:
+        window = None if intensity == "unit" else ProbSAMConfig().window
+        config = ProbSAMConfig.preset(cfg.preset, latent_dim=cfg.latent_dim, latent_to_dense=cfg.latent_to_dense,
+                                      freeze_encoder=cfg.freeze_encoder, window=window,
+                                      refine_channels=cfg.refine_channels, neighbour_slices=cfg.neighbour_slices,
+                                      refine_neighbours=cfg.refine_neighbours)
+        model = build_probsam(config, sam_checkpoint=cfg.sam_checkpoint, seed=cfg.seed)
+    if context_size is not None:
+        model.config.context_size = int(context_size)
+    if cfg.train_latent_only:  # the masks z can decode to stay as `init` left them; only the nets over z learn
+        model.sam.requires_grad_(False)
+        model.latent_projection.requires_grad_(False)
+    if cfg.train_refiner_only:  # the samples stay as `init` draws them; only their correction learns
+        if model.refiner is None:
+            raise SettingsError(f"setting train_refiner_only: {cfg.init} has no mask refiner; set refine_channels "
+                                f"to attach one")
+        model.requires_grad_(False)
+        model.refiner.requires_grad_(True)
+    if cfg.train_neighbours_only:  # what reads slice k stays as `init` has it; the neighbours (and refiner) learn
+        model.requires_grad_(False)
+        _learn_neighbour_weights_only(model.sam.image_encoder.patch_embed.proj)
+        if model.refiner is not None:
+            model.refiner.requires_grad_(True)
+    # the anchor's reference: `anchor`, or the weights training starts from
+    anchor = Anchor(Path(cfg.anchor or cfg.init), model.config, cfg.sam_checkpoint) if cfg.anchor_weight > 0 else None
+    return ProbSAMLearner(model, loss_config(cfg), anchor, cfg.anchor_weight, cfg.anchor_min_readers)
+
+
+def _learn_neighbour_weights_only(conv: nn.Conv2d) -> None:
+    """The patch embedding's weights for slices k - 1 and k + 1 (input channels 0 and 2) learn; slice k's
+    (channel 1) share their tensor, so their gradient is zeroed instead, and AdamW, with no weight decay on
+    this tensor (parameter_groups), leaves them exactly as they are."""
+    def without_slice_k(grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        grad[:, 1] = 0
+        return grad
+
+    conv.weight.requires_grad_(True)
+    conv.weight.register_hook(without_slice_k)
+
+
+def parameter_groups(learner: nn.Module, cfg: TrainConfig) -> list:
+    """AdamW groups: weight decay on matrices and kernels only; a ProbSAM mask refiner learns at
+    cfg.refine_lr_scale x the schedule's rate (it starts from zero beside pretrained weights). Empty groups
+    are left out, so a model without a refiner has the two groups every earlier checkpoint has."""
+    refiner = getattr(getattr(learner, "model", None), "refiner", None)
+    fresh = {id(p) for p in refiner.parameters()} if refiner is not None else set()
+    trainable = [p for p in learner.parameters() if p.requires_grad]
+    # train_neighbours_only: decay would shrink slice k's weights, which must not move
+    undecayed = ({id(learner.model.sam.image_encoder.patch_embed.proj.weight)} if cfg.train_neighbours_only
+                 else set())
+    groups = []
+    for scale, params in ((1.0, [p for p in trainable if id(p) not in fresh]),
+                          (cfg.refine_lr_scale, [p for p in trainable if id(p) in fresh])):
+        for decay, members in ((cfg.weight_decay, [p for p in params if p.dim() >= 2 and id(p) not in undecayed]),
+                               (0.0, [p for p in params if p.dim() < 2 or id(p) in undecayed])):
+            if members:
+                groups.append({"params": members, "weight_decay": decay, "lr_scale": scale})
+    return groups
+
+
+def _match_refiner(model, channels: int, init: str) -> None:
+    """refine_channels with init=: attach a fresh (no-op) refiner, or check the one the weights have.
+    refine_channels=0 keeps whatever init has: a refiner is part of the model it was trained into."""
+    have = model.config.refine_channels
+    if channels and not have:
+        model.attach_refiner(channels)
+    elif channels and have != channels:
+        raise SettingsError(f"setting refine_channels={channels}, but {init} already has a {have}-channel "
+                            f"refiner; leave refine_channels at 0 to keep it")
+
+
+def weights_format(path) -> Optional[str]:
+    """The ``format`` a safetensors weights file declares (PROBSAM_FORMAT, PROB_UNET_FORMAT, or another)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt", device="cpu") as handle:
+        return (handle.metadata() or {}).get("format")
+
+
+def load_learner(path: Path, sam_checkpoint: Optional[str] = None) -> nn.Module:
+    """A trained model file (ProbSAM or Prob U-Net safetensors) as a learner in eval mode."""
+    kind = weights_format(path)
+    if kind == PROB_UNET_FORMAT:
+        return ProbUNetLearner(load_prob_unet(path), LossConfig()).eval()
+    if kind == PROBSAM_FORMAT:
+        return ProbSAMLearner(load_probsam(Path(path), sam_checkpoint=sam_checkpoint), LossConfig()).eval()
+    raise ValueError(f"{path}: neither a ProbSAM nor a Prob U-Net weights file (format {kind!r})")
