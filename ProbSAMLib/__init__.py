@@ -16,21 +16,23 @@ __version__ = "0.1.0"
 from ProbSAMLib.modeling.config import ProbSAMConfig  # noqa: E402,F401
 
 
+# The public API by name -> the module that defines it. Read lazily (PEP 562), so `import ProbSAMLib`
+# imports no torch (the Slicer module's start-up); absolute names, so the import-graph test sees them.
+_LAZY = {
+    "ProbSAM": "ProbSAMLib.modeling.probsam",
+    "build_probsam": "ProbSAMLib.weights.build",
+    "load_probsam": "ProbSAMLib.weights.build",
+    "load_model": "ProbSAMLib.weights.build",
+    "save_probsam": "ProbSAMLib.weights.checkpoints",
+    "sample_masks": "ProbSAMLib.inference.sampling",
+    "sample_volume": "ProbSAMLib.inference.volume",
+    "choose_device": "ProbSAMLib.inference.device",
+}
+
+
 def __getattr__(name):
-    # Lazy: `import ProbSAMLib` stays cheap (no torch import) for the Slicer module's start-up.
-    lazy = {
-        "ProbSAM": ("modeling.probsam", "ProbSAM"),
-        "build_probsam": ("weights.build", "build_probsam"),
-        "load_probsam": ("weights.build", "load_probsam"),
-        "load_model": ("weights.build", "load_model"),
-        "sample_masks": ("inference.sampling", "sample_masks"),
-        "sample_volume": ("inference.volume", "sample_volume"),
-        "save_probsam": ("weights.checkpoints", "save_probsam"),
-        "choose_device": ("inference.device", "choose_device"),
-    }
-    if name in lazy:
+    if name in _LAZY:
         import importlib
 
-        module, attr = lazy[name]
-        return getattr(importlib.import_module(f".{module}", __name__), attr)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'ProbSAMLib' has no attribute {name!r}")

@@ -9,7 +9,8 @@ TYPE, never by its message text:
     1    a failure at run time: any other OSError (full disk, permissions), RuntimeError, MemoryError
     130  Ctrl-C (SIGINT); 143 for SIGTERM
 
-Set PROBSAM_DEBUG=1 to get the traceback instead. ``pause_point(name)`` is a test hook: with
+:func:`run_main` is where an entry point's ``main()`` is run and its errors become that line. Set
+PROBSAM_DEBUG=1 to get the traceback instead. ``pause_point(name)`` is a test hook: with
 PROBSAM_TEST_PAUSE=name the process says so on stderr and waits for a line on stdin, so a test can
 send a signal at exactly that point without sleeping.
 """
@@ -21,7 +22,7 @@ import errno
 import os
 import signal
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 EXIT_RUNTIME, EXIT_INPUT, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
@@ -40,6 +41,11 @@ class InputError(ProbSAMError, ValueError):
 
 class WeightsError(InputError):
     """A weights file is missing, corrupt, of another model, or cannot be fetched."""
+
+
+class CheckpointError(WeightsError):
+    """A weights file's content is wrong: corrupt or truncated, a SHA-256 that does not match, a stored
+    config this library cannot build, tensors of another model; or a model name that does not exist."""
 
 
 class DeviceError(ProbSAMError, RuntimeError):
@@ -149,26 +155,57 @@ _FAILURE_CALLBACKS: list = []
 
 
 def on_failure(callback) -> None:
-    """Run ``callback()`` if a script set up by :func:`install_script_handler` ends with an error."""
+    """Run ``callback()`` if the entry point (:func:`run_main`, :func:`install_script_handler`) ends with an
+    error, e.g. to remove a half-written run folder."""
     _FAILURE_CALLBACKS.append(callback)
 
 
-def finish_script(prog: str, error: BaseException, quiet: bool = False) -> int:
-    """What a script's uncaught ``error`` ends with: the line (unless ``quiet``), the registered clean-ups
-    (:func:`on_failure`, most recent first), and the exit status it returns."""
-    code = exit_status(error) if quiet else report(prog, error, nothing_written=False)
+def _run_failure_callbacks() -> None:
+    """The clean-ups registered with :func:`on_failure`, most recent first, each run once."""
     while _FAILURE_CALLBACKS:
         callback = _FAILURE_CALLBACKS.pop()
         try:
             callback()
         except Exception:  # cleaning up must not hide the error already reported
             pass
+
+
+def finish_script(prog: str, error: BaseException, quiet: bool = False, nothing_written: bool = False) -> int:
+    """What an entry point's uncaught ``error`` ends with: the line (unless ``quiet``; see :func:`report` for
+    ``nothing_written``), the registered clean-ups (:func:`on_failure`), and the exit status it returns."""
+    code = exit_status(error) if quiet else report(prog, error, nothing_written=nothing_written)
+    _run_failure_callbacks()
     return code
 
 
+def run_main(prog: str, main: Callable[[], Optional[int]], nothing_written: bool = True) -> Optional[int]:
+    """Run an entry point's ``main()`` and return its exit status: what ``main()`` returns, or for an error,
+    Ctrl-C or SIGTERM the one line ``prog: error: ...`` (``prog: interrupted`` ...) and the status of its type.
+
+    The one handler of every entry point (``probsam``, the sampling worker, the Training scripts): a tolerant
+    console, SIGTERM raised as :class:`Terminated` so ``finally`` blocks clean up, the ``startup`` test
+    pause, and the clean-ups of :func:`on_failure` when the run fails. ``nothing_written``: whether an
+    interrupted run may say "nothing was written" (False where finished work is kept, as the data set
+    builders do). PROBSAM_DEBUG=1: the traceback instead of the line.
+    """
+    tolerant_console()
+    try:
+        with terminate_as_exception():
+            pause_point("startup")  # test hook: a signal before the entry point's heavy imports
+            status = main()
+    except (Exception, KeyboardInterrupt, Terminated) as error:
+        if debugging():
+            _run_failure_callbacks()
+            raise
+        return finish_script(prog, error, nothing_written=nothing_written)
+    _FAILURE_CALLBACKS.clear()  # the run succeeded: its clean-ups must not fire in a later one
+    return status
+
+
 def install_script_handler(prog: str) -> None:
-    """For top-level scripts (train.py): SIGTERM as :class:`Terminated`, and an uncaught exception ends the
-    process with the one-line message and its exit status instead of a traceback."""
+    """For a script whose work runs at import, with no ``main()`` to hand to :func:`run_main` (train.py): the
+    same ending as run_main's, from ``sys.excepthook``: SIGTERM as :class:`Terminated`, and an uncaught
+    exception ends the process with the one-line message and its exit status instead of a traceback."""
     signal.signal(signal.SIGTERM, _raise_terminated)
     tolerant_console()
 

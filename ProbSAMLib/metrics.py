@@ -18,6 +18,10 @@ import math
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+# A sample's mask is its foreground probability > MASK_THRESHOLD, everywhere ProbSAMLib cuts probabilities
+# (sample_masks, sample_volume, the mean prediction scored here).
+MASK_THRESHOLD = 0.5
+
 # Float32 sums of 0/1 products are exact integers up to 2**24; beyond that count in float64.
 _FLOAT32_EXACT = 2 ** 24
 
@@ -217,7 +221,7 @@ def ncc(samples, annotations, eps: float = NCC_EPS) -> float:
     return float(np.mean([_correlation(e_ss, e) for e in e_sy]))
 
 
-def mean_prediction_scores(samples_or_probs, annotations, threshold: float = 0.5,
+def mean_prediction_scores(samples_or_probs, annotations, threshold: float = MASK_THRESHOLD,
                            vote_level: float = 0.5) -> dict:
     """Dice / IoU of the thresholded mean prediction against each annotator and the majority vote.
 

@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from ProbSAMLib import ProbSAMConfig, build_probsam
-from ProbSAMLib.weights.checkpoints import save_probsam
 from ProbSAMLib.errors import SettingsError
-from Training.learning.anchor import anchor_loss, anchored_slices
+from ProbSAMLib.weights.checkpoints import save_probsam
 from Training.config import TrainConfig, load_config
+from Training.learning.anchor import anchor_loss, anchored_slices
 from Training.learning.learners import build_learner
+from Training.learning.loss import LossConfig
 
 torch.set_num_threads(1)
 
@@ -56,7 +57,7 @@ def test_anchor_loss_is_zero_at_the_reference_and_only_on_anchored_slices():
 
 
 def _loss_and_grads(learner, batch, weight):
-    learner.anchor_weight = weight
+    learner.loss_config.anchor_weight = weight
     learner.zero_grad()
     torch.manual_seed(7)  # the posterior's and the prior's draws are the same in both passes
     parts = learner(*batch[:3], step=5, readers=batch[3], present=torch.ones(2, 4, dtype=torch.bool), voters=batch[4])
@@ -79,8 +80,8 @@ def test_the_model_is_paired_with_the_references_sample_for_the_same_noise(tmp_p
     """At init the model is its reference: with the samples paired by their noise the anchor costs 0 and adds
     no gradient (unpaired draws would cost and pull); once the decoder has moved, it costs and pulls."""
     save_probsam(_tiny(), tmp_path / "ref.safetensors")
-    cfg = TrainConfig(preset="tiny", init=str(tmp_path / "ref.safetensors"), freeze_encoder=False, anchor_weight=1.0,
-                      loss_resolution="image", set_samples=3)
+    cfg = TrainConfig(preset="tiny", init=str(tmp_path / "ref.safetensors"), freeze_encoder=False,
+                      loss=LossConfig(anchor_weight=1.0, loss_resolution="image", set_samples=3))
     learner = build_learner(cfg, intensity="unit")
     assert learner.anchor is not None and not learner.loss_config.needs_prior_samples  # the anchor alone
     batch = _batch()
@@ -105,11 +106,11 @@ def test_training_refuses_a_reference_it_cannot_use(tmp_path):
     save_probsam(_tiny(), tmp_path / "plain.safetensors")
     save_probsam(_tiny(refine_channels=4), tmp_path / "refining.safetensors")  # decodes on a finer grid
     with pytest.raises(SettingsError, match="mask_size"):
-        build_learner(TrainConfig(preset="tiny", init=str(tmp_path / "plain.safetensors"), anchor_weight=1.0,
-                                  anchor=str(tmp_path / "refining.safetensors")), intensity="unit")
+        build_learner(TrainConfig(preset="tiny", init=str(tmp_path / "plain.safetensors"),
+                                  anchor=str(tmp_path / "refining.safetensors"), loss=LossConfig(anchor_weight=1.0)),
+                      intensity="unit")
     for settings in (["anchor_weight=1"], ["model=prob_unet", f"init={tmp_path / 'plain.safetensors'}",
-                                            "anchor_weight=1"],
-                     [f"init={tmp_path / 'plain.safetensors'}", "anchor_weight=1", "train_latent_only=true"]):
+                                            "loss.anchor_weight=1"]):
         with pytest.raises(SettingsError, match="anchor_weight"):
             load_config(None, settings)
     with pytest.raises(SettingsError, match="anchor= names a reference model but anchor_weight is 0"):
@@ -122,8 +123,8 @@ def test_the_reference_reads_only_the_anchored_slices(tmp_path, monkeypatch):
     """The reference's forward pass (an encoder: the costly part) runs on the anchored slices alone, and not at
     all on a batch without one; the term still averages over the whole batch."""
     save_probsam(_tiny(), tmp_path / "ref.safetensors")
-    cfg = TrainConfig(preset="tiny", init=str(tmp_path / "ref.safetensors"), freeze_encoder=False, anchor_weight=1.0,
-                      loss_resolution="image", set_samples=3)
+    cfg = TrainConfig(preset="tiny", init=str(tmp_path / "ref.safetensors"), freeze_encoder=False,
+                      loss=LossConfig(anchor_weight=1.0, loss_resolution="image", set_samples=3))
     learner = build_learner(cfg, intensity="unit")
     with torch.no_grad():
         learner.model.sam.mask_decoder.output_upscaling[-2].bias.add_(0.5)

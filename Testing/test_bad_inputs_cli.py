@@ -303,7 +303,7 @@ def test_bundled_model_with_a_flipped_bit_is_refused(world, capsys, monkeypatch)
             path = checkpoints.entry_path(entry)
             assert (checkpoints.sha256_file(path), path.stat().st_size) == (entry.sha256, entry.size), entry.name
     from ProbSAMLib.weights.registry import DEFAULT_MODEL, model_entry
-    bundled = checkpoints.entry_path(checkpoints.MANIFEST[model_entry(DEFAULT_MODEL).weights])  # what `sample` loads
+    bundled = checkpoints.entry_path(model_entry(DEFAULT_MODEL).weights)  # what `sample` loads
     copy = world["root"] / "package_models"
     copy.mkdir()
     data = bytearray(bundled.read_bytes())
@@ -461,6 +461,35 @@ def test_sigterm_while_writing_leaves_nothing_behind(world, tmp_path, capsys, mo
     assert err.strip() == "probsam: terminated; nothing was written", err
     assert snapshot(tmp_path) == before
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is put back
+
+
+def test_run_main_is_the_one_ending_of_every_entry_point(capsys, monkeypatch):
+    """errors.run_main: main's own status, else one line and the status of the error's type; an interrupted
+    run says "nothing was written" only when asked; the on_failure clean-ups run on failure only."""
+    monkeypatch.delenv("PROBSAM_DEBUG", raising=False)
+    assert errors.run_main("tool", lambda: 0) == 0 and errors.run_main("tool", lambda: 3) == 3
+
+    def fail(error):
+        def main():
+            raise error
+        return main
+
+    cleaned = []
+    errors.on_failure(lambda: cleaned.append("success"))
+    assert errors.run_main("tool", lambda: 0) == 0
+    errors.on_failure(lambda: cleaned.append("failure"))
+    assert errors.run_main("tool", fail(errors.InputError("no such file: x.nrrd"))) == 2
+    assert cleaned == ["failure"]  # a succeeded run's clean-ups are dropped, a failed one's run
+    assert capsys.readouterr().err == "tool: error: no such file: x.nrrd\n"
+    assert errors.run_main("tool", fail(RuntimeError("boom\nsecond line"))) == 1
+    assert capsys.readouterr().err == "tool: error: boom second line\n"
+    assert errors.run_main("tool", fail(KeyboardInterrupt())) == 130
+    assert capsys.readouterr().err == "tool: interrupted; nothing was written\n"
+    assert errors.run_main("tool", fail(errors.Terminated()), nothing_written=False) == 143
+    assert capsys.readouterr().err == "tool: terminated\n"
+    monkeypatch.setenv("PROBSAM_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="boom"):
+        errors.run_main("tool", fail(RuntimeError("boom")))
 
 
 def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(world, tmp_path):

@@ -85,6 +85,10 @@ def make_world(root: Path) -> dict:
                                                .replace("garbage", "evil"))
     (runs / "notes").mkdir()
     (runs / "notes" / "todo.txt").write_text("my notes")
+    (runs / "removed").mkdir()  # a run written when train_refiner_only existed, and used
+    (runs / "removed" / "ckpt.pt").write_bytes(b"never read: the settings are refused first")
+    (runs / "removed" / "config.yaml").write_text((runs / "garbage" / "config.yaml").read_text(encoding="utf-8")
+                                                  .replace("garbage", "removed") + "train_refiner_only: true\n")
     (root / "configs").mkdir()
     (root / "configs" / "list.yaml").write_text("- 1\n- 2\n")
     (root / "configs" / "broken.yaml").write_text("lr: [1, 2\n")
@@ -159,6 +163,10 @@ def cases(w: dict) -> dict:
                                          "not a readable training checkpoint"),
         "train: --resume ckpt with code": ("train.py", [f"out={runs / 'evil'}", "--resume"], 2,
                                            "not a readable training checkpoint"),
+        "train: --resume a run with a removed setting": ("train.py", [f"out={runs / 'removed'}", "--resume"], 2,
+                                                         "setting train_refiner_only was removed"),
+        "train: loss.set_samples=0": (*train("loss.set_samples=0"), 2, "set_samples must be at least 1"),
+        "train: a removed setting": (*train("empty_weight=5"), 2, "setting empty_weight was removed"),
         "evaluate: --samples 0": (*ev("--samples", "0"), 2, "--samples must be at least 1"),
         "evaluate: --max-slices -1": (*ev("--max-slices", "-1"), 2, "--max-slices must be at least 0"),
         "evaluate: --batch-size -1": (*ev("--batch-size", "-1"), 2, "--batch-size must be at least 0"),

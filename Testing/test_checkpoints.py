@@ -9,7 +9,9 @@ import torch
 from ProbSAMLib import ProbSAMConfig, build_probsam, load_probsam, save_probsam
 from ProbSAMLib.weights import checkpoints
 from ProbSAMLib.weights.build import load_model
-from ProbSAMLib.weights.checkpoints import CheckpointError, WeightsEntry
+from ProbSAMLib.errors import CheckpointError
+from ProbSAMLib.weights import registry
+from ProbSAMLib.weights.registry import WeightsFile
 from ProbSAMLib.inference.sampling import sample_masks
 
 torch.set_num_threads(1)
@@ -97,8 +99,8 @@ def test_sha256_mismatch_is_refused(tmp_path, monkeypatch):
     good = tmp_path / "w.bin"
     good.write_bytes(b"weights")
     sha = hashlib.sha256(b"weights").hexdigest()
-    entry = WeightsEntry("fake", "w.bin", "http://127.0.0.1:9/w.bin", sha, 7, "test", "test")
-    monkeypatch.setitem(checkpoints.MANIFEST, "fake", entry)
+    entry = WeightsFile("fake", "w.bin", "http://127.0.0.1:9/w.bin", sha, 7, "test", "test")
+    monkeypatch.setitem(registry.MANIFEST, "fake", entry)
     assert checkpoints.resolve_weights("fake", good) == good
     bad = tmp_path / "bad.bin"
     bad.write_bytes(b"weightz")
@@ -115,8 +117,8 @@ def test_missing_weights_offline_say_where_to_put_them(tmp_path, monkeypatch):
 def test_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
     monkeypatch.setenv("PROBSAM_CACHE", str(tmp_path / "cache"))
     # port 9 on loopback: nothing listens, the connection is refused at once
-    entry = WeightsEntry("fake", "w.bin", "http://127.0.0.1:9/w.bin", "0" * 64, 7, "test", "test")
-    monkeypatch.setitem(checkpoints.MANIFEST, "fake", entry)
+    entry = WeightsFile("fake", "w.bin", "http://127.0.0.1:9/w.bin", "0" * 64, 7, "test", "test")
+    monkeypatch.setitem(registry.MANIFEST, "fake", entry)
     with pytest.raises(CheckpointError, match="could not download"):
         checkpoints.resolve_weights("fake", progress=False)
     assert not any((tmp_path / "cache").iterdir())
@@ -125,3 +127,21 @@ def test_failed_download_leaves_no_partial_file(tmp_path, monkeypatch):
 def test_unknown_model_name_is_a_clear_error():
     with pytest.raises(CheckpointError, match="unknown model 'vit_x'"):
         load_model("vit_x")
+
+
+def test_one_table_names_every_model_and_its_weights_file():
+    """registry.MODELS is the one table: the weights files (MANIFEST) are read off it, and load_model's
+    default is its DEFAULT_MODEL."""
+    import inspect
+
+    assert registry.MANIFEST == {e.weights.name: e.weights for e in registry.MODELS.values() if e.weights}
+    assert checkpoints.MANIFEST is registry.MANIFEST
+    assert inspect.signature(load_model).parameters["name"].default == registry.DEFAULT_MODEL
+    assert registry.DEFAULT_MODEL in registry.MODELS
+    for entry in registry.MODELS.values():
+        assert entry.loader in registry.LOADERS
+        assert (entry.weights is None) == (entry.loader == "file"), entry.name
+        if entry.loader == "bundled":
+            assert entry.weights.bundled and checkpoints.entry_path(entry.weights).is_file(), entry.name
+    with pytest.raises(CheckpointError, match="unknown weights 'sam_vit_q'"):
+        checkpoints.resolve_weights("sam_vit_q")

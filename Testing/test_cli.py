@@ -21,7 +21,7 @@ from ProbSAMLib.weights import checkpoints
 from ProbSAMLib.app import cli
 from ProbSAMLib import save_probsam
 from ProbSAMLib.geometry import Box3D, VolumeGeometry, voxel_box_from_physical
-from ProbSAMLib.io.imageio import read_segmentation
+from ProbSAMLib.io.segfile import read_segmentation
 from ProbSAMLib.io.markups import write_roi_json
 from Testing.helpers import diverse_tiny_model, write_dicom_series
 

@@ -145,7 +145,7 @@ def test_the_batch_is_chosen_from_free_memory_for_sam_models(monkeypatch):
     from ProbSAMLib.inference import memory
     from Training.evaluation.baselines import PriorMeanBaseline, ThresholdBaseline
     from Training.config import TrainConfig
-    from Training.evaluation.evaluate import slices_per_batch
+    from Training.evaluation.scoring import slices_per_batch
     from Training.learning.learners import build_learner
     learner = build_learner(TrainConfig(preset="tiny"))
     per_slice = memory.bytes_per_slice(learner.model, 100, half=False)
@@ -162,7 +162,7 @@ def test_noise_is_independent_of_the_batch_size(phantom):
     from Training.data.batches import SliceBatches
     from Training.config import TrainConfig
     from Training.data.dataset_format import load_dataset
-    from Training.evaluation.evaluate import evaluate_slices
+    from Training.evaluation.scoring import evaluate_slices
     from Training.learning.learners import build_learner
     torch.manual_seed(0)
     learner = build_learner(TrainConfig(model="prob_unet", unet_channels=[4, 8]))
@@ -175,7 +175,7 @@ def test_noise_is_independent_of_the_batch_size(phantom):
     for a, b in zip(*rows):
         assert a["slice"] == b["slice"] and a["ged@4"] == b["ged@4"] and a["ncc@4"] == pytest.approx(b["ncc@4"], rel=1e-3, nan_ok=True)  # conv round-off
     # the noise is a function of (seed, slice) only, and the samples do follow it
-    from Training.evaluation.evaluate import slice_noise
+    from Training.evaluation.scoring import slice_noise
     assert torch.equal(slice_noise(2, 7, 4, 6), slice_noise(2, 7, 4, 6))
     assert not torch.equal(slice_noise(2, 7, 4, 6), slice_noise(3, 7, 4, 6))
     assert not torch.equal(slice_noise(2, 7, 4, 6), slice_noise(2, 8, 4, 6))
@@ -282,7 +282,7 @@ def test_reused_runs_give_the_side_by_side_tables(phantom, tmp_path):
 
 def test_mean_prediction_averages_sample_probabilities():
     """Dice vs majority uses the average of the N sample probabilities (not a vote of thresholded masks)."""
-    from Training.evaluation.evaluate import slice_metrics
+    from Training.evaluation.scoring import slice_metrics
     probs = np.zeros((3, 1, 2))
     probs[:2, 0, 0] = 0.6                     # two samples at 0.6, one at 0: vote 2/3 on, mean 0.4 off
     probs[:, 0, 1] = 0.9                      # mean 0.9 on
@@ -371,114 +371,3 @@ def test_a_model_trained_on_64_px_crops_samples_a_64_px_window(phantom, tmp_path
                            n_samples=2, seed=0, slice_batch=3)
     r0, r1, c0, c1 = result.summary["settings"]["context_window_rc"]
     assert (r1 - r0, c1 - c0) == (64, 64)
-
-
-def test_subsample_keeps_whole_patients_in_their_splits(phantom, tmp_path):
-    """research/subsample.py (the search runs' data): whole patients, same split, never over the source."""
-    from Training.data.dataset_format import load_dataset
-    from research.subsample import main
-
-    assert main([str(phantom), "--fraction", "0.5", "--out", str(tmp_path / "sub")]) == 0
-    full, sub = load_dataset(phantom), load_dataset(tmp_path / "sub")
-    kept = set(sub.table["patient_id"].tolist())
-    for split in ("train", "val", "test"):
-        assert set(sub.splits[split]) <= set(full.splits[split])  # nobody changes split
-        assert len(sub.splits[split]) == max(1, round(0.5 * len(full.splits[split])))
-    for patient in kept:  # every slice of a kept patient, images and masks unchanged
-        a, b = (np.flatnonzero(d.table["patient_id"] == patient) for d in (full, sub))
-        assert len(a) == len(b) and np.array_equal(full.masks[a], sub.masks[b])
-        assert np.array_equal(full.images[a], sub.images[b]) and list(full.table["case"][a]) == list(sub.table["case"][b])
-    assert main([str(phantom), "--fraction", "0.5", "--out", str(phantom), "--force"]) == 2  # the source
-    assert load_dataset(phantom).images.shape == full.images.shape
-    assert main([str(phantom), "--fraction", "0", "--out", str(tmp_path / "none")]) == 2
-    assert not (tmp_path / "none").exists()
-
-
-def test_diagnose_samples_counts_empty_samples_and_areas_per_slice(tmp_path):
-    """research/diagnose_samples.py: the readers themselves as 4 samples give the readers' own figures;
-    bad input is one error line, exit 2."""
-    from research.diagnose_samples import slice_diagnosis
-
-    masks = np.zeros((4, 16, 16), bool)
-    masks[0, 4:10, 4:10] = True   # 36 px
-    masks[1, 4:8, 4:8] = True     # 16 px, inside reader 0's square
-    row = slice_diagnosis(masks.astype(np.float32), masks)  # slots 2, 3: readers who drew nothing
-    assert row["n_marked"] == 2 and row["empty_share"] == 0.5
-    assert row["sample_area"] == (36 + 16) / 4 and row["reader_area"] == (36 + 16) / 2
-    # The mean of the readers is 0.5 on their overlap: > 0.5 is empty there, > 0.4 is the overlap =
-    # the majority (2 of 4), > 0.3 too; the 0.25 ring is out of the majority at every threshold >= 0.3.
-    assert row["dice@0.5"] == 0.0 and row["dice@0.4"] == 1.0 and row["dice@0.3"] == 1.0
-    root = Path(__file__).resolve().parents[1]
-    not_weights = tmp_path / "notes.safetensors"
-    not_weights.write_text("not a weights file", encoding="utf-8")
-    weights = str(root / "ProbSAMLib" / "models" / "probsam_tiny_demo_v3.safetensors")
-    for arguments, named in ([str(tmp_path / "missing.safetensors"), "--data", str(tmp_path)], "missing.safetensors"), \
-            ([weights, "--data", str(tmp_path), "--max-slices", "-5"], "--max-slices"), \
-            ([str(not_weights), "--data", str(tmp_path)], "notes.safetensors"):
-        done = subprocess.run([sys.executable, str(root / "Training" / "diagnose_samples.py"), *arguments],
-                              cwd=root, capture_output=True, text=True, encoding="utf-8")
-        assert done.returncode == 2 and named in done.stderr and "Traceback" not in done.stderr, done.stderr
-
-
-def test_phantom_ceiling_scores_the_ideal_predictors_against_the_slot_majority(tmp_path):
-    """research/phantom_ceiling.py: on a nodule only one of four radiologists annotated, the nodule's own
-    readers' majority is the disc (Dice 0 against the empty slot majority) and the calibrated mean is
-    empty (Dice 1); where 2 of 4 drew, the calibrated mean ("> 0.5") misses the disc the majority holds;
-    the threshold finds the bright disc; through the decoder grid the disc loses its edge. A missing data set
-    is one clear error line, exit 2."""
-    from research.phantom_ceiling import slice_scores, through_decoder_grid
-
-    yy, xx = np.mgrid[:32, :32]
-    disc = (yy - 16) ** 2 + (xx - 16) ** 2 < 36
-    image = np.where(disc, 40.0, -850.0).astype(np.float32)
-    box = np.array([8.0, 8.0, 24.0, 24.0])
-    empty = np.zeros_like(disc)
-    one_reader = slice_scores(image, np.stack([disc, empty, empty, empty]), np.array([1, 0, 0, 0], bool), box, -400.0)
-    assert one_reader == {"threshold": 0.0, "readers' majority": 0.0, "calibrated mean": 1.0,
-                          "majority via the grid": 0.0}
-    two_of_four = slice_scores(image, np.stack([disc, disc, empty, empty]), np.ones(4, bool), box, -400.0)
-    assert {k: two_of_four[k] for k in ("threshold", "readers' majority", "calibrated mean")} == {
-        "threshold": 1.0, "readers' majority": 1.0, "calibrated mean": 0.0}
-    # A 5-pixel-radius disc on a 32-pixel image: 4x up to the 128 model frame, so the 64 grid is finer than
-    # the image and keeps it; on a 128-pixel image (the grid at half resolution) a small disc loses pixels.
-    assert two_of_four["majority via the grid"] > 0.95
-    yy, xx = np.mgrid[:128, :128]
-    small = (yy - 64.3) ** 2 + (xx - 63.6) ** 2 < 20
-    round_trip = through_decoder_grid(small)
-    assert round_trip.shape == small.shape and 0 < round_trip.sum() < small.sum()
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "Training" / "phantom_ceiling.py"),
-                           "--data", str(tmp_path / "none")], capture_output=True, text=True)
-    assert done.returncode == 2 and "no meta.json" in done.stderr and "Traceback" not in done.stderr
-
-
-def test_phantom_ceiling_what_if_scores_named_patients_as_a_model_did(tmp_path, capsys):
-    """--as-scored: on the named patients' slices every ideal predictor scores what a per-slice table
-    recorded, so the table shows whether those patients alone decide a target."""
-    from Testing.helpers import faint_and_dense_dataset, write_per_slice_table
-    from research import phantom_ceiling
-    from Training.data.dataset_format import load_dataset
-
-    data = faint_and_dense_dataset(tmp_path / "ds", {"train": 1, "val": 1, "test": 1})
-    test = load_dataset(data, "test")
-    table = test.table
-    # The model drew on the faint (one-slot, majority-empty) slices of P15 only: Dice 0 there, 1 elsewhere.
-    wrong = (table["patient_id"][test.indices] == "P15") & (table["case"][test.indices] == "faint")
-    write_per_slice_table(tmp_path / "per_slice_m.csv", "m", test, np.where(wrong, 0.0, 1.0))
-
-    def faint_row(argv):
-        assert phantom_ceiling.main(["--data", str(data), "--bootstrap", "50"] + argv) == 0
-        out = capsys.readouterr().out
-        return out, next(line for line in out.splitlines() if line.startswith("| case faint |"))
-
-    _, plain = faint_row([])
-    # the threshold leaves the faint blobs out, as the readers' majority does: both 1.000, difference 0
-    assert plain.startswith("| case faint | 20 | 1.000 | 1.000 |") and "0.000 [0.000, 0.000]" in plain
-    out, what_if = faint_row(["--as-scored", str(tmp_path / "per_slice_m.csv"), "--patients", "P15"])
-    assert "What if: on the slices of P15 every ideal predictor scores what m scored" in out
-    assert what_if.startswith("| case faint | 20 | 1.000 | 0.800 |")  # 4 of 20 faint slices now 0
-    assert "| -0.200 [" in what_if
-    for argv, message in ((["--patients", "P15"], "go together"),
-                          (["--as-scored", str(tmp_path / "per_slice_m.csv"), "--patients", "P01"],
-                           "P01 has no slice in this split")):
-        assert phantom_ceiling.main(["--data", str(data)] + argv) == 2
-        assert message in capsys.readouterr().err

@@ -6,9 +6,10 @@ import SimpleITK as sitk
 
 from ProbSAMLib.io import nrrd
 from ProbSAMLib.geometry import VolumeGeometry
-from ProbSAMLib.io.imageio import (AtomicOutputDir, IntensityWarning, MultipleSeriesError, OutputExistsError,
-                                VolumeReadError, distinct_colors, read_segment_metadata, read_segmentation,
-                                read_volume, write_image, write_sample_files, write_segmentation)
+from ProbSAMLib.io.imageio import (IntensityWarning, MultipleSeriesError, VolumeReadError, read_volume, write_image,
+                                   write_sample_files)
+from ProbSAMLib.io.outputdir import OutputExistsError, OutputFolder
+from ProbSAMLib.io.segfile import distinct_colors, read_segment_metadata, read_segmentation, write_segmentation
 from Testing.helpers import write_dicom_series
 
 C, S = np.cos(np.deg2rad(30)), np.sin(np.deg2rad(30))
@@ -98,7 +99,7 @@ def test_4d_volume_with_one_time_point_is_accepted(tmp_path):
 # --- atomic output folder ---------------------------------------------------------------------------
 def test_atomic_output_dir_success_failure_existing_and_force(tmp_path):
     out = tmp_path / "run"
-    with AtomicOutputDir(out) as tmp:
+    with OutputFolder(out) as tmp:
         assert tmp != out and tmp.parent == tmp_path
         (tmp / "a.txt").write_text("first")
         assert not out.exists()
@@ -106,21 +107,21 @@ def test_atomic_output_dir_success_failure_existing_and_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
     with pytest.raises(OutputExistsError, match="already exists"):
-        with AtomicOutputDir(out):
+        with OutputFolder(out):
             pass
     with pytest.raises(RuntimeError):  # force, but the run fails: the old output stays untouched
-        with AtomicOutputDir(out, force=True) as tmp:
+        with OutputFolder(out, force=True) as tmp:
             (tmp / "b.txt").write_text("half")
             raise RuntimeError("model crashed")
     assert sorted(p.name for p in out.iterdir() if p.name != ".probsam-output") == ["a.txt"]
-    with AtomicOutputDir(out, force=True) as tmp:
+    with OutputFolder(out, force=True) as tmp:
         (tmp / "b.txt").write_text("second")
     assert sorted(p.name for p in out.iterdir() if p.name != ".probsam-output") == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
     fresh = tmp_path / "new" / "run"
     with pytest.raises(KeyboardInterrupt):
-        with AtomicOutputDir(fresh) as tmp:
+        with OutputFolder(fresh) as tmp:
             (tmp / "c.txt").write_text("half")
             raise KeyboardInterrupt
     assert not fresh.exists() and list((tmp_path / "new").iterdir()) == []

@@ -1,6 +1,5 @@
 """LIDC data sets: prepare_lidc.py on a synthetic DICOM series, the pickle importer, the splits."""
 import pickle
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -165,18 +164,3 @@ def test_splits_are_by_patient_seeded_and_disjoint(tmp_path):
     assert len(seen) == 10
     total = sum(len(load_dataset(tmp_path / "ds", split=n)) for n in ("train", "val", "test"))
     assert total == len(load_dataset(tmp_path / "ds"))
-
-
-def test_torch_dataset(tmp_path):
-    pytest.importorskip("torch")
-    from research.datasets import LIDCSlices
-    from Training.data.import_pickle import import_pickle
-
-    import_pickle("in-memory", tmp_path / "ds", data=_fake_pickle())
-    train = LIDCSlices(tmp_path / "ds", "train")
-    item = train[0]
-    assert item["image"].dtype == np.float32 and item["image"].shape == (128, 128)
-    assert item["masks"].dtype == bool and item["masks"].shape == (4, 128, 128)
-    assert item["present"].shape == (4,) and item["intensity"] == "unit"
-    assert item["patient_id"] in load_dataset(tmp_path / "ds").splits["train"]
-    shutil.rmtree(tmp_path / "ds")

@@ -1,4 +1,4 @@
-"""Where the loss scores the masks (loss_resolution / LossConfig.resolution).
+"""Where the loss scores the masks (LossConfig.loss_resolution).
 
 "decoder" (the default, and every run before demo_v4) scores the decoder-grid logits against area-averaged
 targets; "image" upsamples the logits to the image, as evaluation and the Slicer module do, and scores
@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.errors import SettingsError
-from Training.learning.loss import LossConfig, probsam_loss
+from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.modeling.probsam import TrainingOutput
 from Training.config import TrainConfig, load_config
 from Training.learning.learners import build_learner
+from Training.learning.loss import LossConfig, probsam_loss
 
 
 def _normal(batch):
@@ -30,7 +30,7 @@ def test_the_pixel_weight_keeps_the_bce_on_the_decoder_grids_scale():
     s = 16
     out = TrainingOutput(logits=torch.zeros(1, 1, s, s), prior=_normal(1), posterior=_normal(1))
     on_grid = probsam_loss(out, torch.zeros(1, s, s), 0, LossConfig())
-    on_image = probsam_loss(out, torch.zeros(1, 2 * s, 2 * s), 0, LossConfig(resolution="image"),
+    on_image = probsam_loss(out, torch.zeros(1, 2 * s, 2 * s), 0, LossConfig(loss_resolution="image"),
                             logits=torch.zeros(1, 1, 2 * s, 2 * s), pixel_weight=0.25)
     assert float(on_grid["bce"]) == pytest.approx(s * s * math.log(2), rel=1e-6)
     assert float(on_image["bce"]) == pytest.approx(float(on_grid["bce"]), rel=1e-6)
@@ -49,8 +49,8 @@ def _disc_batch(size):
 @pytest.mark.parametrize("size, weight", [(128, 0.25), (64, 1.0)])
 def test_image_resolution_scores_upsampled_logits_against_full_resolution_masks(size, weight):
     images, readers, boxes = _disc_batch(size)
-    cfg = TrainConfig(preset="tiny", freeze_encoder=True, seed=0, beta=0.0, anneal_steps=0,
-                      set_weight=1.0, set_samples=2, loss_resolution="image")
+    cfg = TrainConfig(preset="tiny", freeze_encoder=True, seed=0,
+                      loss=LossConfig(beta=0.0, anneal_steps=0, set_weight=1.0, set_samples=2, loss_resolution="image"))
     learner = build_learner(cfg, intensity="unit")
     model = learner.model
     with torch.no_grad():  # logits far from 0, so the two resolutions' BCEs differ clearly
@@ -73,7 +73,7 @@ def test_image_resolution_scores_upsampled_logits_against_full_resolution_masks(
     assert float(parts["bce"]) == pytest.approx(float(bce.detach().mean()), rel=1e-5)
 
     # "decoder" scores the grid against the area-averaged target: a different number from the same draw.
-    learner.loss_config.resolution = "decoder"
+    learner.loss_config.loss_resolution = "decoder"
     torch.manual_seed(0)
     on_grid = learner(images, boxes, readers[:, 1], 0, readers=readers, present=torch.ones(2, 4, dtype=torch.bool))
     grid_bce = F.binary_cross_entropy_with_logits(out.logits, low[:, None].expand_as(out.logits),
@@ -84,9 +84,8 @@ def test_image_resolution_scores_upsampled_logits_against_full_resolution_masks(
 
 def test_the_image_loss_reaches_the_decoder_and_the_prior():
     images, readers, boxes = _disc_batch(128)
-    learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0, beta=0.0, anneal_steps=0,
-                                        consensus_weight=10.0, set_samples=4, loss_resolution="image"),
-                            intensity="unit")
+    loss = LossConfig(beta=0.0, anneal_steps=0, consensus_weight=10.0, set_samples=4, loss_resolution="image")
+    learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0, loss=loss), intensity="unit")
     torch.nn.init.normal_(learner.model.latent_projection.mlp[-1].weight, std=0.1)
     torch.manual_seed(0)
     parts = learner(images, boxes, readers[:, 0], 0, readers=readers, present=torch.ones(2, 4, dtype=torch.bool))
@@ -100,7 +99,7 @@ def test_the_image_loss_reaches_the_decoder_and_the_prior():
 
 
 def test_bad_resolution_settings_are_refused():
-    with pytest.raises(ValueError, match="resolution"):
-        LossConfig(resolution="full")
+    with pytest.raises(SettingsError, match="setting loss_resolution must be one of decoder, image, got 'full'"):
+        LossConfig(loss_resolution="full")
     with pytest.raises(SettingsError, match="loss_resolution"):
         load_config(None, ["loss_resolution=full"])

@@ -18,7 +18,7 @@ from Training.data.batches import SliceBatches, flip_images
 from Training.config import TrainConfig, load_config
 from Training.data.dataset_format import Chunk, load_dataset, slices_from_volume, write_dataset
 from Training.data.embedding_cache import encoder_fingerprint
-from Training.learning.learners import build_learner, parameter_groups
+from Training.learning.learners import build_learner
 from research.subsample import subsample
 
 torch.set_num_threads(1)
@@ -167,35 +167,7 @@ def test_training_converts_init_weights_and_refuses_what_cannot_learn_the_neighb
     assert learner.reads_neighbours and learner.model.config.neighbour_slices
     assert float(learner.model.sam.image_encoder.patch_embed.proj.weight[:, 0].detach().abs().max()) == 0.0
     assert encoder_fingerprint(learner.model) != encoder_fingerprint(load_probsam(tmp_path / "plain.safetensors"))
-    for frozen in (["freeze_encoder=true"], ["freeze_encoder=false", "train_refiner_only=true"]):
-        with pytest.raises(SettingsError, match="neighbour_slices"):
-            load_config(None, [f"init={init}", "neighbour_slices=true"] + frozen)
+    with pytest.raises(SettingsError, match="neighbour_slices"):  # an init model's frozen encoder cannot learn them
+        load_config(None, [f"init={init}", "neighbour_slices=true", "freeze_encoder=true"])
     with pytest.raises(SettingsError, match="neighbour_slices"):
         load_config(None, ["model=prob_unet", "neighbour_slices=true"])
-
-
-def test_training_the_neighbours_only_leaves_every_weight_that_reads_slice_k_as_it_was(tmp_path):
-    """train_neighbours_only: slice k's weights share a tensor with the neighbours'; neither a gradient step
-    nor weight decay may move them, and nothing else but the neighbours' weights may learn."""
-    save_probsam(_tiny(), tmp_path / "plain.safetensors")
-    cfg = TrainConfig(preset="tiny", init=str(tmp_path / "plain.safetensors"), neighbour_slices=True,
-                      freeze_encoder=False, train_neighbours_only=True, weight_decay=0.5, lr=1e-2)
-    learner = build_learner(cfg, intensity="unit")
-    model = learner.model
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["sam.image_encoder.patch_embed.proj.weight"]  # this model has no refiner
-    optimiser = torch.optim.AdamW(parameter_groups(learner, cfg), lr=cfg.lr)
-    for _ in range(3):
-        optimiser.zero_grad()
-        model.encode(torch.rand(2, 3, 128, 128)).square().mean().backward()
-        optimiser.step()
-    weight = model.sam.image_encoder.patch_embed.proj.weight.detach()
-    torch.testing.assert_close(weight[:, 1], before["sam.image_encoder.patch_embed.proj.weight"][:, 1], rtol=0, atol=0)
-    assert float(weight[:, [0, 2]].abs().min(dim=0).values.max()) > 0  # the neighbours' weights moved off zero
-    assert all(torch.equal(p.detach(), before[name]) for name, p in model.named_parameters()
-               if name != "sam.image_encoder.patch_embed.proj.weight")
-    with pytest.raises(SettingsError, match="train_neighbours_only"):  # nothing to keep fixed, or no neighbours
-        load_config(None, ["neighbour_slices=true", "freeze_encoder=false", "train_neighbours_only=true"])
-    with pytest.raises(SettingsError, match="train_neighbours_only"):
-        load_config(None, [f"init={tmp_path / 'plain.safetensors'}", "train_neighbours_only=true"])

@@ -19,6 +19,7 @@ from ProbSAMLib.inference.sampling import sample_masks
 from ProbSAMLib.inference.volume import sample_volume
 from Training.config import TrainConfig, load_config
 from Training.learning.learners import build_learner
+from Training.learning.loss import LossConfig
 
 torch.set_num_threads(1)
 BOX = torch.tensor([[40.0, 42.0, 84.0, 86.0]])
@@ -169,8 +170,8 @@ def test_the_training_loss_reaches_the_refiner_at_both_resolutions():
     images, boxes = disc[None].repeat(2, 1, 1) * 0.6 + 0.2, BOX.expand(2, 4)
     readers = disc[None, None].repeat(2, 4, 1, 1)
     for resolution in ("decoder", "image"):
-        learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0, refine_channels=4,
-                                            set_weight=1.0, set_samples=2, loss_resolution=resolution),
+        loss = LossConfig(set_weight=1.0, set_samples=2, loss_resolution=resolution)
+        learner = build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0, refine_channels=4, loss=loss),
                                 intensity="unit")
         parts = learner(images, boxes, readers[:, 0], 0, readers=readers, present=torch.ones(2, 4, dtype=torch.bool))
         parts["loss"].backward()

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from Training.learning.loss import LossConfig, set_loss, soft_iou_distance
+from ProbSAMLib.errors import SettingsError
 from Training.config import TrainConfig
 from Training.learning.learners import build_learner
+from Training.learning.loss import LossConfig, set_loss, soft_iou_distance
 
 torch.set_num_threads(1)
 S = 32
@@ -30,29 +31,27 @@ def _logits(masks):
     return 30.0 * (2 * masks - 1)
 
 
-@pytest.mark.parametrize("kind", ["energy", "ot"])
-def test_zero_for_the_readers_set_larger_for_collapse_or_no_empty_samples(kind):
+def test_zero_for_the_readers_set_larger_for_collapse_or_no_empty_samples():
     readers, present = _readers()
     set_of_readers = readers[:, [0, 1, 2, 0, 1, 2]]  # K = 6: each present reader twice
-    matched = set_loss(_logits(set_of_readers), readers, present, kind)
-    collapsed = set_loss(_logits(readers[:, [1] * 6]), readers, present, kind)
-    never_empty = set_loss(_logits(readers[:, [0, 1, 0, 1, 0, 1]]), readers, present, kind)
+    matched = set_loss(_logits(set_of_readers), readers, present)
+    collapsed = set_loss(_logits(readers[:, [1] * 6]), readers, present)
+    never_empty = set_loss(_logits(readers[:, [0, 1, 0, 1, 0, 1]]), readers, present)
     assert matched.shape == (1,) and abs(float(matched)) < 1e-4
     assert float(collapsed) > 0.2
     assert float(never_empty) > 0.1  # ignoring the reader who saw nothing costs
     assert float(never_empty) > float(matched) + 0.1 and float(collapsed) > float(matched) + 0.2
 
 
-@pytest.mark.parametrize("kind", ["energy", "ot"])
-def test_absent_readers_do_not_count_and_k_need_not_divide_m(kind):
+def test_absent_readers_do_not_count_and_k_need_not_divide_m():
     readers, present = _readers()
-    samples = _logits(readers[:, [0, 1, 2, 1]])  # K = 4, M = 3 present: OT tiles both to 12
-    value = set_loss(samples, readers, present, kind)
+    samples = _logits(readers[:, [0, 1, 2, 1]])  # K = 4, M = 3 present
+    value = set_loss(samples, readers, present)
     other = readers.clone()
     other[:, 3] = 1.0  # change only the absent slot
-    assert torch.allclose(value, set_loss(samples, other, present, kind))
+    assert torch.allclose(value, set_loss(samples, other, present))
     all_present = torch.ones_like(present)
-    assert not torch.allclose(value, set_loss(samples, other, all_present, kind))
+    assert not torch.allclose(value, set_loss(samples, other, all_present))
 
 
 def test_soft_iou_distance_conventions():
@@ -65,13 +64,10 @@ def test_soft_iou_distance_conventions():
 
 
 def test_bad_settings_are_refused():
-    readers, present = _readers()
-    with pytest.raises(ValueError, match="set_kind"):
-        set_loss(_logits(readers), readers, present, "kl")
-    with pytest.raises(ValueError, match="set_kind"):
-        LossConfig(set_kind="wasserstein")
-    with pytest.raises(ValueError, match="set_samples"):
+    with pytest.raises(SettingsError, match="setting set_samples must be at least 1, got 0"):
         LossConfig(set_samples=0)
+    with pytest.raises(SettingsError, match="setting set_weight must be a number"):
+        LossConfig(set_weight="much")
 
 
 def _batch(seed=0, size=64):
@@ -86,8 +82,9 @@ def _batch(seed=0, size=64):
     return images, boxes, readers, present
 
 
-def _learner(**settings):
-    return build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0, **settings), intensity="unit")
+def _learner(**loss):
+    return build_learner(TrainConfig(preset="tiny", freeze_encoder=True, seed=0, loss=LossConfig(**loss)),
+                         intensity="unit")
 
 
 def test_set_term_gradient_reaches_the_prior_net():
@@ -132,8 +129,6 @@ def test_training_with_the_set_term_runs_and_is_deterministic():
     assert first == again and all(np.isfinite(v) for pair in first for v in pair)
     assert all(torch.equal(a, b) for a, b in zip(params_a, params_b))
     assert all(0.0 < s < 2.0 for _, s in first)
-    ot, _ = _train(steps=2, set_weight=5.0, set_samples=3, set_kind="ot")
-    assert all(0.0 < s <= 1.0 for _, s in ot)
     # Off by default: the same run without the term is the old objective (no 'set' part)...
     off, _ = _train(steps=1)
     assert off[0][1] == -1.0 and off[0][0] != first[0][0]

@@ -163,7 +163,7 @@ def test_saved_scene_reads_back_the_same_segments(slicer, module, logic, tiny_we
 
 def test_cli_segmentation_file_loads_as_named_coloured_segments(slicer, tmp_path):
     from ProbSAMLib.app import cli
-    from ProbSAMLib.io.imageio import read_segmentation
+    from ProbSAMLib.io.segfile import read_segmentation
 
     assert cli.main(["demo", "--out", str(tmp_path / "d"), "--samples", "3", "--seed", "0", "-q"]) == 0
     ct = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")

@@ -54,6 +54,55 @@ def test_config_file_then_overrides(tmp_path):
         load_config(None, ["cache=maybe"])
 
 
+def test_loss_settings_live_in_the_loss_block_and_keep_their_shorthand(tmp_path):
+    """A ``loss:`` block, ``loss.<name>=`` or the bare name (how every run folder before the block has them);
+    the written config.yaml (nested) reads back the same; the ranges are LossConfig's."""
+    import yaml
+    from Training.config import load_config
+    from Training.learning.loss import LossConfig
+    path = tmp_path / "run.yaml"
+    path.write_text("loss:\n  beta: 2\n  consensus_voters: readers\nset_weight: 5\n")
+    cfg = load_config(str(path), ["loss.consensus_weight=3", "anneal_steps=7"])
+    assert isinstance(cfg.loss, LossConfig)
+    assert (cfg.loss.beta, cfg.loss.consensus_voters, cfg.loss.set_weight) == (2.0, "readers", 5.0)
+    assert (cfg.loss.consensus_weight, cfg.loss.anneal_steps) == (3.0, 7)
+    assert isinstance(cfg.loss.beta, float)  # a whole number in YAML is still the float setting
+    written = tmp_path / "config.yaml"
+    written.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+    assert yaml.safe_load(written.read_text())["loss"]["consensus_weight"] == 3.0
+    assert load_config(str(written)) == cfg
+    for settings, message in ((["beta=-1"], "setting beta must be at least 0, got -1.0"),
+                              (["loss.set_samples=0"], "setting set_samples must be at least 1, got 0"),
+                              (["loss.betta=1"], "unknown setting 'loss.betta' \\(did you mean beta\\?\\)"),
+                              (["loss=3"], "loss must be a mapping")):
+        with pytest.raises(ValueError, match=message):
+            load_config(None, settings)
+
+
+def test_removed_settings_load_at_their_old_default_only(tmp_path):
+    """A run folder's config.yaml written before a setting was removed still loads (--resume) when it has the
+    setting at the value it always had; any other value is one line naming the setting."""
+    import yaml
+    from ProbSAMLib.errors import SettingsError
+    from Training.config import REMOVED, TrainConfig, load_config
+    old = {k: v for k, v in TrainConfig().to_dict().items() if k != "loss"}
+    old.update(TrainConfig().loss.__dict__, **REMOVED)  # flat, as train.py wrote it then
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False), encoding="utf-8")
+    assert load_config(str(path)) == TrainConfig()
+    assert set(REMOVED) == {"train_latent_only", "train_refiner_only", "train_neighbours_only", "refine_neighbours",
+                            "empty_weight", "empty_margin", "set_voters", "set_kind"}
+    for key, value in (("train_refiner_only", True), ("empty_weight", 20.0), ("set_kind", "ot"),
+                       ("set_voters", "readers"), ("train_latent_only", 0)):
+        path.write_text(yaml.safe_dump(dict(old, **{key: value})), encoding="utf-8")
+        with pytest.raises(SettingsError) as refused:
+            load_config(str(path))
+        assert str(refused.value) == (f"{path}: setting {key} was removed; only its old default "
+                                      f"{REMOVED[key]!r} is accepted, got {value!r}")
+        with pytest.raises(SettingsError, match=f"command line: setting {key} was removed"):
+            load_config(None, [f"{key}={value}"])
+
+
 # ------------------------------------------------------------------------------------ batches
 def test_batches_cover_each_epoch_once_and_split_across_ranks():
     from Training.data.batches import batch_positions
@@ -237,12 +286,6 @@ def test_train_py_runs_the_prob_unet_and_a_model_reading_neighbouring_slices(dat
     with safe_open(str(tmp_path / "nb" / "last.safetensors"), framework="pt") as handle:
         assert json.loads(handle.metadata()["config"])["neighbour_slices"] is True
     assert list((tmp_path / "nb" / "embedding_cache").glob("embeddings_train_*.npy"))
-    # a refiner that reads the neighbours beside a one-slice encoder: the cache holds one-slice embeddings
-    train(f"data={data_dir}", *TINY_RUN, "refine_channels=4", "refine_neighbours=true", f"out={tmp_path / 'rn'}",
-          "max_steps=2", "eval_interval=2")
-    with safe_open(str(tmp_path / "rn" / "last.safetensors"), framework="pt") as handle:
-        config = json.loads(handle.metadata()["config"])
-    assert config["refine_neighbours"] is True and config["neighbour_slices"] is False
 
 
 def test_prob_unet_training_is_deterministic_for_a_seed_and_thread_count(data_dir, tmp_path):
@@ -314,7 +357,7 @@ def test_prob_unet_combine_equals_fcomb_on_the_concatenation():
 
 
 def test_slice_metrics_are_perfect_for_the_readers_themselves():
-    from Training.evaluation.evaluate import slice_metrics
+    from Training.evaluation.scoring import slice_metrics
     readers = np.zeros((2, 16, 16), bool)
     readers[0, 4:8, 4:8] = True
     readers[1, 3:10, 3:10] = True

@@ -17,7 +17,7 @@ from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.geometry import Box3D, VolumeGeometry, voxel_box_from_ijk, voxel_box_from_physical
 from ProbSAMLib.inference.memory import choose_batch
 from ProbSAMLib.modeling.probsam import ProbSAM
-from ProbSAMLib.app.report import longest_axial_diameter_mm
+from ProbSAMLib.inference.summary import longest_axial_diameter_mm
 from ProbSAMLib.inference.sampling import images_to_unit, sample_from_embeddings
 from ProbSAMLib.inference.volume import Cancelled, context_window, min_context_size, sample_volume
 from Testing.helpers import rotation

@@ -38,7 +38,7 @@ def noisy_worker(tmp_path):
         "    os.write(1, b'a C library writing to fd 1\\n')\n"
         "    return real(*args, **kwargs)\n"
         "build.load_model = noisy\n"
-        "from ProbSAMLib import worker\n"
+        "from ProbSAMLib.app import worker\n"
         "sys.exit(worker.main())\n")
     process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE)

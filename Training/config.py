@@ -1,13 +1,14 @@
 """One experiment = one YAML file (Training/configs/*.yaml) + command-line overrides ``key=value``.
 
 Every field has a default here, so a config file lists only what differs; the resolved config is
-written next to the checkpoints and logged, so a run can always be repeated.
+written next to the checkpoints and logged, so a run can always be repeated. The objective's settings are
+a LossConfig (Training/learning/loss.py, where they are checked): a ``loss:`` block in a file, ``loss.beta=2``
+on the command line, or, as a shorthand (and as run folders written before the block existed have them),
+their names at the top level (``beta: 2``, ``beta=2``).
 """
 from __future__ import annotations
 
 import dataclasses
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -15,7 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from ProbSAMLib.errors import SettingsError
-from Training.learning.loss import CONSENSUS_VOTERS, LOSS_RESOLUTIONS, SET_VOTERS
+from Training.learning.loss import LossConfig
+from Training.settings import at_least, check_fields, in_range, one_of, positive
 
 
 @dataclass
@@ -27,14 +29,12 @@ class TrainConfig:
     box_jitter: float = 0.1  # training only: each edge moves by up to this fraction of the side...
     box_jitter_max_px: float = 5.0  # ...and at most this many pixels
     flip: bool = False  # random left-right / up-down flips (with the cache: all 4 flip variants are cached)
-    # --- model
+    # --- model (latent_dim ... neighbour_slices are ProbSAMConfig fields of the same names: learners.MODEL_FIELDS)
     model: str = "probsam"  # "probsam" or "prob_unet" (the baseline)
     preset: str = "tiny"  # ProbSAM preset: tiny, vit_b, vit_l, vit_h
     sam_checkpoint: Optional[str] = None  # official SAM .pth for vit_*; None = random (tiny)
     init: Optional[str] = None  # start from these ProbSAM weights (safetensors)
     freeze_encoder: bool = True
-    train_latent_only: bool = False  # train only the prior and posterior nets (needs init, freeze_encoder)
-    train_refiner_only: bool = False  # train only the mask refiner (needs init; everything it refines stays fixed)
     cache: bool = True  # frozen-encoder embedding cache (fp16 memmap); --no-cache / cache=false
     latent_dim: int = 6
     latent_to_dense: bool = False
@@ -42,34 +42,11 @@ class TrainConfig:
     # init=, a model without one gets a fresh refiner that starts as a no-op)
     neighbour_slices: bool = False  # ProbSAM: the encoder reads slices k - 1, k, k + 1 (the data set's neighbours.npy);
     # with init=, a one-slice model is converted exactly (ProbSAM.read_neighbour_slices) and learns the neighbours
-    train_neighbours_only: bool = False  # with neighbour_slices and init=: only the encoder's weights for slices
-    # k - 1 and k + 1 (and a mask refiner) learn; every weight that reads slice k stays exactly as init has it
-    refine_neighbours: bool = False  # ProbSAM: the mask refiner reads slices k - 1, k, k + 1 (neighbours.npy); with
-    # init=, its weights for the neighbours start at zero (MaskRefiner.read_neighbour_slices); the encoder is unchanged
     refine_lr_scale: float = 1.0  # the refiner's learning rate as a multiple of lr (a fresh one beside trained weights)
     unet_channels: List[int] = field(default_factory=lambda: [32, 64, 128, 192])  # Prob U-Net only
-    # --- loss
-    beta: float = 1.0
-    dice_weight: float = 10.0
-    anneal_steps: int = 500
-    free_bits: float = 0.0
-    set_weight: float = 0.0  # set term on K prior samples vs all readers (ProbSAM; 0 = off)
-    set_samples: int = 4  # K prior samples a slice for the set, consensus and empty-share terms
-    set_kind: str = "energy"  # "energy" (energy distance) or "ot" (optimal transport), d = 1 - soft IoU
-    consensus_weight: float = 0.0  # the K samples' mean prediction vs the readers' majority (ProbSAM; 0 = off)
-    consensus_margin: float = 0.1  # hinge margin around 0.5 of the consensus term
-    consensus_voters: str = "slots"  # majority of all 4 slots ("slots"), of the nodule's readers ("readers"), of
-    # all 4 slots on nodules at least two readers annotated ("multi"), or what at least two readers drew ("two")
-    set_voters: str = "slots"  # set term against all 4 slots ("slots") or the nodule's readers' masks ("readers")
-    set_above_half: bool = False  # set term on relu(2p - 1): what a sample shows at 0.5, as GED sees it; the
-    # probability below 0.5 is left to the consensus term (which averages probabilities, not cut samples)
-    empty_weight: float = 0.0  # share of empty prior samples vs the readers' share (ProbSAM; 0 = off)
-    empty_margin: float = 1.0  # hinge margin (logits) of the empty-share term
-    loss_resolution: str = "decoder"  # ProbSAM: score logits on the decoder grid or upsampled to the "image"
-    anchor_weight: float = 0.0  # ProbSAM: keep the K prior samples on anchored slices where a reference model's are
-    # (Training/learning/anchor.py; 0 = off)
-    anchor: Optional[str] = None  # the reference model's weights (safetensors); None = init
-    anchor_min_readers: int = 3  # anchored slices: every reader of the nodule marked them, and at least this many
+    anchor: Optional[str] = None  # the anchor term's reference model (safetensors; loss.anchor_weight > 0); None = init
+    # --- the objective (Training/learning/loss.py: LossConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
     # --- optimisation
     batch_size: int = 32  # per process
     max_steps: int = 3000
@@ -108,19 +85,54 @@ def _parse_value(text: str) -> Any:
     return value
 
 
+# Settings train.py no longer has, each with the value it always had unless set: a stored run's config.yaml
+# (--resume) that lists one at that value still loads; any other value is refused (its code path is gone).
+REMOVED = {"train_latent_only": False, "train_refiner_only": False, "train_neighbours_only": False,
+           "refine_neighbours": False, "empty_weight": 0.0, "empty_margin": 1.0, "set_voters": "slots",
+           "set_kind": "energy"}
+
+
+def _removed(key: str, value, source: str) -> None:
+    """Accept a removed setting at its old default; SettingsError for any other value."""
+    default = REMOVED[key]
+    if value == default and isinstance(value, bool) == isinstance(default, bool):
+        return
+    raise SettingsError(f"{source}: setting {key} was removed; only its old default {default!r} is accepted, "
+                        f"got {value!r}")
+
+
+def _set(target, key: str, value, source: str) -> None:
+    """One setting onto a TrainConfig or its LossConfig, with the file's or command line's typing fixed up."""
+    default = getattr(target, key)
+    if isinstance(default, bool) and not isinstance(value, bool):
+        raise SettingsError(f"{source}: {key} must be true or false, got {value!r}")
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    setattr(target, key, value)
+
+
 def _apply(config: TrainConfig, values: Dict[str, Any], source: str) -> None:
-    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    """Settings by name: TrainConfig's own, ``loss`` (a mapping) or ``loss.<name>``, or a loss setting's bare
+    name (the shorthand); a removed setting only at its old default."""
+    own = {f.name for f in dataclasses.fields(TrainConfig)} - {"loss"}
+    loss = {f.name for f in dataclasses.fields(LossConfig)}
     for key, value in values.items():
-        if key not in fields:
-            close = [name for name in fields if name.startswith(key[:3])]
+        if key == "loss":
+            if not isinstance(value, dict):
+                raise SettingsError(f"{source}: loss must be a mapping of loss settings, got {value!r}")
+            _apply(config, {f"loss.{k}": v for k, v in value.items()}, source)
+            continue
+        name = key[len("loss."):] if key.startswith("loss.") else key
+        if name in REMOVED:
+            _removed(name, value, source)
+        elif name in loss:
+            _set(config.loss, name, value, source)
+        elif key in own:
+            _set(config, key, value, source)
+        else:
+            close = [n for n in sorted(own | loss) if n.startswith(name[:3])]
             hint = f" (did you mean {', '.join(close)}?)" if close else ""
             raise SettingsError(f"{source}: unknown setting {key!r}{hint}")
-        default = getattr(config, key)
-        if isinstance(default, bool) and not isinstance(value, bool):
-            raise SettingsError(f"{source}: {key} must be true or false, got {value!r}")
-        if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        setattr(config, key, value)
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
@@ -149,94 +161,32 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
 MODELS = ("probsam", "prob_unet")
 PRESETS = ("tiny", "vit_b", "vit_l", "vit_h")
 
-
-def _at_least(low):
-    return lambda v: v >= low, f"at least {low}"
-
-
-def _positive():
-    return lambda v: v > 0, "greater than 0"
-
-
 _RANGES = {
-    "box_margin": _at_least(0), "box_jitter": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "box_jitter_max_px": _at_least(0), "latent_dim": _at_least(1), "beta": _at_least(0),
-    "dice_weight": _at_least(0), "anneal_steps": _at_least(0), "free_bits": _at_least(0),
-    "batch_size": _at_least(1), "max_steps": _at_least(1), "lr_decay_steps": _at_least(0), "lr": _positive(),
-    "min_lr": _at_least(0), "warmup_steps": _at_least(0), "weight_decay": _at_least(0),
-    "grad_clip": _at_least(0), "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
-    "eval_interval": _at_least(1), "eval_slices": _at_least(1), "eval_samples": _at_least(1),
-    "log_interval": _at_least(1), "num_threads": _at_least(0), "refine_channels": _at_least(0),
-    "refine_lr_scale": _positive(),
-    "set_weight": _at_least(0), "set_samples": _at_least(1), "consensus_weight": _at_least(0),
-    "consensus_margin": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"), "empty_weight": _at_least(0),
-    "empty_margin": _at_least(0), "anchor_weight": _at_least(0), "anchor_min_readers": _at_least(1),
-    "consensus_voters": (lambda v: v in CONSENSUS_VOTERS, f"one of {', '.join(CONSENSUS_VOTERS)}"),
-    "set_voters": (lambda v: v in SET_VOTERS, f"one of {', '.join(SET_VOTERS)}"),
-    "loss_resolution": (lambda v: v in LOSS_RESOLUTIONS, f"one of {', '.join(LOSS_RESOLUTIONS)}"),
-    "model": (lambda v: v in MODELS, f"one of {', '.join(MODELS)}"),
-    "preset": (lambda v: v in PRESETS, f"one of {', '.join(PRESETS)}"),
+    "box_margin": at_least(0), "box_jitter": in_range(0, 1), "box_jitter_max_px": at_least(0),
+    "latent_dim": at_least(1), "batch_size": at_least(1), "max_steps": at_least(1), "lr_decay_steps": at_least(0),
+    "lr": positive(), "min_lr": at_least(0), "warmup_steps": at_least(0), "weight_decay": at_least(0),
+    "grad_clip": at_least(0), "seed": (lambda v: 0 <= v < 2 ** 63, "in [0, 2**63)"),
+    "eval_interval": at_least(1), "eval_slices": at_least(1), "eval_samples": at_least(1),
+    "log_interval": at_least(1), "num_threads": at_least(0), "refine_channels": at_least(0),
+    "refine_lr_scale": positive(), "model": one_of(MODELS), "preset": one_of(PRESETS),
     "data": (lambda v: v != "", "a folder"), "out": (lambda v: v != "", "a folder"),
     "unet_channels": (lambda v: len(v) >= 2 and all(c >= 1 for c in v), "a list of 2+ positive whole numbers"),
 }
-_TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
-
-
-def _type_ok(value, kind) -> bool:
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    return isinstance(value, kind)
 
 
 def validate(config: TrainConfig) -> None:
-    """Raise SettingsError for the first setting of the wrong type or out of range (names it and its value)."""
-    hints = typing.get_type_hints(TrainConfig)
-    for item in dataclasses.fields(TrainConfig):
-        value, kind = getattr(config, item.name), hints[item.name]
-        optional = type(None) in typing.get_args(kind)
-        if optional and value is None:
-            continue
-        base = next(a for a in typing.get_args(kind) if a is not type(None)) if optional else kind
-        if typing.get_origin(base) in (list, List):
-            ok = isinstance(value, list) and all(_type_ok(v, int) for v in value)
-            expected = "a list of whole numbers"
-        else:
-            ok, expected = _type_ok(value, base), _TYPE_NAMES.get(base, base.__name__)
-        if not ok:
-            raise SettingsError(f"setting {item.name} must be {expected}, got {value!r}")
-        rule = _RANGES.get(item.name)
-        if rule is not None and not rule[0](value):
-            raise SettingsError(f"setting {item.name} must be {rule[1]}, got {value!r}")
-    if config.train_latent_only and (config.model != "probsam" or not config.init or not config.freeze_encoder):
-        raise SettingsError("setting train_latent_only needs model=probsam, init= (the weights whose decoder "
-                            "stays fixed) and freeze_encoder=true")
-    if config.train_refiner_only and (config.model != "probsam" or not config.init or config.train_latent_only):
-        raise SettingsError("setting train_refiner_only needs model=probsam and init= (the weights whose samples the "
-                            "refiner corrects), and excludes train_latent_only")
-    if config.neighbour_slices and (config.model != "probsam" or (config.init and (
-            config.freeze_encoder or config.train_latent_only or config.train_refiner_only))):
+    """Raise SettingsError for the first setting of the wrong type or out of range (names it and its value),
+    the loss's by LossConfig.check, then for settings that do not work together."""
+    check_fields(config, _RANGES)
+    config.loss.check()
+    if config.neighbour_slices and (config.model != "probsam" or (config.init and config.freeze_encoder)):
         raise SettingsError("setting neighbour_slices needs model=probsam, and with init= a trainable encoder "
-                            "(freeze_encoder=false, not train_latent_only or train_refiner_only): the weights that "
-                            "read the neighbouring slices start at zero and must learn")
-    if config.train_neighbours_only and not (config.model == "probsam" and config.init and config.neighbour_slices
-                                             and not config.train_latent_only and not config.train_refiner_only):
-        raise SettingsError("setting train_neighbours_only needs model=probsam, init= (the one-slice weights that "
-                            "stay fixed) and neighbour_slices=true (with freeze_encoder=false), and excludes "
-                            "train_latent_only and train_refiner_only")
-    if config.refine_neighbours and (config.model != "probsam" or config.train_latent_only or (
-            not config.init and not config.refine_channels)):
-        raise SettingsError("setting refine_neighbours needs model=probsam with a mask refiner (refine_channels > 0, "
-                            "or init= weights that have one) that trains (not train_latent_only): the refiner's "
-                            "weights for the neighbouring slices start at zero and must learn")
-    if config.anchor_weight > 0 and (config.model != "probsam" or not (config.anchor or config.init)
-                                     or config.train_latent_only):
+                            "(freeze_encoder=false): the weights that read the neighbouring slices start at zero "
+                            "and must learn")
+    if config.loss.anchor_weight > 0 and (config.model != "probsam" or not (config.anchor or config.init)):
         raise SettingsError("setting anchor_weight needs model=probsam and a reference model (anchor= or init= "
-                            "weights), and excludes train_latent_only (the decoder must be free to drift)")
-    if config.anchor and config.anchor_weight == 0:
+                            "weights)")
+    if config.anchor and config.loss.anchor_weight == 0:
         raise SettingsError("setting anchor= names a reference model but anchor_weight is 0, so it would be "
                             "ignored; give anchor_weight > 0 or drop anchor=")
     if config.min_lr > config.lr:

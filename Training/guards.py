@@ -1,33 +1,21 @@
-"""Checks every Training script runs before it creates anything, and the one-line error handling of main().
+"""Generic checks a Training or research script runs before it creates anything: option ranges, input files
+and folders, the output folder (evaluate.py's --out, train.py's out= and its --resume checkpoint).
 
-Errors are ProbSAMLib.errors classes (settings, input, weights, device), so each script's main() maps
-them to one ``<script>: error: ...`` line and an exit status by type (2 bad input, 1 run-time failure,
-130 Ctrl-C, 143 SIGTERM) in one place: :func:`run_main`.
+The errors are ProbSAMLib.errors classes, so each script's main(), run by ProbSAMLib.errors.run_main (train.py:
+install_script_handler), ends with one ``<script>: error: ...`` line and an exit status by type (2 bad input,
+1 run-time failure, 130 Ctrl-C, 143 SIGTERM). Loading a weights file is Training.learning.learners.load_weights,
+a data set split Training.data.dataset_format.load_split.
 """
 from __future__ import annotations
 
 import shutil
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
 from ProbSAMLib import errors
-from ProbSAMLib.errors import InputError, OutputRefusedError, SettingsError, WeightsError
+from ProbSAMLib.errors import InputError, OutputRefusedError, SettingsError
 from ProbSAMLib.io.outputdir import OutputFolder
-
-
-def run_main(prog: str, main: Callable[[], int], nothing_written: bool = True) -> int:
-    """Run ``main()``; any error becomes one line and its exit status (PROBSAM_DEBUG=1: the traceback).
-    ``nothing_written``: whether an interrupted run may say so (the builders keep resumable work)."""
-    errors.tolerant_console()
-    try:
-        with errors.terminate_as_exception():
-            errors.pause_point("startup")
-            return main()
-    except (Exception, KeyboardInterrupt, errors.Terminated) as error:
-        if errors.debugging():
-            raise
-        return errors.report(prog, error, nothing_written)
 
 
 def at_least(option: str, value, low) -> None:
@@ -103,46 +91,6 @@ def load_resume_state(path: Path, device) -> dict:
     if not isinstance(state["step"], int) or state["step"] < 0:
         raise InputError(f"{path}: step {state['step']!r} is not a step count")
     return state
-
-
-def load_weights(path, sam_checkpoint: Optional[str] = None):
-    """A trained model file as a learner (Training.learning.learners.load_learner) or WeightsError naming the file."""
-    from Training.learning.learners import load_learner
-
-    existing_file("--model", path)
-    try:
-        return load_learner(Path(path), sam_checkpoint)
-    except WeightsError:
-        raise
-    except Exception as error:  # SafetensorError, KeyError, shape mismatches ... from a foreign file
-        raise WeightsError(f"{path} is not a usable ProbSAM or Prob U-Net weights file: "
-                           f"{errors.message(error)}") from None
-
-
-def is_probsam_file(path) -> bool:
-    """Whether ``path`` is a ProbSAM weights file (not a Prob U-Net one), or WeightsError naming the file."""
-    from ProbSAMLib.weights.checkpoints import FORMAT
-    from Training.learning.learners import weights_format
-
-    existing_file("--model", path)
-    try:
-        return weights_format(path) == FORMAT
-    except Exception as error:  # SafetensorError and the like from a foreign or truncated file
-        raise WeightsError(f"{path} is not a usable ProbSAM or Prob U-Net weights file: "
-                           f"{errors.message(error)}") from None
-
-
-def load_split(data, split: str):
-    """A data set split, with InputError for a missing, foreign or incomplete data set."""
-    from Training.data.dataset_format import load_dataset
-
-    if not Path(data, "meta.json").is_file():
-        raise InputError(f"{data} is not a data set (no meta.json); build one with Training/data/make_phantom.py "
-                         f"or Training/data/prepare_lidc.py")
-    dataset = load_dataset(data, split)
-    if len(dataset) == 0:
-        raise InputError(f"the {split} split of {data} holds no slices")
-    return dataset
 
 
 def say(text: str) -> None:

@@ -41,17 +41,19 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ProbSAMLib.inference.device import autocast, choose_device
-from Training.data import embedding_cache
-from Training.data.batches import SliceBatches, batch_positions, choose_readers, step_rng, validation_positions
 from Training import guards
 from Training.config import load_config
-from Training.evaluation.evaluate import evaluate_slices, summarise
+from Training.data import embedding_cache
+from Training.data.batches import SliceBatches, batch_positions, choose_readers, step_rng, validation_positions
+from Training.data.dataset_format import load_split
+from Training.evaluation.scoring import evaluate_slices, summarise
 from Training.learning.learners import build_learner, parameter_groups
 
 # ---- settings -------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Train ProbSAM or the Prob U-Net baseline.")
 parser.add_argument("config", nargs="?", help="Training/configs/*.yaml")
-parser.add_argument("overrides", nargs="*", help="key=value settings that replace the config file's")
+parser.add_argument("overrides", nargs="*", help="key=value settings that replace the config file's "
+                    "(a loss setting: beta=2 or loss.beta=2)")
 parser.add_argument("--no-cache", action="store_true", help="encode images every step (to fine-tune the encoder)")
 parser.add_argument("--resume", action="store_true", help="continue the run in `out` from its ckpt.pt")
 args = parser.parse_intermixed_args()  # flags may come before, between or after key=value
@@ -100,12 +102,12 @@ def barrier() -> None:
 
 
 # ---- data, model, optimiser ------------------------------------------------------------------------------
-train_data = SliceBatches(guards.load_split(cfg.data, "train"), box_margin=cfg.box_margin)
-val_data = SliceBatches(guards.load_split(cfg.data, "val"), box_margin=cfg.box_margin)
+train_data = SliceBatches(load_split(cfg.data, "train"), box_margin=cfg.box_margin)
+val_data = SliceBatches(load_split(cfg.data, "val"), box_margin=cfg.box_margin)
 learner = build_learner(cfg, train_data.dataset.intensity, context_size=max(train_data.image_hw)).to(device)
 if learner.reads_neighbours and train_data.dataset.neighbours is None:
-    raise errors.SettingsError(f"the model reads the slices below and above (neighbour_slices or refine_neighbours), but {cfg.data} has no "
-                               f"neighbours.npy; rebuild it with make_phantom.py or prepare_lidc.py")
+    raise errors.SettingsError(f"the model reads the slices below and above (neighbour_slices), but {cfg.data} has "
+                               f"no neighbours.npy; rebuild it with make_phantom.py or prepare_lidc.py")
 use_cache = learner.caches_embeddings and cfg.cache
 resume_state = guards.load_resume_state(out / "ckpt.pt", device) if args.resume else None  # before any write
 if resume_state is not None:
@@ -216,8 +218,9 @@ while step < cfg.max_steps and not stopped_early:
     embeddings = (embedding_cache.cached_embeddings(train_cache, positions, device, batch.flips)
                   if use_cache else None)
 
-    # The set term (set_weight > 0) compares prior samples with all 4 reader slots, an absent reader
-    # being an empty mask, exactly as evaluation counts them.
+    # The set term (loss.set_weight > 0) compares prior samples with all 4 reader slots, an absent reader
+    # being an empty mask, exactly as evaluation counts them; `voters` are the slots whose reader annotated
+    # the nodule (the consensus term's "readers" and "two", the anchor term).
     all_slots = torch.ones_like(batch.present)
     with autocast(device, use_bf16):
         parts = model(batch.model_images(learner.reads_neighbours).to(device), batch.boxes.to(device), targets.to(device), step, embeddings=embeddings,

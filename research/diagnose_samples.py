@@ -21,17 +21,20 @@ if __package__ in (None, ""):  # `python research/diagnose_samples.py` from the 
 import numpy as np
 import torch
 
-from ProbSAMLib import metrics
+from ProbSAMLib import errors, metrics
+from ProbSAMLib.metrics import MASK_THRESHOLD
 from Training import guards
 from Training.data.batches import SliceBatches, validation_positions
-from Training.evaluation.evaluate import THRESHOLD, slice_noise
+from Training.data.dataset_format import load_split
+from Training.evaluation.scoring import slice_noise
+from Training.learning.learners import load_weights
 
-MEAN_THRESHOLDS = (0.3, 0.4, THRESHOLD)
+MEAN_THRESHOLDS = (0.3, 0.4, MASK_THRESHOLD)
 
 
 def slice_diagnosis(probs: np.ndarray, annotations: np.ndarray) -> dict:
     """probs (N, H, W) sample probabilities, annotations (M, H, W) bool -> one slice's figures."""
-    drawn = (probs > THRESHOLD).reshape(len(probs), -1).sum(1)
+    drawn = (probs > MASK_THRESHOLD).reshape(len(probs), -1).sum(1)
     reader_areas = annotations.reshape(len(annotations), -1).sum(1)
     return {"n_marked": int((reader_areas > 0).sum()), "empty_share": float((drawn == 0).mean()),
             "sample_area": float(drawn.mean()),
@@ -44,8 +47,8 @@ def slice_diagnosis(probs: np.ndarray, annotations: np.ndarray) -> dict:
 def diagnose(model_path: Path, data: str, split: str, max_slices: int, seed: int = 0, n_samples: int = 16,
              box_margin: float = 2.0, batch_size: int = 16) -> dict:
     """{n_marked or "all": {figure: mean over slices, "slices": count}} for the seeded subset of a split."""
-    learner = guards.load_weights(model_path)
-    batches = SliceBatches(guards.load_split(data, split), box_margin=box_margin)
+    learner = load_weights(model_path)
+    batches = SliceBatches(load_split(data, split), box_margin=box_margin)
     positions = validation_positions(len(batches), max_slices or len(batches), seed)
     rows = []
     for start in range(0, len(positions), batch_size):
@@ -66,7 +69,7 @@ def diagnose(model_path: Path, data: str, split: str, max_slices: int, seed: int
 
 
 def main(argv=None) -> int:
-    return guards.run_main("diagnose_samples.py", lambda: _main(argv))
+    return errors.run_main("diagnose_samples.py", lambda: _main(argv))
 
 
 def _main(argv=None) -> int:

@@ -20,7 +20,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
-from Training.data.lidc_nodules import RATING_NAMES, LIDCNodule, scan_nodules, select_scans  # noqa: E402
+from ProbSAMLib.demo.phantom import RATING_NAMES  # noqa: E402
+from Training.data.lidc_nodules import LIDCNodule, scan_nodules, select_scans  # noqa: E402
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "ProbSAMLib" / "data" / "demo_nodules.npz"
 

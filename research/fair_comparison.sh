@@ -21,7 +21,7 @@ unet_s=${3:-8.24}
 lanes=${4:-both}
 data=${DATA:-data/phantom_v2}
 root=${RUNS:-runs/fair_v2}
-probsam_config=${PROBSAM_CONFIG:-Training/configs/phantom_v2_probsam.yaml}
+probsam_config=${PROBSAM_CONFIG:-research/configs/phantom_v2_probsam.yaml}
 unet_config=${UNET_CONFIG:-Training/configs/phantom_v2_prob_unet.yaml}
 mkdir -p "$root"
 

@@ -41,8 +41,10 @@ import numpy as np
 from scipy import ndimage
 
 from Training.data.boxes import union_boxes
+from ProbSAMLib import errors
 from ProbSAMLib.errors import InputError, SettingsError
 from Training import guards
+from Training.data.dataset_format import load_split
 from Training.evaluation.bootstrap import PatientBootstrap
 from Training.evaluation.report import read_results_folder
 
@@ -177,7 +179,7 @@ def left_empty_table(results: Path, slice_index: np.ndarray, majority_empty: np.
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return guards.run_main("look_alikes.py", lambda: _main(argv))
+    return errors.run_main("look_alikes.py", lambda: _main(argv))
 
 
 def settings(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -212,7 +214,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     from sklearn.metrics import roc_auc_score
 
     args = settings(argv)
-    query_data, reference_data = guards.load_split(args.data, args.split), guards.load_split(args.data, args.reference)
+    query_data, reference_data = load_split(args.data, args.split), load_split(args.data, args.reference)
     use_neighbours = query_data.neighbours is not None
     features = FEATURES + (NEIGHBOUR_FEATURES if use_neighbours else ())
     reference_positions, reference, reference_empty = describe(reference_data, args.box_margin, use_neighbours)

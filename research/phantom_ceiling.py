@@ -39,10 +39,12 @@ import torch
 from ProbSAMLib.modeling import preprocess
 from Training.data.boxes import union_boxes
 from ProbSAMLib.modeling.config import ProbSAMConfig
+from ProbSAMLib import errors
 from ProbSAMLib.errors import InputError, SettingsError
 from ProbSAMLib.metrics import mean_prediction_scores
 from Training.evaluation.threshold import THRESHOLD_HU, threshold_component
 from Training import guards
+from Training.data.dataset_format import load_split
 from Training.evaluation.baselines import hu_to_unit
 from Training.evaluation.bootstrap import PatientBootstrap
 from Training.evaluation.report import read_per_slice, reader_groups
@@ -103,7 +105,7 @@ def score_as(scores: Dict[str, np.ndarray], slice_index: np.ndarray, patients: n
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return guards.run_main("phantom_ceiling.py", lambda: _main(argv))
+    return errors.run_main("phantom_ceiling.py", lambda: _main(argv))
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
@@ -122,7 +124,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         raise SettingsError("--as-scored and --patients go together: a per-slice table and whose slices it scores")
     guards.at_least("--box-margin", args.box_margin, 0)
     guards.at_least("--bootstrap", args.bootstrap, 1)
-    data = guards.load_split(args.data, args.split)
+    data = load_split(args.data, args.split)
     level = THRESHOLD_HU if data.intensity == "hu" else hu_to_unit(THRESHOLD_HU)
     scores = {p: np.empty(len(data)) for p in PREDICTORS}
     for i in range(len(data)):

@@ -19,7 +19,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
-from ProbSAMLib.errors import SettingsError  # noqa: E402
+from ProbSAMLib.errors import SettingsError, run_main  # noqa: E402
 from Training.data.dataset_format import COLUMNS, Chunk, check_output, load_dataset, write_dataset  # noqa: E402
 
 def chosen_patients(splits: dict, fraction: float, seed: int) -> set:
@@ -55,8 +55,6 @@ def _plain(value):
 
 
 def main(argv=None) -> int:
-    from Training.guards import run_main
-
     return run_main("subsample.py", lambda: _main(argv))
 
 

@@ -16,7 +16,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Optional, Sequence
 
 if __package__ in (None, ""):  # `python research/tables.py` from the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,8 +24,8 @@ if __package__ in (None, ""):  # `python research/tables.py` from the repository
 import numpy as np
 import yaml
 
+from ProbSAMLib import errors
 from ProbSAMLib.errors import SettingsError
-from Training import guards
 from Training.evaluation.bootstrap import PatientBootstrap
 from Training.evaluation.report import read_results_folder, reader_groups
 
@@ -133,7 +133,7 @@ def influence_table(per_slice: dict, group: str, metric: str = "dice_majority", 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return guards.run_main("tables.py", lambda: _main(argv))
+    return errors.run_main("tables.py", lambda: _main(argv))
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:

@@ -24,9 +24,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ProbSAMLib import __version__, errors
-from ProbSAMLib.errors import EXIT_INPUT, EXIT_INTERRUPTED, EXIT_RUNTIME  # noqa: F401 (kept for importers)
-from ProbSAMLib.errors import SettingsError
-from ProbSAMLib.weights.registry import DEFAULT_MODEL, MODEL_NAMES, model_entry
+from ProbSAMLib.errors import EXIT_INTERRUPTED, SettingsError
+from ProbSAMLib.weights.registry import DEFAULT_MODEL, MANIFEST, MODEL_NAMES, model_entry
 
 MAX_SEED = 2 ** 63 - 1
 
@@ -331,16 +330,16 @@ def cmd_info(args) -> None:
     print(f"  mps   {'available' if mps_works() else 'not available'}")
     print(f"  auto  -> {choose_device('auto')}")
     print(f"weights cache: {checkpoints.cache_dir()}  (set PROBSAM_CACHE to move it)")
-    print(f"weights (--model {DEFAULT_MODEL}, the default, uses '{model_entry(DEFAULT_MODEL).weights}'; "
+    print(f"weights (--model {DEFAULT_MODEL}, the default, uses '{model_entry(DEFAULT_MODEL).weights.name}'; "
           f"--model vit_b uses 'sam_vit_b' plus --checkpoint heads):")
-    for entry in checkpoints.MANIFEST.values():
+    for entry in MANIFEST.values():
         path = checkpoints.entry_path(entry)
         status = "present" if path.is_file() else "absent"
         if path.is_file() and args.verify:
             try:
                 checkpoints.verify_sha256(path, entry.sha256)
                 status += ", SHA-256 ok" if entry.sha256 else ", no checksum listed"
-            except checkpoints.CheckpointError:
+            except errors.CheckpointError:
                 status += ", SHA-256 MISMATCH (delete it and fetch again)"
         size = f"{entry.size / 1e6:.0f} MB" if entry.size else "bundled" if entry.bundled else "?"
         print(f"  {entry.name:<10} {status:<8} {size:>8}  {path}")
@@ -353,9 +352,9 @@ def cmd_info(args) -> None:
 def cmd_fetch(args) -> None:
     from ProbSAMLib.weights import checkpoints
 
-    if args.name not in checkpoints.MANIFEST:
-        raise UsageError(f"unknown weights {args.name!r}; known: {', '.join(checkpoints.MANIFEST)}")
-    if checkpoints.MANIFEST[args.name].bundled:
+    if args.name not in MANIFEST:
+        raise UsageError(f"unknown weights {args.name!r}; known: {', '.join(MANIFEST)}")
+    if MANIFEST[args.name].bundled:
         raise UsageError(f"{args.name!r} is bundled with ProbSAM and cannot be fetched or replaced; use "
                          f"--model file --checkpoint FILE to run other weights")
     if args.source is not None:
@@ -385,28 +384,24 @@ def _warnings_as_lines():
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of the ``probsam`` console script; returns the exit status.
 
-    Everything after argument parsing, imports of torch included, runs inside the handler, so Ctrl-C or
+    Everything after argument parsing, imports of torch included, runs inside errors.run_main, so Ctrl-C or
     SIGTERM at any moment ends with one line and no output folder.
     """
-    errors.tolerant_console()
-    parser = build_parser()
-    args = parser.parse_args(_join_negative_box(sys.argv[1:] if argv is None else argv))
-    try:
-        with errors.terminate_as_exception():
-            errors.pause_point("startup")  # test hook: a signal before the heavy imports
-            from ProbSAMLib.inference.volume import Cancelled
+    errors.tolerant_console()  # before argparse, whose messages may hold any character of a path
+    args = build_parser().parse_args(_join_negative_box(sys.argv[1:] if argv is None else argv))
+    return errors.run_main("probsam", lambda: _run(args))
 
-            try:
-                with _warnings_as_lines():
-                    COMMANDS[args.command](args)
-            except Cancelled:
-                print("probsam: cancelled; nothing was written", file=sys.stderr)
-                return EXIT_INTERRUPTED
-        return 0
-    except (Exception, KeyboardInterrupt, errors.Terminated) as error:
-        if errors.debugging():
-            raise
-        return errors.report("probsam", error)
+
+def _run(args) -> int:
+    from ProbSAMLib.inference.volume import Cancelled
+
+    try:
+        with _warnings_as_lines():
+            COMMANDS[args.command](args)
+    except Cancelled:
+        print("probsam: cancelled; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
 
 
 if __name__ == "__main__":

@@ -38,7 +38,6 @@ from typing import BinaryIO, Optional
 import numpy as np
 
 _HEADER = struct.Struct("<Q")
-MAP_NAMES = ("mean_probability", "entropy", "variance", "mutual_information")
 
 
 # --- framing (shared with the client) -------------------------------------------------------------------
@@ -77,7 +76,7 @@ class _Models:
 
     def get(self, spec: dict):
         from ProbSAMLib.weights.build import load_model
-        from ProbSAMLib.weights.registry import weights_sha256
+        from ProbSAMLib.weights.checkpoints import weights_sha256
 
         key = tuple(spec.get(k) or None for k in ("name", "checkpoint", "sam_checkpoint", "device"))
         reused = key == self.key
@@ -132,6 +131,7 @@ class Server:
     def _sample(self, request: dict) -> None:
         from ProbSAMLib.geometry import VolumeGeometry, VoxelBox
         from ProbSAMLib.io.segfile import distinct_colors
+        from ProbSAMLib.inference.uncertainty import MAP_NAMES
         from ProbSAMLib.inference.volume import Cancelled, input_region, sample_volume
 
         rid = request["id"]
@@ -161,7 +161,8 @@ class Server:
                                seed=request.get("seed"), cancel=cancel,
                                progress=lambda f, m: self.send(type="progress", id=rid, fraction=f, message=m))
         self.send(type="result", id=rid, masks=result.masks, lo=voxel_box.lo, summary=result.summary,
-                  colors=distinct_colors(len(result.masks)), model=model_info, **{name: getattr(result, name) for name in MAP_NAMES})
+                  colors=distinct_colors(len(result.masks)), model=model_info,
+                  **{name: getattr(result, name) for name in MAP_NAMES})
 
     def _wait_for_region(self, rid, cancel) -> np.ndarray:
         from ProbSAMLib.inference.volume import Cancelled
@@ -208,12 +209,22 @@ def _error_kind(error: BaseException) -> str:
     return "error"
 
 
-def main() -> int:
+def serve() -> int:
+    """Serve requests on stdin until the client quits or closes it; frames go out on the real stdout."""
     outbox = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints (C or Python) go to stderr
     sys.stdout = sys.stderr
     Server(sys.stdin.buffer, outbox).serve()
     return 0
+
+
+def main() -> int:
+    """The process's exit status. A failure of the server itself (the client gone mid-frame, Ctrl-C in the
+    terminal Slicer runs in) ends with one line on stderr, which the client shows; errors of a request go
+    to the client as frames and the server lives on."""
+    from ProbSAMLib.errors import run_main
+
+    return run_main("probsam-worker", serve)
 
 
 if __name__ == "__main__":

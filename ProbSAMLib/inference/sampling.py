@@ -12,8 +12,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.inference.device import autocast
+from ProbSAMLib.metrics import MASK_THRESHOLD
+from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.modeling.probsam import ProbSAM
 
 
@@ -100,14 +101,14 @@ def sample_masks(
     seed: Optional[int] = None,
     generator: Optional[torch.Generator] = None,
     mode: str = "sample",
-    threshold: float = 0.5,
+    threshold: float = MASK_THRESHOLD,
 ) -> SampleResult:
     """N plausible masks for each (image, box).
 
     Arguments:
       images: (H, W) or (B, H, W) CT in HU (or [0, 1] if the model's config.window is None); or
         (B, 3, H, W), each slice with the one below and above, for a model that reads neighbouring slices
-        (config.neighbour_slices or refine_neighbours; given one slice alone, such a model sees it copied).
+        (config.neighbour_slices; given one slice alone, such a model sees it copied).
       boxes: (4,) or (B, 4) boxes (x1, y1, x2, y2) in image pixels, continuous edges.
       n_samples: N. seed / generator: make the draw reproducible. mode: "sample" or "mean" (prior mean,
         deterministic: the model's single best guess).

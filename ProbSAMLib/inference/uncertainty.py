@@ -22,6 +22,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import entr
 
+# The per-voxel maps a volume run keeps (VolumeSamplingResult), writes (<name>.nrrd) and the worker sends.
+MAP_NAMES = ("mean_probability", "entropy", "variance", "mutual_information")
+
 
 @dataclass
 class UncertaintyMaps:

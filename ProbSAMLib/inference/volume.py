@@ -1,9 +1,9 @@
 """Sampling a CT volume: one 3D box -> N coherent 3D segmentations and their uncertainty volumes.
 
 The model is 2D: it works on axial slices ``volume[k]`` ((J, I) = rows y, columns x) with the box's
-per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring slices (in its encoder,
-``config.neighbour_slices``, or its refiner, ``config.refine_neighbours``) also sees ``volume[k - 1]`` and
-``volume[k + 1]``. For every slice of the voxel box:
+per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring slices
+(``config.neighbour_slices``) also sees ``volume[k - 1]`` and ``volume[k + 1]``. For every slice of the
+voxel box:
 
 1. Context window. The model sees a square window centred on the box, of side
    ``max(min_context, longest box side + 2 * CONTEXT_MARGIN_PX)`` pixels, shifted to stay inside the
@@ -22,7 +22,8 @@ per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring 
    ``slice_batch`` (nor on free memory): same seed, byte-identical files on one machine.
 4. Decoding the N samples of a chunk in one pass; probabilities of the box's pixels are kept, the rest
    of the window is discarded (the box is the prompt: the object is inside it). Masks are
-   probability > 0.5. Outputs cover the voxel box only (zeros around it when placed on the full grid).
+   probability > metrics.MASK_THRESHOLD (0.5). Outputs cover the voxel box only (zeros around it when
+   placed on the full grid).
 
 The result holds box-sized arrays, ``(Kb, Jb, Ib)`` / ``(N, Kb, Jb, Ib)``, cut to the voxel box on the
 input's grid; ``voxel_box.lo`` is their offset. Nothing outside the box is computed, so nothing outside it
@@ -41,17 +42,19 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ProbSAMLib.app import report
-from ProbSAMLib.inference.device import autocast, synchronize
 from ProbSAMLib.errors import SettingsError, is_gpu_out_of_memory
 from ProbSAMLib.geometry import VolumeGeometry, VoxelBox, slice_boxes_2d, slices_with_neighbours
-from ProbSAMLib.inference.memory import available_bytes, bytes_per_slice, choose_batch, host_available_bytes, release_cached_memory
-from ProbSAMLib.modeling.probsam import ProbSAM
-from ProbSAMLib.modeling.preprocess import boxes_to_model_frame
+from ProbSAMLib.inference.device import autocast, synchronize
+from ProbSAMLib.inference.memory import (available_bytes, bytes_per_slice, choose_batch, host_available_bytes,
+                                         release_cached_memory)
 from ProbSAMLib.inference.sampling import images_to_unit, make_generator, sample_from_embeddings
+from ProbSAMLib.inference.summary import volume_summary
 from ProbSAMLib.inference.uncertainty import uncertainty_maps
+from ProbSAMLib.metrics import MASK_THRESHOLD
+from ProbSAMLib.modeling.latent import latents_from_noise
+from ProbSAMLib.modeling.preprocess import boxes_to_model_frame
+from ProbSAMLib.modeling.probsam import ProbSAM
 
-THRESHOLD = 0.5
 CONTEXT_MARGIN_PX = 16
 Z_MODES = ("per_sample", "per_slice")
 
@@ -69,7 +72,7 @@ class VolumeSamplingResult:
 
     masks (N, Kb, Jb, Ib) bool; mean_probability, entropy (nats), variance, mutual_information
     (Kb, Jb, Ib) float32; the box's first voxel is ``voxel_box.lo`` (i, j, k) of ``geometry``.
-    summary: JSON-ready dict (see ``report.volume_summary``).
+    summary: JSON-ready dict (see ``summary.volume_summary``).
     eps (Kb, N, L) and z (Kb, N, L): the standard-normal draws and the latents used on each of the
     box's Kb slices (eps is the same on every slice with z_mode "per_sample").
     """
@@ -122,12 +125,12 @@ def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple
     """(k0, k1, r0, r1, c0, c1), ends exclusive: the only voxels ``sample_volume`` reads for this box.
 
     The box's slices (and the one below and above, inside the volume, for a model that reads neighbouring
-    slices in its encoder or refiner) times the context window. A caller that holds the volume elsewhere
+    slices) times the context window. A caller that holds the volume elsewhere
     (the Slicer module's worker process) sends just this block; the rest of the volume can be anything.
     """
     x1, y1, x2, y2 = slice_boxes_2d(voxel_box)[0][1]
     r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
-    reach = 1 if model.config.reads_neighbours else 0
+    reach = 1 if model.config.neighbour_slices else 0
     k0, k1 = max(voxel_box.lo[2] - reach, 0), min(voxel_box.hi[2] + reach, int(shape_kji[0]))
     return k0, k1, r0, r1, c0, c1
 
@@ -217,8 +220,7 @@ def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: to
     image_hw = tuple(images01.shape[-2:])
     boxes = torch.tensor([box_in_window], dtype=torch.float32, device=device).expand(len(images_hu), 4)
     prior = model.prior_distribution(embeddings, boxes_to_model_frame(boxes, image_hw, model.config.img_size))
-    mu, sigma = prior.base_dist.loc, prior.base_dist.scale  # (B, L)
-    z = mu.unsqueeze(1) + sigma.unsqueeze(1) * eps.to(device, mu.dtype)
+    z = latents_from_noise(prior.base_dist.loc, prior.base_dist.scale, eps)  # (B, N, L)
     probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], z=z, images01=images01)
     synchronize(device)
     timings["decode_s"] += time.perf_counter() - start
@@ -314,7 +316,7 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
     box_in_window = (x1 - c0, y1 - r0, x2 - c0, y2 - r0)
 
     n_slices = len(slices)
-    region = model_slices(region, voxel_box.lo[2] - k0, n_slices, model.config.reads_neighbours)
+    region = model_slices(region, voxel_box.lo[2] - k0, n_slices, model.config.neighbour_slices)
     eps = _draw_noise(make_generator(seed), n_slices, n_samples, model.config.latent_dim, z_mode)
     batch = int(slice_batch) if slice_batch else choose_batch(model, n_samples, n_slices)
     if batch < 1:
@@ -328,12 +330,11 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
     result = _assemble(probs_box, geometry, voxel_box)
     result.eps, result.z = eps.numpy().astype(np.float32), z_used
     settings = {"n_samples": n_samples, "seed": seed, "seed_given": seed_given, "z_mode": z_mode,
-                "threshold": THRESHOLD, "slice_batch": batch, "oom_retries": oom_retries,
+                "threshold": MASK_THRESHOLD, "slice_batch": batch, "oom_retries": oom_retries,
                 "device": str(model.device), "context_window_rc": [r0, r1, c0, c1],
                 "encoder": model.config.encoder, "latent_dim": model.config.latent_dim,
-                "neighbour_slices": model.config.neighbour_slices,
-                "refine_neighbours": model.config.refine_neighbours}
-    result.summary = report.volume_summary(result, settings, timings)
+                "neighbour_slices": model.config.neighbour_slices}
+    result.summary = volume_summary(result, settings, timings)
     timings["total_s"] = time.perf_counter() - started
     result.summary["timings_s"] = {key: round(value, 4) for key, value in timings.items()}
     report_progress(1.0, "done")
@@ -344,7 +345,7 @@ def _assemble(probs_box: np.ndarray, geometry: VolumeGeometry, voxel_box: VoxelB
     """Masks and uncertainty maps of the box (box-sized; ``voxel_box.lo`` is their offset)."""
     maps = uncertainty_maps(probs_box)
     return VolumeSamplingResult(
-        masks=probs_box > THRESHOLD,
+        masks=probs_box > MASK_THRESHOLD,
         mean_probability=maps.mean_probability.astype(np.float32, copy=False),
         entropy=maps.entropy.astype(np.float32, copy=False),
         variance=maps.variance.astype(np.float32, copy=False),

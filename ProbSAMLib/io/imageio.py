@@ -1,5 +1,5 @@
-"""Reading CT volumes and writing ProbSAM's outputs (images, per-sample labelmaps, output folders);
-Slicer segmentation files are in :mod:`ProbSAMLib.io.segfile` (re-exported here).
+"""Reading CT volumes and writing ProbSAM's outputs (images, per-sample labelmaps). Slicer segmentation files
+are :mod:`ProbSAMLib.io.segfile`; the output folder written whole or not at all is :mod:`ProbSAMLib.io.outputdir`.
 
 One implementation for the CLI, the Slicer module and scripts. Arrays are ``(K, J, I)`` on a
 :class:`~ProbSAMLib.geometry.VolumeGeometry`; mask stacks are ``(N, K, J, I)`` booleans.
@@ -25,9 +25,7 @@ import SimpleITK as sitk
 
 from ProbSAMLib.errors import InputError
 from ProbSAMLib.geometry import VolumeGeometry
-from ProbSAMLib.io.outputdir import AtomicOutputDir, OutputExistsError, OutputFolder  # noqa: F401 (the one writer)
-from ProbSAMLib.io.segfile import (check_masks, distinct_colors, read_segment_metadata,  # noqa: F401 (re-exported)
-                      read_segmentation, write_segmentation)
+from ProbSAMLib.io.segfile import check_masks
 
 
 class VolumeReadError(InputError):

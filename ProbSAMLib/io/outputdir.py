@@ -162,7 +162,3 @@ class OutputFolder:
             os.rename(old, self.out_dir)  # put the previous output back
             raise
         shutil.rmtree(old, ignore_errors=True)  # (3)
-
-
-# The name used before this module existed (Slicer Logic and scripts import it from imageio).
-AtomicOutputDir = OutputFolder

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
+from ProbSAMLib.errors import CheckpointError
+
 # SAM's image-encoder variants (segment_anything/build_sam.py) plus a tiny one for tests and the demo.
 ENCODER_VARIANTS: Dict[str, Dict[str, Any]] = {
     "vit_h": dict(embed_dim=1280, depth=32, num_heads=16, global_attn_indexes=(7, 15, 23, 31)),
@@ -21,6 +23,25 @@ ENCODER_VARIANTS: Dict[str, Dict[str, Any]] = {
 
 # Lung window (centre, width) in HU: the window radiologists read nodules in.
 LUNG_WINDOW: Tuple[float, float] = (-600.0, 1500.0)
+
+
+# Settings earlier versions had and this one no longer has, with the value that meant "off": a stored file
+# that holds one at that value builds the same model without it; any other value asks for a model this
+# version cannot build.
+REMOVED_FIELDS: Dict[str, Any] = {
+    "refine_neighbours": False,  # the mask refiner reading slices k - 1 and k + 1; no model used it
+}
+
+
+def _drop_removed_fields(data: Dict[str, Any]) -> None:
+    """Remove REMOVED_FIELDS from a stored config, or CheckpointError for one not at its "off" value."""
+    for name, default in REMOVED_FIELDS.items():
+        if name not in data:
+            continue
+        value = data.pop(name)
+        if type(value) is not type(default) or value != default:  # strict: JSON 0 is not false
+            raise CheckpointError(f"the stored model config sets {name} = {json.dumps(value)}, a setting this "
+                                  f"version of ProbSAMLib no longer has (only {json.dumps(default)} can be read)")
 
 
 @dataclass
@@ -48,9 +69,6 @@ class ProbSAMConfig:
         segmented (k - 1, k, k + 1), as a radiologist scrolls to tell a nodule's fading edge or a vessel
         running through from the nodule itself; False = SAM's way, the slice copied to all three. A model
         that reads neighbours and is given one slice alone sees it copied, as at the ends of a scan.
-      refine_neighbours: the mask refiner (needs refine_channels > 0) reads the slices below and above
-        beside slice k, while the encoder may still read slice k alone: the decoder's samples stay as a
-        one-slice model draws them, and only their pixel-level correction sees the neighbours.
     """
 
     encoder: str = "vit_b"
@@ -67,7 +85,6 @@ class ProbSAMConfig:
     context_size: Optional[int] = None
     refine_channels: int = 0
     neighbour_slices: bool = False
-    refine_neighbours: bool = False
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,11 +110,6 @@ class ProbSAMConfig:
         if self.neighbour_slices not in (True, False):
             raise ValueError(f"neighbour_slices must be true or false, got {self.neighbour_slices!r}")
         self.neighbour_slices = bool(self.neighbour_slices)
-        if self.refine_neighbours not in (True, False):
-            raise ValueError(f"refine_neighbours must be true or false, got {self.refine_neighbours!r}")
-        self.refine_neighbours = bool(self.refine_neighbours)
-        if self.refine_neighbours and not self.refine_channels:
-            raise ValueError("refine_neighbours needs a mask refiner (refine_channels > 0)")
 
     @property
     def embedding_size(self) -> int:
@@ -111,9 +123,9 @@ class ProbSAMConfig:
 
     @property
     def reads_neighbours(self) -> bool:
-        """Whether any part of the model reads the slices below and above (encoder or refiner): what the
-        volume sampler and the data loaders must supply."""
-        return self.neighbour_slices or self.refine_neighbours
+        """Whether the model reads the slices below and above (neighbour_slices): what the data loaders
+        must supply."""
+        return self.neighbour_slices
 
     @property
     def mask_size(self) -> int:
@@ -125,7 +137,10 @@ class ProbSAMConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "ProbSAMConfig":
+        """The config stored in a weights file (to_json's text). A field of REMOVED_FIELDS is dropped when it
+        holds its default and refused (CheckpointError naming it) otherwise; an unknown field is refused."""
         data = json.loads(text)
+        _drop_removed_fields(data)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:

@@ -105,6 +105,22 @@ class LatentProjection(nn.Module):
         return token_shift, dense_shift
 
 
+def latents_from_noise(mu: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """z = mu + sigma * noise: N latents per image from a diagonal Gaussian and given standard-normal draws.
+
+    The noise is an argument, not drawn here, so callers choose where it comes from: a seeded CPU generator
+    (the same z on every device), one draw per sample shared by every slice of a volume, or the same draws
+    for two models compared on equal terms.
+
+    Arguments:
+      mu, sigma: (B, L) the Gaussian's mean and standard deviation (e.g. the prior's loc and scale).
+      noise: (B, N, L) standard-normal draws, on any device; moved to mu's device and dtype.
+    Returns:
+      (B, N, L) z on mu's device, in mu's dtype.
+    """
+    return mu.unsqueeze(1) + sigma.unsqueeze(1) * noise.to(mu.device, mu.dtype)
+
+
 def fold_mask(mask_low_res: torch.Tensor, grid: int) -> torch.Tensor:
     """(B, S, S) mask on the decoder grid -> (B, (S/grid)^2, grid, grid) channels on the embedding grid."""
     factor = mask_low_res.shape[-1] // grid

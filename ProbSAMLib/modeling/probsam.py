@@ -21,7 +21,7 @@ from torch.distributions import Independent
 from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.modeling.config import ProbSAMConfig
 from ProbSAMLib.modeling.decoding import decode_masks
-from ProbSAMLib.modeling.latent import GaussianLatentNet, LatentProjection, box_coverage, fold_mask
+from ProbSAMLib.modeling.latent import GaussianLatentNet, LatentProjection, box_coverage, fold_mask, latents_from_noise
 from ProbSAMLib.modeling.refine import MaskRefiner
 
 
@@ -44,8 +44,7 @@ class ProbSAM(nn.Module):
         self.prior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim)
         self.posterior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim, mask_channels)
         self.latent_projection = LatentProjection(config.latent_dim, dim, config.latent_to_dense)
-        self.refiner = (MaskRefiner(config.refine_channels, 3 if config.refine_neighbours else 1)
-                        if config.refine_channels else None)
+        self.refiner = MaskRefiner(config.refine_channels) if config.refine_channels else None
         if config.freeze_encoder:
             self.sam.image_encoder.requires_grad_(False)
 
@@ -77,14 +76,6 @@ class ProbSAM(nn.Module):
         conv.weight[:, 1] = centre.to(conv.weight.dtype)
         conv.bias += shift.to(conv.bias.dtype)
         self.config.neighbour_slices = True
-
-    def refine_with_neighbour_slices(self) -> None:
-        """Let the mask refiner read the slices below and above (config.refine_neighbours) without changing
-        what it computes (MaskRefiner.read_neighbour_slices); the encoder and decoder are untouched."""
-        if self.refiner is None:
-            raise ValueError("this model has no mask refiner to read the neighbouring slices (refine_channels = 0)")
-        self.refiner.read_neighbour_slices()
-        self.config.refine_neighbours = True
 
     # ---- image side -------------------------------------------------------------------------------
     def model_input(self, images01: torch.Tensor) -> torch.Tensor:
@@ -149,9 +140,8 @@ class ProbSAM(nn.Module):
         if images01 is None:
             raise ValueError("this model refines its masks with the image (config.refine_channels > 0): "
                              "pass the encoded images to decode(..., images01=)")
-        read = preprocess.neighbour_stack if self.config.refine_neighbours else preprocess.centre_slice
-        frame = preprocess.images_to_model_frame(read(images01).to(logits.device),
-                                                 self.config.img_size)
+        frame = preprocess.images_to_model_frame(preprocess.centre_slice(images01).to(logits.device),
+                                                 self.config.img_size)  # the refiner reads slice k alone
         return self.refiner(logits, frame)
 
     def forward(
@@ -184,5 +174,5 @@ class ProbSAM(nn.Module):
             return mu.unsqueeze(1).expand(-1, n_samples, -1)
         if mode != "sample":
             raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
-        eps = torch.randn((mu.shape[0], n_samples, mu.shape[1]), generator=generator)
-        return mu.unsqueeze(1) + sigma.unsqueeze(1) * eps.to(mu.device, mu.dtype)
+        noise = torch.randn((mu.shape[0], n_samples, mu.shape[1]), generator=generator)
+        return latents_from_noise(mu, sigma, noise)

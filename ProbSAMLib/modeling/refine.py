@@ -26,20 +26,16 @@ class MaskRefiner(nn.Module):
 
     Arguments:
       channels: width of the hidden convolutions. The receptive field is 11 pixels (3 x 3, 3 x 3, a 3 x 3
-        with dilation 2, 3 x 3).
-      image_slices: 1 = the refiner reads the segmented slice; 3 = also the slices below and above it
-        (k - 1, k, k + 1; ProbSAMConfig.refine_neighbours): beside a denser slice, a faint patch is the
-        fading edge of a nodule rather than a faint nodule, and the refiner can tell the two apart.
+        with dilation 2, 3 x 3). The image it reads is the segmented slice alone, also in a model whose
+        encoder reads the slices below and above.
     """
 
-    def __init__(self, channels: int, image_slices: int = 1):
+    def __init__(self, channels: int):
         super().__init__()
         if channels < 1:
             raise ValueError(f"refiner channels must be >= 1, got {channels}")
-        if image_slices not in (1, 3):
-            raise ValueError(f"a refiner reads 1 slice or 3 (k - 1, k, k + 1), got {image_slices}")
         self.net = nn.Sequential(
-            nn.Conv2d(1 + image_slices, channels, 3, padding=1), nn.GELU(),
+            nn.Conv2d(2, channels, 3, padding=1), nn.GELU(),  # inputs: the sample's probability, the slice
             nn.Conv2d(channels, channels, 3, padding=1), nn.GELU(),
             nn.Conv2d(channels, channels, 3, padding=2, dilation=2), nn.GELU(),
             nn.Conv2d(channels, 1, 3, padding=1),
@@ -48,34 +44,16 @@ class MaskRefiner(nn.Module):
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
-    @property
-    def image_slices(self) -> int:
-        return self.net[0].in_channels - 1
-
-    @torch.no_grad()
-    def read_neighbour_slices(self) -> None:
-        """Read the slices below and above too (3 image inputs), without changing what it computes: the
-        slice's own weights move to the middle input, the neighbours' start at zero, to be learnt."""
-        if self.image_slices == 3:
-            return
-        old = self.net[0]
-        new = nn.Conv2d(4, old.out_channels, 3, padding=1).to(old.weight.device, old.weight.dtype)
-        new.weight.zero_()
-        new.weight[:, 0] = old.weight[:, 0]  # the sample's probability
-        new.weight[:, 2] = old.weight[:, 1]  # slice k, now between k - 1 and k + 1
-        new.bias.copy_(old.bias)
-        self.net[0] = new
-
     def forward(self, logits: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """logits (B, N, s, s) on the decoder grid, image (B, C, S, S) in [0, 1] in the model frame
-        (resized and padded as the encoder sees it; C = image_slices) -> refined logits (B, N, S, S)."""
+        """logits (B, N, s, s) on the decoder grid, image (B, 1, S, S) in [0, 1] in the model frame
+        (resized and padded as the encoder sees it) -> refined logits (B, N, S, S)."""
         b, n = logits.shape[:2]
         size = image.shape[-1]
-        if image.shape[1] != self.image_slices:
-            raise ValueError(f"this refiner reads {self.image_slices} slice(s), got {image.shape[1]}")
+        if image.shape[1] != 1:
+            raise ValueError(f"the refiner reads one slice, (B, 1, S, S); got shape {tuple(image.shape)}")
         up = F.interpolate(logits.reshape(b * n, 1, *logits.shape[-2:]), (size, size), mode="bilinear",
                            align_corners=False)
-        pixels = image.to(up.dtype).repeat_interleave(n, dim=0)  # (B*N, C, S, S): each sample's own slice
+        pixels = image.to(up.dtype).repeat_interleave(n, dim=0)  # (B*N, 1, S, S): each sample's own slice
         # The convolutions read the probability, not the logit: logits run to +-30 and would swamp the image.
         residual = self.net(torch.cat([torch.sigmoid(up), (pixels - 0.5) * 4.0], dim=1))
         return (up + residual).reshape(b, n, size, size)

@@ -1,56 +1,30 @@
-"""The one builder: config -> segment_anything modules -> ProbSAM, with weights from SAM or ProbSAM files.
+"""ProbSAM models with weights from files: SAM's official checkpoints, ProbSAM safetensors, and the models of
+the registry by name (`load_model`, what the CLI, the Slicer module's worker and scripts call).
 
-Mirrors segment_anything/build_sam.py (same classes, same wiring) and adds the tiny variant and the
-ProbSAM heads. `load_model` is what the CLI, the Slicer module and scripts call.
+The architecture itself (no weights) is ProbSAMLib.modeling.build; which models exist is
+ProbSAMLib.weights.registry.
 """
 
 from __future__ import annotations
 
-from functools import partial
+import warnings
 from pathlib import Path
 from typing import Optional
 
 import torch
-from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 
-from ProbSAMLib.weights import checkpoints
-from ProbSAMLib.weights.checkpoints import CheckpointError
-from ProbSAMLib.modeling.config import ENCODER_VARIANTS, ProbSAMConfig
+from ProbSAMLib.errors import CheckpointError
 from ProbSAMLib.inference.device import choose_device
+from ProbSAMLib.modeling.build import build_sam
+from ProbSAMLib.modeling.config import ProbSAMConfig
 from ProbSAMLib.modeling.probsam import ProbSAM
-
-SAM_PIXEL_MEAN = [123.675, 116.28, 103.53]
-SAM_PIXEL_STD = [58.395, 57.12, 57.375]
-
-
-def build_sam(config: ProbSAMConfig) -> Sam:
-    """segment_anything's Sam, wired as build_sam.py does, for any ProbSAMConfig."""
-    variant = ENCODER_VARIANTS[config.encoder]
-    grid = config.embedding_size
-    return Sam(
-        image_encoder=ImageEncoderViT(
-            depth=variant["depth"], embed_dim=variant["embed_dim"], img_size=config.img_size,
-            mlp_ratio=4, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6), num_heads=variant["num_heads"],
-            patch_size=config.patch_size, qkv_bias=True, use_rel_pos=True,
-            global_attn_indexes=variant["global_attn_indexes"], window_size=config.window_size,
-            out_chans=config.prompt_dim,
-        ),
-        prompt_encoder=PromptEncoder(
-            embed_dim=config.prompt_dim, image_embedding_size=(grid, grid),
-            input_image_size=(config.img_size, config.img_size), mask_in_chans=16,
-        ),
-        mask_decoder=MaskDecoder(
-            num_multimask_outputs=3,
-            transformer=TwoWayTransformer(depth=2, embedding_dim=config.prompt_dim,
-                                          mlp_dim=config.decoder_mlp_dim, num_heads=8),
-            transformer_dim=config.prompt_dim, iou_head_depth=3, iou_head_hidden_dim=256,
-        ),
-        pixel_mean=SAM_PIXEL_MEAN, pixel_std=SAM_PIXEL_STD,
-    )
+from ProbSAMLib.weights import checkpoints
+from ProbSAMLib.weights.registry import DEFAULT_MODEL, ModelEntry, model_entry
 
 
 def build_probsam(config: ProbSAMConfig, sam_checkpoint: Optional[Path] = None, seed: Optional[int] = None) -> ProbSAM:
-    """A ProbSAM with SAM's official weights (if given, verified by SHA-256) and freshly initialised heads."""
+    """A ProbSAM (modeling.build.build_sam's architecture) with SAM's weights from the .pth `sam_checkpoint` if
+    given (load_model's loaders verify its SHA-256 first) and freshly initialised heads; `seed` seeds them."""
     if seed is not None:
         torch.manual_seed(seed)
     model = ProbSAM(build_sam(config), config)
@@ -95,22 +69,46 @@ def _load_state(module: torch.nn.Module, state, source, strict: bool, allowed_mi
     module.load_state_dict(state, strict=False)
 
 
+# --- models by name (registry.MODELS) -------------------------------------------------------------------
+def _load_bundled(entry: ModelEntry, checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
+    """A bundled demo model: its file (or the copy given) is checked against the registry's SHA-256."""
+    return load_probsam(checkpoints.resolve_weights(entry.weights.name, checkpoint))
+
+
+def _load_sam_heads(entry: ModelEntry, checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
+    """SAM's official weights (given, cached or downloaded; verified) plus ProbSAM heads from `checkpoint`."""
+    sam_path = checkpoints.resolve_weights(entry.weights.name, sam_checkpoint, download=download)
+    if checkpoint is not None:
+        return load_probsam(Path(checkpoint), sam_checkpoint=sam_path)
+    warnings.warn(f"no ProbSAM heads given for {entry.name}: the prior is untrained, so every sample "
+                  f"equals SAM's own box prediction (no uncertainty). Pass --checkpoint HEADS.safetensors.")
+    return build_probsam(ProbSAMConfig.preset(entry.name), sam_checkpoint=sam_path)
+
+
+def _load_file(entry: ModelEntry, checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
+    """A ProbSAM safetensors file the user names (full, or heads with `sam_checkpoint`)."""
+    if checkpoint is None:
+        raise CheckpointError(f"model {entry.name!r} needs --checkpoint PATH to a ProbSAM .safetensors file")
+    return load_probsam(Path(checkpoint), sam_checkpoint=sam_checkpoint)
+
+
+_LOADERS = {"bundled": _load_bundled, "sam_heads": _load_sam_heads, "file": _load_file}  # registry.LOADERS
+
+
 def load_model(
-    name: str = "demo_v7",
+    name: str = DEFAULT_MODEL,
     checkpoint: Optional[Path] = None,
     sam_checkpoint: Optional[Path] = None,
     device: str = "auto",
     download: bool = True,
 ) -> ProbSAM:
-    """The model a user asks for by name (``registry.MODEL_NAMES``), ready for inference on the device.
+    """The model a user asks for by name (``registry.MODEL_NAMES``), in eval mode on the device.
 
-    name: "demo_v7" (bundled tiny model; DEMO, rendered data, not for clinical use; "demo_v6", "demo_v5",
-    "demo_v4", "demo_v3", "demo_v2", "demo" are the earlier versions),
-    "vit_b"/"vit_l"/"vit_h"
-    (official SAM weights from `sam_checkpoint`, the cache or a download, plus ProbSAM heads from
-    `checkpoint`), or "file" (a full ProbSAM safetensors file at `checkpoint`).
+    name: a bundled demo model (DEMO: rendered data, not for clinical use; registry.DEFAULT_MODEL is the
+    current one, the others are kept so earlier runs reproduce), "vit_b"/"vit_l"/"vit_h" (official SAM
+    weights from `sam_checkpoint`, the cache or a download, plus ProbSAM heads from `checkpoint`), or "file"
+    (a full ProbSAM safetensors file at `checkpoint`). download: False never fetches SAM's weights.
     """
-    from ProbSAMLib.weights.registry import model_entry
-
-    model = model_entry(name).loader(checkpoint, sam_checkpoint, download)
+    entry = model_entry(name)
+    model = _LOADERS[entry.loader](entry, checkpoint, sam_checkpoint, download)
     return model.to(choose_device(device)).eval()

@@ -1,4 +1,6 @@
-"""Weights: the manifest of known files, the cache, SHA-256 verification, and ProbSAM safetensors files.
+"""Weights files: the cache, SHA-256 verification, downloads, and ProbSAM safetensors files.
+
+Which files exist (name, URL, SHA-256, bundled or not) is the registry's table (registry.MANIFEST).
 
 Official SAM checkpoints are torch pickles (`sam_vit_*.pth`) verified by SHA-256 before loading.
 ProbSAM weights (prior, posterior, projection, fine-tuned decoder; for the tiny model everything) are
@@ -13,91 +15,18 @@ import os
 import shutil
 import tempfile
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
 import torch
 
+from ProbSAMLib.errors import CheckpointError
 from ProbSAMLib.modeling.config import ProbSAMConfig
-from ProbSAMLib.errors import WeightsError
+from ProbSAMLib.weights.registry import MANIFEST  # noqa: F401 (the registry's; scripts read checkpoints.MANIFEST)
+from ProbSAMLib.weights.registry import WeightsFile, model_entry, weights_file
 
 FORMAT = "probsam-v1"
 PACKAGE_MODELS = Path(__file__).resolve().parents[1] / "models"
-
-
-class CheckpointError(WeightsError):
-    """A weights file is missing, corrupt, of the wrong model, or cannot be fetched."""
-
-
-@dataclass(frozen=True)
-class WeightsEntry:
-    name: str
-    filename: str
-    url: Optional[str]
-    sha256: Optional[str]
-    size: Optional[int]  # bytes, for progress display only; the SHA-256 is the check
-    licence: str
-    description: str
-    bundled: bool = False
-
-
-def _bundled_demo(name: str, sha256: str, size: int, description: str) -> WeightsEntry:
-    """A demo model shipped as ProbSAMLib/models/probsam_tiny_<name>.safetensors (no URL, Apache-2.0, checked
-    like a download)."""
-    return WeightsEntry(name, f"probsam_tiny_{name}.safetensors", None, sha256, size, "Apache-2.0", description,
-                        bundled=True)
-
-
-MANIFEST: Dict[str, WeightsEntry] = {
-    "sam_vit_b": WeightsEntry(
-        "sam_vit_b", "sam_vit_b_01ec64.pth",
-        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth",
-        "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912", 375_042_383,
-        "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-B image encoder and decoder"),
-    "sam_vit_l": WeightsEntry(
-        "sam_vit_l", "sam_vit_l_0b3195.pth",
-        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_l_0b3195.pth",
-        "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622", 1_249_524_607,
-        "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-L image encoder and decoder"),
-    "sam_vit_h": WeightsEntry(
-        "sam_vit_h", "sam_vit_h_4b8939.pth",
-        "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_h_4b8939.pth",
-        "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e", 2_564_550_879,
-        "Apache-2.0 (Meta AI, Segment Anything)", "Official SAM ViT-H image encoder and decoder"),
-    # Bundled files are checked like downloads: a bit flip or a half-copied install is refused. A
-    # retrained demo model gets a NEW entry (name, file, SHA-256); old entries stay so earlier runs,
-    # whose provenance names them, reproduce (Testing/test_bad_inputs_cli.py checks every one).
-    "demo": _bundled_demo(
-        "demo", "993fe11112b1c4b326c12318c4dac37d3078f694a0fc5aed623d85bbb2bd373b", 8_290_336,
-        "DEMO model v1 (superseded): tiny ProbSAM trained on the rendered LIDC contour phantom v1. "
-        "Not for clinical use."),
-    "demo_v2": _bundled_demo(
-        "demo_v2", "3ebfe61edcf745338fe2cd18b6822a4be44f0a77c839d9e7a8a7ab128959491d", 8_290_472,
-        "DEMO model v2 (superseded by demo_v3): tiny ProbSAM trained on the rendered phantom v2 (hard cases), "
-        "all four reader slots, set term. Not for clinical use."),
-    "demo_v3": _bundled_demo(
-        "demo_v3", "dfb775f8bbcc0326a0c292c0ef398173c438d3a520da0c83f7230bae893d5f9e", 8_290_512,
-        "DEMO model v3 (superseded by demo_v4): demo_v2 fine-tuned on phantom v2 without free bits and with 8 "
-        "prior samples in the set term. Not for clinical use."),
-    "demo_v4": _bundled_demo(
-        "demo_v4", "4b5e239237eccf2011ae013af1dda5f882477b2cdb9bfb8494dd9d8b7761103b", 8_290_744,
-        "DEMO model v4 (superseded by demo_v5): demo_v3 trained 200 steps on with the readers'-majority consensus term (its mean "
-        "prediction against the majority of the nodule's own readers). Not for clinical use."),
-    "demo_v5": _bundled_demo(
-        "demo_v5", "b4e56bacec3cb1f75a1e31d84d1a782b0c82bd6d71f7bfe3dd0e35631fc3acee", 8_297_052,
-        "DEMO model v5 (superseded by demo_v6): demo_v4 with an 8-channel mask refiner (ProbSAMLib/modeling/refine.py) "
-        "that reads the image at full resolution, trained 400 steps on phantom v2. Not for clinical use."),
-    "demo_v6": _bundled_demo(
-        "demo_v6", "86e751518dc809a0979004387e0901988a2d696d5eb9e33d261272ce73de961a", 8_297_332,
-        "DEMO model v6 (superseded by demo_v7): demo_v5 taught to read the slices below and above "
-        "(neighbour_slices), with an anchor term keeping its samples at demo_v5's on slices every reader marked; "
-        "750 steps on phantom v2. Not for clinical use."),
-    "demo_v7": _bundled_demo(
-        "demo_v7", "a708061cc2d223258121c043aee958cb0daf107933f106704a4ce046f7a6382b", 8_297_340,
-        "DEMO model v7: demo_v6 trained 150 steps on with the consensus term asking for the majority of all four "
-        "reader slots and set_above_half; reads the slices below and above. Not for clinical use."),
-}
 
 
 def cache_dir() -> Path:
@@ -129,15 +58,14 @@ def verify_sha256(path: Path, expected: Optional[str]) -> None:
         )
 
 
-def entry_path(entry: WeightsEntry) -> Path:
+def entry_path(entry: WeightsFile) -> Path:
+    """Where a weights file is: ProbSAMLib/models/ for a bundled one, else the cache."""
     return PACKAGE_MODELS / entry.filename if entry.bundled else cache_dir() / entry.filename
 
 
 def resolve_weights(name: str, path: Optional[Path] = None, download: bool = True, progress: bool = True) -> Path:
-    """A verified local file for manifest entry `name`: the given path, the cache, or a fresh download."""
-    if name not in MANIFEST:
-        raise CheckpointError(f"unknown weights {name!r}; known: {', '.join(sorted(MANIFEST))}")
-    entry = MANIFEST[name]
+    """A verified local file for MANIFEST entry `name`: the given path, the cache, or a fresh download."""
+    entry = weights_file(name)
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -156,14 +84,14 @@ def resolve_weights(name: str, path: Optional[Path] = None, download: bool = Tru
     return target
 
 
-def _offline_message(entry: WeightsEntry, target: Path) -> str:
+def _offline_message(entry: WeightsFile, target: Path) -> str:
     flag = "--sam-checkpoint" if entry.name.startswith("sam_") else "--checkpoint"
     return (f"{entry.filename} is not available offline. Download it from {entry.url} on a machine with "
             f"internet access and either put it at {target}, pass its path with {flag}, or install it with "
             f"`probsam fetch {entry.name} --from FILE`.")
 
 
-def _download(entry: WeightsEntry, target: Path, progress: bool) -> None:
+def _download(entry: WeightsFile, target: Path, progress: bool) -> None:
     """Download to a temporary name, verify, then move into place: no partial file is ever left."""
     from tqdm.auto import tqdm
 
@@ -278,11 +206,11 @@ def config_from_metadata(text: str, path) -> ProbSAMConfig:
 
 
 def copy_into_cache(source: Path, name: str) -> Path:
-    """Verify a user-supplied file for manifest entry `name` and copy it into the cache (offline sites).
+    """Verify a user-supplied file for MANIFEST entry `name` and copy it into the cache (offline sites).
 
     Bundled entries are refused: the cache is the only place this writes, never the installed package.
     """
-    entry = MANIFEST[name]
+    entry = weights_file(name)
     if entry.bundled:
         raise CheckpointError(f"{name!r} is bundled with ProbSAM and cannot be replaced")
     verify_sha256(Path(source), entry.sha256)
@@ -297,3 +225,11 @@ def copy_into_cache(source: Path, name: str) -> Path:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
     return target
+
+
+def weights_sha256(model: str, checkpoint: Optional[Path] = None) -> str:
+    """SHA-256 of the weights a model is loaded from (the ProbSAM file given; else its MANIFEST entry's)."""
+    if checkpoint is not None:
+        return sha256_file(Path(checkpoint))
+    entry = model_entry(model).weights
+    return entry.sha256 or sha256_file(entry_path(entry))

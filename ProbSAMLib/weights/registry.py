@@ -1,100 +1,132 @@
-"""The one list of model names and how each is loaded: used by the CLI, the Slicer module and load_model.
+"""The one table of models: each name, what it is, the weights file it is loaded from, and how.
 
-Importing this is cheap (no torch): the Slicer module reads the names at start-up. The loaders import
-``build`` only when called.
+Read by the CLI, the Slicer module (at start-up), load_model (ProbSAMLib.weights.build) and the weights
+cache (ProbSAMLib.weights.checkpoints, through MANIFEST). Importing this is cheap and imports no torch: it
+is plain data. It imports nothing of the library but its errors, so everything else may import it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Dict, Optional
+
+from ProbSAMLib.errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """One weights file: ``name`` (what ``probsam fetch`` and provenance call it), ``filename`` (in the cache,
+    or in ProbSAMLib/models/ when ``bundled``), ``url`` (None: not downloadable), ``sha256`` (checked on every
+    load, bundled files included), ``size`` in bytes (for progress display only), ``licence``, ``description``."""
+
+    name: str
+    filename: str
+    url: Optional[str]
+    sha256: Optional[str]
+    size: Optional[int]
+    licence: str
+    description: str
+    bundled: bool = False
+
+
+# How an entry is loaded (ProbSAMLib.weights.build.load_model):
+#   "bundled"   its own weights file (a full ProbSAM safetensors), verified by SHA-256;
+#   "sam_heads" SAM's official weights (its weights file: --sam-checkpoint, the cache or a download) plus
+#               ProbSAM heads from --checkpoint; without heads, an untrained prior;
+#   "file"      a full ProbSAM safetensors file the user gives with --checkpoint.
+LOADERS = ("bundled", "sam_heads", "file")
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     """name; description (one line, for menus); needs_checkpoint: the user must give a ProbSAM file;
-    min_gpu_gib: GPU memory below which sampling is likely to run out of memory or crawl;
-    loader(checkpoint, sam_checkpoint, download) -> ProbSAM on the CPU; warning: what a user must know
-    before trusting its masks (empty when nothing beyond "research software"); weights: manifest key."""
+    min_gpu_gib: GPU memory below which sampling is likely to run out of memory or crawl; loader: one of
+    LOADERS; warning: what a user must know before trusting its masks (empty when nothing beyond "research
+    software"); weights: the file it is loaded from (None: the user's --checkpoint)."""
 
     name: str
     description: str
     needs_checkpoint: bool
     min_gpu_gib: float
-    loader: Callable
+    loader: str
     warning: str = ""  # shown wherever the model is chosen (the Slicer module, `probsam sample`)
-    weights: str = ""  # its checkpoints.MANIFEST entry (the file whose SHA-256 provenance records)
+    weights: Optional[WeightsFile] = None
 
-
-DEMO_WARNING = ("DEMO model: a tiny network trained only on rendered phantom CT (real LIDC-IDRI reader "
-                "outlines, synthetic images). Not validated on real scans; not for clinical use.")
-
-
-def _demo_loader(weights: str) -> Callable:
-    """Loader of a bundled demo model: its file is checked against the manifest's SHA-256."""
-    def load(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
-        from ProbSAMLib.weights import checkpoints
-        from ProbSAMLib.weights.build import load_probsam
-
-        return load_probsam(checkpoints.resolve_weights(weights, checkpoint))
-    return load
-
-
-def _sam_loader(variant: str) -> Callable:
-    def load(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
-        import warnings
-
-        from ProbSAMLib.weights import checkpoints
-        from ProbSAMLib.weights.build import build_probsam, load_probsam
-        from ProbSAMLib.modeling.config import ProbSAMConfig
-
-        sam_path = checkpoints.resolve_weights(f"sam_{variant}", sam_checkpoint, download=download)
-        if checkpoint is not None:
-            return load_probsam(Path(checkpoint), sam_checkpoint=sam_path)
-        warnings.warn(f"no ProbSAM heads given for {variant}: the prior is untrained, so every sample "
-                      f"equals SAM's own box prediction (no uncertainty). Pass --checkpoint HEADS.safetensors.")
-        return build_probsam(ProbSAMConfig.preset(variant), sam_checkpoint=sam_path)
-    return load
-
-
-def _load_file(checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
-    from ProbSAMLib.weights.build import load_probsam
-    from ProbSAMLib.weights.checkpoints import CheckpointError
-
-    if checkpoint is None:
-        raise CheckpointError("model 'file' needs --checkpoint PATH to a ProbSAM .safetensors file")
-    return load_probsam(Path(checkpoint), sam_checkpoint=sam_checkpoint)
+    def __post_init__(self):
+        if self.loader not in LOADERS:
+            raise ValueError(f"model {self.name!r}: loader {self.loader!r} is not one of {LOADERS}")
 
 
 DEFAULT_MODEL = "demo_v7"  # what `probsam demo`/`sample`, load_model and the Slicer module use unless told
 
+DEMO_WARNING = ("DEMO model: a tiny network trained only on rendered phantom CT (real LIDC-IDRI reader "
+                "outlines, synthetic images). Not validated on real scans; not for clinical use.")
+_SAM_LICENCE = "Apache-2.0 (Meta AI, Segment Anything)"
 
-def _demo_model(name: str, version: str) -> ModelEntry:
-    """A bundled demo model: the current one (DEFAULT_MODEL) or an earlier one kept so earlier runs reproduce."""
+
+def _demo(name: str, version: str, sha256: str, size: int, history: str) -> ModelEntry:
+    """A bundled demo model, ProbSAMLib/models/probsam_tiny_<name>.safetensors: the current one
+    (DEFAULT_MODEL) or an earlier one kept so earlier runs, whose provenance names it, reproduce.
+    history: how it was trained (the weights file's description)."""
     if name == DEFAULT_MODEL:
         description = (f"bundled tiny DEMO model {version} (rendered phantom with hard cases; reads the slices "
                        "below and above; not for clinical use)")
     else:
         description = (f"bundled tiny DEMO model {version}, superseded by {DEFAULT_MODEL} (kept so earlier runs "
                        "reproduce)")
-    return ModelEntry(name, description, False, 1, _demo_loader(name), DEMO_WARNING, name)
+    weights = WeightsFile(name, f"probsam_tiny_{name}.safetensors", None, sha256, size, "Apache-2.0",
+                          f"DEMO model {version}{history} Not for clinical use.", bundled=True)
+    return ModelEntry(name, description, False, 1, "bundled", DEMO_WARNING, weights)
 
 
-MODELS = {entry.name: entry for entry in (
-    _demo_model("demo_v7", "v7"),
-    _demo_model("demo_v6", "v6"),
-    _demo_model("demo_v5", "v5"),
-    _demo_model("demo_v4", "v4"),
-    _demo_model("demo_v3", "v3"),
-    _demo_model("demo_v2", "v2"),
-    _demo_model("demo", "v1"),
-    ModelEntry("vit_b", "SAM ViT-B + ProbSAM heads (--checkpoint)", False, 4, _sam_loader("vit_b"), weights="sam_vit_b"),
-    ModelEntry("vit_l", "SAM ViT-L + ProbSAM heads (--checkpoint)", False, 6, _sam_loader("vit_l"), weights="sam_vit_l"),
-    ModelEntry("vit_h", "SAM ViT-H + ProbSAM heads (--checkpoint)", False, 8, _sam_loader("vit_h"), weights="sam_vit_h"),
-    ModelEntry("file", "a full ProbSAM .safetensors file (--checkpoint)", True, 2, _load_file),
+def _sam(variant: str, min_gpu_gib: float, filename: str, sha256: str, size: int) -> ModelEntry:
+    """SAM's official weights of one size plus ProbSAM heads (--checkpoint)."""
+    title = f"ViT-{variant[-1].upper()}"  # vit_b -> ViT-B
+    weights = WeightsFile(f"sam_{variant}", filename, f"https://dl.fbaipublicfiles.com/segment_anything/{filename}",
+                          sha256, size, _SAM_LICENCE, f"Official SAM {title} image encoder and decoder")
+    return ModelEntry(variant, f"SAM {title} + ProbSAM heads (--checkpoint)", False, min_gpu_gib, "sam_heads",
+                      weights=weights)
+
+
+# Bundled files are checked like downloads: a bit flip or a half-copied install is refused. A retrained demo
+# model gets a NEW entry (name, file, SHA-256); old entries stay so earlier runs, whose provenance names them,
+# reproduce (Testing/test_bad_inputs_cli.py checks every one against its file).
+MODELS: Dict[str, ModelEntry] = {entry.name: entry for entry in (
+    _demo("demo_v7", "v7", "a708061cc2d223258121c043aee958cb0daf107933f106704a4ce046f7a6382b", 8_297_340,
+          ": demo_v6 trained 150 steps on with the consensus term asking for the majority of all four reader "
+          "slots and set_above_half; reads the slices below and above."),
+    _demo("demo_v6", "v6", "86e751518dc809a0979004387e0901988a2d696d5eb9e33d261272ce73de961a", 8_297_332,
+          " (superseded by demo_v7): demo_v5 taught to read the slices below and above (neighbour_slices), "
+          "with an anchor term keeping its samples at demo_v5's on slices every reader marked; 750 steps on "
+          "phantom v2."),
+    _demo("demo_v5", "v5", "b4e56bacec3cb1f75a1e31d84d1a782b0c82bd6d71f7bfe3dd0e35631fc3acee", 8_297_052,
+          " (superseded by demo_v6): demo_v4 with an 8-channel mask refiner (ProbSAMLib/modeling/refine.py) "
+          "that reads the image at full resolution, trained 400 steps on phantom v2."),
+    _demo("demo_v4", "v4", "4b5e239237eccf2011ae013af1dda5f882477b2cdb9bfb8494dd9d8b7761103b", 8_290_744,
+          " (superseded by demo_v5): demo_v3 trained 200 steps on with the readers'-majority consensus term "
+          "(its mean prediction against the majority of the nodule's own readers)."),
+    _demo("demo_v3", "v3", "dfb775f8bbcc0326a0c292c0ef398173c438d3a520da0c83f7230bae893d5f9e", 8_290_512,
+          " (superseded by demo_v4): demo_v2 fine-tuned on phantom v2 without free bits and with 8 prior "
+          "samples in the set term."),
+    _demo("demo_v2", "v2", "3ebfe61edcf745338fe2cd18b6822a4be44f0a77c839d9e7a8a7ab128959491d", 8_290_472,
+          " (superseded by demo_v3): tiny ProbSAM trained on the rendered phantom v2 (hard cases), all four "
+          "reader slots, set term."),
+    _demo("demo", "v1", "993fe11112b1c4b326c12318c4dac37d3078f694a0fc5aed623d85bbb2bd373b", 8_290_336,
+          " (superseded): tiny ProbSAM trained on the rendered LIDC contour phantom v1."),
+    _sam("vit_b", 4, "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
+         375_042_383),
+    _sam("vit_l", 6, "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
+         1_249_524_607),
+    _sam("vit_h", 8, "sam_vit_h_4b8939.pth", "a7bf3b02f3ebf1267aba913ff637d9a2d5c33d3173bb679e46d9f338c26f262e",
+         2_564_550_879),
+    ModelEntry("file", "a full ProbSAM .safetensors file (--checkpoint)", True, 2, "file"),
 )}
 MODEL_NAMES = tuple(MODELS)
+
+# Every known weights file by its name (sam_vit_b, demo_v7, ...): what `probsam info` lists and `probsam
+# fetch` takes. Read off MODELS, never written out again.
+MANIFEST: Dict[str, WeightsFile] = {entry.weights.name: entry.weights for entry in MODELS.values()
+                                    if entry.weights is not None}
 
 
 def model_entry(name: str) -> ModelEntry:
@@ -102,16 +134,12 @@ def model_entry(name: str) -> ModelEntry:
     try:
         return MODELS[name]
     except KeyError:
-        from ProbSAMLib.weights.checkpoints import CheckpointError
-
         raise CheckpointError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
 
 
-def weights_sha256(name: str, checkpoint: Optional[Path] = None) -> str:
-    """SHA-256 of the weights a model is loaded from (the ProbSAM file; else the manifest's entry)."""
-    from ProbSAMLib.weights import checkpoints
-
-    if checkpoint is not None:
-        return checkpoints.sha256_file(Path(checkpoint))
-    entry = checkpoints.MANIFEST[model_entry(name).weights]
-    return entry.sha256 or checkpoints.sha256_file(checkpoints.entry_path(entry))
+def weights_file(name: str) -> WeightsFile:
+    """The MANIFEST entry of a weights name; CheckpointError naming the known ones."""
+    try:
+        return MANIFEST[name]
+    except KeyError:
+        raise CheckpointError(f"unknown weights {name!r}; known: {', '.join(sorted(MANIFEST))}") from None

@@ -19,6 +19,7 @@ import numpy as np
 
 from ProbSAMLib.errors import InputError, SettingsError
 from ProbSAMLib.io.outputdir import OutputFolder
+from Training import guards
 from Training.data.dataset_format import Chunk, check_output, write_dataset
 
 
@@ -151,8 +152,6 @@ def print_report(report: BuildReport, out) -> None:
 
 def check_build_arguments(args, max_crop: int, inputs=()) -> None:
     """The shared options' ranges, the output and the work folder, before anything is read or created."""
-    from Training import guards
-
     guards.at_least("--scans", args.scans, 1)
     guards.at_least("--pad-slices", args.pad_slices, 0)
     guards.at_least("--seed", args.seed, 0)

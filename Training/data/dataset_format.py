@@ -15,7 +15,7 @@ A data set is a directory (see Training/README.md for the full description):
 The DICOM and phantom builders store only slices where at least one reader's mask is non-empty; the
 pickle importer's literature split keeps every slice (n_marked = 0 for the empty ones). Writing goes to a temporary
 directory that is renamed into place when complete, so a data set on disk is always whole.
-No torch here: this module is the reader for scripts and the base of research/datasets.py.
+No torch here: this module is the reader for scripts (load_split) and for Training/data/batches.py.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from ProbSAMLib.demo.phantom import RATING_NAMES
 from ProbSAMLib.errors import InputError, SettingsError
 from ProbSAMLib.geometry import slices_with_neighbours
 from ProbSAMLib.io.outputdir import OutputFolder
@@ -37,8 +38,6 @@ from ProbSAMLib.io.outputdir import OutputFolder
 FORMAT = "probsam-lidc-slices"
 VERSION = 1
 N_READERS = 4
-RATING_NAMES = ("subtlety", "internalStructure", "calcification", "sphericity", "margin",
-                "lobulation", "spiculation", "texture", "malignancy")
 RATING_COLUMNS = tuple(f"{name}_{r}" for r in range(N_READERS) for name in RATING_NAMES)
 ANNOTATION_COLUMNS = tuple(f"annotation_id_{r}" for r in range(N_READERS))
 COLUMNS = ("index", "patient_id", "series_uid", "scan_id", "nodule_id", "k", "z_mm", "crop_row0",
@@ -336,3 +335,15 @@ def _check_consistent(dataset: "SliceDataset", n_rows: int) -> None:
 def load_dataset(path, split: Optional[str] = None) -> SliceDataset:
     """Open a data set directory, optionally restricted to the 'train', 'val' or 'test' patients."""
     return SliceDataset(path, split)
+
+
+def load_split(data, split: str) -> SliceDataset:
+    """A split a script was told to read, with InputError for a missing, foreign or incomplete data set and for
+    an empty split (the message says how to build one)."""
+    if not Path(data, "meta.json").is_file():
+        raise InputError(f"{data} is not a data set (no meta.json); build one with Training/data/make_phantom.py "
+                         f"or Training/data/prepare_lidc.py")
+    dataset = load_dataset(data, split)
+    if len(dataset) == 0:
+        raise InputError(f"the {split} split of {data} holds no slices")
+    return dataset

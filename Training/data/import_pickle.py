@@ -30,7 +30,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
-from ProbSAMLib.errors import InputError, SettingsError  # noqa: E402
+from ProbSAMLib.errors import InputError, SettingsError, run_main  # noqa: E402
 from Training import guards  # noqa: E402
 from Training.data.dataset_format import N_READERS, Chunk, check_output, write_dataset  # noqa: E402
 
@@ -147,8 +147,6 @@ def import_pickle(pickle_path, out, seed: int = 0, force: bool = False,
 
 
 def main(argv=None) -> int:
-    from Training.guards import run_main
-
     return run_main("import_pickle.py", lambda: _main(argv))
 
 

@@ -15,10 +15,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from ProbSAMLib.demo.phantom import RATING_NAMES
 from Training.data.pylidc_compat import import_pylidc
 
-RATING_NAMES = ("subtlety", "internalStructure", "calcification", "sphericity", "margin",
-                "lobulation", "spiculation", "texture", "malignancy")
 MAX_READERS = 4
 IMAGE_SIZE = 512  # every LIDC-IDRI CT slice is 512 x 512 (pylidc assumes it too)
 

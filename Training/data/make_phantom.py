@@ -26,6 +26,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from ProbSAMLib.demo.phantom import render_nodule_volume, stable_seed  # noqa: E402
+from ProbSAMLib.errors import run_main  # noqa: E402
 from Training.data.phantom_cases import (CASE_SHARES, GENERATOR_VERSION, HELDOUT_SHARE, NoduleCase,  # noqa: E402
                                       choose_case)
 from Training.data.build_dataset import (BuildReport, add_build_arguments, build,  # noqa: E402
@@ -109,8 +110,6 @@ def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[s
 
 
 def main(argv=None) -> int:
-    from Training.guards import run_main
-
     return run_main("make_phantom.py", lambda: _main(argv), nothing_written=False)  # finished scans are kept
 
 

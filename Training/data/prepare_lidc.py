@@ -23,7 +23,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import numpy as np  # noqa: E402
 
-from ProbSAMLib.errors import InputError  # noqa: E402
+from ProbSAMLib.errors import InputError, run_main  # noqa: E402
 
 from Training import guards  # noqa: E402
 from Training.data.build_dataset import (BuildReport, add_build_arguments, build,  # noqa: E402
@@ -88,8 +88,6 @@ def prepare_lidc(dicom_root, out, scans: Optional[int] = None,
 
 
 def main(argv=None) -> int:
-    from Training.guards import run_main
-
     return run_main("prepare_lidc.py", lambda: _main(argv), nothing_written=False)  # finished scans are kept
 
 

@@ -1,7 +1,8 @@
 """Evaluate trained models and baselines on a split: GED@16/@100, HM-IoU@16, NCC, ECE, Dmax, Dice/IoU
 of the mean prediction, sample diversity (ProbSAMLib.metrics), with 95 % patient-bootstrap intervals,
 broken down by how many readers marked the slice (and by case type for phantom v2), and paired
-differences (and the GED ratio) against the first model.
+differences (and the GED ratio) against the first model. The scoring itself is Training/evaluation/scoring.py,
+the tables Training/evaluation/report.py.
 
     python Training/evaluation/evaluate.py --data data/phantom --split test \
         --model runs/fair/probsam_tiny_seed0/best.safetensors --model runs/fair/prob_unet_seed0/best.safetensors \
@@ -29,133 +30,19 @@ if __package__ in (None, ""):  # `python Training/evaluation/evaluate.py` from t
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from ProbSAMLib.inference import memory
-from ProbSAMLib import metrics
-from ProbSAMLib.modeling.config import LUNG_WINDOW
-from ProbSAMLib.inference.device import autocast, choose_device
+from ProbSAMLib import errors
 from ProbSAMLib.errors import SettingsError, WeightsError
-from ProbSAMLib.modeling.probsam import ProbSAM
+from ProbSAMLib.inference.device import choose_device
+from ProbSAMLib.modeling.config import LUNG_WINDOW
+from ProbSAMLib.weights.checkpoints import sha256_file
 from Training import guards
 from Training.data.batches import SliceBatches, validation_positions
-from Training.evaluation.report import ID_KEYS, project_commit, read_per_slice, write_results
-
-THRESHOLD = 0.5
-
-
-def slice_metrics(probs: np.ndarray, annotations: np.ndarray, sizes: Sequence[int],
-                  region: Optional[np.ndarray] = None) -> Dict[str, float]:
-    """probs (N, H, W) sample probabilities, annotations (M, H, W) -> the metric row of one slice.
-
-    ``region`` (H, W) bool: the pixels ECE is computed on (the prompt box). The row's "calibration_bins"
-    (3, bins) are the sums behind ECE, pooled over slices by the data-set ECE and its bootstrap.
-    """
-    samples = probs > THRESHOLD
-    row = {f"ged@{n}": metrics.ged(samples[:n], annotations) for n in sizes}
-    small = samples[:min(sizes)]
-    n = len(small)
-    row[f"hm_iou@{n}"] = metrics.hm_iou(small, annotations)
-    row[f"ncc@{n}"] = metrics.ncc(probs[:n], annotations)
-    row[f"dmax@{n}"] = metrics.dmax(small, annotations)
-    row[f"diversity@{n}"] = metrics.sample_diversity(small)
-    bins = metrics.calibration_bins(probs[:n].mean(0), annotations, region=region)
-    row[f"ece@{n}"] = metrics.ece_from_bins(bins)
-    # The mean prediction: the average of the N sample probabilities, thresholded at 0.5 (issue 13's
-    # definition; averaging the thresholded samples instead would be a vote of the N masks).
-    scores = metrics.mean_prediction_scores(probs[:n], annotations)
-    row.update({key: scores[key] for key in ("dice_mean_annotator", "iou_mean_annotator", "dice_majority",
-                                             "iou_majority")})
-    row["calibration_bins"] = bins
-    return row
-
-
-def slice_noise(seed: int, slice_index: int, n_samples: int, latent_dim: int) -> torch.Tensor:
-    """(N, L) standard-normal latent noise of one slice, a function of (seed, slice index) only."""
-    state = np.random.SeedSequence([int(seed), int(slice_index), 7]).generate_state(2, dtype=np.uint64)
-    generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-    return torch.randn((n_samples, latent_dim), generator=generator)
-
-
-def box_region(box: np.ndarray, image_hw) -> np.ndarray:
-    """(H, W) bool of the pixels whose centres lie in the box (x1, y1, x2, y2, continuous edges)."""
-    ys, xs = np.arange(image_hw[0]) + 0.5, np.arange(image_hw[1]) + 0.5
-    return ((ys >= box[1]) & (ys < box[3]))[:, None] & ((xs >= box[0]) & (xs < box[2]))[None, :]
-
-
-def slices_per_batch(predictor, n_samples: int, n_slices: int, cap: int = 16) -> int:
-    """``cap`` slices, or fewer where a SAM encoder would not fit: ViT-B needs about 2.4 GiB a slice, so 16
-    slices and 100 samples would not fit a 24 GB GPU (ProbSAMLib.inference.memory)."""
-    learner = getattr(predictor, "learner", predictor)  # the prior-mean baseline wraps a learner
-    model = getattr(learner, "model", None)
-    if isinstance(model, ProbSAM):
-        return memory.choose_batch(model, n_samples, n_slices, cap=cap)
-    return max(1, min(cap, n_slices))
-
-
-@torch.no_grad()
-def evaluate_slices(predictor, batches: SliceBatches, positions: np.ndarray, sizes: Sequence[int] = (16, 100),
-                    seed: int = 0, batch_size: int = 0, device: Optional[torch.device] = None,
-                    embeddings_of=None, progress: bool = True) -> List[dict]:
-    """One metric row per slice for a learner or a baseline (Training/evaluation/baselines.py).
-
-    ``embeddings_of(positions)`` supplies cached embeddings (ProbSAM). The annotations are all reader
-    slots (absent reader = empty mask); n_marked is how many of them marked the slice. ``batch_size`` 0
-    chooses the slices per batch from free memory (at most 16); the rows do not depend on it.
-    """
-    parameters = list(predictor.parameters())
-    device = device or (parameters[0].device if parameters else torch.device("cpu"))
-    predictor.eval()
-    reads_neighbours = getattr(predictor, "reads_neighbours", False)  # the baselines read one slice
-    if reads_neighbours and batches.dataset.neighbours is None:
-        print(f"warning: the model reads the slices below and above, but {batches.dataset.path} has no "
-              f"neighbours.npy: it is shown each slice alone (copied), as at the ends of a scan", file=sys.stderr)
-    table = batches.dataset.table
-    n_max, latent_dim = max(sizes), int(getattr(predictor, "latent_dim", 0))
-    rows = []
-    batch_size = batch_size or slices_per_batch(predictor, n_max, len(positions))
-    for start in tqdm(range(0, len(positions), batch_size), desc="evaluating", disable=not progress, leave=False):
-        chunk = positions[start:start + batch_size]
-        batch = batches.read(chunk)
-        slices = batches.dataset.indices[chunk]
-        noise = torch.stack([slice_noise(seed, s, n_max, latent_dim) for s in slices]) if latent_dim else None
-        embeddings = embeddings_of(chunk) if embeddings_of is not None else None
-        with autocast(device):
-            images = batch.model_images(reads_neighbours)
-            probs = predictor.sample_probabilities(images.to(device), batch.boxes, n_max,
-                                                   embeddings=embeddings, noise=noise)
-        probs = probs.float().cpu().numpy()
-        for i, (position, index) in enumerate(zip(chunk, slices)):
-            annotations = batch.masks[i].numpy()  # all 4 slots
-            row = {"position": int(position), "slice": int(index), "patient_id": str(table["patient_id"][index]),
-                   "series_uid": str(table["series_uid"][index]),
-                   "n_marked": int(annotations.reshape(len(annotations), -1).any(1).sum())}
-            if "case" in table:  # phantom v2: the case type, for the per-case tables
-                row["case"] = str(table["case"][index])
-            region = box_region(batch.boxes[i].numpy(), annotations.shape[-2:])
-            row.update(slice_metrics(probs[i], annotations, sizes, region))
-            rows.append(row)
-    return rows
-
-
-def summarise(rows: List[dict]) -> Dict[str, float]:
-    """Mean of every metric over slices (NaN-aware for NCC, whose NaN count is reported); ECE pooled."""
-    keys = [k for k in rows[0] if k not in ID_KEYS and k != "calibration_bins" and not k.startswith("ece")]
-    with np.errstate(invalid="ignore"):  # an all-NaN column (NCC of a deterministic method) stays NaN
-        summary = {key: _nanmean([r[key] for r in rows]) for key in keys}
-    for key in [k for k in keys if k.startswith("ncc")]:
-        summary[f"{key}_nan_slices"] = int(np.isnan([r[key] for r in rows]).sum())
-    for key in [k for k in rows[0] if k.startswith("ece")]:
-        summary[key] = metrics.ece_from_bins(np.sum([r["calibration_bins"] for r in rows], axis=0))
-    summary["slices"] = len(rows)
-    return summary
-
-
-def _nanmean(values) -> float:
-    values = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(values)
-    return float(values[finite].mean()) if finite.any() else float("nan")
-
+from Training.data.dataset_format import load_split
+from Training.evaluation.baselines import PriorMeanBaseline, ThresholdBaseline
+from Training.evaluation.report import project_commit, read_per_slice, write_results
+from Training.evaluation.scoring import evaluate_slices, summarise
+from Training.learning.learners import is_probsam_file, load_weights
 
 def protocol_text(data: str, split: str, n_slices: int, n_unmarked: int, sizes, margin: float, seed: int,
                   n_boot: int, baselines: Sequence[str] = ()) -> str:
@@ -180,13 +67,10 @@ def protocol_text(data: str, split: str, n_slices: int, n_unmarked: int, sizes, 
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    return guards.run_main("evaluate.py", lambda: _main(argv))
+    return errors.run_main("evaluate.py", lambda: _main(argv))
 
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
-    from Training.evaluation.baselines import PriorMeanBaseline, ThresholdBaseline
-    from ProbSAMLib.weights.checkpoints import sha256_file
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", required=True)
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -221,17 +105,17 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = choose_device(args.device)
-    batches = SliceBatches(guards.load_split(args.data, args.split), box_margin=args.box_margin)
+    batches = SliceBatches(load_split(args.data, args.split), box_margin=args.box_margin)
     positions = validation_positions(len(batches), args.max_slices, args.seed)
     sizes = sorted(set(args.samples))
 
     # (name, predictor factory, model file or None): loaded one at a time to keep memory flat
     methods = []
     for name, path in zip(names, args.model):
-        methods.append((name, lambda p=path: guards.load_weights(p, args.sam_checkpoint), path))
-        if args.prior_mean and guards.is_probsam_file(path):
+        methods.append((name, lambda p=path: load_weights(p, args.sam_checkpoint), path))
+        if args.prior_mean and is_probsam_file(path):
             methods.append((f"{name} (prior mean)",
-                            lambda p=path: PriorMeanBaseline(guards.load_weights(p, args.sam_checkpoint)), path))
+                            lambda p=path: PriorMeanBaseline(load_weights(p, args.sam_checkpoint)), path))
     notes = []
     if args.threshold_baseline:
         window = LUNG_WINDOW if batches.dataset.intensity == "hu" else tuple(args.unit_window)

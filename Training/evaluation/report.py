@@ -14,6 +14,7 @@ import numpy as np
 
 from ProbSAMLib.errors import SettingsError
 from Training.evaluation.bootstrap import PatientBootstrap
+from Training.evaluation.scoring import INT_KEYS, TEXT_KEYS, summarise
 
 # Reported columns in order (metric name -> header, arrow = better direction); @N sizes come from the rows.
 # ECE is pooled over slices, the others are slice means.
@@ -117,8 +118,6 @@ def difference_tables(per_slice: Dict[str, List[dict]], n_boot: int, seed: int) 
 
 def seed_summary(per_slice: Dict[str, List[dict]]) -> Dict[str, Dict[str, dict]]:
     """Methods named <method>_seed<k>: mean ± sd (ddof 1) over seeds of each whole-split metric."""
-    from Training.evaluation.evaluate import summarise
-
     by_method = defaultdict(list)
     for name, rows in per_slice.items():
         match = _SEED.match(name)
@@ -171,10 +170,6 @@ def markdown(protocol: str, intervals: dict, differences: dict, seeds: dict, row
 
 
 _PROVENANCE_COLUMNS = ("method", "seed", "box_margin", "model_sha256", "commit")
-# Per-slice values that identify the slice rather than measure it (evaluate.summarise skips them).
-_INT_KEYS = ("position", "slice", "n_marked")
-_TEXT_KEYS = ("patient_id", "series_uid", "case")
-ID_KEYS = _INT_KEYS + _TEXT_KEYS
 
 
 def write_per_slice(path: Path, method: str, rows: List[dict], seed: int, model_sha256: str, commit: str,
@@ -208,9 +203,9 @@ def read_per_slice(path: Path) -> tuple:
         for key, value in record.items():
             if key in _PROVENANCE_COLUMNS:
                 continue
-            if key in _INT_KEYS:
+            if key in INT_KEYS:
                 row[key] = int(value)
-            elif key in _TEXT_KEYS:
+            elif key in TEXT_KEYS:
                 row[key] = value
             elif key == "calibration_bins":
                 row[key] = np.asarray(json.loads(value), dtype=np.float64)

@@ -6,7 +6,8 @@ one call), plus ``sample_probabilities`` for evaluation and ``save`` for the wei
 Sampling takes the standard-normal latent noise ``noise`` (B, N, L) from the caller (z = mu + sigma *
 noise, mu and sigma from the prior), so evaluate.py can draw it per slice: the samples of a slice then do
 not depend on which other slices share its batch. ``mode="mean"`` gives the deterministic prior-mean
-prediction (z = mu), one of evaluate.py's baselines.
+prediction (z = mu), one of evaluate.py's baselines. A weights file a user names is loaded as a learner by
+``load_weights`` (errors name the file).
 """
 from __future__ import annotations
 
@@ -16,29 +17,36 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ProbSAMLib import errors
+from ProbSAMLib.errors import InputError, SettingsError, WeightsError
+from ProbSAMLib.inference.sampling import sample_from_embeddings
 from ProbSAMLib.modeling import preprocess
+from ProbSAMLib.modeling.config import LUNG_WINDOW, ProbSAMConfig
+from ProbSAMLib.modeling.latent import latents_from_noise
 from ProbSAMLib.weights.build import build_probsam, load_probsam
 from ProbSAMLib.weights.checkpoints import FORMAT as PROBSAM_FORMAT
 from ProbSAMLib.weights.checkpoints import save_probsam
-from ProbSAMLib.modeling.config import ProbSAMConfig
-from ProbSAMLib.errors import SettingsError
-from Training.learning.loss import LossConfig, probsam_loss
-from ProbSAMLib.inference.sampling import sample_from_embeddings
-from Training.learning.anchor import Anchor, anchor_loss, anchored_slices
 from Training.config import TrainConfig
+from Training.learning.anchor import Anchor, anchor_loss, anchored_slices
+from Training.learning.loss import LossConfig, probsam_loss
 from Training.learning.prob_unet import FORMAT as PROB_UNET_FORMAT
 from Training.learning.prob_unet import ProbUNet, load_prob_unet, save_prob_unet
+
+# The TrainConfig settings that are ProbSAMConfig fields of the same name (the rest of the architecture is the
+# preset's): a fresh model takes them all; a model from init= keeps its own but freeze_encoder, refine_channels
+# (a refiner attached) and neighbour_slices (the conversion), which build_learner applies.
+MODEL_FIELDS = ("latent_dim", "latent_to_dense", "freeze_encoder", "refine_channels", "neighbour_slices")
 
 
 class ProbSAMLearner(nn.Module):
     uses_embeddings = True
 
-    def __init__(self, model, loss_config: LossConfig, anchor: Optional[Anchor] = None, anchor_weight: float = 0.0,
-                 anchor_min_readers: int = 3):
+    def __init__(self, model, loss_config: LossConfig, anchor: Optional[Anchor] = None):
+        """anchor: the anchor term's reference model (loss_config.anchor_weight > 0), or None (no anchor term)."""
         super().__init__()
         self.model = model
         self.loss_config = loss_config
-        self.anchor, self.anchor_weight, self.anchor_min_readers = anchor, anchor_weight, anchor_min_readers
+        self.anchor = anchor
 
     @property
     def caches_embeddings(self) -> bool:
@@ -50,15 +58,15 @@ class ProbSAMLearner(nn.Module):
 
     @property
     def reads_neighbours(self) -> bool:
-        """Whether to show it the slices below and above (Batch.model_images): its encoder or refiner reads them."""
+        """Whether to show it the slices below and above (Batch.model_images): its encoder reads them."""
         return self.model.config.reads_neighbours
 
     def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None,
                 readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None,
                 voters: Optional[torch.Tensor] = None) -> dict:
         """images (B, H, W) in [0, 1] (or (B, 3, H, W) with the slices below and above), boxes (B, 4) image pixels, targets (B, H, W) one reader's mask;
-        readers (B, M, H, W) and present (B, M): every reader's mask, for the set term (set_weight > 0);
-        voters (B, M): the slots whose reader annotated the nodule (consensus_voters or set_voters "readers")."""
+        readers (B, M, H, W) and present (B, M): every reader's mask, for the set and consensus terms;
+        voters (B, M): the slots whose reader annotated the nodule (consensus_voters "readers" or "two", anchor)."""
         config, image_hw = self.model.config, images.shape[-2:]
         if embeddings is None:
             embeddings = self.model.encode(images)
@@ -73,10 +81,10 @@ class ProbSAMLearner(nn.Module):
             return probsam_loss(out, loss_target, step, self.loss_config, logits=logits,
                                 pixel_weight=scored["pixel_weight"])
         if readers is None or present is None or (self.anchor is not None and voters is None):
-            raise ValueError("set_weight, consensus_weight, empty_weight or anchor_weight > 0: the learner needs every "
-                             "reader's mask (readers=, present=; and voters= for the anchor)")
-        # K samples from the PRIOR, decoded from the same embeddings (reparameterised: the set, consensus
-        # and empty-share terms' gradients reach the prior net).
+            raise ValueError("set_weight, consensus_weight or anchor_weight > 0: the learner needs every reader's "
+                             "mask (readers=, present=; and voters= for the anchor)")
+        # K samples from the PRIOR, decoded from the same embeddings (reparameterised: the set and consensus
+        # terms' gradients reach the prior net).
         z = out.prior.rsample((self.loss_config.set_samples,)).transpose(0, 1)  # (B, K, L)
         prior_logits = scored["logits"](self.model.decode(embeddings, boxes_model, z, images))
         reader_targets = readers.float() if scored["on_image"] else self._on_mask_grid(readers, image_hw)
@@ -85,7 +93,7 @@ class ProbSAMLearner(nn.Module):
                              pixel_weight=scored["pixel_weight"])
         if self.anchor is None:
             return parts
-        anchored = anchored_slices(readers, voters.to(readers.device), self.anchor_min_readers)
+        anchored = anchored_slices(readers, voters.to(readers.device), self.loss_config.anchor_min_readers)
         # the reference reads only the slices it holds (its encoder is the costly part; the term is 0 elsewhere)
         rows = anchored.nonzero().squeeze(1)
         if rows.numel() == 0:
@@ -96,7 +104,7 @@ class ProbSAMLearner(nn.Module):
         reference = scored["logits"](self.anchor.sample_logits(images[rows], boxes_model[rows], noise))
         # mean over the whole batch (a slice that is not anchored adds 0), as if every slice had been read
         term = anchor_loss(prior_logits[rows], reference, anchored[rows], scored["pixel_weight"]).sum() / len(anchored)
-        parts["loss"] = parts["loss"] + self.anchor_weight * term
+        parts["loss"] = parts["loss"] + self.loss_config.anchor_weight * term
         parts["anchor"] = term.detach()
         return parts
 
@@ -113,7 +121,7 @@ class ProbSAMLearner(nn.Module):
         upsampled and cut at 0.5, lose about 8 % Dice at the edge of a 15-pixel nodule, while a logit field on
         that grid fitted at full resolution loses almost nothing (Training/README.md, loss resolution)."""
         config = self.model.config
-        if self.loss_config.resolution == "decoder":
+        if self.loss_config.loss_resolution == "decoder":
             return {"on_image": False, "logits": lambda x: x, "pixel_weight": 1.0}
         new_h, new_w = preprocess.resized_shape(image_hw[0], image_hw[1], config.img_size)
         grid_cells = (config.low_res_size / config.img_size) ** 2 * new_h * new_w  # cells covering the image
@@ -123,7 +131,10 @@ class ProbSAMLearner(nn.Module):
     @torch.no_grad()
     def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
                              noise: Optional[torch.Tensor] = None, mode: str = "sample"):
-        """(B, N, H, W) foreground probabilities from the prior; ``noise`` (B, N, L) fixes the draw."""
+        """(B, N, H, W) foreground probabilities from the prior; ``noise`` (B, N, L) fixes the draw;
+        ``mode="mean"``: every sample decodes the prior's mean (z = mu)."""
+        if mode not in ("sample", "mean"):
+            raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
         if embeddings is None:
             embeddings = self.model.encode(images.to(self.model.device))
         z = None
@@ -131,7 +142,14 @@ class ProbSAMLearner(nn.Module):
             boxes_model = preprocess.boxes_to_model_frame(boxes.to(embeddings.device, torch.float32),
                                                           images.shape[-2:], self.model.config.img_size)
             prior = self.model.prior_distribution(embeddings, boxes_model)
-            z = latents_from_noise(prior.base_dist.loc, prior.base_dist.scale, n_samples, noise, mode)
+            mu, sigma = prior.base_dist.loc, prior.base_dist.scale
+            if mode == "mean":
+                z = mu[:, None].expand(-1, n_samples, -1)
+            elif tuple(noise.shape) != (mu.shape[0], n_samples, mu.shape[1]):
+                raise ValueError(f"noise must have shape {(mu.shape[0], n_samples, mu.shape[1])}, got "
+                                 f"{tuple(noise.shape)}")
+            else:
+                z = latents_from_noise(mu, sigma, noise)
         probs, _ = sample_from_embeddings(self.model, embeddings, boxes, images.shape[-2:], n_samples, generator,
                                           z=z, images01=images)
         return probs
@@ -171,29 +189,6 @@ class ProbUNetLearner(nn.Module):
         save_prob_unet(self.model, path, extra)
 
 
-def latents_from_noise(mu: torch.Tensor, sigma: torch.Tensor, n_samples: int,
-                       noise: Optional[torch.Tensor] = None, mode: str = "sample") -> torch.Tensor:
-    """Prior mu, sigma (B, L) and standard-normal noise (B, N, L) -> z (B, N, L); mode "mean": z = mu."""
-    if mode == "mean":
-        return mu[:, None].expand(-1, n_samples, -1)
-    if mode != "sample":
-        raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
-    if noise is None or tuple(noise.shape) != (mu.shape[0], n_samples, mu.shape[1]):
-        raise ValueError(f"noise must have shape {(mu.shape[0], n_samples, mu.shape[1])}, got "
-                         f"{None if noise is None else tuple(noise.shape)}")
-    return mu[:, None] + sigma[:, None] * noise.to(mu.device, mu.dtype)
-
-
-def loss_config(cfg: TrainConfig) -> LossConfig:
-    return LossConfig(beta=cfg.beta, dice_weight=cfg.dice_weight, anneal_steps=cfg.anneal_steps,
-                      free_bits=cfg.free_bits, set_weight=cfg.set_weight, set_samples=cfg.set_samples,
-                      set_kind=cfg.set_kind, consensus_weight=cfg.consensus_weight,
-                      consensus_margin=cfg.consensus_margin, consensus_voters=cfg.consensus_voters,
-                      set_voters=cfg.set_voters, set_above_half=cfg.set_above_half,
-                      empty_weight=cfg.empty_weight, empty_margin=cfg.empty_margin,
-                      resolution=cfg.loss_resolution)
-
-
 def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optional[int] = None) -> nn.Module:
     """A fresh (or ``cfg.init``-initialised) learner for ``cfg.model``.
 
@@ -201,7 +196,7 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
     the model windows at the scale it was trained at.
     """
     if cfg.model == "prob_unet":
-        return ProbUNetLearner(ProbUNet(cfg.unet_channels, cfg.latent_dim), loss_config(cfg))
+        return ProbUNetLearner(ProbUNet(cfg.unet_channels, cfg.latent_dim), cfg.loss)
     if cfg.model != "probsam":
         raise ValueError(f"model must be 'probsam' or 'prob_unet', got {cfg.model!r}")
     if cfg.init:
@@ -211,50 +206,16 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         _match_refiner(model, cfg.refine_channels, cfg.init)
         if cfg.neighbour_slices:  # exact: step 0 is `init`; the neighbours' weights start at zero
             model.read_neighbour_slices()
-        if cfg.refine_neighbours:  # exact too: the refiner's weights for the neighbours start at zero
-            if model.refiner is None:
-                raise SettingsError(f"setting refine_neighbours: {cfg.init} has no mask refiner; set refine_channels "
-                                    f"to attach one")
-            model.refine_with_neighbour_slices()
     else:
-        window = None if intensity == "unit" else ProbSAMConfig().window
-        config = ProbSAMConfig.preset(cfg.preset, latent_dim=cfg.latent_dim, latent_to_dense=cfg.latent_to_dense,
-                                      freeze_encoder=cfg.freeze_encoder, window=window,
-                                      refine_channels=cfg.refine_channels, neighbour_slices=cfg.neighbour_slices,
-                                      refine_neighbours=cfg.refine_neighbours)
+        window = None if intensity == "unit" else LUNG_WINDOW
+        config = ProbSAMConfig.preset(cfg.preset, window=window, **{name: getattr(cfg, name) for name in MODEL_FIELDS})
         model = build_probsam(config, sam_checkpoint=cfg.sam_checkpoint, seed=cfg.seed)
     if context_size is not None:
         model.config.context_size = int(context_size)
-    if cfg.train_latent_only:  # the masks z can decode to stay as `init` left them; only the nets over z learn
-        model.sam.requires_grad_(False)
-        model.latent_projection.requires_grad_(False)
-    if cfg.train_refiner_only:  # the samples stay as `init` draws them; only their correction learns
-        if model.refiner is None:
-            raise SettingsError(f"setting train_refiner_only: {cfg.init} has no mask refiner; set refine_channels "
-                                f"to attach one")
-        model.requires_grad_(False)
-        model.refiner.requires_grad_(True)
-    if cfg.train_neighbours_only:  # what reads slice k stays as `init` has it; the neighbours (and refiner) learn
-        model.requires_grad_(False)
-        _learn_neighbour_weights_only(model.sam.image_encoder.patch_embed.proj)
-        if model.refiner is not None:
-            model.refiner.requires_grad_(True)
     # the anchor's reference: `anchor`, or the weights training starts from
-    anchor = Anchor(Path(cfg.anchor or cfg.init), model.config, cfg.sam_checkpoint) if cfg.anchor_weight > 0 else None
-    return ProbSAMLearner(model, loss_config(cfg), anchor, cfg.anchor_weight, cfg.anchor_min_readers)
-
-
-def _learn_neighbour_weights_only(conv: nn.Conv2d) -> None:
-    """The patch embedding's weights for slices k - 1 and k + 1 (input channels 0 and 2) learn; slice k's
-    (channel 1) share their tensor, so their gradient is zeroed instead, and AdamW, with no weight decay on
-    this tensor (parameter_groups), leaves them exactly as they are."""
-    def without_slice_k(grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        grad[:, 1] = 0
-        return grad
-
-    conv.weight.requires_grad_(True)
-    conv.weight.register_hook(without_slice_k)
+    anchor = (Anchor(Path(cfg.anchor or cfg.init), model.config, cfg.sam_checkpoint) if cfg.loss.anchor_weight > 0
+              else None)
+    return ProbSAMLearner(model, cfg.loss, anchor)
 
 
 def parameter_groups(learner: nn.Module, cfg: TrainConfig) -> list:
@@ -264,14 +225,11 @@ def parameter_groups(learner: nn.Module, cfg: TrainConfig) -> list:
     refiner = getattr(getattr(learner, "model", None), "refiner", None)
     fresh = {id(p) for p in refiner.parameters()} if refiner is not None else set()
     trainable = [p for p in learner.parameters() if p.requires_grad]
-    # train_neighbours_only: decay would shrink slice k's weights, which must not move
-    undecayed = ({id(learner.model.sam.image_encoder.patch_embed.proj.weight)} if cfg.train_neighbours_only
-                 else set())
     groups = []
     for scale, params in ((1.0, [p for p in trainable if id(p) not in fresh]),
                           (cfg.refine_lr_scale, [p for p in trainable if id(p) in fresh])):
-        for decay, members in ((cfg.weight_decay, [p for p in params if p.dim() >= 2 and id(p) not in undecayed]),
-                               (0.0, [p for p in params if p.dim() < 2 or id(p) in undecayed])):
+        for decay, members in ((cfg.weight_decay, [p for p in params if p.dim() >= 2]),
+                               (0.0, [p for p in params if p.dim() < 2])):
             if members:
                 groups.append({"params": members, "weight_decay": decay, "lr_scale": scale})
     return groups
@@ -304,3 +262,32 @@ def load_learner(path: Path, sam_checkpoint: Optional[str] = None) -> nn.Module:
     if kind == PROBSAM_FORMAT:
         return ProbSAMLearner(load_probsam(Path(path), sam_checkpoint=sam_checkpoint), LossConfig()).eval()
     raise ValueError(f"{path}: neither a ProbSAM nor a Prob U-Net weights file (format {kind!r})")
+
+
+# --- loading a weights file a user names (evaluate.py --model, research tools) -----------------------------
+def _existing(path, option: str) -> Path:
+    if not Path(path).is_file():
+        raise InputError(f"{option} {path}: no such file")
+    return Path(path)
+
+
+def load_weights(path, sam_checkpoint: Optional[str] = None, option: str = "--model") -> nn.Module:
+    """A trained model file as a learner (load_learner), or InputError/WeightsError naming the file."""
+    _existing(path, option)
+    try:
+        return load_learner(Path(path), sam_checkpoint)
+    except WeightsError:
+        raise
+    except Exception as error:  # SafetensorError, KeyError, shape mismatches ... from a foreign file
+        raise WeightsError(f"{path} is not a usable ProbSAM or Prob U-Net weights file: "
+                           f"{errors.message(error)}") from None
+
+
+def is_probsam_file(path, option: str = "--model") -> bool:
+    """Whether ``path`` is a ProbSAM weights file (not a Prob U-Net one), or WeightsError naming the file."""
+    _existing(path, option)
+    try:
+        return weights_format(path) == PROBSAM_FORMAT
+    except Exception as error:  # SafetensorError and the like from a foreign or truncated file
+        raise WeightsError(f"{path} is not a usable ProbSAM or Prob U-Net weights file: "
+                           f"{errors.message(error)}") from None

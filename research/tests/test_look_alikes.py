@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from Testing.helpers import faint_and_dense_dataset, faint_or_dense_slice, write_per_slice_table
+from research.tests.builders import faint_and_dense_dataset, faint_or_dense_slice, write_per_slice_table
 from research import look_alikes
 from Training.data.dataset_format import N_READERS
 
