@@ -128,11 +128,29 @@ def test_module_cmake_installs_all_of_probsamlib():
                      if "__pycache__" not in p.parts)
     assert sorted(listed) == on_disk, "ProbSAMSlicer/CMakeLists.txt PROBSAMLIB_PYTHON_SCRIPTS is out of date"
     data = cmake_list(text, "PROBSAMLIB_DATA_FILES")
-    data_on_disk = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "ProbSAMLib" / "data").iterdir() if p.is_file())
+    # every other file but the weights (globbed below) and their model card: data/, requirements.txt
+    data_on_disk = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "ProbSAMLib").rglob("*")
+                          if p.is_file() and p.suffix not in (".py", ".pyc")
+                          and not {"__pycache__", "models"} & set(p.relative_to(ROOT).parts))
     assert sorted(data) == data_on_disk
+    assert "ProbSAMLib/requirements.txt" in data  # dependencies.py reads it in the installed extension
     assert "${PROBSAMLIB_SOURCE_DIR}/ProbSAMLib/models/*.safetensors" in text  # bundled weights, when present
     assert "SOURCE_DIR ${PROBSAMLIB_SOURCE_DIR}" in text and "NO_INSTALL_SUBDIR" in text
     assert "set(PROBSAMLIB_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/..)" in text  # the repository root
+
+
+def test_the_dependency_list_has_one_home():
+    """ProbSAMLib/requirements.txt is the pip package's dependency list (pyproject.toml reads it) and the
+    Slicer module's (dependencies.py reads it at run time); neither writes the list out a second time."""
+    project = (ROOT / "pyproject.toml").read_text(encoding="utf-8")  # no tomllib before Python 3.11
+    assert 'dynamic = ["dependencies"]' in project and not re.search(r"^dependencies\s*=\s*\[", project, re.M)
+    assert 'dependencies = { file = ["ProbSAMLib/requirements.txt"] }' in project
+    assert '"ProbSAMLib" = ["requirements.txt"]' in project
+    source = (MODULE / "ProbSAMSlicerLib" / "dependencies.py").read_text(encoding="utf-8")
+    assert not re.search(r"[\"'](segment-anything|safetensors|platformdirs)[<>=]", source)
+    lines = [line.split("#")[0].strip() for line in (ROOT / "ProbSAMLib" / "requirements.txt").read_text().splitlines()]
+    names = [re.match(r"[\w.-]+", line).group(0) for line in lines if line]
+    assert names[:3] == ["torch", "torchvision", "segment-anything"] and "safetensors" in names
 
 
 def test_icon_is_a_128px_png():

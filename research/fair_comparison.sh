@@ -7,7 +7,7 @@
 # start the other one later). Environment: DATA, RUNS, PROBSAM_CONFIG, UNET_CONFIG (defaults below).
 #
 # The budget is compute, not contended wall time: each model's single-thread seconds per step (batch 16,
-# 128² crops) is measured once in a short run (Training/README.md, "Fair comparison"), and each model gets
+# 128² crops) is measured once in a short run (research/DIARY.md, "Fair comparison"), and each model gets
 # max_steps = BUDGET_S / seconds_per_step. Warm-up (5 %), KL annealing (30 %) and the evaluation interval
 # (1/4) scale with max_steps, so both models see the same schedule shape; early stopping on validation
 # GED@16 (128 seeded validation slices, patience 2 evaluations) may end a run sooner, never later.

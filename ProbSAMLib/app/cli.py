@@ -274,7 +274,7 @@ def cmd_demo(args) -> None:
 
     from ProbSAMLib.io import imageio, segfile
     from ProbSAMLib import metrics
-    from ProbSAMLib.app import report
+    from ProbSAMLib.app import montage, report
     from ProbSAMLib.geometry import VolumeGeometry
     from ProbSAMLib.demo.phantom import demo_box, demo_count, demo_volume
 
@@ -303,7 +303,7 @@ def cmd_demo(args) -> None:
         imageio.write_image(volume, geometry, tmp / "ct.nrrd", np.int16)
         segfile.write_segmentation(phantom.reader_masks, geometry, tmp / "readers.seg.nrrd",
                                    names=[f"Reader {n + 1}" for n in range(len(readers))])
-        report.write_montage(tmp / "montage.png", volume, result, title)
+        montage.write_montage(tmp / "montage.png", volume, result, title)
         report.write_outputs(result, tmp, split=args.split, extra_summary=extra, tags=_tags(args, result),
                              other_files=("ct.nrrd", "readers.seg.nrrd", "montage.png"))
     result.summary["files"] = sorted(p.name for p in Path(args.out).iterdir() if not p.name.startswith("."))

@@ -4,8 +4,11 @@ torch (and torchvision, which segment_anything imports) goes through SlicerPyTor
 picks the build matching the GPU driver; we never pin a torch version or force a CUDA backend. The
 small pure-Python packages go through Slicer's own installer: ``slicer.packaging.pip_ensure`` (Slicer
 5.12+), which asks, shows progress, raises RuntimeError when the user declines and installs nothing in
---testing runs; on older Slicer ``slicer.util.pip_install`` after our own confirmation. SimpleITK, numpy
-and scipy ship with Slicer; scipy is still checked.
+--testing runs; on older Slicer ``slicer.util.pip_install`` after our own confirmation.
+
+The list is ProbSAMLib/requirements.txt, the same file the pip package's dependencies come from (shipped
+next to ProbSAMLib's code in the extension). Every package on it is checked by its import name; what
+Slicer ships (SimpleITK, numpy, scipy, Pillow) is found and left alone.
 
 In testing mode (``slicer.app.testingEnabled()``) nothing is installed and nobody is asked: a missing
 package is an error that says to install PyTorch (and the rest) first.
@@ -13,21 +16,53 @@ package is an error that says to install PyTorch (and the rest) first.
 
 import importlib
 import importlib.util
+import re
 import subprocess
+from pathlib import Path
 
 import slicer
 
-TORCH_REQUIREMENT = ">=2.1"
-TORCHVISION_REQUIREMENT = ">=0.16"
-# (import name, pip requirement)
-PACKAGES = (
-    ("segment_anything", "segment-anything>=1.0"),
-    ("safetensors", "safetensors>=0.4"),
-    ("platformdirs", "platformdirs>=3"),
-    ("tqdm", "tqdm>=4.60"),
-    ("scipy", "scipy>=1.9"),
-)
 REQUESTER = "ProbSAMSlicer"
+REQUIREMENTS_FILE = "requirements.txt"  # in the ProbSAMLib package: the pip package's dependency list too
+# pip name -> import name, where they differ other than by "-" / "_"
+IMPORT_NAMES = {"pillow": "PIL"}
+PYTORCH = ("torch", "torchvision")  # installed by SlicerPyTorch's PyTorchUtils, not by pip here
+
+
+def requirements_path() -> Path:
+    """ProbSAMLib/requirements.txt, found without importing ProbSAMLib: next to this package in the installed
+    extension (qt-scripted-modules/), in the repository root in a source checkout, or wherever Python finds
+    ProbSAMLib."""
+    here = Path(__file__).resolve().parent
+    candidates = [here.parent / "ProbSAMLib", here.parents[1] / "ProbSAMLib"]
+    spec = importlib.util.find_spec("ProbSAMLib")
+    if spec is not None and spec.origin:
+        candidates.insert(0, Path(spec.origin).parent)
+    for folder in candidates:
+        if (folder / REQUIREMENTS_FILE).is_file():
+            return folder / REQUIREMENTS_FILE
+    raise FileNotFoundError(f"ProbSAMLib/{REQUIREMENTS_FILE} not found (looked in "
+                            + ", ".join(str(folder) for folder in candidates) + ")")
+
+
+def read_requirements(path=None) -> list:
+    """[(pip name, import name, requirement)] from ProbSAMLib/requirements.txt, in its order."""
+    entries = []
+    for line in Path(path or requirements_path()).read_text(encoding="utf-8").splitlines():
+        requirement = line.split("#", 1)[0].strip()
+        if not requirement:
+            continue
+        name = re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement).group(0)
+        entries.append((name, IMPORT_NAMES.get(name.lower(), name.replace("-", "_")), requirement))
+    return entries
+
+
+def _version_requirement(name: str) -> str:
+    """The version part of torch's / torchvision's requirement (">=2.1"), as PyTorchUtils takes it."""
+    for pip_name, _, requirement in read_requirements():
+        if pip_name == name:
+            return requirement[len(pip_name):].strip()
+    return ""
 
 
 class DependencyError(RuntimeError):
@@ -40,8 +75,10 @@ def _importable(name: str) -> bool:
 
 def missing_dependencies() -> list:
     """Pip requirements of what is not importable now; "torch" / "torchvision" stand for PyTorchUtils."""
-    missing = [name for name in ("torch", "torchvision") if not _importable(name)]
-    return missing + [requirement for module, requirement in PACKAGES if not _importable(module)]
+    entries = read_requirements()
+    missing = [name for name, module, _ in entries if name in PYTORCH and not _importable(module)]
+    return missing + [requirement for name, module, requirement in entries
+                      if name not in PYTORCH and not _importable(module)]
 
 
 def _package_installer():
@@ -67,8 +104,8 @@ def install_torch(ask: bool) -> None:
                               "Manager, restart Slicer, and click 'Sample masks' again.") from None
     try:
         torch = PyTorchUtils.PyTorchUtilsLogic().installTorch(
-            askConfirmation=ask, torchVersionRequirement=TORCH_REQUIREMENT,
-            torchvisionVersionRequirement=TORCHVISION_REQUIREMENT)
+            askConfirmation=ask, torchVersionRequirement=_version_requirement("torch"),
+            torchvisionVersionRequirement=_version_requirement("torchvision"))
     except subprocess.CalledProcessError as error:  # pip failed inside installTorch
         raise DependencyError(f"installing PyTorch failed (pip exit status {error.returncode}). Install it from "
                               f"the 'PyTorch Util' module, restart Slicer, then click 'Sample masks' again.") from error
@@ -111,11 +148,11 @@ def ensure_dependencies(ask: bool = True) -> list:
         return []
     if testing_mode():
         raise DependencyError("install PyTorch first (the 'PyTorch' extension's PyTorch Util module), then "
-                              + ", ".join(m for m in missing if m not in ("torch", "torchvision"))
+                              + ", ".join(m for m in missing if m not in PYTORCH)
                               + "; testing mode installs nothing: missing " + ", ".join(missing))
-    if "torch" in missing or "torchvision" in missing:
+    if any(name in missing for name in PYTORCH):
         install_torch(ask)
-    packages = [requirement for requirement in missing if requirement not in ("torch", "torchvision")]
+    packages = [requirement for requirement in missing if requirement not in PYTORCH]
     if packages:
         install_packages(packages, ask)
     still = missing_dependencies()

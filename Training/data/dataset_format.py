@@ -1,6 +1,6 @@
 """The on-disk slice data set shared by the phantom, the LIDC DICOM path and the pickle importer.
 
-A data set is a directory (see Training/README.md for the full description):
+A data set is a directory (see docs/TRAINING.md for the full description):
 
     images.npy          (S, H, W) int16 HU, or float32 in [0, 1] when meta["intensity"] == "unit"
     masks.npy           (S, 4, H, W) bool, one mask a reader slot (empty when the reader is absent)

@@ -5,7 +5,7 @@
 
 The pickle is a dict keyed by slice name (they begin with the patient ID, "LIDC-IDRI-dddd_..."),
 each value {'image': 128 x 128 float in [0, 1], 'masks': 4 x (128 x 128) binary, 'series_uid': str}.
-It becomes a data set in the common format (Training/README.md) with "intensity": "unit": the
+It becomes a data set in the common format (docs/TRAINING.md) with "intensity": "unit": the
 images are kept as they are (float32), not converted back to HU. The pickle does not say which
 readers annotated a nodule at all, so every reader slot is marked present and an empty mask counts
 as that reader's "no nodule here" (M = 4 on every slice, as the literature evaluates it).

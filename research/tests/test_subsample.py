@@ -30,3 +30,14 @@ def test_subsample_keeps_whole_patients_in_their_splits(phantom, tmp_path):
     assert load_dataset(phantom).images.shape == full.images.shape
     assert main([str(phantom), "--fraction", "0", "--out", str(tmp_path / "none")]) == 2
     assert not (tmp_path / "none").exists()
+
+
+def test_subsample_keeps_the_slices_below_and_above(phantom, tmp_path):
+    """A patient subsample carries neighbours.npy along, row for row."""
+    from Training.data.dataset_format import load_dataset
+    from research.subsample import subsample
+
+    subsample(phantom, tmp_path / "all", 1.0)
+    full, sub = load_dataset(phantom), load_dataset(tmp_path / "all")
+    assert full.neighbours is not None
+    np.testing.assert_array_equal(sub.neighbours, full.neighbours)
