@@ -102,7 +102,11 @@ def make_world(root: Path) -> dict:
                "shapes": pickle.dumps({"k": dict(good_entry, image=np.zeros((9, 9), np.float32))}),
                "text_masks": pickle.dumps({"k": dict(good_entry, masks=["a", "b", "c", "d"])}),
                "empty_dict": pickle.dumps({}), "a_list": pickle.dumps([1, 2, 3]),
-               "truncated": pickle.dumps({"k": good_entry})[:200]}
+               "truncated": pickle.dumps({"k": good_entry})[:200],
+               "image_3d": pickle.dumps({"k": dict(good_entry, image=np.zeros((2, 8, 8), np.float32))}),
+               "nan_image": pickle.dumps({"k": dict(good_entry, image=np.full((8, 8), np.nan, np.float32))}),
+               "all_empty": pickle.dumps({"k": dict(good_entry, masks=[np.zeros((8, 8))] * 4)}),
+               "hu_image": pickle.dumps({"k": dict(good_entry, image=np.full((8, 8), -1000.0, np.float32))})}
     for name, blob in content.items():
         (pickles / f"{name}.pickle").write_bytes(blob)
     (root / "work").mkdir()
@@ -195,6 +199,10 @@ def cases(w: dict) -> dict:
         "import: empty dict": (*pk("empty_dict"), 2, "no slices"),
         "import: a list": (*pk("a_list"), 2, "expected a dict of slices"),
         "import: missing file": (*pk("none"), 2, "no such file"),
+        "import: 3D image": (*pk("image_3d"), 2, "must be 2D"),
+        "import: NaN image": (*pk("nan_image"), 2, "the image holds NaN or infinite values"),
+        "import: every mask empty": (*pk("all_empty"), 2, "no slice with a non-empty mask"),
+        "import: images in HU": (*pk("hu_image"), 2, "pickle images span (-1000.0, -1000.0), expected [0, 1]"),
         "import: --out holds the pickle": ("import_pickle.py", [pickles / "empty_dict.pickle", "--out", pickles,
                                                                 "--force"], 2, "holds the input"),
         "phantom: --scans 0": ("make_phantom.py", ["--out", root / "ph", "--scans", "0"], 2, "--scans must be"),
@@ -373,3 +381,72 @@ def test_a_run_folder_left_by_a_killed_run_may_be_reused_a_foreign_one_not(tmp_p
     with pytest.raises(errors.OutputRefusedError, match="neither empty nor a train.py run"):
         check_run_folder(left, resume=False)
     assert check_run_folder(tmp_path / "new", resume=False) is False
+
+
+
+# --- the library calls behind the scripts: argument checks ---------------------------------------------------
+def test_import_pickle_refuses_an_unknown_split_rule(tmp_path):
+    """import_pickle(split=...) takes "patient" or "literature" only (the CLI's choices), before any work."""
+    from ProbSAMLib.errors import SettingsError
+    with pytest.raises(SettingsError, match="split must be 'patient' or 'literature', got 'series'"):
+        import_pickle.import_pickle(None, tmp_path / "out", data={}, split="series")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_checkpoint_contents_are_checked(tmp_path):
+    """--resume reads ckpt.pt with weights_only and refuses a file without the learner, optimiser, step and
+    best GED, or with a step that is not a count; a complete one is returned as saved."""
+    from ProbSAMLib.errors import InputError
+    from Training import guards
+    path = tmp_path / "ckpt.pt"
+    good = {"learner": {"w": torch.ones(2)}, "optimiser": {}, "step": 3, "best_ged": 0.5}
+    torch.save({k: v for k, v in good.items() if k != "best_ged"}, path)
+    with pytest.raises(InputError, match="not a train.py checkpoint .*learner, optimiser, step, best_ged"):
+        guards.load_resume_state(path, "cpu")
+    torch.save(dict(good, step=-1), path)
+    with pytest.raises(InputError, match="step -1 is not a step count"):
+        guards.load_resume_state(path, "cpu")
+    torch.save(dict(good, step=2.5), path)
+    with pytest.raises(InputError, match="step 2.5 is not a step count"):
+        guards.load_resume_state(path, "cpu")
+    torch.save(good, path)
+    state = guards.load_resume_state(path, "cpu")
+    assert state["step"] == 3 and state["best_ged"] == 0.5 and torch.equal(state["learner"]["w"], torch.ones(2))
+
+
+def test_a_run_folder_with_a_checkpoint_needs_resume(tmp_path, capsys):
+    """out= holding ckpt.pt without --resume is refused (it would overwrite the run); guards.say writes to
+    stderr only."""
+    from ProbSAMLib.errors import OutputRefusedError
+    from Training import guards
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt.pt").write_bytes(b"a checkpoint")
+    with pytest.raises(OutputRefusedError, match="already holds a run .*pass --resume"):
+        guards.check_run_folder(run, resume=False)
+    assert guards.check_run_folder(run, resume=True) is True
+    guards.say("a message")
+    captured = capsys.readouterr()
+    assert captured.err == "a message\n" and captured.out == ""
+
+
+def test_learner_argument_checks():
+    """The learners refuse what would otherwise sample silently wrong: a mode other than sample/mean, noise
+    of the wrong shape, an unknown model kind, and a weights path that does not exist."""
+    from ProbSAMLib.errors import InputError
+    from Training.learning.learners import build_learner, is_probsam_file, load_weights
+    cfg = TrainConfig(preset="tiny", seed=0)
+    learner = build_learner(cfg).eval()
+    images, boxes = torch.rand(1, 64, 64), torch.tensor([[16.0, 16.0, 48.0, 48.0]])
+    with pytest.raises(ValueError, match="mode must be 'sample' or 'mean', got 'median'"):
+        learner.sample_probabilities(images, boxes, 2, mode="median")
+    latent = learner.model.config.latent_dim
+    with pytest.raises(ValueError, match=rf"noise must have shape \(1, 2, {latent}\), got \(1, 3, {latent}\)"):
+        learner.sample_probabilities(images, boxes, 2, noise=torch.zeros(1, 3, latent))
+    fixed = learner.sample_probabilities(images, boxes, 2, noise=torch.zeros(1, 2, latent))
+    assert fixed.shape == (1, 2, 64, 64) and torch.equal(fixed[0, 0], fixed[0, 1])  # one z, twice
+    with pytest.raises(ValueError, match="model must be 'probsam' or 'prob_unet', got 'unet'"):
+        build_learner(TrainConfig(preset="tiny", model="unet"))  # built by hand: no settings check on the way
+    for check in (load_weights, is_probsam_file):
+        with pytest.raises(InputError, match="--model /nowhere/m.safetensors: no such file"):
+            check("/nowhere/m.safetensors")

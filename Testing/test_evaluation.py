@@ -138,6 +138,17 @@ def test_patient_bootstrap_clusters_pairs_and_pools():
     assert interval.estimate == pytest.approx(ece_from_bins(bins.sum(0))) and interval.low <= interval.high
 
 
+
+def test_interval_format_and_an_empty_bootstrap():
+    """An interval prints as "estimate [low, high]" to the digits asked; a NaN estimate (no slice entered
+    it, e.g. NCC of a deterministic method) prints as a dash; bootstrapping no slices is refused."""
+    from Training.evaluation.bootstrap import Interval, PatientBootstrap
+    assert Interval(0.5, 0.25, 0.75, 3).format(2) == "0.50 [0.25, 0.75]"
+    assert Interval(0.1234, 0.1, 0.15, 3).format() == "0.123 [0.100, 0.150]"
+    assert Interval(float("nan"), float("nan"), float("nan"), 0).format() == "–"
+    with pytest.raises(ValueError, match="no slices to bootstrap"):
+        PatientBootstrap([], 10)
+
 # ------------------------------------------------------------------------------- evaluate.py
 def test_the_batch_is_chosen_from_free_memory_for_sam_models(monkeypatch):
     """--batch-size 0: a ProbSAM model (also inside the prior-mean baseline) gets as many slices as half the
@@ -371,3 +382,85 @@ def test_a_model_trained_on_64_px_crops_samples_a_64_px_window(phantom, tmp_path
                            n_samples=2, seed=0, slice_batch=3)
     r0, r1, c0, c1 = result.summary["settings"]["context_window_rc"]
     assert (r1 - r0, c1 - c0) == (64, 64)
+
+
+
+# ------------------------------------------------------------------------- report: readers and tables
+def _per_slice_rows(shift: float, n: int = 6) -> list:
+    """Per-slice rows as evaluate_slices makes them (ids, metrics, ECE bins), values offset by ``shift``."""
+    from ProbSAMLib.metrics import calibration_bins
+    rng = np.random.default_rng(int(shift * 100))
+    rows = []
+    for i in range(n):
+        probs, readers = rng.random((4, 4)), rng.random((2, 4, 4)) > 0.5
+        rows.append({"slice": i, "patient_id": f"LIDC-IDRI-{i % 3:04d}", "n_marked": 1 + i % 2,
+                     "ged@2": 0.1 * i + shift, "hm_iou@2": 0.5 + shift / 10, "ece@2": 0.0,
+                     "calibration_bins": calibration_bins(probs, readers)})
+    return rows
+
+
+def test_results_folder_reads_every_per_slice_table_back(tmp_path):
+    """read_results_folder: every per_slice_*.csv of an evaluate.py --out folder, in file-name order, with
+    the rows typed as written (ids int/str, metrics float, ECE bins arrays); a folder without one is a
+    SettingsError, a CSV without the method/ECE-bins columns a ValueError."""
+    from ProbSAMLib.errors import SettingsError
+    from Training.evaluation.report import read_per_slice, read_results_folder, write_per_slice
+    written = {"b method": _per_slice_rows(0.3), "a method": _per_slice_rows(0.0)}
+    for name, rows in written.items():
+        write_per_slice(tmp_path / f"per_slice_{name[0]}.csv", name, rows, seed=0, model_sha256="", commit="c0ffee")
+    (tmp_path / "results.md").write_text("not a table", encoding="utf-8")
+    read = read_results_folder(tmp_path)
+    assert list(read) == ["a method", "b method"]
+    for name, rows in written.items():
+        assert len(read[name]) == len(rows)
+        for mine, back in zip(rows, read[name]):
+            assert set(back) == set(mine)
+            assert isinstance(back["slice"], int) and isinstance(back["patient_id"], str)
+            assert np.array_equal(back["calibration_bins"], mine["calibration_bins"])
+            assert {k: v for k, v in back.items() if k != "calibration_bins"} == \
+                {k: v for k, v in mine.items() if k != "calibration_bins"}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SettingsError, match=r"no per_slice_\*\.csv in .*empty: give an evaluate.py --out folder"):
+        read_results_folder(tmp_path / "empty")
+    (tmp_path / "empty" / "per_slice_old.csv").write_text("slice,ged@2\n0,0.5\n", encoding="utf-8")
+    with pytest.raises(ValueError, match="not a per-slice table of this version"):
+        read_per_slice(tmp_path / "empty" / "per_slice_old.csv")
+
+
+def test_seed_summary_and_its_markdown_table():
+    """Methods named <method>_seed<k> get mean ± sd (ddof 1) over their seeds; a method with one seed, or
+    without a seed in its name, gets no row. The markdown shows that table and skips an empty group of
+    paired differences."""
+    from Training.evaluation.report import markdown, seed_summary
+    from Training.evaluation.scoring import summarise
+    rows = {"tiny_seed0": _per_slice_rows(0.0), "tiny_seed1": _per_slice_rows(0.2),
+            "lonely_seed3": _per_slice_rows(0.1), "threshold": _per_slice_rows(0.4)}
+    seeds = seed_summary(rows)
+    assert set(seeds) == {"tiny"}
+    geds = [summarise(rows["tiny_seed0"])["ged@2"], summarise(rows["tiny_seed1"])["ged@2"]]
+    cell = seeds["tiny"]["ged@2"]
+    assert cell["seeds"] == 2 and cell["mean"] == pytest.approx(np.mean(geds))
+    assert cell["sd"] == pytest.approx(np.std(geds, ddof=1)) and cell["sd"] > 0
+    assert set(seeds["tiny"]) == {"ged@2", "hm_iou@2", "ece@2"}
+    text = markdown("protocol line", {}, {"all": {}}, seeds, rows["tiny_seed0"])
+    assert text.startswith("protocol line") and "paired differences" not in text
+    assert "### mean ± sd over seeds (all slices)" in text
+    assert "| method | seeds | GED@2 ↓ | HM-IoU@2 ↑ | ECE@2 ↓ |" in text
+    assert f"| tiny | 2 | {cell['mean']:.3f} ± {cell['sd']:.3f} | " in text
+
+
+def test_project_commit_is_unknown_without_git(monkeypatch):
+    """Provenance outside a usable git (not installed, or hanging): the commit is "unknown", not an error."""
+    from Training.evaluation import report
+
+    def no_git(*args, **kwargs):
+        raise FileNotFoundError("git")
+
+    monkeypatch.setattr(report.subprocess, "run", no_git)
+    assert report.project_commit() == "unknown"
+
+    def slow_git(*args, **kwargs):
+        raise subprocess.TimeoutExpired("git", 30)
+
+    monkeypatch.setattr(report.subprocess, "run", slow_git)
+    assert report.project_commit() == "unknown"

@@ -8,6 +8,7 @@ from ProbSAMLib.io import nrrd
 from ProbSAMLib.geometry import VolumeGeometry
 from ProbSAMLib.io.imageio import (IntensityWarning, MultipleSeriesError, VolumeReadError, read_volume, write_image,
                                    write_sample_files)
+from ProbSAMLib.errors import OutputRefusedError
 from ProbSAMLib.io.outputdir import OutputExistsError, OutputFolder
 from ProbSAMLib.io.segfile import distinct_colors, read_segment_metadata, read_segmentation, write_segmentation
 from Testing.helpers import write_dicom_series
@@ -145,6 +146,121 @@ def test_write_image_and_sample_files(tmp_path):
         assert image.GetPixelID() == sitk.sitkUInt8
         np.testing.assert_array_equal(sitk.GetArrayFromImage(image), mask)
 
+
+
+def test_write_image_of_booleans_is_a_uint8_labelmap(tmp_path):
+    """A bool array is written as 0/1 uint8 (ITK has no bool voxels), on the reference geometry."""
+    mask = np.random.default_rng(3).random(GEOMETRY.shape) > 0.5
+    write_image(mask, GEOMETRY, tmp_path / "m.nrrd")
+    back = sitk.ReadImage(str(tmp_path / "m.nrrd"))
+    assert back.GetPixelID() == sitk.sitkUInt8
+    assert VolumeGeometry.from_sitk(back).isclose(GEOMETRY, 1e-9)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(back), mask.astype(np.uint8))
+
+
+def test_write_image_failure_is_an_os_error_with_itks_reason(tmp_path):
+    """An image ITK cannot write (no writer for the suffix) is an OSError EIO with ITK's one useful
+    sentence, not ITK's multi-line dump, and no file is left."""
+    import errno
+
+    values = np.zeros(GEOMETRY.shape, np.float32)
+    with pytest.raises(OSError) as info:
+        write_image(values, GEOMETRY, tmp_path / "u.notanimageformat")
+    assert info.value.errno == errno.EIO and "cannot write the image" in str(info.value)
+    assert "Unable to determine ImageIO writer" in str(info.value) and "\n" not in str(info.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_complex_volume_is_refused(tmp_path):
+    """A complex-valued image (e.g. MR k-space) is not a CT volume: a clear VolumeReadError."""
+    values = (np.full(GEOMETRY.shape, -1000.0) + 1j).astype(np.complex64)
+    sitk.WriteImage(GEOMETRY.apply_to(sitk.GetImageFromArray(values)), str(tmp_path / "c.nrrd"))
+    with pytest.raises(VolumeReadError, match="complex voxel values"):
+        read_volume(tmp_path / "c.nrrd")
+
+
+def test_read_volume_from_another_thread_gives_the_same_volume(tmp_path):
+    """Reading off the main thread (the Slicer worker's inbox, a GUI thread) leaves fd 2 alone and gives
+    the same volume as on the main thread."""
+    import threading
+
+    sitk.WriteImage(sample_image(), str(tmp_path / "ct.nrrd"))
+    results = {}
+    thread = threading.Thread(target=lambda: results.update(volume=read_volume(tmp_path / "ct.nrrd")))
+    thread.start()
+    thread.join(60)
+    main = read_volume(tmp_path / "ct.nrrd")
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(results["volume"]), sitk.GetArrayFromImage(main))
+    assert VolumeGeometry.from_sitk(results["volume"]).isclose(VolumeGeometry.from_sitk(main), 1e-9)
+
+
+def test_a_two_slice_dicom_series_is_read(tmp_path):
+    """Two slices are too few to check the spacing against, and are read as they are."""
+    values = np.arange(2 * 6 * 5).reshape(2, 6, 5) - 1000
+    write_dicom_series(tmp_path, values, "1.2.3.4.5.9", "s")
+    volume = read_volume(tmp_path)
+    assert volume.GetSize() == (5, 6, 2)
+    np.testing.assert_array_equal(sitk.GetArrayFromImage(volume), values)
+
+
+# --- atomic output folder: the rarer paths ------------------------------------------------------------
+def test_output_folder_refuses_a_broken_symlink(tmp_path):
+    """An --out that is a dangling symbolic link is refused (following it would write somewhere else)."""
+    (tmp_path / "run").symlink_to(tmp_path / "gone")
+    with pytest.raises(OutputRefusedError, match="broken symbolic link"):
+        with OutputFolder(tmp_path / "run", force=True):
+            pass
+    assert not (tmp_path / "gone").exists()
+
+
+def test_output_folder_replaces_its_own_leftover_temporary_folder(tmp_path):
+    """A temporary folder of this very process (same pid, a failed earlier removal) is not mistaken for a
+    live run's: it is cleared, and the output holds only what this run wrote."""
+    import os
+
+    stale = tmp_path / f".run.tmp-{os.getpid()}"
+    stale.mkdir()
+    (stale / ".probsam-output").write_text("")
+    (stale / "old.txt").write_text("from before")
+    with OutputFolder(tmp_path / "run") as tmp:
+        assert tmp == stale and not (tmp / "old.txt").exists()
+        (tmp / "new.txt").write_text("now")
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".probsam-output", "new.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_output_folder_puts_the_old_output_back_when_the_swap_fails(tmp_path, monkeypatch):
+    """--force over an existing output: if renaming the new folder into place fails, the previous output is
+    renamed back, the error propagates and the temporary folder is removed."""
+    import os
+
+    out = tmp_path / "run"
+    with OutputFolder(out) as tmp:
+        (tmp / "a.txt").write_text("first")
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp-" in str(src):
+            raise OSError("rename failed")
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        with OutputFolder(out, force=True) as tmp:
+            (tmp / "b.txt").write_text("second")
+    monkeypatch.undo()
+    assert (out / "a.txt").read_text(encoding="utf-8") == "first" and not (out / "b.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_pid_liveness_of_stale_folders():
+    """A stale folder's pid: this process is alive; a pid too large for the OS is not."""
+    import os
+
+    from ProbSAMLib.io.outputdir import _pid_alive
+
+    assert _pid_alive(os.getpid())
+    assert not _pid_alive(2 ** 80)
 
 def test_distinct_colors():
     colors = distinct_colors(35)

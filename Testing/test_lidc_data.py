@@ -164,3 +164,105 @@ def test_splits_are_by_patient_seeded_and_disjoint(tmp_path):
     assert len(seen) == 10
     total = sum(len(load_dataset(tmp_path / "ds", split=n)) for n in ("train", "val", "test"))
     assert total == len(load_dataset(tmp_path / "ds"))
+
+
+# --- the data set format: items of a split, and what it refuses ---------------------------------------------
+def _chunk(n_patients=3, slices=2, size=8):
+    """A small chunk: slice s of patient p has image value 10 p + s and reader r marking r + 1 pixels."""
+    from Training.data.dataset_format import N_READERS, Chunk
+    n = n_patients * slices
+    images = np.zeros((n, size, size), np.int16)
+    masks = np.zeros((n, N_READERS, size, size), bool)
+    rows = []
+    for i in range(n):
+        p, s = divmod(i, slices)
+        images[i] = 10 * p + s
+        for r in range(N_READERS):
+            masks[i, r].flat[:r + 1] = True
+        rows.append({"patient_id": f"LIDC-IDRI-{p + 1:04d}", "series_uid": f"1.{p}", "scan_id": p,
+                     "nodule_id": f"n{p}", "k": s, "z_mm": float(s), "crop_row0": 0, "crop_col0": 0,
+                     "n_readers": N_READERS, "n_marked": N_READERS, "truncated": 0, "source_key": str(i)})
+    present = np.ones((n, N_READERS), bool)
+    present[:, 3] = False
+    return Chunk(images, masks, present, rows)
+
+
+def test_dataset_items_are_the_slices_of_the_split(tmp_path):
+    """SliceDataset[i] is slice indices[i] of the whole data set: its image, masks, reader slots, patient
+    and intensity; every item of a split belongs to a patient of that split."""
+    from Training.data.dataset_format import load_split, write_dataset
+    splits = {"train": ["LIDC-IDRI-0001", "LIDC-IDRI-0003"], "val": ["LIDC-IDRI-0002"], "test": []}
+    write_dataset(tmp_path / "ds", [_chunk()], {"source": "test", "intensity": "hu"}, splits=splits)
+    train = load_split(tmp_path / "ds", "train")
+    assert len(train) == 4 and list(train.indices) == [0, 1, 4, 5]
+    for i, index in enumerate(train.indices):
+        item = train[i]
+        p, s = divmod(int(index), 2)
+        assert item["index"] == index and item["patient_id"] == f"LIDC-IDRI-{p + 1:04d}"
+        assert item["patient_id"] in splits["train"] and item["intensity"] == "hu"
+        assert item["image"].shape == (8, 8) and (item["image"] == 10 * p + s).all()
+        assert [int(m.sum()) for m in item["masks"]] == [1, 2, 3, 4]
+        assert item["present"].tolist() == [True, True, True, False]
+    val = load_split(tmp_path / "ds", "val")
+    assert [val[i]["index"] for i in range(len(val))] == [2, 3]
+
+
+def test_an_empty_split_and_a_bad_split_name_are_refused(tmp_path):
+    """A split without slices is an InputError naming it (a script must not train or evaluate on nothing);
+    a split name other than train/val/test is a ValueError; a folder without meta.json is no data set."""
+    from ProbSAMLib.errors import InputError
+    from Training.data.dataset_format import SliceDataset, load_dataset, load_split, write_dataset
+    splits = {"train": ["LIDC-IDRI-0001", "LIDC-IDRI-0002", "LIDC-IDRI-0003"], "val": [], "test": []}
+    write_dataset(tmp_path / "ds", [_chunk()], {"source": "test", "intensity": "hu"}, splits=splits)
+    with pytest.raises(InputError, match=r"the test split of .*ds holds no slices"):
+        load_split(tmp_path / "ds", "test")
+    with pytest.raises(ValueError, match="split must be train, val, test or None, not 'training'"):
+        load_dataset(tmp_path / "ds", "training")
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(InputError, match="is not a data set"):
+        SliceDataset(tmp_path / "nothing")
+
+
+def test_writing_a_data_set_refuses_bad_arguments(tmp_path):
+    """write_dataset refuses an unknown split rule, chunks without any slice and a given split that leaves
+    a patient out, and slices_from_volume masks that do not fit the image; nothing is written."""
+    from ProbSAMLib.errors import InputError, SettingsError
+    from Training.data.dataset_format import empty_chunk, slices_from_volume, write_dataset
+    with pytest.raises(SettingsError, match="split rule must be 'patient' or 'literature', got 'random'"):
+        write_dataset(tmp_path / "ds", [_chunk()], {}, split_rule="random")
+    with pytest.raises(InputError, match="no slice with a non-empty mask"):
+        write_dataset(tmp_path / "ds", [empty_chunk(8, 8)], {})
+    partial = {"train": ["LIDC-IDRI-0001"], "val": ["LIDC-IDRI-0002"], "test": []}  # no LIDC-IDRI-0003
+    with pytest.raises(InputError, match="the given split does not cover every patient"):
+        write_dataset(tmp_path / "ds", [_chunk()], {}, splits=partial)
+    with pytest.raises(ValueError, match="do not match"):
+        slices_from_volume(np.zeros((3, 8, 8)), np.zeros((2, 3, 8, 9), bool), {})
+    with pytest.raises(ValueError, match="do not match"):
+        slices_from_volume(np.zeros((3, 8, 8)), np.zeros((5, 3, 8, 8), bool), {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_prepare_lidc_without_any_patient_folder_is_refused(tmp_path, home):
+    """A DICOM root holding none of the selected scans' patient folders is an InputError before any
+    work (typically a wrong --dicom-root), and no data set is started."""
+    from ProbSAMLib.errors import InputError
+    from Training.data.prepare_lidc import prepare_lidc
+    root = tmp_path / "LIDC-IDRI"
+    (root / "LIDC-IDRI-9999").mkdir(parents=True)
+    with pytest.raises(InputError, match=r"none of the 1 selected scans has a patient folder"):
+        prepare_lidc(root, tmp_path / "lidc", patients=[GOOD], progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LIDC-IDRI", "home"]
+
+
+def test_a_series_that_does_not_match_its_annotations_is_unreadable():
+    """load_volume checks pylidc's volume against the annotation database's size (512 x 512 x slices)."""
+    import types
+
+    from Training.data.prepare_lidc import UnreadableSeries, load_volume
+    scan = types.SimpleNamespace(slice_zvals=[0.0, 2.5, 5.0],
+                                 to_volume=lambda verbose: np.zeros((512, 512, 2), np.int16))
+    with pytest.raises(UnreadableSeries, match=r"volume \(512, 512, 2\) does not match the annotations' "
+                                               r"\(512, 512, 3\)"):
+        load_volume(scan)
+    good = types.SimpleNamespace(slice_zvals=[0.0, 2.5], to_volume=lambda verbose: np.ones((512, 512, 2), np.int16))
+    assert load_volume(good).shape == (512, 512, 2)

@@ -155,3 +155,66 @@ def test_non_finite_image_is_rejected(model):
     img[3, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):
         sample_masks(model, img, BOX, n_samples=2, seed=0)
+
+
+def test_latents_mode_must_be_sample_or_mean(model):
+    """ProbSAM.latents refuses a mode other than "sample" or "mean" (a typo must not silently sample)."""
+    img = torch.from_numpy(preprocess.window_ct(ct_slice(), model.config.window))[None]
+    with torch.no_grad():
+        emb = model.encode(img)
+        with pytest.raises(ValueError, match="mode must be 'sample' or 'mean', got 'average'"):
+            model.latents(emb, torch.tensor([BOX]), 2, mode="average")
+
+
+def test_reading_neighbour_slices_twice_changes_nothing():
+    """read_neighbour_slices is a one-time conversion of the patch embedding: a second call leaves the
+    weights and the config as the first call made them."""
+    m = build_probsam(ProbSAMConfig.preset("tiny"), seed=0)
+    m.read_neighbour_slices()
+    once = {k: v.clone() for k, v in m.sam.image_encoder.patch_embed.state_dict().items()}
+    assert m.config.neighbour_slices
+    m.read_neighbour_slices()
+    for key, value in m.sam.image_encoder.patch_embed.state_dict().items():
+        assert torch.equal(value, once[key]), key
+    assert m.config.neighbour_slices
+
+
+def test_latent_to_dense_moves_the_dense_embedding_with_z():
+    """With config.latent_to_dense, z also shifts SAM's dense prompt embedding: with the token part of the
+    projection at zero, different z still give different masks, and with the dense part at zero as well
+    every z gives SAM's own prediction again."""
+    m = build_probsam(ProbSAMConfig.preset("tiny", latent_to_dense=True), seed=0).eval()
+    last = m.latent_projection.mlp[-1]
+    dim = m.config.prompt_dim
+    assert last.out_features == 3 * dim  # two box tokens and the dense embedding
+    img = torch.from_numpy(preprocess.window_ct(ct_slice(), m.config.window))[None]
+    box = torch.tensor([BOX])
+    z = torch.randn(1, 2, m.config.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        emb = m.encode(img)
+        torch.nn.init.normal_(last.weight[2 * dim:], std=0.5)  # the dense part only
+        logits = m.decode(emb, box, z)
+        assert not torch.allclose(logits[0, 0], logits[0, 1])
+        last.weight.zero_()
+        plain = m.decode(emb, box, z)
+        torch.testing.assert_close(plain[0, 0], plain[0, 1])
+
+
+def test_preprocessing_refuses_images_of_the_wrong_shape():
+    """centre_slice and the resizing for the refiner name the shape they got instead of failing later."""
+    with pytest.raises(ValueError, match=r"expected images shaped \(B, H, W\), or \(B, 3, H, W\).*\(2, 4, 8, 8\)"):
+        preprocess.centre_slice(torch.zeros(2, 4, 8, 8))
+    with pytest.raises(ValueError, match=r"got \(8, 8\)"):
+        preprocess.centre_slice(torch.zeros(8, 8))
+    with pytest.raises(ValueError, match=r"expected images shaped \(B, H, W\) or \(B, C, H, W\), got \(8, 8\)"):
+        preprocess.images_to_model_frame(torch.zeros(8, 8), 16)
+    stack = torch.rand(2, 3, 8, 8)
+    assert torch.equal(preprocess.centre_slice(stack), stack[:, 1])
+
+
+def test_window_none_keeps_unit_images_and_clips_both_types():
+    """window None: the image is already in [0, 1]; values outside are clipped, for numpy and torch alike."""
+    values = np.array([-0.5, 0.0, 0.25, 1.0, 1.5], np.float32)
+    np.testing.assert_array_equal(preprocess.window_ct(values, None), [0.0, 0.0, 0.25, 1.0, 1.0])
+    assert torch.equal(preprocess.window_ct(torch.from_numpy(values), None),
+                       torch.tensor([0.0, 0.0, 0.25, 1.0, 1.0]))

@@ -6,13 +6,20 @@ Slicer's installers are not in slicer-core, so they are MOCKS here, shaped after
 pretends packages are absent (they are all installed here).
 """
 
+import re
 import subprocess
 import sys
 import types
+from pathlib import Path
 
 import pytest
 
 from slicer_scene import module, slicer  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+REQUIREMENTS = {re.match(r"[\w.-]+", line).group(0): line for line in
+                (line.split("#")[0].strip() for line in (ROOT / "ProbSAMLib" / "requirements.txt").read_text().splitlines())
+                if line}
 
 
 @pytest.fixture
@@ -57,6 +64,21 @@ def test_missing_packages_go_to_pytorch_utils_then_pip_ensure(module, installers
     assert module.ProbSAMSlicerLogic.ensureDependencies(ask=True) == ["torch", "segment-anything>=1.0"]
     assert [c[0] for c in installers.calls] == ["installTorch", "pip_ensure"]
     assert installers.calls[0][1]["askConfirmation"] and installers.calls[1][2]["requester"] == "ProbSAMSlicer"
+    # the versions come from ProbSAMLib/requirements.txt, the pip package's list
+    versions = (installers.calls[0][1]["torchVersionRequirement"], installers.calls[0][1]["torchvisionVersionRequirement"])
+    assert versions == tuple(REQUIREMENTS[name][len(name):] for name in ("torch", "torchvision")) and versions[0]
+
+
+def test_the_list_is_probsamlib_requirements_txt(module, installers, monkeypatch):
+    """Everything the pip package requires is checked, by its import name; nothing else is."""
+    checked = []
+    monkeypatch.setattr(installers.deps, "_importable", lambda name: checked.append(name) and False)
+    missing = module.ProbSAMSlicerLogic.missingDependencies()
+    assert "PIL" in checked and "segment_anything" in checked and "SimpleITK" in checked
+    assert missing == ["torch", "torchvision"] + [r for name, r in REQUIREMENTS.items() if name not in ("torch", "torchvision")]
+    imports = {name: module_name for name, module_name, _ in installers.deps.read_requirements()}
+    assert imports["segment-anything"] == "segment_anything" and imports["pillow"] == "PIL"
+    assert installers.deps.requirements_path() == ROOT / "ProbSAMLib" / "requirements.txt"
 
 
 def test_failed_torch_install_is_a_clear_error(module, installers):

@@ -134,6 +134,9 @@ def test_module_cmake_installs_all_of_probsamlib():
                           and not {"__pycache__", "models"} & set(p.relative_to(ROOT).parts))
     assert sorted(data) == data_on_disk
     assert "ProbSAMLib/requirements.txt" in data  # dependencies.py reads it in the installed extension
+    for cmake in (ROOT / "CMakeLists.txt", MODULE / "CMakeLists.txt"):  # the extension ships no tests or tools
+        code = "\n".join(line.split("#")[0] for line in cmake.read_text(encoding="utf-8").splitlines())
+        assert not re.search(r"\b(Training|research|Testing)\b", code), cmake
     assert "${PROBSAMLIB_SOURCE_DIR}/ProbSAMLib/models/*.safetensors" in text  # bundled weights, when present
     assert "SOURCE_DIR ${PROBSAMLIB_SOURCE_DIR}" in text and "NO_INSTALL_SUBDIR" in text
     assert "set(PROBSAMLIB_SOURCE_DIR ${CMAKE_CURRENT_SOURCE_DIR}/..)" in text  # the repository root

@@ -25,7 +25,10 @@ def wheel(tmp_path_factory) -> tuple:
     source = tmp_path_factory.mktemp("source")
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, source / name)
-    shutil.copytree(ROOT / "ProbSAMLib", source / "ProbSAMLib", ignore=shutil.ignore_patterns("__pycache__"))
+    # the folders beside ProbSAMLib too, so a package list that picked them up would show in the wheel
+    for name in ("ProbSAMLib", "Training", "research", "Testing", "ProbSAMSlicer"):
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     out = tmp_path_factory.mktemp("wheel")
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v",
                             str(source), "-w", str(out)], capture_output=True, text=True)
@@ -45,7 +48,23 @@ def test_wheel_ships_every_bundled_model_and_data_file(wheel):
             info = archive.getinfo(f"ProbSAMLib/models/{entry.filename}")
             assert info.file_size == entry.size, entry.name
     assert "ProbSAMLib/app/cli.py" in names
-    assert not any(n.startswith(("Training/", "Testing/", "ProbSAMSlicer/")) for n in names)
+    # every module: a subpackage missing from pyproject.toml's explicit package list would be left out
+    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "ProbSAMLib").rglob("*.py") if "__pycache__" not in p.parts}
+    assert modules <= names, sorted(modules - names)
+    assert not any(n.startswith(("Training/", "Testing/", "research/", "ProbSAMSlicer/")) for n in names)
+    assert {n.split("/")[0] for n in names} == {"ProbSAMLib"} | {n.split("/")[0] for n in names if ".dist-info/" in n}
+
+
+def test_wheel_requires_what_probsamlib_requirements_lists(wheel):
+    """The dependency list has one home, ProbSAMLib/requirements.txt (also read by the Slicer module): the
+    wheel ships it and declares exactly its requirements."""
+    archive, _ = wheel
+    listed = [line.split("#")[0].strip() for line in (ROOT / "ProbSAMLib" / "requirements.txt").read_text().splitlines()]
+    listed = [line for line in listed if line]
+    metadata = next(archive.read(n).decode() for n in archive.namelist() if n.endswith(".dist-info/METADATA"))
+    required = [line.split(":", 1)[1].strip() for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert [r for r in required if "extra ==" not in r] == listed
+    assert archive.read("ProbSAMLib/requirements.txt").decode() == (ROOT / "ProbSAMLib" / "requirements.txt").read_text()
 
 
 def test_wheel_declares_its_licence_and_builds_without_setuptools_warnings(wheel):

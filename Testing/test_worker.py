@@ -97,3 +97,146 @@ def test_device_warnings_come_from_the_worker():
     assert "minutes per ROI" in device_warning("vit_b", "auto", "cpu", None)
     assert device_warning("vit_b", "cpu", "cpu", None) is None  # asked for the CPU: no surprise
     assert device_warning("demo", "auto", "cpu", None) is None
+
+
+# --- the same server in this process (its code is measured by coverage; no process start-up) -------------
+@pytest.fixture
+def server():
+    """A worker.Server on two pipes, serving on a thread of this process; yields (send, receive, close,
+    thread). receive() waits at most 60 s for a frame, so a hang fails instead of blocking the suite."""
+    import os
+    import select
+    import threading
+
+    from ProbSAMLib.app import worker
+
+    in_read, in_write = os.pipe()
+    out_read, out_write = os.pipe()
+    inbox, to_server = os.fdopen(in_read, "rb"), os.fdopen(in_write, "wb")
+    outbox, from_server = os.fdopen(out_write, "wb"), os.fdopen(out_read, "rb", buffering=0)
+    srv = worker.Server(inbox, outbox)
+    thread = threading.Thread(target=srv.serve, name="test-worker-serve", daemon=True)
+    thread.start()
+
+    def receive():
+        assert select.select([from_server], [], [], 60)[0], "no frame from the server within 60 s"
+        return read_frame(from_server)
+
+    def close():
+        if not to_server.closed:
+            to_server.close()
+
+    yield (lambda message: write_frame(to_server, message)), receive, close, thread
+    close()
+    thread.join(60)
+    for stream in (inbox, outbox, from_server):
+        stream.close()
+
+
+def _run_to_result(send, receive, rid):
+    """Answer the window of request ``rid`` with a -800 HU block; the frames up to its result or error."""
+    window = receive()
+    assert (window["type"], window["id"]) == ("window", rid), window
+    k0, k1, r0, r1, c0, c1 = window["region"]
+    send({"type": "region", "id": 999, "values": None})  # another request's block: not taken for this one
+    send({"type": "region", "id": rid, "values": np.full((k1 - k0, r1 - r0, c1 - c0), -800.0, np.float32)})
+    frames = [receive()]
+    while frames[-1]["type"] == "progress":
+        frames.append(receive())
+    return frames
+
+
+def test_server_in_process_samples_reuses_the_model_and_reports_errors(server, weights, monkeypatch):
+    """The worker's Server driven over pipes in this process: a request cancelled before it starts fails as
+    "cancelled"; a request runs window -> region -> progress -> result; the next one with the same model
+    reuses it (same masks for the same seed); a device warning is sent as a frame before the window; an
+    unknown model is an "error" frame and the server lives on; a cancel while the worker waits for the block
+    ends that request; a client that closes its end mid-request ends the request and the server."""
+    import hashlib
+
+    from ProbSAMLib.app import worker
+
+    send, receive, close, thread = server
+    send({"type": "cancel", "id": 7})
+    send(request(7, weights))
+    message = receive()
+    assert (message["type"], message["id"], message["kind"]) == ("error", 7, "cancelled")
+
+    send(request(8, weights))
+    frames = _run_to_result(send, receive, 8)
+    result = frames[-1]
+    assert result["type"] == "result", result
+    assert len(frames) > 1 and all(0 <= f["fraction"] <= 1 for f in frames[:-1])
+    assert result["masks"].shape == (2, 3, 8, 8) and result["mean_probability"].shape == (3, 8, 8)
+    assert result["model"]["loads"] == 1 and not result["model"]["reused"] and result["lo"] == (4, 4, 0)
+    assert result["model"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+    # the device check's answer goes to the client as a warning frame (replaced here: the real check
+    # warns only on a GPU or for SAM models on the CPU)
+    monkeypatch.setattr(worker, "device_warning", lambda name, requested, device, gib: f"check of {name} on {device}")
+    send(request(9, weights))
+    warning = receive()
+    assert warning == {"type": "warning", "id": 9, "message": "check of file on cpu"}
+    again = _run_to_result(send, receive, 9)[-1]
+    monkeypatch.undo()
+    assert again["model"]["loads"] == 1 and again["model"]["reused"]
+    assert np.array_equal(again["masks"], result["masks"]) and np.array_equal(again["entropy"], result["entropy"])
+
+    send(dict(request(10, weights), model={"name": "vit_q"}))
+    error = receive()
+    assert (error["type"], error["id"], error["kind"]) == ("error", 10, "error")
+    assert "unknown model 'vit_q'" in error["message"] and "Traceback" in error["traceback"]
+
+    send(request(11, weights))
+    assert receive()["type"] == "window"
+    send({"type": "cancel", "id": 11})
+    error = receive()
+    assert (error["type"], error["id"], error["kind"]) == ("error", 11, "cancelled")
+
+    send(request(12, weights))
+    assert receive()["type"] == "window"
+    close()
+    error = receive()
+    assert (error["type"], error["id"], error["kind"]) == ("error", 12, "cancelled")
+    assert "closed the connection" in error["message"]
+    thread.join(60)
+    assert not thread.is_alive()
+
+
+def test_error_kinds_sent_to_the_client():
+    """How a failed request is labelled: cancelled, out of (GPU or host) memory, or any other error."""
+    from ProbSAMLib.app.worker import _error_kind
+    from ProbSAMLib.inference.volume import Cancelled
+
+    assert _error_kind(Cancelled("stop")) == "cancelled"
+    assert _error_kind(MemoryError()) == "out_of_memory"
+    assert _error_kind(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) == "out_of_memory"
+    assert _error_kind(ValueError("the sampler ran out of GPU memory at 16 samples")) == "out_of_memory"
+    assert _error_kind(ValueError("box outside the image")) == "error"
+
+
+def test_main_in_process_keeps_the_real_stdout_for_frames(tmp_path, monkeypatch):
+    """worker.main() on stand-in stdin/stdout/stderr: it serves until "quit" (a stale "region" before it is
+    skipped), returns 0, and afterwards what is written to the stdout descriptor or printed goes to stderr,
+    while stdout itself received nothing but frames (none here)."""
+    import io
+    import os
+    import types
+
+    from ProbSAMLib.app import worker
+
+    frames = io.BytesIO()
+    write_frame(frames, {"type": "region", "id": 3, "values": np.zeros(2)})
+    write_frame(frames, {"type": "quit"})
+    frames.seek(0)
+    with open(tmp_path / "out", "w") as fake_out, open(tmp_path / "err", "w") as fake_err:
+        monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=frames))
+        monkeypatch.setattr(sys, "stdout", fake_out)
+        monkeypatch.setattr(sys, "stderr", fake_err)
+        assert worker.main() == 0
+        os.write(fake_out.fileno(), b"a C library writing to fd 1\n")
+        print("a library printing on stdout", flush=True)
+        monkeypatch.undo()
+    assert (tmp_path / "out").read_bytes() == b""
+    err = (tmp_path / "err").read_text()
+    assert "a C library writing to fd 1" in err and "a library printing on stdout" in err
