@@ -24,7 +24,7 @@ import SimpleITK as sitk
 import torch
 from safetensors.torch import save_file
 
-from ProbSAMLib.weights import checkpoints
+from ProbSAMLib.weights import checkpoints, registry
 from ProbSAMLib.app import cli
 from ProbSAMLib import errors, save_probsam
 from ProbSAMLib.geometry import VolumeGeometry
@@ -264,7 +264,7 @@ def world(tmp_path, model_file, monkeypatch):
 
 def check_fails_cleanly(name, argv, status, words, root, capsys):
     before = snapshot(root)
-    bundled = checkpoints.entry_path(checkpoints.MANIFEST["demo"])
+    bundled = checkpoints.entry_path(registry.MANIFEST["demo"])
     bundled_hash = hashlib.sha256(bundled.read_bytes()).hexdigest() if bundled.is_file() else None
     code = cli.main([str(a) for a in argv] + ["--quiet"] * (argv[0] in ("sample", "demo")))
     err = capsys.readouterr().err
@@ -298,7 +298,7 @@ def test_cuda_without_a_gpu_is_a_usage_error(world, capsys):
 
 
 def test_bundled_model_with_a_flipped_bit_is_refused(world, capsys, monkeypatch):
-    for entry in checkpoints.MANIFEST.values():  # every bundled file's manifest line is current
+    for entry in registry.MANIFEST.values():  # every bundled file's manifest line is current
         if entry.bundled:
             path = checkpoints.entry_path(entry)
             assert (checkpoints.sha256_file(path), path.stat().st_size) == (entry.sha256, entry.size), entry.name

@@ -137,7 +137,6 @@ def test_one_table_names_every_model_and_its_weights_file():
     import inspect
 
     assert registry.MANIFEST == {e.weights.name: e.weights for e in registry.MODELS.values() if e.weights}
-    assert checkpoints.MANIFEST is registry.MANIFEST
     assert inspect.signature(load_model).parameters["name"].default == registry.DEFAULT_MODEL
     assert registry.DEFAULT_MODEL in registry.MODELS
     for entry in registry.MODELS.values():

@@ -17,7 +17,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from ProbSAMLib.weights import checkpoints
+from ProbSAMLib.weights import registry
 from ProbSAMLib.app import cli
 from ProbSAMLib import save_probsam
 from ProbSAMLib.geometry import Box3D, VolumeGeometry, voxel_box_from_physical
@@ -310,7 +310,7 @@ def test_info_lists_devices_weights_and_cache(monkeypatch, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "cpu   available" in out and "cuda" in out and "mps" in out
     assert str(tmp_path / "cache") in out
-    for name in checkpoints.MANIFEST:
+    for name in registry.MANIFEST:
         assert name in out
     assert "sam_vit_b_01ec64.pth" in out and "absent" in out
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ProbSAMLib.weights import checkpoints
+from ProbSAMLib.weights import registry
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -43,7 +43,7 @@ def test_wheel_ships_every_bundled_model_and_data_file(wheel):
     for folder in ("models", "data"):
         for path in (ROOT / "ProbSAMLib" / folder).iterdir():
             assert f"ProbSAMLib/{folder}/{path.name}" in names, f"{path.name} is missing from the wheel"
-    for entry in checkpoints.MANIFEST.values():
+    for entry in registry.MANIFEST.values():
         if entry.bundled:
             info = archive.getinfo(f"ProbSAMLib/models/{entry.filename}")
             assert info.file_size == entry.size, entry.name

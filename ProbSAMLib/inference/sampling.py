@@ -76,16 +76,18 @@ def sample_from_embeddings(
     mode: str = "sample",
     z: Optional[torch.Tensor] = None,
     images01: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
 ):
     """Probabilities (B, N, H, W) on the image for boxes (B, 4) in image pixels; also the z used.
 
-    Pass `z` (B, N, L) to reuse latents (e.g. one z per sample across the slices of a volume).
+    Pass `z` (B, N, L) to reuse latents (e.g. one z per sample across the slices of a volume), or `noise`
+    (B, N, L) standard-normal draws to use instead of drawing from `generator` (ProbSAM.latents).
     images01 (B, H, W): the images the embeddings came from, in [0, 1]; a model with a refiner needs them.
     """
     boxes_model = preprocess.boxes_to_model_frame(boxes.to(embeddings.device, torch.float32), image_hw,
                                                   model.config.img_size)
     if z is None:
-        z = model.latents(embeddings, boxes_model, n_samples, generator, mode)
+        z = model.latents(embeddings, boxes_model, n_samples, generator, mode, noise)
     with autocast(embeddings.device):
         logits = model.decode(embeddings, boxes_model, z.to(embeddings.device), images01)
     probs = torch.sigmoid(preprocess.logits_to_image(logits.float(), image_hw, model.config.img_size))

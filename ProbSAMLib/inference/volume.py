@@ -51,8 +51,6 @@ from ProbSAMLib.inference.sampling import images_to_unit, make_generator, sample
 from ProbSAMLib.inference.summary import volume_summary
 from ProbSAMLib.inference.uncertainty import uncertainty_maps
 from ProbSAMLib.metrics import MASK_THRESHOLD
-from ProbSAMLib.modeling.latent import latents_from_noise
-from ProbSAMLib.modeling.preprocess import boxes_to_model_frame
 from ProbSAMLib.modeling.probsam import ProbSAM
 
 CONTEXT_MARGIN_PX = 16
@@ -219,9 +217,7 @@ def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: to
     start = time.perf_counter()
     image_hw = tuple(images01.shape[-2:])
     boxes = torch.tensor([box_in_window], dtype=torch.float32, device=device).expand(len(images_hu), 4)
-    prior = model.prior_distribution(embeddings, boxes_to_model_frame(boxes, image_hw, model.config.img_size))
-    z = latents_from_noise(prior.base_dist.loc, prior.base_dist.scale, eps)  # (B, N, L)
-    probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], z=z, images01=images01)
+    probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], noise=eps, images01=images01)
     synchronize(device)
     timings["decode_s"] += time.perf_counter() - start
     return probs, z

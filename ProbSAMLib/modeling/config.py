@@ -122,12 +122,6 @@ class ProbSAMConfig:
         return 4 * self.embedding_size
 
     @property
-    def reads_neighbours(self) -> bool:
-        """Whether the model reads the slices below and above (neighbour_slices): what the data loaders
-        must supply."""
-        return self.neighbour_slices
-
-    @property
     def mask_size(self) -> int:
         """Side of the logits ProbSAM.decode returns: img_size with a refiner, else the decoder grid."""
         return self.img_size if self.refine_channels else self.low_res_size

@@ -162,11 +162,12 @@ class ProbSAM(nn.Module):
         n_samples: int,
         generator: Optional[torch.Generator] = None,
         mode: str = "sample",
+        noise: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """z from the prior, (B, N, L). mode="sample" draws; mode="mean" repeats the prior mean.
 
         The standard-normal noise is drawn on the CPU from `generator`, so a seed gives the same z on
-        every device.
+        every device; or it is given as `noise` (B, N, L), e.g. drawn per slice by an evaluation.
         """
         prior = self.prior_distribution(embeddings, boxes)
         mu, sigma = prior.base_dist.loc, prior.base_dist.scale  # (B, L)
@@ -174,5 +175,9 @@ class ProbSAM(nn.Module):
             return mu.unsqueeze(1).expand(-1, n_samples, -1)
         if mode != "sample":
             raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
-        noise = torch.randn((mu.shape[0], n_samples, mu.shape[1]), generator=generator)
+        shape = (mu.shape[0], n_samples, mu.shape[1])
+        if noise is None:
+            noise = torch.randn(shape, generator=generator)
+        elif tuple(noise.shape) != shape:
+            raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
         return latents_from_noise(mu, sigma, noise)

@@ -22,7 +22,6 @@ import torch
 
 from ProbSAMLib.errors import CheckpointError
 from ProbSAMLib.modeling.config import ProbSAMConfig
-from ProbSAMLib.weights.registry import MANIFEST  # noqa: F401 (the registry's; scripts read checkpoints.MANIFEST)
 from ProbSAMLib.weights.registry import WeightsFile, model_entry, weights_file
 
 FORMAT = "probsam-v1"

@@ -10,7 +10,7 @@ was right about: those every reader who annotated the nodule marked (``anchored_
 ``min_readers`` of them, so a two-reader nodule's disputed overlap and every edge slice stay free to move.
 
 Each of the K prior samples the set and consensus terms decode is paired with the reference's sample for
-the same standard-normal noise (z = mu + sigma * noise, ProbSAMLib.modeling.latent.latents_from_noise, with
+the same standard-normal noise (z = mu + sigma * noise, ProbSAM.latents, with
 each model's own prior), and scored with the binary cross-entropy against the reference's probabilities,
 summed over pixels like the reconstruction term. At the reference's own weights the term's gradient is zero
 (its minimum); it grows as the model's samples on those slices leave the reference's. Its settings
@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from ProbSAMLib.errors import SettingsError
-from ProbSAMLib.modeling.latent import latents_from_noise
 from ProbSAMLib.weights.build import load_probsam
 from Training.learning.loss import slots_that_drew
 
@@ -74,6 +73,5 @@ class Anchor:
         if self.model.device != images.device:
             self.model.to(images.device)
         embeddings = self.model.encode(images)
-        prior = self.model.prior_distribution(embeddings, boxes_model)
-        z = latents_from_noise(prior.base_dist.loc, prior.base_dist.scale, noise)
+        z = self.model.latents(embeddings, boxes_model, noise.shape[1], noise=noise)
         return self.model.decode(embeddings, boxes_model, z, images)

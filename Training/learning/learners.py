@@ -22,7 +22,6 @@ from ProbSAMLib.errors import InputError, SettingsError, WeightsError
 from ProbSAMLib.inference.sampling import sample_from_embeddings
 from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.modeling.config import LUNG_WINDOW, ProbSAMConfig
-from ProbSAMLib.modeling.latent import latents_from_noise
 from ProbSAMLib.weights.build import build_probsam, load_probsam
 from ProbSAMLib.weights.checkpoints import FORMAT as PROBSAM_FORMAT
 from ProbSAMLib.weights.checkpoints import save_probsam
@@ -59,7 +58,7 @@ class ProbSAMLearner(nn.Module):
     @property
     def reads_neighbours(self) -> bool:
         """Whether to show it the slices below and above (Batch.model_images): its encoder reads them."""
-        return self.model.config.reads_neighbours
+        return self.model.config.neighbour_slices
 
     def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None,
                 readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None,
@@ -133,25 +132,10 @@ class ProbSAMLearner(nn.Module):
                              noise: Optional[torch.Tensor] = None, mode: str = "sample"):
         """(B, N, H, W) foreground probabilities from the prior; ``noise`` (B, N, L) fixes the draw;
         ``mode="mean"``: every sample decodes the prior's mean (z = mu)."""
-        if mode not in ("sample", "mean"):
-            raise ValueError(f"mode must be 'sample' or 'mean', got {mode!r}")
         if embeddings is None:
             embeddings = self.model.encode(images.to(self.model.device))
-        z = None
-        if noise is not None or mode == "mean":
-            boxes_model = preprocess.boxes_to_model_frame(boxes.to(embeddings.device, torch.float32),
-                                                          images.shape[-2:], self.model.config.img_size)
-            prior = self.model.prior_distribution(embeddings, boxes_model)
-            mu, sigma = prior.base_dist.loc, prior.base_dist.scale
-            if mode == "mean":
-                z = mu[:, None].expand(-1, n_samples, -1)
-            elif tuple(noise.shape) != (mu.shape[0], n_samples, mu.shape[1]):
-                raise ValueError(f"noise must have shape {(mu.shape[0], n_samples, mu.shape[1])}, got "
-                                 f"{tuple(noise.shape)}")
-            else:
-                z = latents_from_noise(mu, sigma, noise)
         probs, _ = sample_from_embeddings(self.model, embeddings, boxes, images.shape[-2:], n_samples, generator,
-                                          z=z, images01=images)
+                                          mode, images01=images, noise=noise)
         return probs
 
     def save(self, path: Path, extra: Optional[dict] = None) -> None:
