@@ -56,6 +56,11 @@ class OutputRefusedError(SettingsError):
     """The output folder may not be written or replaced (it exists, holds an input, is a home...)."""
 
 
+class Cancelled(Exception):
+    """A run stopped because its ``cancel()`` returned True; no partial result is returned. Torch-free, so
+    the Slicer module can catch it without importing the sampler."""
+
+
 class Terminated(BaseException):
     """SIGTERM, turned into an exception so that ``finally`` blocks clean up (like KeyboardInterrupt)."""
 

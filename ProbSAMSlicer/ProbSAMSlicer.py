@@ -227,7 +227,7 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._updateButtons()
 
     def _finish(self, run) -> None:
-        from ProbSAMLib.inference.volume import Cancelled
+        from ProbSAMLib.errors import Cancelled
 
         try:
             self._outputs = self.logic.finishProcessing(run, self._runVolume)

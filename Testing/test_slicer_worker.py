@@ -62,7 +62,7 @@ def test_second_run_reuses_the_loaded_model(slicer, module, logic, tiny_weights)
 
 
 def test_cancel_mid_run_stops_it_and_keeps_the_worker(slicer, module, logic, tiny_weights, monkeypatch):
-    from ProbSAMLib.inference.volume import Cancelled
+    from ProbSAMLib.errors import Cancelled
 
     # This test is about the worker stopping when asked; the kill after the grace time has its own test
     # below. A long grace keeps a heavily loaded machine from turning "asked" into "killed".
@@ -90,7 +90,7 @@ def test_cancel_mid_run_stops_it_and_keeps_the_worker(slicer, module, logic, tin
 def test_unresponsive_worker_is_killed_then_a_crash_is_a_clear_error(slicer, module, own_logic, tiny_weights):
     """A worker that does not answer Cancel is killed after the grace time; the next run starts a new one,
     and when that one dies mid-run (as under the OOM killer) the run fails clearly and adds no nodes."""
-    from ProbSAMLib.inference.volume import Cancelled
+    from ProbSAMLib.errors import Cancelled
 
     volume, roi = tall_scene(slicer)
     run = start(module, own_logic, volume, roi, tiny_weights)
@@ -139,7 +139,7 @@ def test_worker_runs_in_slicers_python(module, tmp_path, monkeypatch):
 
 def test_process_cancel_callback_stops_the_run_and_adds_nothing(slicer, module, logic, tiny_weights):
     """The scripting entry point: ``process(..., cancel=)`` is asked while it waits; True cancels."""
-    from ProbSAMLib.inference.volume import Cancelled
+    from ProbSAMLib.errors import Cancelled
 
     volume, roi = tall_scene(slicer)
     asked = []

@@ -206,7 +206,7 @@ def test_server_in_process_samples_reuses_the_model_and_reports_errors(server, w
 def test_error_kinds_sent_to_the_client():
     """How a failed request is labelled: cancelled, out of (GPU or host) memory, or any other error."""
     from ProbSAMLib.app.worker import _error_kind
-    from ProbSAMLib.inference.volume import Cancelled
+    from ProbSAMLib.errors import Cancelled
 
     assert _error_kind(Cancelled("stop")) == "cancelled"
     assert _error_kind(MemoryError()) == "out_of_memory"

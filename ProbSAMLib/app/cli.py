@@ -393,7 +393,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(args) -> int:
-    from ProbSAMLib.inference.volume import Cancelled
+    from ProbSAMLib.errors import Cancelled
 
     try:
         with _warnings_as_lines():

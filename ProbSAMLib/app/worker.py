@@ -19,7 +19,8 @@ worker -> client
   progress {id, fraction, message}
   warning  {id, message}   e.g. a GPU small for the model (checked here: Slicer's process never touches CUDA)
   result   {id, masks (N, Kb, Jb, Ib), entropy, variance, mutual_information, mean_probability (Kb, Jb, Ib),
-            lo, summary, colors (N RGB, the CLI's segment colours), model: {name, sha256, loads, reused}}
+            consensus (Kb, Jb, Ib) bool, agreement {"any", "majority", "all"} (Kb, Jb, Ib) bool,
+            marking_share (float 0..1, or None for a model without a marking head), lo, summary, colors (N RGB, the CLI's segment colours), model: {name, sha256, loads, reused}}
   error    {id, kind: "cancelled" | "out_of_memory" | "error", message}
 """
 
@@ -161,11 +162,12 @@ class Server:
                                seed=request.get("seed"), cancel=cancel,
                                progress=lambda f, m: self.send(type="progress", id=rid, fraction=f, message=m))
         self.send(type="result", id=rid, masks=result.masks, lo=voxel_box.lo, summary=result.summary,
+                  consensus=result.consensus, agreement=result.agreement, marking_share=result.marking_share,
                   colors=distinct_colors(len(result.masks)), model=model_info,
                   **{name: getattr(result, name) for name in MAP_NAMES})
 
     def _wait_for_region(self, rid, cancel) -> np.ndarray:
-        from ProbSAMLib.inference.volume import Cancelled
+        from ProbSAMLib.errors import Cancelled
 
         while True:
             message = self.requests.get()
@@ -200,7 +202,7 @@ def device_warning(name: str, requested: str, device_type: str, gpu_gib: Optiona
 
 def _error_kind(error: BaseException) -> str:
     from ProbSAMLib.errors import is_gpu_out_of_memory
-    from ProbSAMLib.inference.volume import Cancelled
+    from ProbSAMLib.errors import Cancelled
 
     if isinstance(error, Cancelled):
         return "cancelled"

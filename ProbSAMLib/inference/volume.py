@@ -42,8 +42,9 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ProbSAMLib.errors import SettingsError, is_gpu_out_of_memory
+from ProbSAMLib.errors import Cancelled, SettingsError, is_gpu_out_of_memory  # noqa: F401 (Cancelled: re-exported)
 from ProbSAMLib.geometry import VolumeGeometry, VoxelBox, slice_boxes_2d, slices_with_neighbours
+from ProbSAMLib.inference.agreement import agreement_masks
 from ProbSAMLib.inference.device import autocast, synchronize
 from ProbSAMLib.inference.memory import (available_bytes, bytes_per_slice, choose_batch, host_available_bytes,
                                          release_cached_memory)
@@ -60,16 +61,17 @@ ProgressFn = Callable[[float, str], None]
 CancelFn = Callable[[], bool]
 
 
-class Cancelled(Exception):
-    """Raised when ``cancel()`` returned True; no partial result is returned."""
-
-
 @dataclass
 class VolumeSamplingResult:
     """N sampled masks and the uncertainty volumes, cut to the voxel box of the input volume's grid.
 
     masks (N, Kb, Jb, Ib) bool; mean_probability, entropy (nats), variance, mutual_information
     (Kb, Jb, Ib) float32; the box's first voxel is ``voxel_box.lo`` (i, j, k) of ``geometry``.
+    consensus (Kb, Jb, Ib) bool: voxels in more than half of the samples (``agreement.py``);
+    agreement: {"any", "majority", "all"} -> (Kb, Jb, Ib) bool ("majority" is the consensus).
+    marking_share: the share of readers expected to mark this lesion at all (0..1), from a model with a
+    marking head (``ProbSAM.marking_share``); None for a model without one. It is a separate number, not
+    empty samples: every sample is an outline of the boxed object.
     summary: JSON-ready dict (see ``summary.volume_summary``).
     eps (Kb, N, L) and z (Kb, N, L): the standard-normal draws and the latents used on each of the
     box's Kb slices (eps is the same on every slice with z_mode "per_sample").
@@ -83,6 +85,9 @@ class VolumeSamplingResult:
     voxel_box: VoxelBox
     geometry: VolumeGeometry
     summary: dict
+    consensus: Optional[np.ndarray] = None
+    agreement: dict = field(default_factory=dict)
+    marking_share: Optional[float] = None
     eps: Optional[np.ndarray] = field(default=None, repr=False)
     z: Optional[np.ndarray] = field(default=None, repr=False)
 
@@ -340,8 +345,10 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
 def _assemble(probs_box: np.ndarray, geometry: VolumeGeometry, voxel_box: VoxelBox) -> VolumeSamplingResult:
     """Masks and uncertainty maps of the box (box-sized; ``voxel_box.lo`` is their offset)."""
     maps = uncertainty_maps(probs_box)
+    masks = probs_box > MASK_THRESHOLD
+    agreement = agreement_masks(masks)
     return VolumeSamplingResult(
-        masks=probs_box > MASK_THRESHOLD,
+        masks=masks, consensus=agreement["majority"], agreement=agreement,
         mean_probability=maps.mean_probability.astype(np.float32, copy=False),
         entropy=maps.entropy.astype(np.float32, copy=False),
         variance=maps.variance.astype(np.float32, copy=False),

@@ -65,7 +65,7 @@ def python_executable() -> str:
 
 
 def _cancelled(message: str) -> Exception:
-    from ProbSAMLib.inference.volume import Cancelled  # torch is installed by the time anything runs
+    from ProbSAMLib.errors import Cancelled  # torch is installed by the time anything runs
 
     return Cancelled(message)
 
