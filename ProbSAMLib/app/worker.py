@@ -8,9 +8,14 @@ Frames, both ways: an 8-byte little-endian length, then a pickle of a dict with 
 frames only: at start the real stdout is kept for them and fd 1 is pointed at stderr, so a library that
 prints cannot corrupt the protocol.
 
+The worker ends by itself after ``--idle-timeout`` seconds without a request (0: never), so an idle
+Slicer session gives its memory (and GPU memory) back; the client starts a new one for the next run.
+
 client -> worker
   sample  {id, model: {name, checkpoint, sam_checkpoint, device}, ijk_to_ras (4x4), size_ijk, lo, hi,
-           n_samples, seed}
+           n_samples, seed, roi (optional): {center_ras (3,), axes_ras (3x3, columns), size_mm (3,)}}
+          roi is the drawn box in the ijk_to_ras space; a rotated one is sampled as its axis-aligned voxel
+          hull (lo, hi) and every mask is then cut to the box itself (voxel centres inside it)
   region  {id, values: float32 (k1-k0, r1-r0, c1-c0)}   the block the worker asked for
   cancel  {id}   stops that request at its next slice chunk (or before it starts)
   quit    {}
@@ -20,8 +25,14 @@ worker -> client
   warning  {id, message}   e.g. a GPU small for the model (checked here: Slicer's process never touches CUDA)
   result   {id, masks (N, Kb, Jb, Ib), entropy, variance, mutual_information, mean_probability (Kb, Jb, Ib),
             consensus (Kb, Jb, Ib) bool, agreement {"any", "majority", "all"} (Kb, Jb, Ib) bool,
-            marking_share (float 0..1, or None for a model without a marking head), lo, summary, colors (N RGB, the CLI's segment colours), model: {name, sha256, loads, reused}}
+            marking_share (float 0..1, or None for a model without a marking head), lo, summary,
+            colors (N RGB, the CLI's sample colours), segment_colors {"consensus": RGB, "agreement": {level: RGB}},
+            roi_cut {"voxels_outside_roi": box voxels outside the drawn ROI, "mask_voxels_removed": n},
+            model: {name, sha256, loads, reused}}
+           With a roi, masks, consensus, agreement and summary are those cut to the ROI, and the four maps
+           are 0 outside it.
   error    {id, kind: "cancelled" | "out_of_memory" | "error", message}
+  idle     {after_s}   sent once, just before the worker ends itself for want of requests
 """
 
 from __future__ import annotations
@@ -93,8 +104,11 @@ class _Models:
 
 
 class Server:
-    def __init__(self, inbox: BinaryIO, outbox: BinaryIO):
+    """Serves requests read from ``inbox``; ``idle_timeout`` seconds without one end it (None: never)."""
+
+    def __init__(self, inbox: BinaryIO, outbox: BinaryIO, idle_timeout: Optional[float] = None):
         self.outbox = outbox
+        self.idle_timeout = idle_timeout if idle_timeout and idle_timeout > 0 else None
         self.cancelled = set()  # request ids; a set, not one flag, so a late cancel cannot hit the next run
         self.closing = False
         self.requests: "queue.Queue[Optional[dict]]" = queue.Queue()
@@ -118,7 +132,11 @@ class Server:
 
     def serve(self) -> None:
         while True:
-            request = self.requests.get()
+            try:
+                request = self.requests.get(timeout=self.idle_timeout)
+            except queue.Empty:  # idle: end, so that the model's (GPU) memory goes back
+                self.send(type="idle", after_s=self.idle_timeout)
+                return
             if request is None:
                 return
             if request.get("type") != "sample":
@@ -131,7 +149,7 @@ class Server:
 
     def _sample(self, request: dict) -> None:
         from ProbSAMLib.geometry import VolumeGeometry, VoxelBox
-        from ProbSAMLib.io.segfile import distinct_colors
+        from ProbSAMLib.io.segfile import distinct_colors, segment_colors
         from ProbSAMLib.inference.uncertainty import MAP_NAMES
         from ProbSAMLib.inference.volume import Cancelled, input_region, sample_volume
 
@@ -161,10 +179,11 @@ class Server:
         result = sample_volume(model, volume, geometry, voxel_box, n_samples=int(request["n_samples"]),
                                seed=request.get("seed"), cancel=cancel,
                                progress=lambda f, m: self.send(type="progress", id=rid, fraction=f, message=m))
+        roi_cut = cut_to_roi(result, request.get("roi"))
         self.send(type="result", id=rid, masks=result.masks, lo=voxel_box.lo, summary=result.summary,
                   consensus=result.consensus, agreement=result.agreement, marking_share=result.marking_share,
-                  colors=distinct_colors(len(result.masks)), model=model_info,
-                  **{name: getattr(result, name) for name in MAP_NAMES})
+                  colors=distinct_colors(len(result.masks)), segment_colors=segment_colors(), roi_cut=roi_cut,
+                  model=model_info, **{name: getattr(result, name) for name in MAP_NAMES})
 
     def _wait_for_region(self, rid, cancel) -> np.ndarray:
         from ProbSAMLib.errors import Cancelled
@@ -178,6 +197,41 @@ class Server:
                 return message["values"]
             if cancel():
                 raise Cancelled("sampling was cancelled")
+
+
+def roi_inside(roi: dict, geometry, voxel_box) -> np.ndarray:
+    """(Kb, Jb, Ib) bool: which voxels of the box have their centre inside the drawn (rotated) ROI."""
+    from ProbSAMLib.geometry import Box3D
+
+    box = Box3D.from_center_size(roi["center_ras"], roi["size_mm"], axes=roi["axes_ras"], space="ras")
+    k, j, i = np.meshgrid(*(np.arange(voxel_box.lo[a], voxel_box.hi[a]) for a in (2, 1, 0)), indexing="ij")
+    centres = geometry.index_to_physical(np.stack([i, j, k], axis=-1).astype(np.float64))
+    # A face through a voxel centre covers it, as voxel_box_from_physical counts it (0.1 µm of slack).
+    return box.contains(centres, tol=1e-4)
+
+
+def cut_to_roi(result, roi: Optional[dict]) -> dict:
+    """Cut a VolumeSamplingResult (in place) to the drawn ROI: masks off and maps 0 outside it; the
+    consensus, agreement and summary made again from the cut masks. What was cut, for the user."""
+    from ProbSAMLib.inference.agreement import agreement_masks
+    from ProbSAMLib.inference.summary import volume_summary
+    from ProbSAMLib.inference.uncertainty import MAP_NAMES
+
+    if not roi:
+        return {"voxels_outside_roi": 0, "mask_voxels_removed": 0}
+    inside = roi_inside(roi, result.geometry, result.voxel_box)
+    outside = int((~inside).sum())
+    removed = int((result.masks & ~inside).sum())
+    if outside:
+        result.masks = result.masks & inside
+        for name in MAP_NAMES:
+            setattr(result, name, np.where(inside, getattr(result, name), 0).astype(np.float32))
+        result.agreement = agreement_masks(result.masks)
+        result.consensus = result.agreement["majority"]
+        timings = result.summary.get("timings_s", {})
+        result.summary = dict(volume_summary(result, result.summary["settings"], timings), timings_s=timings)
+    result.summary["roi_cut"] = {"voxels_outside_roi": outside, "mask_voxels_removed": removed}
+    return dict(result.summary["roi_cut"])
 
 
 def _gpu_gib(device) -> Optional[float]:
@@ -211,22 +265,37 @@ def _error_kind(error: BaseException) -> str:
     return "error"
 
 
-def serve() -> int:
-    """Serve requests on stdin until the client quits or closes it; frames go out on the real stdout."""
+def serve(idle_timeout: Optional[float] = None) -> int:
+    """Serve requests on stdin until the client quits or closes it, or ``idle_timeout`` seconds pass without
+    one; frames go out on the real stdout."""
     outbox = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints (C or Python) go to stderr
     sys.stdout = sys.stderr
-    Server(sys.stdin.buffer, outbox).serve()
+    Server(sys.stdin.buffer, outbox, idle_timeout).serve()
     return 0
 
 
-def main() -> int:
+def parse_idle_timeout(argv) -> Optional[float]:
+    """``--idle-timeout SECONDS`` (0 or absent: never) from the command line."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="probsam-worker")
+    parser.add_argument("--idle-timeout", type=float, default=0.0,
+                        help="end after this many seconds without a request (0: never)")
+    value = parser.parse_args(argv).idle_timeout
+    if not value >= 0:
+        parser.error(f"--idle-timeout must be >= 0 seconds, got {value}")
+    return value or None
+
+
+def main(argv=None) -> int:
     """The process's exit status. A failure of the server itself (the client gone mid-frame, Ctrl-C in the
     terminal Slicer runs in) ends with one line on stderr, which the client shows; errors of a request go
     to the client as frames and the server lives on."""
     from ProbSAMLib.errors import run_main
 
-    return run_main("probsam-worker", serve)
+    idle_timeout = parse_idle_timeout(sys.argv[1:] if argv is None else argv)
+    return run_main("probsam-worker", lambda: serve(idle_timeout))
 
 
 if __name__ == "__main__":

@@ -26,10 +26,16 @@ def bytes_per_slice(model, n_samples: int, half: bool) -> int:
     variant = ENCODER_VARIANTS[config.encoder]
     tokens = config.embedding_size ** 2
     element = 2 if half else 4
-    # SAM's global attention materialises (heads, T, T) scores; softmax and rel-pos keep ~3 copies, and
-    # autocast runs softmax in float32, so half precision does not halve them (measured: 2.0 vs 2.4 GiB).
-    attention = 3 * variant["num_heads"] * tokens ** 2 * 4
-    activations = 16 * tokens * variant["embed_dim"] * element
+    if config.family == "tinyvit":
+        # TinyViT: windowed attention only (no global T x T scores); the largest activations are its first
+        # stage's MBConv (64 channels x 4 expansion at 64²); 16 such maps bound the rest generously.
+        attention = 0
+        activations = 16 * tokens * 4 * variant["embed_dims"][0] * element
+    else:
+        # SAM's global attention materialises (heads, T, T) scores; softmax and rel-pos keep ~3 copies, and
+        # autocast runs softmax in float32, so half precision does not halve them (measured: 2.0 vs 2.4 GiB).
+        attention = 3 * variant["num_heads"] * tokens ** 2 * 4
+        activations = 16 * tokens * variant["embed_dim"] * element
     # Decoder: N logit maps upsampled to img_size², in float32, plus the resized copies.
     decoder = 3 * n_samples * config.img_size ** 2 * 4
     # Mask refiner: its input (2 channels) and two hidden maps alive at once, every sample at img_size².

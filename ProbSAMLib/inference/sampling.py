@@ -20,11 +20,14 @@ from ProbSAMLib.modeling.probsam import ProbSAM
 
 @dataclass
 class SampleResult:
-    """probabilities (B, N, H, W) float32 in [0, 1]; masks = probabilities > threshold; z (B, N, L)."""
+    """probabilities (B, N, H, W) float32 in [0, 1]; masks = probabilities > threshold; z (B, N, L);
+    marking_share (B,) the share of readers expected to mark each box's object, None for a model without a
+    marking head."""
 
     probabilities: np.ndarray
     masks: np.ndarray
     z: np.ndarray
+    marking_share: Optional[np.ndarray] = None
 
 
 def make_generator(seed: Optional[int]) -> torch.Generator:
@@ -95,6 +98,17 @@ def sample_from_embeddings(
 
 
 @torch.no_grad()
+def marking_shares(model: ProbSAM, embeddings: torch.Tensor, boxes: torch.Tensor, image_hw: Sequence[int]):
+    """(B,) the share of readers expected to mark the object in each box (image pixels), or None for a
+    model without a marking head."""
+    if model.marking is None:
+        return None
+    boxes_model = preprocess.boxes_to_model_frame(boxes.to(embeddings.device, torch.float32), image_hw,
+                                                  model.config.img_size)
+    return torch.sigmoid(model.marking_logit(embeddings.float(), boxes_model)).cpu()
+
+
+@torch.no_grad()
 def sample_masks(
     model: ProbSAM,
     images,
@@ -128,4 +142,6 @@ def sample_masks(
     probs, z = sample_from_embeddings(model, embeddings.float(), box_tensor, image_hw, n_samples, generator, mode,
                                       images01=images01)
     probs = probs.cpu().numpy().astype(np.float32)
-    return SampleResult(probs, probs > threshold, z.cpu().numpy())
+    shares = marking_shares(model, embeddings.float(), box_tensor, image_hw)
+    return SampleResult(probs, probs > threshold, z.cpu().numpy(),
+                        None if shares is None else shares.numpy().astype(np.float32))

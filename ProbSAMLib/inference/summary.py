@@ -123,12 +123,19 @@ def volume_summary(result, settings: dict, timings: dict) -> dict:
     entropy = result.entropy
     uncertainty = {"mean_entropy_in_box_nats": float(entropy.mean()), "max_entropy_nats": float(entropy.max()),
                    "mean_mutual_information_in_box_nats": float(result.mutual_information.mean())}
+    spread = _spread(masks, samples, float(np.prod(geometry.spacing)))
+    if result.consensus is not None:
+        spread["consensus_volume_mm3"] = float(result.consensus.sum() * np.prod(geometry.spacing))
+    share = result.marking_share
     return {"disclaimer": DISCLAIMER, "settings": settings, "box": box_description(box, geometry),
-            "geometry": geometry_description(geometry), "samples": samples,
-            "spread": _spread(masks, samples, float(np.prod(geometry.spacing))),
+            "geometry": geometry_description(geometry), "samples": samples, "spread": spread,
+            "marking_share": None if share is None else round(float(share), 4),
             "uncertainty": uncertainty, "timings_s": dict(timings),
             "notes": {"diameter": "longest in-plane distance on one slice, outer voxel edges, mm",
                       "sample_diversity": "mean 1 - IoU over distinct sample pairs (GED's sample term)",
+                      "marking_share": "the share of readers expected to mark the boxed lesion at all (the "
+                                       "model's marking head; null for a model without one)",
+                      "consensus": "voxels in more than half of the samples",
                       "sd": "sample standard deviation (ddof = 1)",
                       "latent_noise": "the standard-normal draw of each sample, used on every slice"}}
 

@@ -5,11 +5,12 @@ per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring 
 (``config.neighbour_slices``) also sees ``volume[k - 1]`` and ``volume[k + 1]``. For every slice of the
 voxel box:
 
-1. Context window. The model sees a square window centred on the box, of side
+1. Context window. A model with ``config.field_of_view == "slice"`` (LiteMedSAM) sees the whole slice, as
+   it was trained, padded with air on both sides to ``config.min_field_mm`` where the slice is narrower.
+   A "crop" model sees a square window centred on the box, of side
    ``max(min_context, longest box side + 2 * CONTEXT_MARGIN_PX)`` pixels, shifted to stay inside the
    slice and cut to the slice where the slice is smaller. ``min_context`` is the crop size the model was
-   trained on (``config.context_size``), else its input size ``config.img_size`` — so the tiny
-   demo model sees a 128² crop as in training, and SAM (1024) sees the whole 512² slice as SAM does.
+   trained on (``config.context_size``), else its input size ``config.img_size``.
    The window is the same on every slice, since the voxel box is a block of the grid.
 2. Encoding in chunks of ``slice_batch`` slices (the encoder runs once per slice). ``None`` chooses the
    chunk from free memory; a CUDA out-of-memory error halves it and retries the chunk.
@@ -48,7 +49,7 @@ from ProbSAMLib.inference.agreement import agreement_masks
 from ProbSAMLib.inference.device import autocast, synchronize
 from ProbSAMLib.inference.memory import (available_bytes, bytes_per_slice, choose_batch, host_available_bytes,
                                          release_cached_memory)
-from ProbSAMLib.inference.sampling import images_to_unit, make_generator, sample_from_embeddings
+from ProbSAMLib.inference.sampling import images_to_unit, make_generator, marking_shares, sample_from_embeddings
 from ProbSAMLib.inference.summary import volume_summary
 from ProbSAMLib.inference.uncertainty import uncertainty_maps
 from ProbSAMLib.metrics import MASK_THRESHOLD
@@ -132,10 +133,31 @@ def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple
     (the Slicer module's worker process) sends just this block; the rest of the volume can be anything.
     """
     x1, y1, x2, y2 = slice_boxes_2d(voxel_box)[0][1]
-    r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
+    if model.config.field_of_view == "slice":
+        r0, r1, c0, c1 = 0, int(shape_kji[1]), 0, int(shape_kji[2])
+    else:
+        r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
     reach = 1 if model.config.neighbour_slices else 0
     k0, k1 = max(voxel_box.lo[2] - reach, 0), min(voxel_box.hi[2] + reach, int(shape_kji[0]))
     return k0, k1, r0, r1, c0, c1
+
+
+def air_value(model: ProbSAM) -> float:
+    """What the model reads as air: the bottom of its CT window in HU (0 for a model fed [0, 1] images)."""
+    window = model.config.window
+    return 0.0 if window is None else float(window[0] - window[1] / 2.0) - 1.0
+
+
+def pad_to_field(region: np.ndarray, spacing_rc, min_field_mm: float, fill: float):
+    """The region (..., h, w) padded with ``fill`` on both sides of each axis to at least ``min_field_mm``
+    (rows at spacing_rc[0] mm, columns at spacing_rc[1]), and the (rows, cols) added before it."""
+    need = [int(np.ceil(min_field_mm / float(step) - 1e-6)) for step in spacing_rc]
+    extra = [max(0, n - size) for n, size in zip(need, region.shape[-2:])]
+    before = (extra[0] // 2, extra[1] // 2)
+    if not any(extra):
+        return region, before
+    pad = [(0, 0)] * (region.ndim - 2) + [(before[0], extra[0] - before[0]), (before[1], extra[1] - before[1])]
+    return np.pad(region, pad, constant_values=fill), before
 
 
 def model_slices(region: np.ndarray, first: int, n_slices: int, reads_neighbours: bool) -> np.ndarray:
@@ -191,8 +213,9 @@ def _draw_noise(generator: torch.Generator, n_slices: int, n_samples: int, laten
 
 def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict,
                   cancel: Optional[CancelFn] = None):
-    """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU
-    (or (B, 3, h, w) with the slices below and above, ``model_slices``).
+    """Probabilities (B, N, h, w) of the window, z (B, N, L) and the marking shares (B,) (None without a
+    marking head) for B slices' windows (B, h, w) in HU (or (B, 3, h, w) with the slices below and above,
+    ``model_slices``).
 
     Every slice goes through the model on its own: batched matrix products round differently for different
     batch sizes (last-bit differences), so grouping slices would make the files depend on the slice
@@ -204,7 +227,8 @@ def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: tor
         if cancel is not None and cancel():
             raise Cancelled("sampling was cancelled")
         parts.append(_sample_slices(model, images_hu[b:b + 1], box_in_window, eps[b:b + 1], timings))
-    return torch.cat([probs for probs, _ in parts]), torch.cat([z for _, z in parts])
+    shares = None if parts[0][2] is None else torch.cat([part[2] for part in parts])
+    return torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts]), shares
 
 
 @torch.no_grad()
@@ -223,21 +247,24 @@ def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: to
     image_hw = tuple(images01.shape[-2:])
     boxes = torch.tensor([box_in_window], dtype=torch.float32, device=device).expand(len(images_hu), 4)
     probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], noise=eps, images01=images01)
+    shares = marking_shares(model, embeddings, boxes, image_hw)
     synchronize(device)
     timings["decode_s"] += time.perf_counter() - start
-    return probs, z
+    return probs, z, shares
 
 
 def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: torch.Tensor, batch: int,
                 progress: ProgressFn, cancel: Optional[CancelFn]):
     """All slices of ``region`` (Kb, h, w), ``batch`` at a time; the box part of every probability map.
 
-    Returns probabilities (N, Kb, Jb, Ib), z (Kb, N, L), the final batch, the OOM retries and timings.
+    Returns probabilities (N, Kb, Jb, Ib), z (Kb, N, L), the marking shares (Kb,) or None, the final
+    batch, the OOM retries and timings.
     """
     n_slices, n_samples = eps.shape[:2]
     rows, cols = crop
     probs_box = np.zeros((n_samples, n_slices, rows.stop - rows.start, cols.stop - cols.start), np.float32)
     z_used = np.zeros(tuple(eps.shape), dtype=np.float32)
+    shares = np.zeros(n_slices, dtype=np.float32) if model.marking is not None else None
     timings = {"encode_s": 0.0, "decode_s": 0.0}
     oom_retries, done = 0, 0
     while done < n_slices:
@@ -245,8 +272,8 @@ def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: to
             raise Cancelled("sampling was cancelled")
         stop = min(done + batch, n_slices)
         try:
-            probs, z = _sample_chunk(model, region[done:stop], box_in_window, eps[done:stop], timings,
-                                     cancel)
+            probs, z, chunk_shares = _sample_chunk(model, region[done:stop], box_in_window, eps[done:stop],
+                                                   timings, cancel)
         except Exception as error:  # out of GPU memory: halve the chunk and retry it
             if not is_gpu_out_of_memory(error):
                 raise
@@ -258,11 +285,13 @@ def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: to
             continue
         probs_box[:, done:stop] = probs[:, :, rows, cols].transpose(0, 1).float().cpu().numpy()
         z_used[done:stop] = z.float().cpu().numpy()
+        if shares is not None:
+            shares[done:stop] = chunk_shares.numpy()
         done = stop
         progress(0.9 * done / n_slices, f"slices {done}/{n_slices}")
     if cancel is not None and cancel():
         raise Cancelled("sampling was cancelled")
-    return probs_box, z_used, batch, oom_retries, timings
+    return probs_box, z_used, shares, batch, oom_retries, timings
 
 
 def _check_inputs(volume_hu, geometry: VolumeGeometry, voxel_box: VoxelBox, n_samples: int, z_mode: str):
@@ -314,32 +343,47 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
     if not np.isfinite(region).all():
         raise ValueError(f"the volume holds {int(region.size - np.isfinite(region).sum())} NaN or infinite "
                          f"values around the box; fix or mask them before segmenting")
-    box_in_window = (x1 - c0, y1 - r0, x2 - c0, y2 - r0)
-
     n_slices = len(slices)
     region = model_slices(region, voxel_box.lo[2] - k0, n_slices, model.config.neighbour_slices)
+    if model.config.field_of_view == "slice" and model.config.min_field_mm > 0:
+        region, (pad_r, pad_c) = pad_to_field(region, geometry.spacing[[1, 0]], model.config.min_field_mm,
+                                              air_value(model))
+        r0, c0 = r0 - pad_r, c0 - pad_c  # the window's origin in slice pixels (before the slice's edge)
+    box_in_window = (x1 - c0, y1 - r0, x2 - c0, y2 - r0)
     eps = _draw_noise(make_generator(seed), n_slices, n_samples, model.config.latent_dim, z_mode)
     batch = int(slice_batch) if slice_batch else choose_batch(model, n_samples, n_slices)
     if batch < 1:
         raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
     report_progress(0.0, f"sampling {n_samples} masks on {n_slices} slices")
     crop = (slice(y1 - r0, y2 - r0), slice(x1 - c0, x2 - c0))
-    probs_box, z_used, batch, oom_retries, timings = _run_chunks(
+    probs_box, z_used, slice_shares, batch, oom_retries, timings = _run_chunks(
         model, region, box_in_window, crop, eps, batch, report_progress, cancel)
 
     report_progress(0.9, "uncertainty maps and summary")
     result = _assemble(probs_box, geometry, voxel_box)
+    result.marking_share = lesion_marking_share(slice_shares, result.consensus)
     result.eps, result.z = eps.numpy().astype(np.float32), z_used
     settings = {"n_samples": n_samples, "seed": seed, "seed_given": seed_given, "z_mode": z_mode,
                 "threshold": MASK_THRESHOLD, "slice_batch": batch, "oom_retries": oom_retries,
-                "device": str(model.device), "context_window_rc": [r0, r1, c0, c1],
+                "device": str(model.device), "context_window_rc": [r0, r0 + region.shape[-2], c0, c0 + region.shape[-1]],
                 "encoder": model.config.encoder, "latent_dim": model.config.latent_dim,
-                "neighbour_slices": model.config.neighbour_slices}
+                "neighbour_slices": model.config.neighbour_slices,
+                "field_of_view": model.config.field_of_view, "min_field_mm": model.config.min_field_mm}
     result.summary = volume_summary(result, settings, timings)
     timings["total_s"] = time.perf_counter() - started
     result.summary["timings_s"] = {key: round(value, 4) for key, value in timings.items()}
     report_progress(1.0, "done")
     return result
+
+
+def lesion_marking_share(slice_shares: Optional[np.ndarray], consensus: np.ndarray) -> Optional[float]:
+    """One share per lesion from the per-slice predictions (Kb,): their mean over the slices the consensus
+    covers (the lesion's own slices; a box's empty end slices say little about the lesion), over every
+    slice of the box when the consensus is empty. None without a marking head."""
+    if slice_shares is None:
+        return None
+    on = consensus.any(axis=(1, 2))
+    return float(slice_shares[on].mean() if on.any() else slice_shares.mean())
 
 
 def _assemble(probs_box: np.ndarray, geometry: VolumeGeometry, voxel_box: VoxelBox) -> VolumeSamplingResult:

@@ -22,6 +22,19 @@ _PALETTE = ("4e79a7", "f28e2b", "e15759", "76b7b2", "59a14f", "edc948", "b07aa1"
             "bab0ac")
 
 
+# The consensus and agreement segments (ProbSAMLib.inference.agreement), the same in samples.seg.nrrd and in
+# Slicer: the consensus in a warm yellow that no sample colour comes close to, the agreement levels in
+# greens from pale (any sample) to dark (all samples).
+CONSENSUS_COLOR = (1.0, 0.8235, 0.1961)
+AGREEMENT_COLORS = {"any": (0.6784, 0.8706, 0.6588), "majority": (0.2549, 0.6706, 0.3647),
+                    "all": (0.0, 0.4275, 0.1725)}
+
+
+def segment_colors() -> dict:
+    """{"consensus": RGB, "agreement": {level: RGB}}: the colours of the non-sample segments."""
+    return {"consensus": CONSENSUS_COLOR, "agreement": dict(AGREEMENT_COLORS)}
+
+
 def distinct_colors(n: int) -> list:
     """``n`` RGB colours in [0, 1]: the palette, then lighter/darker and slightly hue-shifted rounds."""
     colors = []

@@ -84,9 +84,9 @@ class LatentProjection(nn.Module):
     them: a pretrained decoder starts from SAM's own prediction.
     """
 
-    def __init__(self, latent_dim: int, embed_dim: int, to_dense: bool, tokens: int = 2):
+    def __init__(self, latent_dim: int, embed_dim: int, to_dense: bool, tokens: int = 2, bound: float = 0.0):
         super().__init__()
-        self.tokens, self.embed_dim, self.to_dense = tokens, embed_dim, to_dense
+        self.tokens, self.embed_dim, self.to_dense, self.bound = tokens, embed_dim, to_dense, float(bound)
         out = embed_dim * (tokens + int(to_dense))
         self.mlp = nn.Sequential(
             nn.Linear(latent_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim), nn.GELU(),
@@ -98,6 +98,8 @@ class LatentProjection(nn.Module):
     def forward(self, z: torch.Tensor):
         """z (B, N, L) -> token shifts (B, N, tokens, C) and dense shifts (B, N, C, 1, 1) or None."""
         out = self.mlp(z)
+        if self.bound > 0:  # a soft clamp: near-identity for small shifts, never beyond +-bound
+            out = self.bound * torch.tanh(out / self.bound)
         token_shift = out[..., : self.tokens * self.embed_dim].unflatten(-1, (self.tokens, self.embed_dim))
         dense_shift = None
         if self.to_dense:

@@ -22,6 +22,7 @@ from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.modeling.config import ProbSAMConfig
 from ProbSAMLib.modeling.decoding import decode_masks
 from ProbSAMLib.modeling.latent import GaussianLatentNet, LatentProjection, box_coverage, fold_mask, latents_from_noise
+from ProbSAMLib.modeling.marking import MarkingHead
 from ProbSAMLib.modeling.refine import MaskRefiner
 
 
@@ -43,11 +44,22 @@ class ProbSAM(nn.Module):
         mask_channels = (config.low_res_size // grid) ** 2
         self.prior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim)
         self.posterior = GaussianLatentNet(dim, config.latent_hidden, config.latent_dim, mask_channels)
-        self.latent_projection = LatentProjection(config.latent_dim, dim, config.latent_to_dense)
+        self.latent_projection = LatentProjection(config.latent_dim, dim, config.latent_to_dense,
+                                                  bound=config.shift_bound)
         self.refiner = MaskRefiner(config.refine_channels) if config.refine_channels else None
+        self.marking = MarkingHead(dim) if config.marking_head else None
         if config.freeze_encoder:
             self.sam.image_encoder.requires_grad_(False)
+        if config.frozen_backbone:
+            self.sam.requires_grad_(False)
 
+    def train(self, mode: bool = True) -> "ProbSAM":
+        """As nn.Module.train, but a frozen backbone stays in eval mode: its batch norms (TinyViT) and
+        dropouts must compute what the pretrained model computes, in training too."""
+        super().train(mode)
+        if self.config.frozen_backbone:
+            self.sam.eval()
+        return self
     def attach_refiner(self, channels: int) -> None:
         """Give a model without one a fresh refiner (a zero residual: the masks do not change until trained)."""
         if self.refiner is not None:
@@ -103,6 +115,13 @@ class ProbSAM(nn.Module):
         """
         sam_boxes = boxes - boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
         return self.sam.prompt_encoder(points=None, boxes=sam_boxes, masks=None)
+
+    def marking_logit(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """(B,) log-odds of the share of readers marking the object in each box (model frame); the model
+        must have a marking head (config.marking_head)."""
+        if self.marking is None:
+            raise ValueError("this model has no marking head (config.marking_head is false)")
+        return self.marking(embeddings, box_coverage(boxes, self.config.embedding_size, self.config.img_size))
 
     def prior_distribution(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> Independent:
         coverage = box_coverage(boxes, self.config.embedding_size, self.config.img_size)

@@ -44,9 +44,12 @@ def load_probsam(path: Path, sam_checkpoint: Optional[Path] = None) -> ProbSAM:
                 f"{path} holds ProbSAM heads for SAM {config.encoder}; also give the SAM checkpoint "
                 f"(sam_{config.encoder}) that provides the image encoder")
         sam_state = checkpoints.load_torch_checkpoint(Path(sam_checkpoint))
-        encoder = {k[len("image_encoder."):]: v for k, v in sam_state.items() if k.startswith("image_encoder.")}
-        _load_state(model.sam.image_encoder, encoder, sam_checkpoint, strict=True)
-        _load_state(model, state, path, strict=False, allowed_missing="sam.image_encoder.")
+        if config.frozen_backbone:  # all of SAM is the backbone's, as loaded
+            _load_state(model.sam, sam_state, sam_checkpoint, strict=True)
+        else:
+            encoder = {k[len("image_encoder."):]: v for k, v in sam_state.items() if k.startswith("image_encoder.")}
+            _load_state(model.sam.image_encoder, encoder, sam_checkpoint, strict=True)
+        _load_state(model, state, path, strict=False, allowed_missing=checkpoints.backbone_prefix(config))
     else:
         _load_state(model, state, path, strict=True)
     return model
@@ -92,7 +95,22 @@ def _load_file(entry: ModelEntry, checkpoint: Optional[Path], sam_checkpoint: Op
     return load_probsam(Path(checkpoint), sam_checkpoint=sam_checkpoint)
 
 
-_LOADERS = {"bundled": _load_bundled, "sam_heads": _load_sam_heads, "file": _load_file}  # registry.LOADERS
+def _load_backbone_heads(entry: ModelEntry, checkpoint: Optional[Path], sam_checkpoint: Optional[Path],
+                         download: bool):
+    """A frozen pretrained backbone (its file: given, cached, or from the package that ships it; verified)
+    plus heads: `checkpoint` if given, else the bundled heads file (verified)."""
+    backbone = checkpoints.resolve_weights(entry.weights.name, sam_checkpoint, download=download)
+    if checkpoint is None and entry.heads is not None:
+        checkpoint = checkpoints.resolve_weights(entry.heads.name)
+    if checkpoint is not None:
+        return load_probsam(Path(checkpoint), sam_checkpoint=backbone)
+    warnings.warn(f"no trained heads for {entry.name}: the prior is untrained, so every sample equals the "
+                  f"backbone's own box prediction (no uncertainty). Pass --checkpoint HEADS.safetensors.")
+    return build_probsam(ProbSAMConfig.preset(entry.name), sam_checkpoint=backbone)
+
+
+_LOADERS = {"bundled": _load_bundled, "sam_heads": _load_sam_heads, "file": _load_file,
+            "backbone_heads": _load_backbone_heads}  # registry.LOADERS
 
 
 def load_model(

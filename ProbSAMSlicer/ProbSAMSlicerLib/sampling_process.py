@@ -5,11 +5,17 @@ only advances during the main thread's Python callbacks. The worker runs in Slic
 (``PythonSlicer``), stays alive between runs (the model is loaded once) and is killed when it does not
 stop within CANCEL_GRACE_S of a cancel; the next run starts a new one.
 
+One worker per Slicer session (``shared_worker()``), shared by every logic and the widget: each worker
+holds a model (and on CUDA, GPU memory). It ends itself after ``idle_timeout_s()`` seconds without a
+request (the "ProbSAM/WorkerIdleTimeoutSeconds" setting), when Slicer exits (atexit, and its stdin closes
+with Slicer), and a dead one is started again by the next run.
+
 Two reader threads (stdout frames, stderr lines) only block on pipes and fill queues: they need no
 GIL while waiting. The main thread polls (the widget's QTimer) or waits (``process()``) on the queue.
 Nothing of MRML crosses: the run asks ``read_region`` for the block the model needs and sends a copy.
 """
 
+import atexit
 import collections
 import itertools
 import logging
@@ -28,6 +34,8 @@ import numpy as np
 from ProbSAMLib.weights.registry import DEFAULT_MODEL  # cheap: no torch
 
 CANCEL_GRACE_S = 1.0
+DEFAULT_IDLE_TIMEOUT_S = 300.0  # a few minutes: long enough between two runs, short enough to free a GPU
+IDLE_TIMEOUT_SETTING = "ProbSAM/WorkerIdleTimeoutSeconds"
 KILL_WAIT_S = 10.0  # a killed process is gone in milliseconds; this only bounds the wait
 LIBRARY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__import__("ProbSAMLib").__file__)))
 
@@ -45,10 +53,14 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class SamplingRequest:
-    """One ROI to sample: its name (for the outputs) and its voxel box (ProbSAMLib VoxelBox)."""
+    """One ROI to sample: its name (for the outputs), its voxel box (ProbSAMLib VoxelBox), the drawn box
+    for the worker to cut the masks to (``roi`` of the worker's "sample" message, None: no cut) and what the
+    user must be told about the geometry (clamped box, rotated ROI, frames)."""
 
     roiName: str
     voxelBox: object
+    roi: Optional[dict] = None
+    warnings: tuple = ()
 
 
 class WorkerError(RuntimeError):
@@ -70,11 +82,66 @@ def _cancelled(message: str) -> Exception:
     return Cancelled(message)
 
 
-class WorkerProcess:
-    """``python -m ProbSAMLib.app.worker`` with ProbSAMLib on its path; frames in, frames out."""
+def idle_timeout_s() -> float:
+    """The worker's idle time in seconds: the Slicer setting IDLE_TIMEOUT_SETTING where Qt is there, else
+    the default; 0 means never."""
+    try:
+        import qt
 
-    def __init__(self, python: Optional[str] = None):
+        value = qt.QSettings().value(IDLE_TIMEOUT_SETTING)
+    except Exception:  # no Qt (scripts, CI) or no settings object
+        value = None
+    try:
+        return max(0.0, float(value)) if value not in (None, "") else DEFAULT_IDLE_TIMEOUT_S
+    except (TypeError, ValueError):
+        logging.warning(f"ProbSAM: setting {IDLE_TIMEOUT_SETTING}={value!r} is not a number of seconds; "
+                        f"using {DEFAULT_IDLE_TIMEOUT_S:g}")
+        return DEFAULT_IDLE_TIMEOUT_S
+
+
+def hidden_console_options() -> dict:
+    """Popen options that keep a console window from opening on Windows, as slicer.util.launchConsoleProcess
+    does (STARTF_USESHOWWINDOW, SW_HIDE); nothing elsewhere."""
+    if os.name != "nt":
+        return {}
+    info = subprocess.STARTUPINFO()
+    info.dwFlags |= subprocess.STARTF_USESHOWWINDOW
+    info.wShowWindow = subprocess.SW_HIDE
+    return {"startupinfo": info}
+
+
+_SHARED = {"worker": None}
+
+
+def shared_worker() -> "WorkerProcess":
+    """The session's one worker handle (made on first use; its process starts with the first run)."""
+    if _SHARED["worker"] is None:
+        _SHARED["worker"] = WorkerProcess()
+    return _SHARED["worker"]
+
+
+def set_shared_worker(worker: Optional["WorkerProcess"]) -> None:
+    """Replace the session's worker handle (tests share one across scenes)."""
+    _SHARED["worker"] = worker
+
+
+@atexit.register
+def stop_shared_worker() -> None:
+    """End the session's worker (Slicer exits, the module is reloaded)."""
+    worker = _SHARED["worker"]
+    if worker is not None:
+        worker.stop()
+
+
+class WorkerProcess:
+    """``python -m ProbSAMLib.app.worker`` with ProbSAMLib on its path; frames in, frames out.
+
+    ``idle_timeout``: seconds without a request after which the worker ends itself (None: the setting).
+    """
+
+    def __init__(self, python: Optional[str] = None, idle_timeout: Optional[float] = None):
         self.python = python or python_executable()
+        self.idle_timeout = idle_timeout
         self.process = None
         self._messages = queue.Queue()
         self._stderr = collections.deque(maxlen=40)
@@ -91,8 +158,10 @@ class WorkerProcess:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBRARY_ROOT, env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
         self._messages, self._stderr = queue.Queue(), collections.deque(maxlen=40)
-        self.process = subprocess.Popen([self.python, "-m", "ProbSAMLib.app.worker"], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        idle = idle_timeout_s() if self.idle_timeout is None else self.idle_timeout
+        self.process = subprocess.Popen([self.python, "-m", "ProbSAMLib.app.worker", "--idle-timeout", f"{idle:g}"],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        env=env, **hidden_console_options())
         threading.Thread(target=self._read_frames, args=(self.process, self._messages), daemon=True).start()
         threading.Thread(target=self._read_stderr, args=(self.process, self._stderr), daemon=True).start()
 
@@ -177,6 +246,8 @@ class SamplingRun:
         self._fraction, self._message = 0.0, "starting the sampling process"
         self._cancel_deadline = None
         self._id = None
+        self._answered = False  # whether the worker has said anything about the current request
+        self._restarts = 0
 
     def start(self) -> "SamplingRun":
         self.worker.ensure_started()
@@ -188,8 +259,9 @@ class SamplingRun:
         self._id = (self.worker.next_id(), index)
         model = {"name": s.model, "checkpoint": s.checkpointPath or None,
                  "sam_checkpoint": s.samCheckpointPath or None, "device": s.device}
+        self._answered = False
         self.worker.send(type="sample", id=self._id, model=model, lo=request.voxelBox.lo, hi=request.voxelBox.hi,
-                         n_samples=s.numberOfSamples, seed=s.seed, **self._geometry)
+                         n_samples=s.numberOfSamples, seed=s.seed, roi=request.roi, **self._geometry)
         self._message = f"{request.roiName}: loading the model"
 
     def progress(self) -> tuple:
@@ -235,10 +307,13 @@ class SamplingRun:
     def _handle(self, message: dict) -> None:
         kind = message.get("type")
         if kind == "exit":
-            self._finish(self._exit_error(message.get("returncode")))
-        elif message.get("id") != self._id:
-            return  # left over from a cancelled run
-        elif self._cancel_deadline is not None and kind in ("window", "result"):
+            if not self._ended_idle(message.get("returncode")):
+                self._finish(self._exit_error(message.get("returncode")))
+            return
+        if message.get("id") != self._id:
+            return  # left over from a cancelled run, or the "idle" notice of a worker that is ending
+        self._answered = True
+        if self._cancel_deadline is not None and kind in ("window", "result"):
             self._finish(_cancelled("sampling was cancelled"))  # asked to stop: keep nothing
         elif kind == "window":
             values = self._read_region(self._id[1], tuple(message["region"]))
@@ -259,6 +334,17 @@ class SamplingRun:
                 self._submit(len(self.results))
         elif kind == "error":
             self._finish(self._worker_error(message))
+
+    def _ended_idle(self, returncode) -> bool:
+        """A worker that ended itself for idleness (status 0) just as this run's request was sent never saw
+        it: start a new one and send the request again (once)."""
+        if returncode != 0 or self._answered or self._cancel_deadline is not None or self._restarts:
+            return False
+        self._restarts += 1
+        logging.info("ProbSAM: the sampling process had ended while idle; starting a new one")
+        self.worker.ensure_started()
+        self._submit(len(self.results))
+        return True
 
     def _finish(self, error: Optional[Exception]) -> None:
         self.error, self.done = error, True
