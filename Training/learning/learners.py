@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ProbSAMLib import errors
 from ProbSAMLib.errors import InputError, SettingsError, WeightsError
@@ -40,12 +41,16 @@ MODEL_FIELDS = ("latent_dim", "latent_to_dense", "freeze_encoder", "refine_chann
 class ProbSAMLearner(nn.Module):
     uses_embeddings = True
 
-    def __init__(self, model, loss_config: LossConfig, anchor: Optional[Anchor] = None):
-        """anchor: the anchor term's reference model (loss_config.anchor_weight > 0), or None (no anchor term)."""
+    def __init__(self, model, loss_config: LossConfig, anchor: Optional[Anchor] = None, marking_weight: float = 0.0,
+                 marking_negatives: float = 0.0):
+        """anchor: the anchor term's reference model (loss_config.anchor_weight > 0), or None (no anchor term).
+        marking_weight: weight of the marking head's BCE; marking_negatives: share of the batch also shown a
+        box moved off the lesion, whose target share is 0 (TrainConfig)."""
         super().__init__()
         self.model = model
         self.loss_config = loss_config
         self.anchor = anchor
+        self.marking_weight, self.marking_negatives = float(marking_weight), float(marking_negatives)
 
     @property
     def caches_embeddings(self) -> bool:
@@ -73,6 +78,32 @@ class ProbSAMLearner(nn.Module):
         target = preprocess.masks_to_low_res(targets.float(), image_hw, config.img_size, config.low_res_size)
         # the posterior always reads the decoder-grid target
         out = self.model(embeddings, boxes_model, target, images01=images)
+        marking = self._marking_term(embeddings, boxes_model, voters) if self.marking_weight > 0 else None
+        parts = self._latent_terms(out, embeddings, boxes_model, images, image_hw, targets, step, readers, present,
+                                   voters)
+        if marking is not None:
+            parts["loss"] = parts["loss"] + self.marking_weight * marking
+            parts["marking"] = marking.detach()
+        return parts
+
+    def _marking_term(self, embeddings, boxes_model, voters) -> torch.Tensor:
+        """BCE of the marking head against the share of reader slots whose reader marked the nodule, plus, for
+        a share of the batch, the same slice with the box moved off the lesion (target 0)."""
+        if voters is None:
+            raise ValueError("marking_weight > 0: the learner needs voters= (the readers who marked the nodule)")
+        share = voters.to(embeddings.device).float().mean(1)
+        logits = self.model.marking_logit(embeddings, boxes_model)
+        loss = F.binary_cross_entropy_with_logits(logits, share)
+        count = int(round(self.marking_negatives * len(boxes_model)))
+        if count:
+            moved = boxes_off_lesion(boxes_model[:count], self.model.config.img_size)
+            negative = self.model.marking_logit(embeddings[:count], moved)
+            loss = (loss * len(boxes_model) + F.binary_cross_entropy_with_logits(
+                negative, torch.zeros_like(negative), reduction="sum")) / (len(boxes_model) + count)
+        return loss
+
+    def _latent_terms(self, out, embeddings, boxes_model, images, image_hw, targets, step, readers, present, voters):
+        """The reconstruction, KL and (configured) set, consensus and anchor terms."""
         scored = self._scored(image_hw)
         logits = scored["logits"](out.logits)
         loss_target = targets.float() if scored["on_image"] else self._on_mask_grid(targets, image_hw)
@@ -140,7 +171,8 @@ class ProbSAMLearner(nn.Module):
 
     def save(self, path: Path, extra: Optional[dict] = None) -> None:
         # A frozen SAM encoder is the official checkpoint: ship only what training changed.
-        heads_only = self.model.config.freeze_encoder and self.model.config.encoder != "tiny"
+        heads_only = (self.model.config.freeze_encoder and self.model.config.encoder != "tiny") or \
+            self.model.config.frozen_backbone
         save_probsam(self.model, path, heads_only=heads_only, extra=extra)
 
 
@@ -191,15 +223,43 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         if cfg.neighbour_slices:  # exact: step 0 is `init`; the neighbours' weights start at zero
             model.read_neighbour_slices()
     else:
-        window = None if intensity == "unit" else LUNG_WINDOW
+        own_window = ProbSAMConfig.preset(cfg.preset).window if cfg.preset == "lite_medsam" else LUNG_WINDOW
+        window = None if intensity == "unit" else own_window
         config = ProbSAMConfig.preset(cfg.preset, window=window, **{name: getattr(cfg, name) for name in MODEL_FIELDS})
-        model = build_probsam(config, sam_checkpoint=cfg.sam_checkpoint, seed=cfg.seed)
-    if context_size is not None:
+        model = build_probsam(config, sam_checkpoint=_backbone_file(cfg), seed=cfg.seed)
+    if context_size is not None and model.config.field_of_view == "crop":
         model.config.context_size = int(context_size)
     # the anchor's reference: `anchor`, or the weights training starts from
     anchor = (Anchor(Path(cfg.anchor or cfg.init), model.config, cfg.sam_checkpoint) if cfg.loss.anchor_weight > 0
               else None)
-    return ProbSAMLearner(model, cfg.loss, anchor)
+    return ProbSAMLearner(model, cfg.loss, anchor, cfg.marking_weight, cfg.marking_negatives)
+
+
+def boxes_off_lesion(boxes: torch.Tensor, img_size: int) -> torch.Tensor:
+    """(B, 4) boxes in the model frame moved, same size, to a random place of the frame that does not overlap
+    the original (torch's global generator, seeded per step by train.py): boxes around no lesion."""
+    size = boxes[:, 2:] - boxes[:, :2]
+    moved = []
+    for box, side in zip(boxes, size):
+        for _ in range(20):  # a free place exists unless the box covers most of the frame
+            corner = torch.rand(2, device=boxes.device) * (img_size - side).clamp(min=1)
+            candidate = torch.cat([corner, corner + side])
+            apart = (candidate[0] >= box[2]) | (candidate[2] <= box[0]) | (candidate[1] >= box[3]) | (candidate[3] <= box[1])
+            if apart:
+                break
+        moved.append(candidate)
+    return torch.stack(moved)
+
+
+def _backbone_file(cfg: TrainConfig) -> Optional[str]:
+    """The backbone weights a fresh model starts from: sam_checkpoint, or for lite_medsam the installed
+    package's verified file (the registry's entry)."""
+    if cfg.sam_checkpoint or cfg.preset != "lite_medsam":
+        return cfg.sam_checkpoint
+    from ProbSAMLib.weights.checkpoints import resolve_weights
+    from ProbSAMLib.weights.registry import model_entry
+
+    return str(resolve_weights(model_entry("lite_medsam").weights.name, download=False))
 
 
 def parameter_groups(learner: nn.Module, cfg: TrainConfig) -> list:
