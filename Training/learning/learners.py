@@ -65,6 +65,11 @@ class ProbSAMLearner(nn.Module):
         """Whether to show it the slices below and above (Batch.model_images): its encoder reads them."""
         return self.model.config.neighbour_slices
 
+    @property
+    def window(self):
+        """The CT window its images are read with (SliceBatches.window): the model's own."""
+        return self.model.config.window
+
     def forward(self, images, boxes, targets, step: int, embeddings: Optional[torch.Tensor] = None,
                 readers: Optional[torch.Tensor] = None, present: Optional[torch.Tensor] = None,
                 voters: Optional[torch.Tensor] = None) -> dict:
@@ -223,8 +228,7 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
         if cfg.neighbour_slices:  # exact: step 0 is `init`; the neighbours' weights start at zero
             model.read_neighbour_slices()
     else:
-        own_window = ProbSAMConfig.preset(cfg.preset).window if cfg.preset == "lite_medsam" else LUNG_WINDOW
-        window = None if intensity == "unit" else own_window
+        window = None if intensity == "unit" else preset_window(cfg)
         config = ProbSAMConfig.preset(cfg.preset, window=window, **{name: getattr(cfg, name) for name in MODEL_FIELDS})
         model = build_probsam(config, sam_checkpoint=_backbone_file(cfg), seed=cfg.seed)
     if context_size is not None and model.config.field_of_view == "crop":
@@ -249,6 +253,12 @@ def boxes_off_lesion(boxes: torch.Tensor, img_size: int) -> torch.Tensor:
                 break
         moved.append(candidate)
     return torch.stack(moved)
+
+
+def preset_window(cfg: TrainConfig):
+    """The CT window a fresh model of cfg.preset reads HU with: LiteMedSAM's [-1000, 400] HU for lite_medsam,
+    the lung window for the others (a model from init= keeps its own: ProbSAMLearner.window)."""
+    return ProbSAMConfig.preset("lite_medsam").window if cfg.preset == "lite_medsam" else LUNG_WINDOW
 
 
 def _backbone_file(cfg: TrainConfig) -> Optional[str]:
