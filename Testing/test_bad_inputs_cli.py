@@ -178,8 +178,8 @@ def cases(w: dict) -> dict:
                                                   "not written by ProbSAM"),
         "out is the input file": (sample(ct, *BOX, "--force", out_dir=ct), 2, "is not a folder"),
         "out exists, no --force": (sample(ct, *BOX, out_dir=root / "done"), 2, "already exists"),
-        "fetch over the bundled model": (["fetch", "demo", "--from", m], 2, "bundled"),
-        "fetch the bundled model": (["fetch", "demo"], 2, "bundled"),
+        "fetch over the bundled heads": (["fetch", "lite_medsam_heads", "--from", m], 2, "bundled"),
+        "fetch the bundled heads": (["fetch", "lite_medsam_heads"], 2, "bundled"),
         # --- integrity: silent wrong results refused
         "truncated .nii.gz": (sample(inputs / "cut.nii.gz", *BOX), 2, "does not decode completely"),
         "truncated .nrrd": (sample(inputs / "cut.nrrd", *BOX), 2, "cannot read"),
@@ -264,7 +264,7 @@ def world(tmp_path, model_file, monkeypatch):
 
 def check_fails_cleanly(name, argv, status, words, root, capsys):
     before = snapshot(root)
-    bundled = checkpoints.entry_path(registry.MANIFEST["demo"])
+    bundled = checkpoints.entry_path(registry.MANIFEST["lite_medsam_heads"])
     bundled_hash = hashlib.sha256(bundled.read_bytes()).hexdigest() if bundled.is_file() else None
     code = cli.main([str(a) for a in argv] + ["--quiet"] * (argv[0] in ("sample", "demo")))
     err = capsys.readouterr().err
@@ -303,7 +303,7 @@ def test_bundled_model_with_a_flipped_bit_is_refused(world, capsys, monkeypatch)
             path = checkpoints.entry_path(entry)
             assert (checkpoints.sha256_file(path), path.stat().st_size) == (entry.sha256, entry.size), entry.name
     from ProbSAMLib.weights.registry import DEFAULT_MODEL, model_entry
-    bundled = checkpoints.entry_path(model_entry(DEFAULT_MODEL).weights)  # what `sample` loads
+    bundled = checkpoints.entry_path(model_entry(DEFAULT_MODEL).heads)  # what `sample` loads from the package
     copy = world["root"] / "package_models"
     copy.mkdir()
     data = bytearray(bundled.read_bytes())

@@ -136,7 +136,7 @@ def test_one_table_names_every_model_and_its_weights_file():
     default is its DEFAULT_MODEL."""
     import inspect
 
-    assert registry.MANIFEST == {e.weights.name: e.weights for e in registry.MODELS.values() if e.weights}
+    assert registry.MANIFEST == {f.name: f for e in registry.MODELS.values() for f in (e.weights, e.heads) if f}
     assert inspect.signature(load_model).parameters["name"].default == registry.DEFAULT_MODEL
     assert registry.DEFAULT_MODEL in registry.MODELS
     for entry in registry.MODELS.values():
@@ -144,6 +144,8 @@ def test_one_table_names_every_model_and_its_weights_file():
         assert (entry.weights is None) == (entry.loader == "file"), entry.name
         if entry.loader == "bundled":
             assert entry.weights.bundled and checkpoints.entry_path(entry.weights).is_file(), entry.name
+        if entry.heads is not None:  # shipped heads are in the package, and verified like every file
+            assert entry.heads.bundled and checkpoints.entry_path(entry.heads).is_file(), entry.name
     with pytest.raises(CheckpointError, match="unknown weights 'sam_vit_q'"):
         checkpoints.resolve_weights("sam_vit_q")
 
@@ -218,8 +220,8 @@ def test_copy_into_cache_verifies_and_then_resolves_from_the_cache(tmp_path, mon
     assert target == tmp_path / "cache" / "w.bin" and target.read_bytes() == b"some weights"
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["w.bin"]
     assert checkpoints.resolve_weights("fake", download=False) == target
-    with pytest.raises(CheckpointError, match="'demo_v7' is bundled with ProbSAM and cannot be replaced"):
-        checkpoints.copy_into_cache(source, "demo_v7")
+    with pytest.raises(CheckpointError, match="'lite_medsam_heads' is bundled with ProbSAM and cannot be replaced"):
+        checkpoints.copy_into_cache(source, "lite_medsam_heads")
 
 
 def test_download_writes_the_verified_file_into_the_cache(tmp_path, monkeypatch):
@@ -256,8 +258,8 @@ def test_weights_file_errors_name_the_problem(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="weights file .*nope.pth does not exist"):
         checkpoints.resolve_weights("sam_vit_b", tmp_path / "nope.pth")
     monkeypatch.setattr(checkpoints, "PACKAGE_MODELS", tmp_path / "no_models")
-    with pytest.raises(CheckpointError, match="bundled weights .*probsam_tiny_demo_v7.safetensors are missing"):
-        checkpoints.resolve_weights("demo_v7")
+    with pytest.raises(CheckpointError, match="bundled weights .*probsam_lite_medsam_heads.safetensors are missing"):
+        checkpoints.resolve_weights("lite_medsam_heads")
     unchecked = tmp_path / "u.bin"
     unchecked.write_bytes(b"anything")
     monkeypatch.setitem(registry.MANIFEST, "unchecked",
@@ -282,9 +284,9 @@ def test_weights_sha256_is_the_files_or_the_registrys(tmp_path):
     given = tmp_path / "m.safetensors"
     given.write_bytes(b"model bytes")
     assert checkpoints.weights_sha256("file", given) == hashlib.sha256(b"model bytes").hexdigest()
-    demo = registry.MODELS["demo_v7"].weights
-    assert checkpoints.weights_sha256("demo_v7") == demo.sha256
-    assert checkpoints.sha256_file(checkpoints.entry_path(demo)) == demo.sha256
+    heads = registry.MODELS["lite_medsam"].heads  # the trained part; the backbone's SHA-256 is the registry's
+    assert checkpoints.weights_sha256("lite_medsam") == heads.sha256
+    assert checkpoints.sha256_file(checkpoints.entry_path(heads)) == heads.sha256
 
 
 def test_weights_sha256_hashes_the_file_of_an_entry_without_a_checksum(tmp_path, monkeypatch):

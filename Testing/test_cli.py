@@ -287,21 +287,28 @@ def test_demo_writes_everything_and_a_montage(files, tmp_path):
     assert sorted(summary["files"]) == sorted(names)
 
 
-def test_demo_with_the_bundled_model(tmp_path, capsys):
-    """`probsam demo` uses the current demo model (demo_v7), says so on stderr and in summary.json."""
+def test_demo_with_the_default_model(tmp_path, capsys):
+    """`probsam demo` uses the default model (ProbSAM on LiteMedSAM), labels it a research model on stderr and
+    in summary.json, and reports the share of readers expected to mark the lesion."""
     from ProbSAMLib.weights.registry import DEFAULT_MODEL
 
-    assert DEFAULT_MODEL == "demo_v7"
-    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--samples", "4"]) == 0
+    assert DEFAULT_MODEL == "lite_medsam"
+    assert cli.main(["demo", "--out", str(tmp_path / "demo"), "--samples", "2"]) == 0
     summary = json.loads((tmp_path / "demo" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["model"]["name"] == "demo_v7" and "DEMO" in summary["model"]["label"]
-    assert "not for clinical use" in capsys.readouterr().err
+    assert summary["model"]["name"] == "lite_medsam" and "Research model" in summary["model"]["label"]
+    assert 0.0 <= summary["marking_share"] <= 1.0
+    assert summary["spread"]["empty_samples"] == 0  # outlines of the visible nodule, never empty samples
+    captured = capsys.readouterr()
+    assert "not validated for clinical use" in captured.err.lower() and "readers marking" in captured.out
 
 
-def test_the_superseded_demo_model_still_loads_for_reproduction(tmp_path):
-    assert cli.main(["demo", "--model", "demo", "--out", str(tmp_path / "v1"), "--samples", "2", "--quiet"]) == 0
-    summary = json.loads((tmp_path / "v1" / "summary.json").read_text(encoding="utf-8"))
-    assert summary["model"]["name"] == "demo"
+def test_the_retired_demo_model_still_loads_from_its_file(tmp_path):
+    """demo_v7 left the product but stays loadable as a file, for comparisons (research/models/)."""
+    demo_v7 = Path(__file__).resolve().parents[1] / "research" / "models" / "probsam_tiny_demo_v7.safetensors"
+    assert cli.main(["demo", "--model", "file", "--checkpoint", str(demo_v7), "--out", str(tmp_path / "v7"),
+                     "--samples", "2", "--quiet"]) == 0
+    summary = json.loads((tmp_path / "v7" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["model"]["name"] == "file" and summary["marking_share"] is None
 
 
 def test_info_lists_devices_weights_and_cache(monkeypatch, tmp_path, capsys):

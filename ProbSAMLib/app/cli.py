@@ -226,6 +226,12 @@ def _print_report(args, result, out: Path) -> None:
     if dice["mean"] is not None:
         lines.append(f"  pairwise Dice     {dice['mean']:.3f} ± {dice['sd']:.3f}; sample diversity "
                      f"(mean 1 - IoU) {spread['sample_diversity'] or 0:.3f}")
+    if "consensus_volume_mm3" in spread:
+        lines.append(f"  consensus         {spread['consensus_volume_mm3']:.1f} mm³ (voxels in more than half of "
+                     f"the samples)")
+    share = s.get("marking_share")
+    lines.append(f"  readers marking   {'n/a (this model has no marking head)' if share is None else f'{share:.0%}'}"
+                 + ("" if share is None else " expected to mark this lesion at all (the model's estimate)"))
     lines.append(f"wrote {out}/: {', '.join(s.get('files', []))}")
     lines.append("Research software, not for clinical use.")
     print("\n".join(lines))
@@ -291,7 +297,7 @@ def cmd_demo(args) -> None:
     result = _sample(args, model, volume, geometry, voxel_box)
     inside = (slice(None),) + voxel_box.slices()
     samples, readers = result.masks, phantom.reader_masks[inside]  # both cut to the box
-    title = f"ProbSAM {'DEMO model' if model_entry(args.model).warning else args.model} on a rendered phantom CT " \
+    title = f"ProbSAM ({args.model}, research model) on a rendered phantom CT " \
             f"(LIDC nodule outline {args.nodule}, {len(readers)} readers)"
     extra = {"command": "demo", "probsam_version": __version__, "model": _model_description(args),
              "demo": {"nodule": args.nodule, "info": phantom.info, "readers": len(readers),

@@ -15,6 +15,7 @@ import torch
 from ProbSAMLib.inference.device import autocast
 from ProbSAMLib.metrics import MASK_THRESHOLD
 from ProbSAMLib.modeling import preprocess
+from ProbSAMLib.modeling.decoding import decode_masks
 from ProbSAMLib.modeling.probsam import ProbSAM
 
 
@@ -94,6 +95,39 @@ def sample_from_embeddings(
     with autocast(embeddings.device):
         logits = model.decode(embeddings, boxes_model, z.to(embeddings.device), images01)
     probs = torch.sigmoid(preprocess.logits_to_image(logits.float(), image_hw, model.config.img_size))
+    return probs, z
+
+
+@torch.no_grad()
+def sample_with_boxes(model: ProbSAM, embeddings: torch.Tensor, roi_box: torch.Tensor, sample_boxes: torch.Tensor,
+                      image_hw: Sequence[int], noise: torch.Tensor, images01: Optional[torch.Tensor] = None):
+    """One image's N samples, each prompted with its own box (box propagation in 3D); z from the prior of
+    the ROI's box, so sample n is the same "reader" whichever box it is shown.
+
+    Arguments:
+      embeddings (1, C, h, w); roi_box (1, 4) and sample_boxes (N, 4) in image pixels; a sample whose box
+      row is NaN (its outline ended on the previous slice) gets probability 0 without decoding.
+      noise (1, N, L) standard-normal draws.
+    Returns: probabilities (1, N, H, W) and z (1, N, L).
+    """
+    config, device = model.config, embeddings.device
+    roi_model = preprocess.boxes_to_model_frame(roi_box.to(device, torch.float32), image_hw, config.img_size)
+    z = model.latents(embeddings, roi_model, noise.shape[1], noise=noise)  # (1, N, L)
+    probs = torch.zeros((1, noise.shape[1]) + tuple(image_hw), device=device)
+    live = torch.nonzero(~torch.isnan(sample_boxes[:, 0])).flatten()
+    if len(live):
+        boxes_model = preprocess.boxes_to_model_frame(sample_boxes[live].to(device, torch.float32), image_hw,
+                                                      config.img_size)
+        sparse, dense = model._box_tokens(boxes_model)  # (n, 2, C), (n, C, h, w): one prompt per box
+        token_shift, dense_shift = model.latent_projection(z[:, live].to(sparse.dtype))
+        dense = dense[:1].unsqueeze(0) if dense_shift is None else dense[:1].unsqueeze(0) + dense_shift
+        with autocast(device):
+            logits = decode_masks(model.sam.mask_decoder, embeddings, model.sam.prompt_encoder.get_dense_pe(),
+                                  sparse.unsqueeze(0) + token_shift, dense)
+        if model.refiner is not None:
+            frame = preprocess.images_to_model_frame(preprocess.centre_slice(images01).to(device), config.img_size)
+            logits = model.refiner(logits, frame)
+        probs[:, live] = torch.sigmoid(preprocess.logits_to_image(logits.float(), image_hw, config.img_size))
     return probs, z
 
 

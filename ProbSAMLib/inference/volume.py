@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -49,7 +50,8 @@ from ProbSAMLib.inference.agreement import agreement_masks
 from ProbSAMLib.inference.device import autocast, synchronize
 from ProbSAMLib.inference.memory import (available_bytes, bytes_per_slice, choose_batch, host_available_bytes,
                                          release_cached_memory)
-from ProbSAMLib.inference.sampling import images_to_unit, make_generator, marking_shares, sample_from_embeddings
+from ProbSAMLib.inference.sampling import (images_to_unit, make_generator, marking_shares, sample_from_embeddings,
+                                           sample_with_boxes)
 from ProbSAMLib.inference.summary import volume_summary
 from ProbSAMLib.inference.uncertainty import uncertainty_maps
 from ProbSAMLib.metrics import MASK_THRESHOLD
@@ -232,9 +234,11 @@ def _sample_chunk(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: tor
 
 
 @torch.no_grad()
-def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict):
+def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: torch.Tensor, timings: dict,
+                   sample_boxes: Optional[torch.Tensor] = None):
     """Probabilities (B, N, h, w) of the window and z (B, N, L) for B slices' windows (B, h, w) in HU
-    (or (B, 3, h, w) with the slices below and above)."""
+    (or (B, 3, h, w) with the slices below and above). sample_boxes (N, 4): one box per sample in window
+    pixels (box propagation; B = 1), NaN rows for samples whose outline has ended; None: the ROI's box."""
     device = model.device
     start = time.perf_counter()
     images01 = images_to_unit(model, np.array(images_hu, dtype=np.float32))  # a writable copy for torch
@@ -246,7 +250,11 @@ def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: to
     start = time.perf_counter()
     image_hw = tuple(images01.shape[-2:])
     boxes = torch.tensor([box_in_window], dtype=torch.float32, device=device).expand(len(images_hu), 4)
-    probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], noise=eps, images01=images01)
+    if sample_boxes is None:
+        probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], noise=eps,
+                                          images01=images01)
+    else:
+        probs, z = sample_with_boxes(model, embeddings, boxes, sample_boxes, image_hw, eps, images01)
     shares = marking_shares(model, embeddings, boxes, image_hw)
     synchronize(device)
     timings["decode_s"] += time.perf_counter() - start
@@ -294,6 +302,73 @@ def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: to
     return probs_box, z_used, shares, batch, oom_retries, timings
 
 
+# --- box propagation -------------------------------------------------------------------------------------
+BOX_MODES = ("fixed", "propagate")
+DEFAULT_BOX_MODE = "fixed"  # for whole-slice (LiteMedSAM) models; set from the end-slice measurement
+PROPAGATION_MARGIN_PX = 3  # in the model's 256-pixel frame: LiteMedSAM's own 3D recipe widens by 3
+
+
+def default_box_mode(model: ProbSAM) -> str:
+    """The box mode sample_volume uses unless told: see docs/EVALUATION.md for the measurement behind it."""
+    return DEFAULT_BOX_MODE if model.config.field_of_view == "slice" else "fixed"
+
+
+def propagated_boxes(masks: np.ndarray, roi_box, margin: float) -> np.ndarray:
+    """(N, h, w) each sample's mask on the previous slice -> (N, 4) its box for the next slice: the mask's
+    bounding box widened by ``margin`` pixels and cut to the ROI's box (x1, y1, x2, y2); NaN for an empty
+    mask (that sample's outline has ended: it stays empty further out)."""
+    boxes = np.full((len(masks), 4), np.nan, dtype=np.float32)
+    x1, y1, x2, y2 = roi_box
+    for n, mask in enumerate(masks):
+        rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+        if not len(rows):
+            continue
+        box = (max(x1, cols[0] - margin), max(y1, rows[0] - margin),
+               min(x2, cols[-1] + 1 + margin), min(y2, rows[-1] + 1 + margin))
+        if box[2] - box[0] >= 1 and box[3] - box[1] >= 1:
+            boxes[n] = box
+    return boxes
+
+
+def propagation_order(n_slices: int) -> list:
+    """(slice, previous slice or None) from the middle slice outwards: up to the last, then down to the first."""
+    middle = n_slices // 2
+    return ([(middle, None)] + [(k, k - 1) for k in range(middle + 1, n_slices)]
+            + [(k, k + 1) for k in range(middle - 1, -1, -1)])
+
+
+def _run_propagated(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: torch.Tensor,
+                    progress: ProgressFn, cancel: Optional[CancelFn]):
+    """As _run_chunks, with each sample's box on a slice taken from its own mask on the slice before it (from
+    the middle slice outwards, inside the ROI), LiteMedSAM's 3D recipe: the ROI's rectangle stays on the
+    lesion where the lesion narrows at its ends. Every slice on its own, so the files do not depend on memory."""
+    n_slices, n_samples = eps.shape[:2]
+    rows, cols = crop
+    probs_box = np.zeros((n_samples, n_slices, rows.stop - rows.start, cols.stop - cols.start), np.float32)
+    z_used = np.zeros(tuple(eps.shape), dtype=np.float32)
+    shares = np.zeros(n_slices, dtype=np.float32) if model.marking is not None else None
+    timings = {"encode_s": 0.0, "decode_s": 0.0}
+    margin = PROPAGATION_MARGIN_PX * max(region.shape[-2:]) / model.config.img_size
+    roi_in_box = (0, 0, cols.stop - cols.start, rows.stop - rows.start)  # the ROI's box in box pixels
+    to_window = np.array([cols.start, rows.start, cols.start, rows.start], dtype=np.float32)
+    for done, (k, previous) in enumerate(propagation_order(n_slices), start=1):
+        if cancel is not None and cancel():
+            raise Cancelled("sampling was cancelled")
+        boxes = None
+        if previous is not None:  # the masks outside the ROI's box are not kept, and cannot widen it anyway
+            boxes = torch.from_numpy(propagated_boxes(probs_box[:, previous] > MASK_THRESHOLD, roi_in_box,
+                                                      margin) + to_window)
+        probs, z, slice_shares = _sample_slices(model, region[k:k + 1], box_in_window, eps[k:k + 1], timings, boxes)
+        probs_box[:, k] = probs[0][:, rows, cols].float().cpu().numpy()
+        z_used[k] = z[0].float().cpu().numpy()
+        if shares is not None:
+            shares[k] = float(slice_shares[0])
+        progress(0.9 * done / n_slices, f"slices {done}/{n_slices}")
+    if cancel is not None and cancel():
+        raise Cancelled("sampling was cancelled")
+    return probs_box, z_used, shares, 1, 0, timings
+
+
 def _check_inputs(volume_hu, geometry: VolumeGeometry, voxel_box: VoxelBox, n_samples: int, z_mode: str):
     volume = np.asarray(volume_hu)
     if volume.ndim != 3:
@@ -316,7 +391,7 @@ def _check_inputs(volume_hu, geometry: VolumeGeometry, voxel_box: VoxelBox, n_sa
 def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box: VoxelBox,
                   n_samples: int = 16, seed: Optional[int] = None, z_mode: str = "per_sample",
                   slice_batch: Optional[int] = None, progress: Optional[ProgressFn] = None,
-                  cancel: Optional[CancelFn] = None) -> VolumeSamplingResult:
+                  cancel: Optional[CancelFn] = None, box_mode: Optional[str] = None) -> VolumeSamplingResult:
     """N coherent 3D samples of the object in ``voxel_box`` and the uncertainty volumes.
 
     Arguments:
@@ -327,6 +402,9 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
       z_mode: "per_sample" (one draw per sample, used on every slice) or "per_slice".
       slice_batch: slices per encoder chunk; None = chosen from free memory.
       progress: ``progress(fraction, message)``; cancel: ``cancel() -> bool``, checked between chunks.
+      box_mode: "fixed" (the ROI's rectangle on every slice) or "propagate" (from the middle slice outwards,
+        each sample's box from its own mask on the slice before, inside the ROI); None = the model's
+        default (``default_box_mode``).
     """
     started = time.perf_counter()
     volume = _check_inputs(volume_hu, geometry, voxel_box, n_samples, z_mode)
@@ -356,15 +434,19 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
         raise ValueError(f"slice_batch must be >= 1, got {slice_batch}")
     report_progress(0.0, f"sampling {n_samples} masks on {n_slices} slices")
     crop = (slice(y1 - r0, y2 - r0), slice(x1 - c0, x2 - c0))
-    probs_box, z_used, slice_shares, batch, oom_retries, timings = _run_chunks(
-        model, region, box_in_window, crop, eps, batch, report_progress, cancel)
+    box_mode = box_mode or default_box_mode(model)
+    if box_mode not in BOX_MODES:
+        raise ValueError(f"box_mode must be one of {BOX_MODES}, got {box_mode!r}")
+    run = _run_propagated if box_mode == "propagate" else partial(_run_chunks, batch=batch)
+    probs_box, z_used, slice_shares, batch, oom_retries, timings = run(
+        model, region, box_in_window, crop, eps, progress=report_progress, cancel=cancel)
 
     report_progress(0.9, "uncertainty maps and summary")
     result = _assemble(probs_box, geometry, voxel_box)
     result.marking_share = lesion_marking_share(slice_shares, result.consensus)
     result.eps, result.z = eps.numpy().astype(np.float32), z_used
     settings = {"n_samples": n_samples, "seed": seed, "seed_given": seed_given, "z_mode": z_mode,
-                "threshold": MASK_THRESHOLD, "slice_batch": batch, "oom_retries": oom_retries,
+                "threshold": MASK_THRESHOLD, "slice_batch": batch, "box_mode": box_mode, "oom_retries": oom_retries,
                 "device": str(model.device), "context_window_rc": [r0, r0 + region.shape[-2], c0, c0 + region.shape[-1]],
                 "encoder": model.config.encoder, "latent_dim": model.config.latent_dim,
                 "neighbour_slices": model.config.neighbour_slices,

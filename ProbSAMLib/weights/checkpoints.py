@@ -255,8 +255,9 @@ def copy_into_cache(source: Path, name: str) -> Path:
 
 
 def weights_sha256(model: str, checkpoint: Optional[Path] = None) -> str:
-    """SHA-256 of the weights a model is loaded from (the ProbSAM file given; else its MANIFEST entry's)."""
+    """SHA-256 of the weights a model is loaded from (the ProbSAM file given; else its MANIFEST entry's: for a
+    frozen backbone with bundled heads, the heads', since the backbone's is fixed by the registry)."""
     if checkpoint is not None:
         return sha256_file(Path(checkpoint))
-    entry = model_entry(model).weights
+    entry = model_entry(model).heads or model_entry(model).weights
     return entry.sha256 or sha256_file(entry_path(entry))

@@ -61,26 +61,9 @@ class ModelEntry:
             raise ValueError(f"model {self.name!r}: loader {self.loader!r} is not one of {LOADERS}")
 
 
-DEFAULT_MODEL = "demo_v7"  # what `probsam demo`/`sample`, load_model and the Slicer module use unless told
+DEFAULT_MODEL = "lite_medsam"  # what `probsam demo`/`sample`, load_model and the Slicer module use unless told
 
-DEMO_WARNING = ("DEMO model: a tiny network trained only on rendered phantom CT (real LIDC-IDRI reader "
-                "outlines, synthetic images). Not validated on real scans; not for clinical use.")
 _SAM_LICENCE = "Apache-2.0 (Meta AI, Segment Anything)"
-
-
-def _demo(name: str, version: str, sha256: str, size: int, history: str) -> ModelEntry:
-    """A bundled demo model, ProbSAMLib/models/probsam_tiny_<name>.safetensors: the current one
-    (DEFAULT_MODEL) or an earlier one kept so earlier runs, whose provenance names it, reproduce.
-    history: how it was trained (the weights file's description)."""
-    if name == DEFAULT_MODEL:
-        description = (f"bundled tiny DEMO model {version} (rendered phantom with hard cases; reads the slices "
-                       "below and above; not for clinical use)")
-    else:
-        description = (f"bundled tiny DEMO model {version}, superseded by {DEFAULT_MODEL} (kept so earlier runs "
-                       "reproduce)")
-    weights = WeightsFile(name, f"probsam_tiny_{name}.safetensors", None, sha256, size, "Apache-2.0",
-                          f"DEMO model {version}{history} Not for clinical use.", bundled=True)
-    return ModelEntry(name, description, False, 1, "bundled", DEMO_WARNING, weights)
 
 
 def _sam(variant: str, min_gpu_gib: float, filename: str, sha256: str, size: int) -> ModelEntry:
@@ -92,6 +75,7 @@ def _sam(variant: str, min_gpu_gib: float, filename: str, sha256: str, size: int
                       weights=weights)
 
 
+HEADS_SHA256, HEADS_SIZE = "0" * 64, 0  # filled in when the heads file is trained
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 RESEARCH_WARNING = ("Research model: LiteMedSAM (pretrained on medical images) with ProbSAM heads trained on "
                     "rendered phantom CT around real LIDC-IDRI reader outlines. Not validated for clinical use.")
@@ -110,32 +94,18 @@ def _lite_medsam(heads: Optional[WeightsFile]) -> ModelEntry:
                       backbone, heads)
 
 
-# Bundled files are checked like downloads: a bit flip or a half-copied install is refused. A retrained demo
-# model gets a NEW entry (name, file, SHA-256); old entries stay so earlier runs, whose provenance names them,
-# reproduce (Testing/test_bad_inputs_cli.py checks every one against its file).
+# Bundled files are checked like downloads: a bit flip or a half-copied install is refused (Testing/
+# test_bad_inputs_cli.py checks every one against its file). Retrained heads get a NEW file name and SHA-256.
+# The phantom-trained tiny demo models (demo .. demo_v7) were retired from the product with this model; demo_v7
+# stays loadable as a file for comparisons (research/models/, `--model file --checkpoint`), and every earlier
+# result is reproducible from git history.
+LITE_MEDSAM_HEADS = WeightsFile(
+    "lite_medsam_heads", "probsam_lite_medsam_heads.safetensors", None, HEADS_SHA256, HEADS_SIZE, "Apache-2.0",
+    "ProbSAM heads (prior, posterior, projection, marking head) for the frozen LiteMedSAM, trained on rendered "
+    "chest-field phantom CT around real LIDC-IDRI reader outlines (Training/configs/phantom_lite_medsam.yaml). "
+    "Research model, not for clinical use.", bundled=True)
 MODELS: Dict[str, ModelEntry] = {entry.name: entry for entry in (
-    _lite_medsam(None),
-    _demo("demo_v7", "v7", "a708061cc2d223258121c043aee958cb0daf107933f106704a4ce046f7a6382b", 8_297_340,
-          ": demo_v6 trained 150 steps on with the consensus term asking for the majority of all four reader "
-          "slots and set_above_half; reads the slices below and above."),
-    _demo("demo_v6", "v6", "86e751518dc809a0979004387e0901988a2d696d5eb9e33d261272ce73de961a", 8_297_332,
-          " (superseded by demo_v7): demo_v5 taught to read the slices below and above (neighbour_slices), "
-          "with an anchor term keeping its samples at demo_v5's on slices every reader marked; 750 steps on "
-          "phantom v2."),
-    _demo("demo_v5", "v5", "b4e56bacec3cb1f75a1e31d84d1a782b0c82bd6d71f7bfe3dd0e35631fc3acee", 8_297_052,
-          " (superseded by demo_v6): demo_v4 with an 8-channel mask refiner (ProbSAMLib/modeling/refine.py) "
-          "that reads the image at full resolution, trained 400 steps on phantom v2."),
-    _demo("demo_v4", "v4", "4b5e239237eccf2011ae013af1dda5f882477b2cdb9bfb8494dd9d8b7761103b", 8_290_744,
-          " (superseded by demo_v5): demo_v3 trained 200 steps on with the readers'-majority consensus term "
-          "(its mean prediction against the majority of the nodule's own readers)."),
-    _demo("demo_v3", "v3", "dfb775f8bbcc0326a0c292c0ef398173c438d3a520da0c83f7230bae893d5f9e", 8_290_512,
-          " (superseded by demo_v4): demo_v2 fine-tuned on phantom v2 without free bits and with 8 prior "
-          "samples in the set term."),
-    _demo("demo_v2", "v2", "3ebfe61edcf745338fe2cd18b6822a4be44f0a77c839d9e7a8a7ab128959491d", 8_290_472,
-          " (superseded by demo_v3): tiny ProbSAM trained on the rendered phantom v2 (hard cases), all four "
-          "reader slots, set term."),
-    _demo("demo", "v1", "993fe11112b1c4b326c12318c4dac37d3078f694a0fc5aed623d85bbb2bd373b", 8_290_336,
-          " (superseded): tiny ProbSAM trained on the rendered LIDC contour phantom v1."),
+    _lite_medsam(LITE_MEDSAM_HEADS),
     _sam("vit_b", 4, "sam_vit_b_01ec64.pth", "ec2df62732614e57411cdcf32a23ffdf28910380d03139ee0f4fcbe91eb8c912",
          375_042_383),
     _sam("vit_l", 6, "sam_vit_l_0b3195.pth", "3adcc4315b642a4d2101128f611684e8734c41232a17c648ed1693702a49a622",
@@ -146,7 +116,7 @@ MODELS: Dict[str, ModelEntry] = {entry.name: entry for entry in (
 )}
 MODEL_NAMES = tuple(MODELS)
 
-# Every known weights file by its name (sam_vit_b, demo_v7, ...): what `probsam info` lists and `probsam
+# Every known weights file by its name (lite_medsam_backbone, sam_vit_b, ...): what `probsam info` lists and `probsam
 # fetch` takes. Read off MODELS, never written out again.
 MANIFEST: Dict[str, WeightsFile] = {file.name: file for entry in MODELS.values()
                                     for file in (entry.weights, entry.heads) if file is not None}
