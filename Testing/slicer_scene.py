@@ -66,6 +66,7 @@ def shared_worker():
         from ProbSAMSlicerLib.sampling_process import WorkerProcess
 
         _SHARED["worker"] = WorkerProcess()
+        _SHARED["worker"].keep_across_tests = True  # slicer_standin.uninstall() leaves it running
         slicer_standin.uninstall()
     yield _SHARED["worker"]
     _SHARED["worker"].stop()
@@ -73,10 +74,9 @@ def shared_worker():
 
 @pytest.fixture
 def logic(module, shared_worker):
-    """The module's logic, on the shared worker process."""
-    logic = module.ProbSAMSlicerLogic()
-    logic.worker = shared_worker
-    return logic
+    """The module's logic, on the test session's worker process (made the module's session worker)."""
+    module.sampling_process.set_shared_worker(shared_worker)
+    return module.ProbSAMSlicerLogic()
 
 
 def model_args(weights) -> dict:
@@ -184,9 +184,10 @@ def node_ids(slicer) -> list:
     return sorted(scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes()))
 
 
-def segment_labelmap(node):
-    """(uint8 array (K, J, I) of the segment's own labelmap, its extent, its image-to-world in world)."""
-    segment_id = node.GetSegmentation().GetNthSegmentID(0)
+def segment_labelmap(node, segment_id=None):
+    """(uint8 array (K, J, I) of the segment's own labelmap, its extent, its image-to-world in world);
+    the first segment unless ``segment_id``."""
+    segment_id = segment_id or node.GetSegmentation().GetNthSegmentID(0)
     image = node.GetSegmentation().GetSegment(segment_id).GetRepresentation("Binary labelmap")
     matrix = vtk.vtkMatrix4x4()
     image.GetImageToWorldMatrix(matrix)
@@ -196,3 +197,36 @@ def segment_labelmap(node):
     dims = [extent[2 * a + 1] - extent[2 * a] + 1 for a in range(3)]
     array = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars()).reshape(dims[::-1])
     return array.copy(), extent, to_world(node) @ to_numpy(matrix)
+
+
+def segment_array(node, segment_id, volume) -> np.ndarray:
+    """A segment on the CT's full grid, read by Slicer's own export (bool (K, J, I))."""
+    import slicer
+
+    return slicer.util.arrayFromSegmentBinaryLabelmap(node, segment_id, volume) > 0
+
+
+def save_and_reload_scene(slicer, folder):
+    """Write every storable node and the .mrml into ``folder``, then load it into a fresh scene (as File ->
+    Save and File -> Load scene do; slicer.util.saveScene needs the Qt application)."""
+    scene = slicer.mrmlScene
+    folder.mkdir(parents=True, exist_ok=True)
+    for n in range(scene.GetNumberOfNodesByClass("vtkMRMLStorableNode")):
+        node = scene.GetNthNodeByClass(n, "vtkMRMLStorableNode")
+        if node.GetHideFromEditors() and not node.IsA("vtkMRMLTableNode"):
+            continue
+        storage = node.GetStorageNode()
+        if storage is None:
+            node.AddDefaultStorageNode()
+            storage = node.GetStorageNode()
+        if storage is None:
+            continue
+        extension = storage.GetDefaultWriteFileExtension()
+        storage.SetFileName(str(folder / f"{node.GetID()}.{extension}"))
+        assert storage.WriteData(node), node.GetName()
+    scene.SetURL(str(folder / "scene.mrml"))
+    assert scene.Commit()
+    scene.Clear(False)  # File -> Close scene (observers see StartClose / EndClose)
+    scene.SetURL(str(folder / "scene.mrml"))
+    assert scene.Import()  # File -> Load scene into the same scene (EndImportEvent)
+    return scene

@@ -100,7 +100,9 @@ def test_outputs_have_the_input_geometry_and_stay_in_the_box(files, tmp_path, or
     for name in OUTPUT_IMAGES + ("sample_00.nrrd", "sample_02.nrrd"):
         assert geometry_of(tmp_path / "o" / name) == source, name
     masks, seg_geometry, names = read_segmentation(tmp_path / "o" / "samples.seg.nrrd")
-    assert seg_geometry.isclose(source, 1e-9) and names == ["Sample 01", "Sample 02", "Sample 03"]
+    assert seg_geometry.isclose(source, 1e-9)
+    assert names == ["Sample 01", "Sample 02", "Sample 03", "Consensus", "Any sample", "More than half", "All samples"]
+    assert np.array_equal(masks[3], 2 * masks[:3].sum(0) > 3) and np.array_equal(masks[4], masks[:3].any(0))
     inside = np.zeros(source.shape, bool)
     inside[expected.slices()] = True
     assert masks.any() and not masks[:, ~inside].any()

@@ -3,8 +3,10 @@ storage nodes, module logics, slicer.util). Only Qt is a mock (Testing/slicer_st
 the module's worker process, as in Slicer.
 
 Verified here on real MRML: placement under linear transforms, outputs on the CT's grid cut to the box,
-save/load through storage nodes, the CLI's .seg.nrrd in Slicer's reader, overlay display settings and
-colour legend, provenance attributes, rollback, ROI filtering, non-linear refusal, the self-test.
+save/load through storage nodes, the CLI's .seg.nrrd (with consensus and agreement) in Slicer's reader,
+overlay display settings and colour legend, provenance attributes and references, the size table,
+rollback, ROI filtering, non-linear refusal, the self-test. The result's own behaviour (one node per ROI,
+replace / new node, edited consensus, rotated ROI cut, overlay transparency) is in test_slicer_results.py.
 """
 
 import numpy as np
@@ -23,16 +25,21 @@ def sample(logic, volume, rois, weights, **kwargs):
     return logic.process(volume, rois, numberOfSamples=N_SAMPLES, seed=0, **model_args(weights), **kwargs)
 
 
+def segment_ids(node) -> list:
+    segmentation = node.GetSegmentation()
+    return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())]
+
+
 def output_poses(out) -> list:
-    """World matrices (voxel -> world) and voxel data of every output node."""
+    """World matrices (voxel -> world) and voxel data of every segment and every map."""
     poses = []
-    for node in out.segmentationNodes:
-        array, extent, image_to_world = segment_labelmap(node)
+    for segment_id in segment_ids(out.segmentationNode):
+        array, extent, image_to_world = segment_labelmap(out.segmentationNode, segment_id)
         poses.append((image_to_world @ np.diag([1, 1, 1, 1.0]), extent, array))
-    ijk_to_ras = vtk.vtkMatrix4x4()
-    out.uncertaintyVolumeNode.GetIJKToRASMatrix(ijk_to_ras)
-    poses.append((to_world(out.uncertaintyVolumeNode) @ to_numpy(ijk_to_ras), (0,),
-                  slicer_array(out.uncertaintyVolumeNode)))
+    for node in out.mapNodes.values():
+        ijk_to_ras = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(ijk_to_ras)
+        poses.append((to_world(node) @ to_numpy(ijk_to_ras), (0,), slicer_array(node)))
     return poses
 
 
@@ -78,7 +85,7 @@ def test_transformed_scene_gives_the_same_masks_mapped_through_the_transform(sli
         np.testing.assert_allclose(first_voxel_world(after), (TRANSFORM @ np.append(first_voxel_world(before), 1))[:3],
                                    atol=0.01)
         np.testing.assert_allclose(after[0][:3, :3], TRANSFORM[:3, :3] @ before[0][:3, :3], atol=1e-6)
-    for node in result.segmentationNodes + [result.uncertaintyVolumeNode]:
+    for node in result.nodes()[:-1]:  # all but the table
         assert node.GetTransformNodeID() == transform.GetID()
 
 
@@ -125,47 +132,53 @@ def test_outputs_are_cut_to_the_box_on_the_ct_grid(slicer, module, logic, tiny_w
     np.testing.assert_allclose(np.linalg.solve(ct, np.append(first_voxel_world(poses[-1]), 1))[:3], lo, atol=1e-6)
     assert array.shape == tuple((hi - lo)[::-1])
     # The full-grid view (Slicer's own export) holds the masks only inside the box.
-    node = out.segmentationNodes[0]
-    full = slicer.util.arrayFromSegmentBinaryLabelmap(node, node.GetSegmentation().GetNthSegmentID(0), volume)
-    inside = np.zeros(full.shape, bool)
+    node = out.segmentationNode
+    inside = np.zeros(volume.GetImageData().GetDimensions()[::-1], bool)
     inside[box.slices()] = True
-    assert not full[~inside].any()
+    for segment_id in segment_ids(node):
+        assert not slicer.util.arrayFromSegmentBinaryLabelmap(node, segment_id, volume)[~inside].any()
 
 
 def test_saved_scene_reads_back_the_same_segments(slicer, module, logic, tiny_weights, tmp_path):
     volume = add_oblique_volume(slicer)
     roi = add_rotated_roi(slicer, volume, BLOB_CENTRE_IJK, (18.0, 16.0, 9.0))
     out = sample(logic, volume, [roi], tiny_weights)[0]
-    for n, node in enumerate(out.segmentationNodes):
-        writer = node.GetStorageNode()  # the module's: crops to the minimum extent
-        assert writer.GetCropToMinimumExtent()
-        writer.SetFileName(str(tmp_path / f"s{n}.seg.nrrd"))
-        assert writer.WriteData(node)
-        copy = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "copy")
-        reader = slicer.vtkMRMLSegmentationStorageNode()
-        reader.SetFileName(str(tmp_path / f"s{n}.seg.nrrd"))
-        assert reader.ReadData(copy)
-        assert copy.GetSegmentation().GetNthSegment(0).GetName() == node.GetSegmentation().GetNthSegment(0).GetName()
-        stored = segment_labelmap(copy)[0]
-        assert stored.size < np.prod(volume.GetImageData().GetDimensions()) / 4  # the file holds the box
-        exported = [slicer.util.arrayFromSegmentBinaryLabelmap(s, s.GetSegmentation().GetNthSegmentID(0), volume)
-                    for s in (node, copy)]
-        np.testing.assert_array_equal(exported[0], exported[1])
-    writer = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    writer.SetFileName(str(tmp_path / "u.nrrd"))
-    assert writer.WriteData(out.uncertaintyVolumeNode)
-    copy = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "u copy")
-    reader = slicer.vtkMRMLVolumeArchetypeStorageNode()
-    reader.SetFileName(str(tmp_path / "u.nrrd"))
+    node = out.segmentationNode
+    writer = node.GetStorageNode()  # the module's: crops to the minimum extent
+    assert writer.GetCropToMinimumExtent()
+    writer.SetFileName(str(tmp_path / "s.seg.nrrd"))
+    assert writer.WriteData(node)
+    copy = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLSegmentationNode", "copy")
+    reader = slicer.vtkMRMLSegmentationStorageNode()
+    reader.SetFileName(str(tmp_path / "s.seg.nrrd"))
     assert reader.ReadData(copy)
-    np.testing.assert_allclose(slicer.util.arrayFromVolume(copy), slicer.util.arrayFromVolume(out.uncertaintyVolumeNode))
+    assert segment_ids(copy) == segment_ids(node)
+    for segment_id in segment_ids(node):
+        names = [s.GetSegmentation().GetSegment(segment_id).GetName() for s in (node, copy)]
+        assert names[0] == names[1]
+        exported = [slicer.util.arrayFromSegmentBinaryLabelmap(s, segment_id, volume) for s in (node, copy)]
+        np.testing.assert_array_equal(exported[0], exported[1])
+    stored = segment_labelmap(copy)[0]
+    assert stored.size < np.prod(volume.GetImageData().GetDimensions()) / 4  # the file holds the box
+    for kind, map_node in out.mapNodes.items():
+        writer = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        writer.SetFileName(str(tmp_path / f"{kind}.nrrd"))
+        assert writer.WriteData(map_node)
+        copy = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "u copy")
+        reader = slicer.vtkMRMLVolumeArchetypeStorageNode()
+        reader.SetFileName(str(tmp_path / f"{kind}.nrrd"))
+        assert reader.ReadData(copy)
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(copy), slicer.util.arrayFromVolume(map_node))
 
 
-def test_cli_segmentation_file_loads_as_named_coloured_segments(slicer, tmp_path):
+def test_cli_segmentation_file_loads_as_named_coloured_segments(slicer, tmp_path, tiny_weights):
+    """The CLI's samples.seg.nrrd in Slicer's reader: the samples, then the consensus and the agreement
+    levels under the names the module's node uses, each where the CLI put it."""
     from ProbSAMLib.app import cli
     from ProbSAMLib.io.segfile import read_segmentation
 
-    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--samples", "3", "--seed", "0", "-q"]) == 0
+    assert cli.main(["demo", "--out", str(tmp_path / "d"), "--samples", "3", "--seed", "0", "-q", "--model", "file",
+                     "--checkpoint", str(tiny_weights), "--device", "cpu"]) == 0
     ct = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "ct")
     reader = slicer.vtkMRMLVolumeArchetypeStorageNode()
     reader.SetFileName(str(tmp_path / "d" / "ct.nrrd"))
@@ -174,15 +187,22 @@ def test_cli_segmentation_file_loads_as_named_coloured_segments(slicer, tmp_path
     reader = slicer.vtkMRMLSegmentationStorageNode()
     reader.SetFileName(str(tmp_path / "d" / "samples.seg.nrrd"))
     assert reader.ReadData(node)
+    from ProbSAMLib.inference.agreement import AGREEMENT_NAMES, CONSENSUS_NAME
+
     segmentation = node.GetSegmentation()
-    assert segmentation.GetNumberOfSegments() == 3
-    assert [segmentation.GetNthSegment(n).GetName() for n in range(3)] == ["Sample 01", "Sample 02", "Sample 03"]
-    colors = {tuple(np.round(segmentation.GetNthSegment(n).GetColor(), 3)) for n in range(3)}
-    assert len(colors) == 3
+    names = ["Sample 01", "Sample 02", "Sample 03", CONSENSUS_NAME] + list(AGREEMENT_NAMES.values())
+    assert [segmentation.GetNthSegment(n).GetName() for n in range(segmentation.GetNumberOfSegments())] == names
+    assert names[3:] == ["Consensus", "Any sample", "More than half", "All samples"]  # as in the module's node
+    colors = {tuple(np.round(segmentation.GetNthSegment(n).GetColor(), 3)) for n in range(len(names))}
+    assert len(colors) == len(names)
     masks, _, _ = read_segmentation(tmp_path / "d" / "samples.seg.nrrd")
-    for n in range(3):
+    for n in range(len(names)):
         placed = slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentation.GetNthSegmentID(n), ct) > 0
         np.testing.assert_array_equal(placed, masks[n])  # Slicer puts every voxel where the CT has it
+    votes = masks[:3].sum(0)
+    np.testing.assert_array_equal(masks[3], votes >= 2)  # consensus: more than half of 3
+    np.testing.assert_array_equal(masks[4], votes >= 1)
+    np.testing.assert_array_equal(masks[6], votes == 3)
 
 
 # --- display, provenance, table, rollback ------------------------------------------------------------
@@ -192,27 +212,35 @@ def test_overlay_window_threshold_legend_and_provenance(slicer, module, logic, t
     volume = add_oblique_volume(slicer)
     roi = add_rotated_roi(slicer, volume, BLOB_CENTRE_IJK, (18.0, 16.0, 9.0))
     out = sample(logic, volume, [roi], tiny_weights)[0]
-    display = out.uncertaintyVolumeNode.GetDisplayNode()
-    values = slicer.util.arrayFromVolume(out.uncertaintyVolumeNode)
-    assert not display.GetAutoWindowLevel()
-    assert display.GetWindowLevelMin() == pytest.approx(0.0)
-    assert display.GetWindowLevelMax() == pytest.approx(values.max(), rel=1e-5)
-    assert display.GetApplyThreshold() and 0 < display.GetLowerThreshold() <= values[values > 0].min()
-    assert slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(out.uncertaintyVolumeNode) is not None
+    for kind, node in out.mapNodes.items():
+        display = node.GetDisplayNode()
+        values = slicer.util.arrayFromVolume(node)
+        assert not display.GetAutoWindowLevel()
+        assert display.GetWindowLevelMin() == pytest.approx(0.0)
+        top = 1.0 if kind == "mean_probability" or not values.any() else values.max()  # an empty map: 0..1
+        assert display.GetWindowLevelMax() == pytest.approx(top, rel=1e-5)
+        assert display.GetApplyThreshold() and 0 < display.GetLowerThreshold() <= values[values > 0].min(initial=1)
+        assert slicer.vtkSlicerColorLogic.GetColorLegendDisplayNode(node) is not None
     summary = out.summary
+    attributes = {"Model": "file", "Seed": "0", "NumberOfSamples": str(N_SAMPLES), "Version": __version__,
+                  "Device": "cpu", "InputVolume": volume.GetName(), "InputVolumeID": volume.GetID(),
+                  "ROI": roi.GetName(), "ROIID": roi.GetID(), "MarkingShare": "n/a",
+                  "BoxIJK": " ".join(str(v) for v in summary["box"]["ijk_first"] + summary["box"]["ijk_last"])}
     for node in out.nodes():
-        assert node.GetAttribute("ProbSAM.Model") == "file"
+        assert {key: node.GetAttribute("ProbSAM." + key) for key in attributes} == attributes, node.GetName()
         assert len(node.GetAttribute("ProbSAM.ModelSHA256")) == 64
-        assert node.GetAttribute("ProbSAM.Seed") == "0"
-        assert node.GetAttribute("ProbSAM.NumberOfSamples") == str(N_SAMPLES)
-        assert node.GetAttribute("ProbSAM.BoxIJK").split() == [str(v) for v in summary["box"]["ijk_first"]
-                                                               + summary["box"]["ijk_last"]]
-        assert node.GetAttribute("ProbSAM.Version") == __version__
-    rows = module.outputs.summary_rows(summary)
-    table = out.tableNode.GetTable()
-    assert table.GetNumberOfRows() == len(rows) == N_SAMPLES + 2
-    assert [table.GetValue(r, 0).ToString() for r in range(len(rows))] == [row[0] for row in rows]
-    assert table.GetValue(0, 1).ToDouble() == pytest.approx(rows[0][1])
+        assert node.GetAttribute("ProbSAM.Date").startswith("20")  # ISO date, UTC
+    seg = out.segmentationNode
+    assert seg.GetNodeReference("ProbSAMROI") is roi and seg.GetNodeReference("ProbSAMInputVolume") is volume
+    assert seg.GetNodeReference("ProbSAMTable") is out.tableNode
+    rows = module.outputs.table_rows(out.tableNode)
+    assert len(rows) == N_SAMPLES + 3 + len(out.warnings)  # samples, mean, sd, marking share, warnings
+    for row, sample_summary in zip(rows, summary["samples"]):
+        assert row[0] == sample_summary["name"]
+        assert row[1] == pytest.approx(sample_summary["volume_mm3"] / 1000)  # mL
+        assert row[2] == pytest.approx(sample_summary["longest_axial_diameter_mm"])
+    assert rows[N_SAMPLES + 2][0] == "marking share" and rows[N_SAMPLES + 2][3] == "n/a"  # the tiny model has none
+    assert [row[3] for row in rows[N_SAMPLES + 3:]] == out.warnings
 
 
 def test_failure_while_building_nodes_removes_everything(slicer, module, logic, tiny_weights, monkeypatch):
@@ -257,7 +285,8 @@ def test_roi_outside_the_volume_is_a_clear_error(slicer, module, logic, tiny_wei
 def test_parameter_node_ranges_and_every_roi_skips_other_modules_rois(slicer, module):
     logic = module.ProbSAMSlicerLogic()
     p = logic.getParameterNode()
-    assert (p.numberOfSamples, p.seed, p.model) == (16, 0, "demo_v7")
+    assert (p.numberOfSamples, p.seed, p.model, p.outputMode, p.uncertaintyKind) == (
+        16, 0, module.DEFAULT_MODEL, "replace", "entropy")
     with pytest.raises(ValueError):
         p.seed = -1
     with pytest.raises(ValueError):
@@ -311,10 +340,9 @@ def test_demo_warning_sits_under_the_model_selector(slicer, module):
     logic = module.ProbSAMSlicerLogic()
     for name, entry in MODELS.items():
         warning = logic.modelWarning(name)
+        assert warning == entry.warning  # the registry's words, whatever the models are
         if name.startswith("demo"):
             assert "DEMO" in warning and "rendered" in warning and "not for clinical use" in warning
-        else:
-            assert warning == ""
     assert logic.modelWarning("no such model") == ""
     ui = ET.parse(Path(module.__file__).parent / "Resources" / "UI" / "ProbSAMSlicer.ui")
     form = next(l for l in ui.iter("layout") if l.get("name") == "modelFormLayout")

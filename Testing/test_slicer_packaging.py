@@ -167,3 +167,15 @@ def test_help_text_says_what_the_model_is_not(phrase):
     source = (MODULE / "ProbSAMSlicer.py").read_text(encoding="utf-8")
     help_text = source.split("helpText = _(")[1].split("acknowledgementText")[0]
     assert phrase in re.sub(r'"\s+"', "", help_text).replace("<i>", "").replace("</i>", "").replace("<b>", "").replace("</b>", "")
+
+
+def test_screenshot_urls_point_at_files_that_exist():
+    """The extension's screenshot (CMakeLists.txt, .s4ext) is a picture in this repository: the slice views
+    rendered on slicer-core by ProbSAMSlicer/Resources/Scripts/render_slice_views.py."""
+    cmake = re.search(r'EXTENSION_SCREENSHOTURLS "([^"]+)"', (ROOT / "CMakeLists.txt").read_text(encoding="utf-8"))
+    s4ext = re.search(r"^screenshoturls (.+)$", (ROOT / "ProbSAMSlicer.s4ext").read_text(encoding="utf-8"), re.M)
+    urls = cmake.group(1).split() + s4ext.group(1).split()
+    assert urls
+    for url in urls:
+        path = ROOT / url.split("/main/", 1)[1]
+        assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", url

@@ -1,5 +1,6 @@
 """The module's sampling worker process (ProbSAMLib.app.worker driven by ProbSAMSlicerLib.sampling_process),
-with the scene on REAL Slicer core. Tests wait on the worker's messages and on its exit, never on sleeps;
+with the scene on REAL Slicer core: one per session, shared by every logic, ended when idle (the setting
+is read through the Qt stand-in's QSettings), its console hidden on Windows, restarted after a crash. Tests wait on the worker's messages and on its exit, never on sleeps;
 they pause the worker with SIGSTOP to make "mid-run" deterministic (POSIX only).
 """
 
@@ -19,6 +20,7 @@ N_SLICES = 24  # three chunks of eight slices on the CPU: room to act between tw
 @pytest.fixture
 def own_logic(module):
     """A logic with a worker of its own (these tests stop or kill it)."""
+    module.sampling_process.set_shared_worker(None)
     logic = module.ProbSAMSlicerLogic()
     yield logic
     if logic.worker.process is not None:
@@ -147,3 +149,69 @@ def test_process_cancel_callback_stops_the_run_and_adds_nothing(slicer, module, 
         logic.process(volume, [roi], numberOfSamples=2, seed=0, model="file", checkpointPath=str(tiny_weights),
                       device="cpu", cancel=lambda: asked.append(1) or True)
     assert asked and not nodes_of_class(slicer, "vtkMRMLSegmentationNode")
+
+
+# --- one worker per session --------------------------------------------------------------------------------
+def test_two_logics_share_one_worker(slicer, module, shared_worker, tiny_weights):
+    module.sampling_process.set_shared_worker(shared_worker)
+    first, second = module.ProbSAMSlicerLogic(), module.ProbSAMSlicerLogic()
+    assert first.worker is second.worker is module.sampling_process.shared_worker()
+    volume, roi = tall_scene(slicer)
+    start(module, first, volume, roi, tiny_weights, samples=1).wait()
+    pid = first.worker.process.pid
+    run = start(module, second, volume, roi, tiny_weights, samples=1)
+    run.wait()
+    assert second.worker.process.pid == pid and run.results[0]["model"]["reused"]  # one process, one model
+
+
+def test_idle_worker_ends_itself_and_the_next_run_starts_a_new_one(slicer, module, tiny_weights):
+    """The idle time is a setting (1 s here; a few minutes by default): the worker ends by itself (status 0),
+    so its memory goes back. A request that reaches it just as it ends (sent without the start-up check
+    here, to make that race certain) is sent again to a new worker instead of failing."""
+    import qt
+
+    process = module.sampling_process
+    assert process.DEFAULT_IDLE_TIMEOUT_S >= 60
+    qt.QSettings.values[process.IDLE_TIMEOUT_SETTING] = "1"
+    logic = module.ProbSAMSlicerLogic()
+    try:
+        volume, roi = tall_scene(slicer)
+        start(module, logic, volume, roi, tiny_weights, samples=1).wait()
+        first = logic.worker.process
+        assert first.args[first.args.index("--idle-timeout") + 1] == "1"
+        assert first.wait(60) == 0  # ended by itself, cleanly
+        messages = list(iter(lambda: logic.worker.next_message(0), None))
+        assert {"type": "idle", "after_s": 1.0} in messages and messages[-1]["type"] == "exit"
+        for message in messages:
+            logic.worker._messages.put(message)  # as they were: the run below must read the "exit" first
+        settings = module.SamplingSettings(1, 0, "file", str(tiny_weights), "", "cpu", "entropy")
+        run = process.SamplingRun(logic.worker, logic.prepareRequests(volume, [roi]), settings, np.eye(4),
+                                  (48, 48, N_SLICES), lambda index, r: slicer.util.arrayFromVolume(volume)[
+                                      r[0]:r[1], r[2]:r[3], r[4]:r[5]])
+        run._submit(0)  # to the ended worker
+        assert run.wait()[0]["type"] == "result"
+        assert logic.worker.process.pid != first.pid
+    finally:
+        qt.QSettings.values.clear()
+        logic.stopWorker()
+
+
+def test_worker_console_is_hidden_on_windows(module, monkeypatch):
+    """As slicer.util.launchConsoleProcess: STARTF_USESHOWWINDOW with SW_HIDE (Windows constants mocked)."""
+    process = module.sampling_process
+    assert process.hidden_console_options() == {}  # POSIX: nothing to hide
+
+    class StartupInfo:
+        dwFlags, wShowWindow = 0, 1
+
+    monkeypatch.setattr(process.os, "name", "nt")
+    monkeypatch.setattr(process.subprocess, "STARTUPINFO", StartupInfo, raising=False)
+    monkeypatch.setattr(process.subprocess, "STARTF_USESHOWWINDOW", 1, raising=False)
+    monkeypatch.setattr(process.subprocess, "SW_HIDE", 0, raising=False)
+    info = process.hidden_console_options()["startupinfo"]
+    assert info.dwFlags & 1 and info.wShowWindow == 0
+    seen = {}
+    monkeypatch.setattr(process.subprocess, "Popen", lambda *a, **k: seen.update(k) or (_ for _ in ()).throw(OSError("stop")))
+    with pytest.raises(OSError):
+        process.WorkerProcess(python=sys.executable, idle_timeout=5).ensure_started()
+    assert isinstance(seen["startupinfo"], StartupInfo)

@@ -115,3 +115,12 @@ def test_sample_areas_errors():
         sample_areas(np.zeros((1, 2, 2), bool), pixel_area=0)
     with pytest.raises(ValueError, match="0/1"):
         sample_areas(np.full((1, 2, 2), 0.5))
+
+
+def test_informative_is_where_not_every_sample_is_confident():
+    """Transparent overlay rule: a voxel is shown unless every sample is below 0.1 or every one above 0.9."""
+    from ProbSAMLib.inference.uncertainty import informative_mask
+
+    probs = np.array([[0.05, 0.95, 0.05, 0.5, 0.09, 0.91],
+                      [0.02, 0.99, 0.95, 0.5, 0.11, 0.89]], np.float32)
+    assert informative_mask(probs).tolist() == [False, False, True, True, True, True]

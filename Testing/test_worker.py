@@ -233,10 +233,62 @@ def test_main_in_process_keeps_the_real_stdout_for_frames(tmp_path, monkeypatch)
         monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(buffer=frames))
         monkeypatch.setattr(sys, "stdout", fake_out)
         monkeypatch.setattr(sys, "stderr", fake_err)
-        assert worker.main() == 0
+        assert worker.main([]) == 0
         os.write(fake_out.fileno(), b"a C library writing to fd 1\n")
         print("a library printing on stdout", flush=True)
         monkeypatch.undo()
     assert (tmp_path / "out").read_bytes() == b""
     err = (tmp_path / "err").read_text()
     assert "a C library writing to fd 1" in err and "a library printing on stdout" in err
+
+
+def test_idle_server_ends_with_an_idle_frame(tmp_path):
+    """No request for ``idle_timeout`` seconds: the server sends "idle" and returns (the process then ends
+    with status 0, so an idle Slicer session gives its memory back)."""
+    import os
+
+    from ProbSAMLib.app import worker
+
+    in_read, in_write = os.pipe()
+    out_read, out_write = os.pipe()
+    with os.fdopen(in_read, "rb") as inbox, os.fdopen(in_write, "wb"), os.fdopen(out_write, "wb") as outbox, \
+            os.fdopen(out_read, "rb") as replies:
+        assert worker.Server(inbox, outbox, idle_timeout=0.2).serve() == "idle"
+        assert read_frame(replies) == {"type": "idle", "after_s": 0.2}
+    assert worker.parse_idle_timeout([]) is None and worker.parse_idle_timeout(["--idle-timeout", "90"]) == 90.0
+    with pytest.raises(SystemExit):
+        worker.parse_idle_timeout(["--idle-timeout", "-1"])
+
+
+def test_masks_are_cut_to_a_rotated_roi_and_the_summary_follows():
+    """cut_to_roi: a box rotated 45 degrees in its voxel hull keeps only voxels whose centre is inside it;
+    the consensus, agreement and summary are made again from the cut masks; the maps are 0 outside."""
+    from ProbSAMLib.app.worker import cut_to_roi
+    from ProbSAMLib.geometry import VolumeGeometry, VoxelBox
+    from ProbSAMLib.inference.agreement import agreement_masks
+    from ProbSAMLib.inference.summary import volume_summary
+    from ProbSAMLib.inference.volume import VolumeSamplingResult
+
+    geometry = VolumeGeometry.from_ijk_to_ras(np.eye(4), (20, 20, 3))
+    box = VoxelBox((3, 3, 0), (17, 17, 3))
+    masks = np.ones((2, 3, 14, 14), bool)
+    ones = np.ones((3, 14, 14), np.float32)
+    agreement = agreement_masks(masks)
+    result = VolumeSamplingResult(masks, ones * 0.9, ones, ones * 0.1, ones * 0.2, box, geometry, {},
+                                  consensus=agreement["majority"], agreement=agreement)
+    settings = {"seed": 0, "n_samples": 2, "device": "cpu"}
+    result.summary = volume_summary(result, settings, {})
+    c, s = np.cos(np.pi / 4), np.sin(np.pi / 4)
+    roi = {"center_ras": [10.0, 10.0, 1.0], "axes_ras": [[c, -s, 0], [s, c, 0], [0, 0, 1]], "size_mm": [9.0, 9.0, 3.0]}
+    cut = cut_to_roi(result, roi)
+    ijk = np.argwhere(result.masks[0])[:, ::-1].astype(float)  # (i, j, k) in the box
+    ras = ijk + [3, 3, 0]  # identity IJK -> RAS here
+    local = (ras - [10.0, 10.0, 1.0]) @ np.array(roi["axes_ras"])
+    assert np.all(np.abs(local) <= np.array(roi["size_mm"]) / 2 + 1e-4) and result.masks.any()
+    assert cut["voxels_outside_roi"] == int((~result.masks[0]).sum()) > 0
+    assert cut["mask_voxels_removed"] == 2 * cut["voxels_outside_roi"] == masks.size - 2 * result.masks[0].sum()
+    np.testing.assert_array_equal(result.consensus, result.masks[0])
+    assert not result.entropy[~result.masks[0]].any() and result.entropy[result.masks[0]].all()
+    assert result.summary["samples"][0]["voxels"] == int(result.masks[0].sum())
+    assert result.summary["roi_cut"] == cut
+    assert cut_to_roi(result, None) == {"voxels_outside_roi": 0, "mask_voxels_removed": 0}

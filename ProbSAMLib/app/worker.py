@@ -24,7 +24,7 @@ worker -> client
   progress {id, fraction, message}
   warning  {id, message}   e.g. a GPU small for the model (checked here: Slicer's process never touches CUDA)
   result   {id, masks (N, Kb, Jb, Ib), entropy, variance, mutual_information, mean_probability (Kb, Jb, Ib),
-            consensus (Kb, Jb, Ib) bool, agreement {"any", "majority", "all"} (Kb, Jb, Ib) bool,
+            consensus (Kb, Jb, Ib) bool, informative (Kb, Jb, Ib) bool (where an overlay shows), agreement {"any", "majority", "all"} (Kb, Jb, Ib) bool,
             marking_share (float 0..1, or None for a model without a marking head), lo, summary,
             colors (N RGB, the CLI's sample colours), segment_colors {"consensus": RGB, "agreement": {level: RGB}},
             roi_cut {"voxels_outside_roi": box voxels outside the drawn ROI, "mask_voxels_removed": n},
@@ -130,15 +130,17 @@ class Server:
     def send(self, **message) -> None:
         write_frame(self.outbox, message)
 
-    def serve(self) -> None:
+    def serve(self) -> str:
+        """Serve until the client quits or closes the pipe ("quit"), or nothing comes for ``idle_timeout``
+        seconds ("idle"); returns which."""
         while True:
             try:
                 request = self.requests.get(timeout=self.idle_timeout)
             except queue.Empty:  # idle: end, so that the model's (GPU) memory goes back
                 self.send(type="idle", after_s=self.idle_timeout)
-                return
+                return "idle"
             if request is None:
-                return
+                return "quit"
             if request.get("type") != "sample":
                 continue  # a stale "region" or "cancel" of a finished request
             try:
@@ -182,6 +184,7 @@ class Server:
         roi_cut = cut_to_roi(result, request.get("roi"))
         self.send(type="result", id=rid, masks=result.masks, lo=voxel_box.lo, summary=result.summary,
                   consensus=result.consensus, agreement=result.agreement, marking_share=result.marking_share,
+                  informative=result.informative,
                   colors=distinct_colors(len(result.masks)), segment_colors=segment_colors(), roi_cut=roi_cut,
                   model=model_info, **{name: getattr(result, name) for name in MAP_NAMES})
 
@@ -228,6 +231,7 @@ def cut_to_roi(result, roi: Optional[dict]) -> dict:
             setattr(result, name, np.where(inside, getattr(result, name), 0).astype(np.float32))
         result.agreement = agreement_masks(result.masks)
         result.consensus = result.agreement["majority"]
+        result.informative = result.informative & inside
         timings = result.summary.get("timings_s", {})
         result.summary = dict(volume_summary(result, result.summary["settings"], timings), timings_s=timings)
     result.summary["roi_cut"] = {"voxels_outside_roi": outside, "mask_voxels_removed": removed}
@@ -271,7 +275,12 @@ def serve(idle_timeout: Optional[float] = None) -> int:
     outbox = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints (C or Python) go to stderr
     sys.stdout = sys.stderr
-    Server(sys.stdin.buffer, outbox, idle_timeout).serve()
+    if Server(sys.stdin.buffer, outbox, idle_timeout).serve() == "idle":
+        # The inbox thread is still blocked reading stdin: a normal interpreter exit would abort on its
+        # buffer lock (SIGABRT). Everything is sent; end now, with status 0.
+        outbox.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 

@@ -22,6 +22,18 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import entr
 
+# Where every sample is confidently off (< 0.1) or on (> 0.9), the maps carry no information: an overlay
+# shows them only elsewhere (informative_mask), so the lesion's uncertain edge shows and the box does not.
+CONFIDENT_LOW, CONFIDENT_HIGH = 0.1, 0.9
+
+
+def informative_mask(probs) -> np.ndarray:
+    """probs (N, ...) -> (...) bool: voxels where NOT every sample's probability is below CONFIDENT_LOW, and
+    NOT every sample's above CONFIDENT_HIGH."""
+    probs = np.asarray(probs)
+    return ~((probs < CONFIDENT_LOW).all(axis=0) | (probs > CONFIDENT_HIGH).all(axis=0))
+
+
 # The per-voxel maps a volume run keeps (VolumeSamplingResult), writes (<name>.nrrd) and the worker sends.
 MAP_NAMES = ("mean_probability", "entropy", "variance", "mutual_information")
 

@@ -53,7 +53,7 @@ from ProbSAMLib.inference.memory import (available_bytes, bytes_per_slice, choos
 from ProbSAMLib.inference.sampling import (images_to_unit, make_generator, marking_shares, sample_from_embeddings,
                                            sample_with_boxes)
 from ProbSAMLib.inference.summary import volume_summary
-from ProbSAMLib.inference.uncertainty import uncertainty_maps
+from ProbSAMLib.inference.uncertainty import informative_mask, uncertainty_maps
 from ProbSAMLib.metrics import MASK_THRESHOLD
 from ProbSAMLib.modeling.probsam import ProbSAM
 
@@ -72,6 +72,8 @@ class VolumeSamplingResult:
     (Kb, Jb, Ib) float32; the box's first voxel is ``voxel_box.lo`` (i, j, k) of ``geometry``.
     consensus (Kb, Jb, Ib) bool: voxels in more than half of the samples (``agreement.py``);
     agreement: {"any", "majority", "all"} -> (Kb, Jb, Ib) bool ("majority" is the consensus).
+    informative (Kb, Jb, Ib) bool: voxels where the samples do not all agree with confidence (not every
+    probability < 0.1, not every one > 0.9; ``uncertainty.informative_mask``): where an overlay shows.
     marking_share: the share of readers expected to mark this lesion at all (0..1), from a model with a
     marking head (``ProbSAM.marking_share``); None for a model without one. It is a separate number, not
     empty samples: every sample is an outline of the boxed object.
@@ -90,6 +92,7 @@ class VolumeSamplingResult:
     summary: dict
     consensus: Optional[np.ndarray] = None
     agreement: dict = field(default_factory=dict)
+    informative: Optional[np.ndarray] = None
     marking_share: Optional[float] = None
     eps: Optional[np.ndarray] = field(default=None, repr=False)
     z: Optional[np.ndarray] = field(default=None, repr=False)
@@ -474,7 +477,7 @@ def _assemble(probs_box: np.ndarray, geometry: VolumeGeometry, voxel_box: VoxelB
     masks = probs_box > MASK_THRESHOLD
     agreement = agreement_masks(masks)
     return VolumeSamplingResult(
-        masks=masks, consensus=agreement["majority"], agreement=agreement,
+        masks=masks, consensus=agreement["majority"], agreement=agreement, informative=informative_mask(probs_box),
         mean_probability=maps.mean_probability.astype(np.float32, copy=False),
         entropy=maps.entropy.astype(np.float32, copy=False),
         variance=maps.variance.astype(np.float32, copy=False),

@@ -39,8 +39,6 @@ UNCERTAINTY_OPACITY = 0.6
 MAP_KINDS = ("entropy", "mean_probability", "variance", "mutual_information")
 MAP_TITLES = {"entropy": "entropy", "mean_probability": "mean probability", "variance": "variance",
               "mutual_information": "mutual information"}
-# Where every sample is confidently off (< 0.1) or on (> 0.9) the maps say nothing: transparent there.
-CONFIDENT_LOW, CONFIDENT_HIGH = 0.1, 0.9
 MARGIN_VOXELS = 1  # a zero border so that a mask touching the box still gets a closed surface
 PROVENANCE_PREFIX = "ProbSAM."
 RESULT_ATTRIBUTE = "ProbSAM.Result"  # "1" on the segmentation node of every result: how results are found
@@ -232,16 +230,10 @@ def add_closed_surfaces(segmentation_node) -> None:
 
 # --- the uncertainty volumes ----------------------------------------------------------------------------
 def informative(result: dict) -> np.ndarray:
-    """(Kb, Jb, Ib) bool: voxels where the samples do not all agree with confidence.
-
-    Per-sample probabilities stay in the worker, so "every sample below 0.1 or every sample above 0.9"
-    is read off what comes back: the mean probability below 0.1 (or above 0.9) AND every sample's mask
-    the same there (none or all). Where both hold the maps carry no information and are transparent.
-    """
-    mean = result["mean_probability"]
-    any_mask, all_masks = result["agreement"]["any"], result["agreement"]["all"]
-    confident = ((mean < CONFIDENT_LOW) & ~any_mask) | ((mean > CONFIDENT_HIGH) & all_masks)
-    return ~confident
+    """(Kb, Jb, Ib) bool: voxels where the samples do not all agree with confidence (the worker's exact
+    "not every sample's probability < 0.1, not every one > 0.9", ProbSAMLib.inference.uncertainty); the maps
+    are transparent elsewhere."""
+    return np.asarray(result["informative"], dtype=bool)
 
 
 def add_map_volume(input_volume, values_block: np.ndarray, lo, name: str, kind: str) -> object:
@@ -349,6 +341,8 @@ def table_rows(table_node) -> list:
 
 
 def _to_float(cell) -> float:
+    if cell.IsNumeric():
+        return float(cell.ToDouble())  # ToString() would round to 6 digits
     try:
         return float(cell.ToString())
     except ValueError:  # empty or "nan" after a reload from .tsv

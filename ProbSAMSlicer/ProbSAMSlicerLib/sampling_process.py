@@ -225,7 +225,7 @@ class WorkerProcess:
             try:
                 self.process.wait(CANCEL_GRACE_S)
             except subprocess.TimeoutExpired:
-                self.process.kill()
+                self.kill()  # reaped before returning: `alive` is False afterwards
 
 
 class SamplingRun:

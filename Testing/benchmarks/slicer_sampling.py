@@ -62,12 +62,12 @@ def add_scene(slicer, ct):
 
 
 def node_memory_bytes(out) -> int:
+    """Image data of the result: every segment's labelmap (consensus, samples, agreement) and the four maps."""
     total = 0
-    for node in out.segmentationNodes:
-        segmentation = node.GetSegmentation()
-        for n in range(segmentation.GetNumberOfSegments()):
-            total += segmentation.GetNthSegment(n).GetRepresentation("Binary labelmap").GetActualMemorySize() * 1024
-    return total + out.uncertaintyVolumeNode.GetImageData().GetActualMemorySize() * 1024
+    segmentation = out.segmentationNode.GetSegmentation()
+    for n in range(segmentation.GetNumberOfSegments()):
+        total += segmentation.GetNthSegment(n).GetRepresentation("Binary labelmap").GetActualMemorySize() * 1024
+    return total + sum(node.GetImageData().GetActualMemorySize() * 1024 for node in out.mapNodes.values())
 
 
 def timed_process(logic, volume, roi, args):

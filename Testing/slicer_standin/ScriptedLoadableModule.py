@@ -23,13 +23,32 @@ class ScriptedLoadableModule:
         self.moduleName = type(self).__name__
 
 
+class _Layout:
+    """The widget's layout: remembers what was added."""
+
+    def __init__(self):
+        self.widgets = []
+
+    def addWidget(self, widget):
+        self.widgets.append(widget)
+
+
 class ScriptedLoadableModuleWidget:
     def __init__(self, parent=None):
-        self.parent = parent
+        self.parent = parent if parent is not None else _Parent()
         self.moduleName = type(self).__name__[:-len("Widget")]
+        self.layout = _Layout()
 
     def setup(self):
         pass
+
+    def resourcePath(self, filename):
+        """Resources/<filename> next to the module's .py file, as Slicer resolves it."""
+        import os
+        import sys
+
+        module = sys.modules[type(self).__module__]
+        return os.path.join(os.path.dirname(os.path.abspath(module.__file__)), "Resources", filename)
 
 
 class ScriptedLoadableModuleLogic:

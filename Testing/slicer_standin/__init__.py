@@ -7,8 +7,10 @@ module logic given the application logic and the scene and registered under
 ``slicer.modules.<name>.logic()`` (where slicer.util looks them up).
 
 MOCK (this folder; slicer-core has no Qt): ``qt``, ``ctk``, ``slicer.ScriptedLoadableModule``,
-``slicer.parameterNodeWrapper``, ``slicer.i18n`` and ``slicer.app`` (testing mode on, so that
-slicer.util's dialogs log instead of showing a window). The widget itself is not exercised here.
+``slicer.parameterNodeWrapper``, ``slicer.i18n``, ``slicer.app`` (testing mode on, so that
+slicer.util's dialogs log instead of showing a window) and ``slicer.util.loadUI`` /
+``childWidgetVariables`` (widgets.py: the module's real .ui read into plain stand-in widgets, so the
+widget's code runs on the real scene; nothing is drawn).
 
 ``install()`` returns the ``slicer`` module ready to use; ``uninstall()`` removes the mocks again.
 """
@@ -53,6 +55,18 @@ class _App:
         pass
 
 
+_SAVED_UTIL = {}
+
+
+def _stop_module_worker() -> None:
+    """The module's session worker ends with the test (as it would with Slicer), unless a test fixture
+    shares it across tests (``keep_across_tests``)."""
+    process = sys.modules.get("ProbSAMSlicerLib.sampling_process")
+    worker = process._SHARED["worker"] if process is not None else None
+    if worker is not None and not getattr(worker, "keep_across_tests", False):
+        worker.stop()
+
+
 def _purge() -> None:
     for name in list(sys.modules):
         if name.split(".")[0] in _OWN or name in QT_MOCKS:
@@ -90,6 +104,10 @@ def install():
         if name.startswith("slicer."):
             setattr(slicer, name.split(".", 1)[1], module)
     slicer.app = _App()
+    from slicer_standin import widgets
+
+    _SAVED_UTIL.update({name: getattr(slicer.util, name) for name in ("loadUI", "childWidgetVariables")})
+    slicer.util.loadUI, slicer.util.childWidgetVariables = widgets.loadUI, widgets.childWidgetVariables
     new_scene()
     return slicer
 
@@ -97,7 +115,10 @@ def install():
 def uninstall() -> None:
     import slicer
 
+    _stop_module_worker()
     _purge()
+    for name, function in _SAVED_UTIL.items():
+        setattr(slicer.util, name, function)
     for attribute in ("app", "mrmlScene", "modules", "applicationLogic") + tuple(
             n.split(".", 1)[1] for n in QT_MOCKS if n.startswith("slicer.")):
         if hasattr(slicer, attribute):

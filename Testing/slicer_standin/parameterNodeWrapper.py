@@ -54,6 +54,8 @@ def parameterNodeWrapper(cls):
                     parameterNode.SetParameter(name, json.dumps(value))
 
         def __getattr__(self, name):
+            if name in ("AddObserver", "RemoveObserver", "HasObserver"):  # forwarded, as Slicer's wrapper does
+                return getattr(self.parameterNode, name)
             if name not in fields:
                 raise AttributeError(name)
             if _is_node_type(fields[name][0]):

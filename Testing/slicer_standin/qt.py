@@ -1,6 +1,6 @@
 """MOCK of Slicer's PythonQt ``qt`` module (slicer-core has no Qt): only what ProbSAMSlicer.py and
-slicer.util's dialog helpers touch in the code paths CI drives. The widget runs in real Slicer only; its
-.ui names are checked against the code by Testing/test_slicer_packaging.py."""
+slicer.util's dialog helpers touch in the code paths CI drives. The widget's .ui is read by the stand-in
+``loadUI`` (widgets.py); a test drives the timer by calling its slot while ``active``."""
 
 
 class Qt:
@@ -26,6 +26,18 @@ class QTimer:
 
     def stop(self):
         self.active = False
+
+
+class QSettings:
+    """Application settings: one dict for the process (tests set ``QSettings.values``)."""
+
+    values = {}
+
+    def value(self, key, default=None):
+        return self.values.get(key, default)
+
+    def setValue(self, key, value):
+        self.values[key] = value
 
 
 class QFileDialog:
