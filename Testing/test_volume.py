@@ -44,7 +44,7 @@ def model():
 @pytest.fixture(scope="module")
 def always_on():
     m = build_probsam(ProbSAMConfig.preset("tiny"), seed=0).eval()
-    m.decode = lambda *args: ProbSAM.decode(m, *args) + 30.0  # every pixel of every sample on
+    m.decode = lambda *args, **kwargs: ProbSAM.decode(m, *args, **kwargs) + 30.0  # every pixel of every sample on
     return m
 
 

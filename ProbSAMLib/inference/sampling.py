@@ -15,7 +15,7 @@ import torch
 from ProbSAMLib.inference.device import autocast
 from ProbSAMLib.metrics import MASK_THRESHOLD
 from ProbSAMLib.modeling import preprocess
-from ProbSAMLib.modeling.decoding import decode_masks
+from ProbSAMLib.modeling.decoding import box_crop, decode_masks
 from ProbSAMLib.modeling.probsam import ProbSAM
 
 
@@ -81,19 +81,22 @@ def sample_from_embeddings(
     z: Optional[torch.Tensor] = None,
     images01: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
+    crop_to_box: bool = False,
 ):
     """Probabilities (B, N, H, W) on the image for boxes (B, 4) in image pixels; also the z used.
 
     Pass `z` (B, N, L) to reuse latents (e.g. one z per sample across the slices of a volume), or `noise`
     (B, N, L) standard-normal draws to use instead of drawing from `generator` (ProbSAM.latents).
     images01 (B, H, W): the images the embeddings came from, in [0, 1]; a model with a refiner needs them.
+    crop_to_box: decode only around the boxes (ProbSAM.decode): exact inside each box, probability 0 far
+    outside it; for callers that keep only the box.
     """
     boxes_model = preprocess.boxes_to_model_frame(boxes.to(embeddings.device, torch.float32), image_hw,
                                                   model.config.img_size)
     if z is None:
         z = model.latents(embeddings, boxes_model, n_samples, generator, mode, noise)
     with autocast(embeddings.device):
-        logits = model.decode(embeddings, boxes_model, z.to(embeddings.device), images01)
+        logits = model.decode(embeddings, boxes_model, z.to(embeddings.device), images01, crop_to_box=crop_to_box)
     probs = torch.sigmoid(preprocess.logits_to_image(logits.float(), image_hw, model.config.img_size))
     return probs, z
 
@@ -121,9 +124,12 @@ def sample_with_boxes(model: ProbSAM, embeddings: torch.Tensor, roi_box: torch.T
         sparse, dense = model._box_tokens(boxes_model)  # (n, 2, C), (n, C, h, w): one prompt per box
         token_shift, dense_shift = model.latent_projection(z[:, live].to(sparse.dtype))
         dense = dense[:1].unsqueeze(0) if dense_shift is None else dense[:1].unsqueeze(0) + dense_shift
+        grid = config.embedding_size  # every sample's box lies in the ROI's: decode only around that
+        crop = box_crop(roi_model, (grid, grid), config.img_size, margin=2) if model.refiner is None else None
         with autocast(device):
             logits = decode_masks(model.sam.mask_decoder, embeddings, model.sam.prompt_encoder.get_dense_pe(),
-                                  sparse.unsqueeze(0) + token_shift, dense)
+                                  sparse.unsqueeze(0) + token_shift, dense, crop=crop,
+                                  outside=None if crop is None else -1e4)
         if model.refiner is not None:
             frame = preprocess.images_to_model_frame(preprocess.centre_slice(images01).to(device), config.img_size)
             logits = model.refiner(logits, frame)

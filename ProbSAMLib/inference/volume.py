@@ -255,7 +255,7 @@ def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: to
     boxes = torch.tensor([box_in_window], dtype=torch.float32, device=device).expand(len(images_hu), 4)
     if sample_boxes is None:
         probs, z = sample_from_embeddings(model, embeddings, boxes, image_hw, eps.shape[1], noise=eps,
-                                          images01=images01)
+                                          images01=images01, crop_to_box=True)  # only the box is kept
     else:
         probs, z = sample_with_boxes(model, embeddings, boxes, sample_boxes, image_hw, eps, images01)
     shares = marking_shares(model, embeddings, boxes, image_hw)

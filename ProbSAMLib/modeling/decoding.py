@@ -25,7 +25,7 @@ weights, reordered so that N samples of one image cost far less than N decoder r
 * `crop`: the output upscaling (two 2x2/stride-2 transposed convolutions, a per-pixel LayerNorm and GELUs)
   and the hypernetwork product are pixel-local on the embedding grid, so running them on a window of grid
   cells gives exactly that window of the full output. Callers that only need the logits around a box pass
-  the window (see `box_crop`).
+  the window (see `box_crop`). The upscaling runs channels-last (oneDNN's fast layout on CPU).
 
 The two paths agree to float rounding (tests: Testing/test_decoding_fast.py; < 1e-5 abs on LiteMedSAM's
 logits). The fast path is deterministic for fixed shapes, like the reference.
@@ -37,7 +37,6 @@ import math
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from segment_anything.modeling import MaskDecoder
 from segment_anything.modeling.transformer import Attention, TwoWayAttentionBlock
 
@@ -50,6 +49,7 @@ def decode_masks(
     image_pe: torch.Tensor,
     sparse_prompts: torch.Tensor,
     dense_prompts: torch.Tensor,
+    *,
     crop: Optional[Sequence[int]] = None,
     outside: Optional[float] = None,
     fast: Optional[bool] = None,
@@ -94,12 +94,13 @@ def decode_masks_reference(
     image_pe: torch.Tensor,
     sparse_prompts: torch.Tensor,
     dense_prompts: torch.Tensor,
+    *,
     crop: Optional[Sequence[int]] = None,
     outside: Optional[float] = None,
 ) -> torch.Tensor:
     """The plain path: SAM's decoder modules called as SAM calls them (the fast path's yardstick)."""
-    return decode_masks(decoder, image_embeddings, image_pe, sparse_prompts, dense_prompts, crop, outside,
-                        fast=False)
+    return decode_masks(decoder, image_embeddings, image_pe, sparse_prompts, dense_prompts, crop=crop,
+                        outside=outside, fast=False)
 
 
 def box_crop(boxes: torch.Tensor, embedding_hw: Sequence[int], img_size: int, margin: int = 2) -> Crop:
@@ -142,15 +143,24 @@ def _prepare(decoder: MaskDecoder, image_embeddings, sparse_prompts):
 
 
 def _upscale_and_project(decoder: MaskDecoder, src_bhwc: torch.Tensor, mask_token_out: torch.Tensor,
-                         window: Optional[Crop]) -> torch.Tensor:
-    """src (BN, h, w, C) image tokens, mask token (BN, C) -> logits (BN, 4h', 4w') of the window."""
+                         window: Optional[Crop], channels_last: bool = False) -> torch.Tensor:
+    """src (BN, h, w, C) image tokens, mask token (BN, C) -> logits (BN, 4h', 4w') of the window.
+
+    channels_last (the fast path): the transposed convolutions run on channels-last tensors (oneDNN's fast
+    layout on CPU, about half the time) and the hypernetwork product reads that layout without a copy."""
     if window is not None:
         r0, r1, c0, c1 = window
         src_bhwc = src_bhwc[:, r0:r1, c0:c1]
     bn = src_bhwc.shape[0]
+    hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out)  # (BN, C/8)
+    if channels_last:
+        src = src_bhwc.permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+        upscaled = decoder.output_upscaling(src).permute(0, 2, 3, 1)  # (BN, H, W, C/8)
+        _, h_up, w_up, c_up = upscaled.shape
+        logits = torch.bmm(upscaled.reshape(bn, h_up * w_up, c_up), hyper_in.unsqueeze(2))
+        return logits.reshape(bn, h_up, w_up)
     src = src_bhwc.permute(0, 3, 1, 2).contiguous()
     upscaled = decoder.output_upscaling(src)
-    hyper_in = decoder.output_hypernetworks_mlps[0](mask_token_out)  # (BN, C/8)
     _, c_up, h_up, w_up = upscaled.shape
     logits = torch.bmm(hyper_in.unsqueeze(1), upscaled.reshape(bn, c_up, h_up * w_up))
     return logits.reshape(bn, h_up, w_up)
@@ -190,11 +200,13 @@ def _per_head(weight: torch.Tensor, heads: int) -> torch.Tensor:
     return weight.reshape(heads, weight.shape[0] // heads, weight.shape[1])
 
 
-def _tokens_to_image(attn: Attention, q_in: torch.Tensor, image_pe_added: torch.Tensor,
-                     image: torch.Tensor) -> torch.Tensor:
-    """attn(q=q_in, k=image_pe_added, v=image) for per-sample image tokens, via the token side.
+def _tokens_to_image(attn: Attention, q_in: torch.Tensor, image_pe_added: Optional[torch.Tensor],
+                     image: torch.Tensor, pe: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """attn(q=q_in, k=image + pe, v=image) for per-sample image tokens, via the token side.
 
-    q_in (BN, T, C); image_pe_added, image (BN, HW, C). Returns (BN, T, C), out_proj applied.
+    q_in (BN, T, C); image (BN, HW, C); image_pe_added = image + pe (BN, HW, C), or None with pe (HW, C)
+    given: then (q W_k) (K+P)^T is formed as (q W_k) K^T + (q W_k) P^T (one shared GEMM for P, no K+P pass).
+    Returns (BN, T, C), out_proj applied.
     """
     heads = attn.num_heads
     bn, t, _ = q_in.shape
@@ -202,7 +214,12 @@ def _tokens_to_image(attn: Attention, q_in: torch.Tensor, image_pe_added: torch.
     d = q.shape[-1]
     # q_h k_h^T = (q_h W_k,h) (K+P)^T + q_h·b_k,h; the last term is constant along the keys: softmax drops it.
     q_folded = torch.matmul(q * (1.0 / math.sqrt(d)), _per_head(attn.k_proj.weight, heads))  # (BN, H, T, C)
-    scores = torch.bmm(q_folded.reshape(bn, heads * t, -1), image_pe_added.transpose(1, 2))  # (BN, H*T, HW)
+    q_folded = q_folded.reshape(bn, heads * t, -1)
+    if image_pe_added is not None:
+        scores = torch.bmm(q_folded, image_pe_added.transpose(1, 2))  # (BN, H*T, HW)
+    else:
+        pe_part = torch.matmul(q_folded.reshape(bn * heads * t, -1), pe.transpose(0, 1))
+        scores = torch.baddbmm(pe_part.reshape(bn, heads * t, -1), q_folded, image.transpose(1, 2))
     probs = torch.softmax(scores, dim=-1)
     pooled = torch.bmm(probs, image).reshape(bn, heads, t, -1)  # (BN, H, T, C); rows of probs sum to 1:
     out = torch.matmul(pooled, _per_head(attn.v_proj.weight, heads).transpose(1, 2))  # (A K) W_v^T
@@ -212,9 +229,9 @@ def _tokens_to_image(attn: Attention, q_in: torch.Tensor, image_pe_added: torch.
 
 def _image_to_tokens_update(block: TwoWayAttentionBlock, keys: torch.Tensor, scores_fn, queries: torch.Tensor,
                             query_pe: torch.Tensor, b: int, n: int) -> torch.Tensor:
-    """keys + attn(q=keys+pe, k=queries+query_pe, v=queries), normalised (block.norm4): (BN, HW, C).
+    """norm4(keys + attn(q=keys+pe, k=queries+query_pe, v=queries)): (BN, HW, C).
 
-    scores_fn(k_heads (B, N, H, T, d)) -> (B, N, HW, H, T) attention scores (scaled), shared or per sample.
+    scores_fn(k_heads (B, N, H, T, d)) -> (BN, H, T, HW) scaled attention scores, shared or per sample.
     keys: (B, 1 or N, HW, C).
     """
     attn = block.cross_attn_image_to_token
@@ -222,13 +239,18 @@ def _image_to_tokens_update(block: TwoWayAttentionBlock, keys: torch.Tensor, sco
     bn, t, _ = queries.shape
     k = _split_heads(attn.k_proj(queries + query_pe), heads).reshape(b, n, heads, t, -1)
     v = _split_heads(attn.v_proj(queries), heads)  # (BN, H, T, d)
-    probs = torch.softmax(scores_fn(k), dim=-1)  # (B, N, HW, H, T)
-    hw = probs.shape[2]
-    # out_proj(concat_h A_h v_h) = Σ_h A_h (v_h W_o,h^T) + b_o: one (HW x H*T) x (H*T x C) product.
+    probs = torch.softmax(scores_fn(k), dim=2)  # over the T tokens of each head; (BN, H, T, HW)
+    hw = probs.shape[-1]
+    # out_proj(concat_h A_h v_h) + b_o = Σ_h A_h (v_h W_o,h^T + b_o/H) (each head's A_h rows sum to 1):
+    # one (HW x H*T) x (H*T x C) product, added to the keys in the same call.
     w_out = attn.out_proj.weight.reshape(attn.out_proj.weight.shape[0], heads, -1).permute(1, 2, 0)  # (H, d, C)
-    v_out = torch.matmul(v, w_out).reshape(bn, heads * t, -1)  # (BN, H*T, C)
-    out = torch.baddbmm(attn.out_proj.bias, probs.reshape(bn, hw, heads * t), v_out).reshape(b, n, hw, -1)
-    return block.norm4(keys + out).reshape(bn, hw, -1)
+    v_out = torch.matmul(v, w_out) + attn.out_proj.bias / heads  # (BN, H, T, C)
+    residual = keys.reshape(b * keys.shape[1], hw, -1)
+    if keys.shape[1] != n:
+        residual = residual.repeat_interleave(n, dim=0) if b > 1 else residual.expand(bn, -1, -1)
+    updated = torch.baddbmm(residual, probs.reshape(bn, heads * t, hw).transpose(1, 2),
+                            v_out.reshape(bn, heads * t, -1))
+    return block.norm4(updated)
 
 
 def _decode_fast(decoder, image_embeddings, image_pe, sparse_prompts, dense_prompts, window):
@@ -284,9 +306,9 @@ def _decode_fast(decoder, image_embeddings, image_pe, sparse_prompts, dense_prom
 
             def scores_fn(k_heads, q_img=q_img, d=d):
                 _, _, _, t, _ = k_heads.shape
-                k_all = k_heads.permute(0, 2, 4, 1, 3).reshape(b, heads, d, n * t)  # (B, H, d, N*T)
-                s = torch.matmul(q_img, k_all) / math.sqrt(d)  # (B, H, HW, N*T)
-                return s.reshape(b, heads, hw, n, t).permute(0, 3, 2, 1, 4)  # (B, N, HW, H, T)
+                k_all = k_heads.transpose(1, 2).reshape(b, heads, n * t, d)  # (B, H, N*T, d)
+                s = torch.matmul(k_all * (1.0 / math.sqrt(d)), q_img.transpose(-1, -2))  # (B, H, N*T, HW)
+                return s.reshape(b, heads, n, t, hw).transpose(1, 2).reshape(bn, heads, t, hw)
         else:
             image_in = keys_pe.reshape(bn, hw, c)
             w_q = _per_head(i_attn.q_proj.weight, heads)  # (H, d, C)
@@ -295,19 +317,20 @@ def _decode_fast(decoder, image_embeddings, image_pe, sparse_prompts, dense_prom
             def scores_fn(k_heads, image_in=image_in, w_q=w_q, b_q=b_q):
                 _, _, _, t, d = k_heads.shape
                 k_scaled = k_heads.reshape(bn, heads, t, d) * (1.0 / math.sqrt(d))
-                # (K+P) W_q,h^T k_h^T + b_q,h k_h^T: fold W_q into the tokens (C x H*T per sample).
-                folded = torch.matmul(k_scaled, w_q)  # (BN, H, T, C)
-                bias = torch.matmul(k_scaled, b_q.transpose(1, 2)).reshape(bn, 1, heads * t)  # (BN, 1, H*T)
-                s = torch.baddbmm(bias, image_in, folded.reshape(bn, heads * t, c).transpose(1, 2))
-                return s.reshape(b, n, hw, heads, t)
+                # (K+P) W_q,h^T k_h^T + b_q,h k_h^T: fold W_q into the tokens (H*T x C per sample).
+                folded = torch.matmul(k_scaled, w_q).reshape(bn, heads * t, c)  # (BN, H*T, C)
+                bias = torch.matmul(k_scaled, b_q.transpose(1, 2)).reshape(bn, heads * t, 1)
+                s = torch.baddbmm(bias, folded, image_in.transpose(1, 2))  # (BN, H*T, HW)
+                return s.reshape(bn, heads, t, hw)
         keys = _image_to_tokens_update(block, keys, scores_fn, queries, query_pe, b, n).reshape(b, n, hw, c)
         shared = False
 
     # Final token -> image attention: only the single-mask token (index 1) is used downstream.
     keys_flat = keys.reshape(bn, hw, c)
     q_in = (queries + query_pe)[:, 1:2]
-    attn_out = _tokens_to_image(transformer.final_attn_token_to_image, q_in, keys_flat + pe, keys_flat)
+    attn_out = _tokens_to_image(transformer.final_attn_token_to_image, q_in, None, keys_flat, pe[0])
     mask_token_out = transformer.norm_final_attn(queries[:, 1:2] + attn_out)[:, 0]
 
-    logits = _upscale_and_project(decoder, keys_flat.reshape(bn, h, w, c), mask_token_out, window)
+    logits = _upscale_and_project(decoder, keys_flat.reshape(bn, h, w, c), mask_token_out, window,
+                                  channels_last=True)
     return logits.reshape(b, n, *logits.shape[-2:])

@@ -20,7 +20,7 @@ from torch.distributions import Independent
 
 from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.modeling.config import ProbSAMConfig
-from ProbSAMLib.modeling.decoding import decode_masks
+from ProbSAMLib.modeling.decoding import box_crop, decode_masks
 from ProbSAMLib.modeling.latent import GaussianLatentNet, LatentProjection, box_coverage, fold_mask, latents_from_noise
 from ProbSAMLib.modeling.marking import MarkingHead
 from ProbSAMLib.modeling.refine import MaskRefiner
@@ -136,13 +136,18 @@ class ProbSAM(nn.Module):
         return self.posterior(embeddings, coverage, folded)
 
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, z: torch.Tensor,
-               images01: Optional[torch.Tensor] = None) -> torch.Tensor:
+               images01: Optional[torch.Tensor] = None, crop_to_box: bool = False,
+               fast: Optional[bool] = None) -> torch.Tensor:
         """N masks per image in one decoder pass.
 
         Arguments:
           embeddings: (B, C, h, w); boxes: (B, 4) in the model frame; z: (B, N, L).
           images01: (B, H, W) or (B, 3, H, W) the encoded images in [0, 1]; needed only by a model with a
             refiner, which reads the segmented slice itself.
+          crop_to_box: compute only the logits around the boxes (decoding.box_crop: the boxes plus 2
+            embedding cells); elsewhere the logits are -1e4 (probability 0). For callers that keep only
+            the box (the volume sampler); ignored for a model with a refiner, which reads every logit.
+          fast: decoding.decode_masks's switch (None: the fast path unless gradients are on).
         Returns:
           (B, N, S, S) logits on the padded square, S = config.mask_size (4h, or img_size with a refiner).
         """
@@ -153,7 +158,12 @@ class ProbSAM(nn.Module):
         if dense_shift is not None:
             dense = dense + dense_shift
         image_pe = self.sam.prompt_encoder.get_dense_pe()
-        logits = decode_masks(self.sam.mask_decoder, embeddings, image_pe, sparse, dense)
+        crop = None
+        if crop_to_box and self.refiner is None:
+            grid = self.config.embedding_size
+            crop = box_crop(boxes, (grid, grid), self.config.img_size, margin=2)
+        logits = decode_masks(self.sam.mask_decoder, embeddings, image_pe, sparse, dense, crop=crop,
+                              outside=None if crop is None else -1e4, fast=fast)
         if self.refiner is None:
             return logits
         if images01 is None:
