@@ -551,7 +551,7 @@ class ProbSAMSlicerTest(ScriptedLoadableModuleTest):
         from ProbSAMLib.geometry import VolumeGeometry
         from ProbSAMLib.demo.phantom import demo_box, demo_volume
 
-        phantom = demo_volume(0, seed=0)
+        phantom = demo_volume(0, seed=0, field="chest")  # whole chest slices: what the default model expects
         geometry = VolumeGeometry.from_sitk(phantom.image)
         array = sitk.GetArrayFromImage(phantom.image).astype(np.float32)
         volumeNode = slicer.util.addVolumeFromArray(array, geometry.ijk_to_ras_matrix(), "ProbSAM phantom")

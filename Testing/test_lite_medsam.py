@@ -127,10 +127,21 @@ def test_pad_to_field_pads_air_symmetrically_to_the_field():
     assert same is region and none == (0, 0)
 
 
-def test_a_whole_slice_model_reads_the_whole_slice(untrained):
-    geometry = VolumeGeometry((300, 200, 20), np.zeros(3), np.array([0.7, 0.7, 2.0]), np.eye(3))
-    box = voxel_box_from_ijk([100, 80, 5], [130, 110, 9], geometry)
-    assert input_region(untrained, box, geometry.shape) == (5, 10, 0, 200, 0, 300)
+def test_the_field_of_view_is_150_mm_or_more_around_the_box(untrained):
+    """LiteMedSAM sees at least 150 mm (and 2.5 x the box) centred on the box, inside the slice."""
+    geometry = VolumeGeometry((500, 400, 20), np.zeros(3), np.array([0.6, 0.6, 2.0]), np.eye(3))
+    small = voxel_box_from_ijk([240, 180, 5], [260, 200, 9], geometry)  # 12 mm: the 150 mm floor
+    k0, k1, r0, r1, c0, c1 = input_region(untrained, small, geometry.shape, geometry.spacing[:2])
+    assert (k0, k1) == (5, 10) and r1 - r0 == c1 - c0 == 250  # 150 mm / 0.6 mm
+    assert r0 <= 180 and r1 >= 201 and c0 <= 240 and c1 >= 261
+    large = voxel_box_from_ijk([100, 100, 5], [199, 199, 9], geometry)  # 60 mm: 2.5 x 60 = 150 mm... and more
+    r0, r1, c0, c1 = input_region(untrained, large, geometry.shape, geometry.spacing[:2])[2:]
+    assert r1 - r0 == c1 - c0 == 250
+    huge = voxel_box_from_ijk([50, 50, 5], [249, 249, 9], geometry)  # 120 mm: 300 mm, the slice's 240 rows
+    r0, r1, c0, c1 = input_region(untrained, huge, geometry.shape, geometry.spacing[:2])[2:]
+    assert (r0, r1) == (0, 400) and c1 - c0 == 500
+    with pytest.raises(ValueError, match="spacing"):
+        input_region(untrained, small, geometry.shape)
 
 
 def test_volume_sampling_gives_consensus_agreement_and_marking_share(untrained):

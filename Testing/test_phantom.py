@@ -215,7 +215,7 @@ def test_generator_1_reproduces_v1_and_plain_v2_nodules_match_it(phantom_dir, tm
         else:
             assert not same[rows].all(), nodule_id
     with pytest.raises(ValueError, match="generator"):
-        make_phantom(tmp_path / "v3", patients=PATIENTS[:1], progress=False, generator=3)
+        make_phantom(tmp_path / "v4", patients=PATIENTS[:1], progress=False, generator=4)
 
 
 def test_v2_split_is_the_v1_split(tmp_path):

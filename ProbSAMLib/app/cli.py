@@ -298,11 +298,14 @@ def cmd_demo(args) -> None:
     _check_output(args)
     if not 0 <= args.nodule < demo_count():
         raise UsageError(f"--nodule must be 0..{demo_count() - 1}, got {args.nodule}")
-    phantom = demo_volume(args.nodule, seed=0)
+    model = _load_model(args)
+    # A model that sees millimetres or whole slices (LiteMedSAM) gets a whole chest slice around the nodule,
+    # as in its training data; the tiny crop models the small patch they were trained on.
+    field = "local" if model.config.field_of_view == "crop" else "chest"
+    phantom = demo_volume(args.nodule, seed=0, field=field)
     image = sitk.Cast(phantom.image, sitk.sitkFloat32)
     geometry = VolumeGeometry.from_sitk(image)
     voxel_box = demo_box(phantom.reader_masks, geometry)
-    model = _load_model(args)
     volume = sitk.GetArrayFromImage(image)
     result = _sample(args, model, volume, geometry, voxel_box)
     inside = (slice(None),) + voxel_box.slices()

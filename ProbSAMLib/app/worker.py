@@ -169,7 +169,7 @@ class Server:
             self.send(type="warning", id=rid, message=warning)
         geometry = VolumeGeometry.from_ijk_to_ras(np.asarray(request["ijk_to_ras"]), request["size_ijk"])
         voxel_box = VoxelBox(request["lo"], request["hi"])
-        region = input_region(model, voxel_box, geometry.shape)
+        region = input_region(model, voxel_box, geometry.shape, geometry.spacing[:2])
         self.send(type="window", id=rid, region=region)
         values = self._wait_for_region(rid, cancel)
         k0, k1, r0, r1, c0, c1 = region

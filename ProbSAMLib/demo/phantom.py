@@ -278,19 +278,41 @@ def load_demo_nodule(index: int = 0) -> DemoNodule:
 
 
 def demo_volume(index: int = 0, seed: int = 0, in_plane: int = 128,
-                depth_mm: float = 64.0) -> PhantomVolume:
-    """A whole small phantom CT volume (in_plane^2 x 24..40 slices) around a bundled nodule."""
+                depth_mm: float = 64.0, field: str = "local") -> PhantomVolume:
+    """A whole phantom CT volume (24..40 slices) around a bundled nodule.
+
+    field: "local" (the original demo: an in_plane^2 patch of lung, generator v1's renderer) or "chest"
+    (generator v3, ProbSAMLib.demo.chest: whole 512 x 512 chest slices at the scan's spacing, the nodule
+    at its real position in the slice; what LiteMedSAM-based models expect). in_plane is ignored for
+    "chest".
+    """
+    if field not in ("local", "chest"):
+        raise ValueError(f"field must be 'local' or 'chest', got {field!r}")
     nodule = load_demo_nodule(index)
     k, j, i = nodule.reader_masks.shape[1:]
     slices = int(np.clip(round(depth_mm / nodule.spacing[2]), 24, 40))
-    shape = (max(slices, k + 4), max(in_plane, j + 8), max(in_plane, i + 8))
     # Place voxel (0,0,0) so the nodule sits at its approximate position in the scan.
     origin = tuple(float(o) for o in nodule.info.get("origin", (0.0, 0.0, 0.0)))
-    volume = render_nodule_volume(nodule.reader_masks, nodule.spacing, nodule.ratings,
-                                  seed=stable_seed("demo", index, seed), shape=shape)
+    if field == "chest":
+        from ProbSAMLib.demo.chest import SCAN_SIZE, render_chest_volume
+
+        depth = max(slices, k + 4)
+        k0 = (depth - k) // 2
+        row, col = (int(v) for v in nodule.info.get("grid_index", (0, (SCAN_SIZE - j) // 2,
+                                                                    (SCAN_SIZE - i) // 2))[1:])
+        masks = np.zeros((nodule.reader_masks.shape[0], depth, SCAN_SIZE, SCAN_SIZE), dtype=bool)
+        masks[:, k0:k0 + k, row:row + j, col:col + i] = nodule.reader_masks
+        volume = render_chest_volume(masks, nodule.spacing, nodule.ratings,
+                                     seed=stable_seed("demo-chest", index, seed))
+        volume.offset = (k0, row, col)
+    else:
+        shape = (max(slices, k + 4), max(in_plane, j + 8), max(in_plane, i + 8))
+        volume = render_nodule_volume(nodule.reader_masks, nodule.spacing, nodule.ratings,
+                                      seed=stable_seed("demo", index, seed), shape=shape)
     offset_mm = np.array(volume.offset[::-1], dtype=float) * np.array(nodule.spacing)
     volume.image.SetOrigin(tuple(np.array(origin) - offset_mm))
-    volume.info = dict(nodule.info, demo_index=index, seed=seed)
+    volume.info = dict(nodule.info, demo_index=index, seed=seed, field=field,
+                       **({"chest": volume.info} if field == "chest" else {}))
     return volume
 
 

@@ -5,8 +5,10 @@ per-slice 2D box (``geometry.slice_boxes_2d``); a model that reads neighbouring 
 (``config.neighbour_slices``) also sees ``volume[k - 1]`` and ``volume[k + 1]``. For every slice of the
 voxel box:
 
-1. Context window. A model with ``config.field_of_view == "slice"`` (LiteMedSAM) sees the whole slice, as
-   it was trained, padded with air on both sides to ``config.min_field_mm`` where the slice is narrower.
+1. Context window. A model with ``config.field_of_view == "physical"`` (LiteMedSAM) sees a square window
+   of ``max(min_field_mm, FIELD_PER_BOX x the box's longest side)`` millimetres centred on the box (shifted
+   to stay inside the slice), as its training data were cropped; "slice" sees the whole slice. Either is
+   padded with air on both sides to ``config.min_field_mm`` where the slice is narrower.
    A "crop" model sees a square window centred on the box, of side
    ``max(min_context, longest box side + 2 * CONTEXT_MARGIN_PX)`` pixels, shifted to stay inside the
    slice and cut to the slice where the slice is smaller. ``min_context`` is the crop size the model was
@@ -58,6 +60,7 @@ from ProbSAMLib.metrics import MASK_THRESHOLD
 from ProbSAMLib.modeling.probsam import ProbSAM
 
 CONTEXT_MARGIN_PX = 16
+FIELD_PER_BOX = 2.5  # "physical" field: at least this many times the box's longest side (the 55 mm mass: 150 mm)
 Z_MODES = ("per_sample", "per_slice")
 
 ProgressFn = Callable[[float, str], None]
@@ -130,16 +133,23 @@ def context_window(box2d, image_hw, min_side: int, margin: int = CONTEXT_MARGIN_
     return tuple(window)
 
 
-def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple) -> tuple:
+def input_region(model: ProbSAM, voxel_box: VoxelBox, shape_kji: tuple, spacing_ij=None) -> tuple:
     """(k0, k1, r0, r1, c0, c1), ends exclusive: the only voxels ``sample_volume`` reads for this box.
 
     The box's slices (and the one below and above, inside the volume, for a model that reads neighbouring
-    slices) times the context window. A caller that holds the volume elsewhere
+    slices) times the context window. spacing_ij: the voxel spacing (i, j) in mm, needed by a model whose
+    field of view is in millimetres. A caller that holds the volume elsewhere
     (the Slicer module's worker process) sends just this block; the rest of the volume can be anything.
     """
     x1, y1, x2, y2 = slice_boxes_2d(voxel_box)[0][1]
     if model.config.field_of_view == "slice":
         r0, r1, c0, c1 = 0, int(shape_kji[1]), 0, int(shape_kji[2])
+    elif model.config.field_of_view == "physical":
+        if spacing_ij is None:
+            raise ValueError("a model with a field of view in millimetres needs the voxel spacing (spacing_ij)")
+        step = float(min(spacing_ij[0], spacing_ij[1]))
+        side_mm = max(model.config.min_field_mm, FIELD_PER_BOX * max(x2 - x1, y2 - y1) * step)
+        r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], int(np.ceil(side_mm / step)))
     else:
         r0, r1, c0, c1 = context_window((x1, y1, x2, y2), tuple(shape_kji)[1:], min_context_size(model))
     reach = 1 if model.config.neighbour_slices else 0
@@ -313,7 +323,7 @@ PROPAGATION_MARGIN_PX = 3  # in the model's 256-pixel frame: LiteMedSAM's own 3D
 
 def default_box_mode(model: ProbSAM) -> str:
     """The box mode sample_volume uses unless told: see docs/EVALUATION.md for the measurement behind it."""
-    return DEFAULT_BOX_MODE if model.config.field_of_view == "slice" else "fixed"
+    return DEFAULT_BOX_MODE if model.config.field_of_view != "crop" else "fixed"
 
 
 def propagated_boxes(masks: np.ndarray, roi_box, margin: float) -> np.ndarray:
@@ -419,14 +429,14 @@ def sample_volume(model: ProbSAM, volume_hu, geometry: VolumeGeometry, voxel_box
 
     slices = slice_boxes_2d(voxel_box)
     x1, y1, x2, y2 = slices[0][1]
-    k0, k1, r0, r1, c0, c1 = input_region(model, voxel_box, volume.shape)
+    k0, k1, r0, r1, c0, c1 = input_region(model, voxel_box, volume.shape, geometry.spacing[:2])
     region = volume[k0:k1, r0:r1, c0:c1]
     if not np.isfinite(region).all():
         raise ValueError(f"the volume holds {int(region.size - np.isfinite(region).sum())} NaN or infinite "
                          f"values around the box; fix or mask them before segmenting")
     n_slices = len(slices)
     region = model_slices(region, voxel_box.lo[2] - k0, n_slices, model.config.neighbour_slices)
-    if model.config.field_of_view == "slice" and model.config.min_field_mm > 0:
+    if model.config.field_of_view in ("slice", "physical") and model.config.min_field_mm > 0:
         region, (pad_r, pad_c) = pad_to_field(region, geometry.spacing[[1, 0]], model.config.min_field_mm,
                                               air_value(model))
         r0, c0 = r0 - pad_r, c0 - pad_c  # the window's origin in slice pixels (before the slice's edge)

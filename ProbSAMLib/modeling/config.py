@@ -31,7 +31,7 @@ LUNG_WINDOW: Tuple[float, float] = (-600.0, 1500.0)
 # (Dice 0.84 / 0.84 against 0.68 / 0.89 with the soft-tissue window; ../shared/design/METHOD.md). Chosen
 # on real CT, never on the phantom.
 LITE_MEDSAM_WINDOW: Tuple[float, float] = (-300.0, 1400.0)
-FIELDS_OF_VIEW = ("crop", "slice")
+FIELDS_OF_VIEW = ("crop", "slice", "physical")
 
 
 # Settings earlier versions had and this one no longer has, with the value that meant "off": a stored file
@@ -79,11 +79,15 @@ class ProbSAMConfig:
         backbone's own masks exactly. A heads file then holds the heads alone.
       marking_head: a head that predicts the share of readers expected to mark the boxed object at all
         (marking.py): the absent-reader information, kept out of the masks.
-      field_of_view: "crop" (a window around the box, config.context_size) or "slice" (the whole slice, as
-        LiteMedSAM was trained: cropping real CT to 100 / 64 / 40 mm lowered its Dice from 0.84 to 0.81 /
-        0.76 / 0.75).
-      min_field_mm: with field_of_view "slice", a slice narrower than this is padded with air to it, so the
-        model never sees a close-up (0: no padding).
+      field_of_view: what the model sees around the box. "crop": a square window of config.context_size
+        pixels (the tiny models); "slice": the whole slice; "physical": a square window of at least
+        min_field_mm (and FIELD_PER_BOX times the box's longest side), in millimetres, centred on the box —
+        LiteMedSAM: on real chest CT it did best at a 150 mm field (cropping to 100 / 64 / 40 mm lowered its
+        Dice from 0.84 to 0.81 / 0.76 / 0.75), and over a whole 350 mm slice a nodule under 10 mm is a few of
+        its 256 input pixels (on the phantom, Dice 0.37 under 5 mm, 0.79 from 10 mm: research/results/
+        phantom_realism.md).
+      min_field_mm: "physical": the smallest field in mm; "slice"/"physical": a slice narrower than this is
+        padded with air to it, so the model never sees a close-up (0: no padding).
       shift_bound: > 0 bounds each element of the latent's prompt shift to (-bound, bound) (a scaled tanh), so
         no z, however far out, can push the box tokens far from the backbone's own; 0 = unbounded.
       neighbour_slices: the encoder's three input channels are the slices below, at and above the one
@@ -189,10 +193,10 @@ class ProbSAMConfig:
         if name == "lite_medsam":
             # LiteMedSAM's own preprocessing (bowang-lab/MedSAM, LiteMedSAM branch, CVPR24_LiteMedSAM_infer.py:
             # longest side resized to 256, [0, 1] intensities, zero padding to 256²; box scaled into that
-            # frame), after the [-1000, 400] HU window; whole slices, as it was trained on.
+            # frame), after the [-1000, 400] HU window; a 150 mm field around the box (field_of_view).
             base = dict(encoder="lite_medsam", img_size=256, patch_size=4, prompt_dim=256, decoder_mlp_dim=2048,
                         window=LITE_MEDSAM_WINDOW, latent_hidden=64, frozen_backbone=True, marking_head=True,
-                        field_of_view="slice", min_field_mm=150.0, shift_bound=1.0)
+                        field_of_view="physical", min_field_mm=150.0, shift_bound=1.0)
         elif name == "tiny":
             base = dict(encoder="tiny", img_size=128, patch_size=8, prompt_dim=128,
                         decoder_mlp_dim=512, window_size=8, latent_hidden=64)

