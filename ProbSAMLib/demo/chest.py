@@ -16,7 +16,7 @@ slice) around the readers' masks, on the slices the masks' grid spans:
   (-100 HU) low, aorta / pulmonary trunk / SVC in the middle, trachea or main bronchi and the aortic
   arch high, the liver dome at the base;
 - pulmonary vessels: a 3D tree branching from each hilum, tapering toward the periphery;
-- the nodule: :func:`ProbSAMLib.demo.phantom._nodule_density` (density from the readers' agreement,
+- the nodule: :func:`ProbSAMLib.demo.nodule._nodule_density` (density from the readers' agreement,
   texture and margin ratings), placed in a lung at (or, when the anatomy does not fit, near) its real
   in-plane position: clear of the pleura, or, for juxta-pleural placement, just touching the chest wall
   or the mediastinum;
@@ -38,8 +38,7 @@ import SimpleITK as sitk
 from scipy import ndimage, signal
 from scipy.special import expit
 
-from ProbSAMLib.demo.phantom import (LUNG_HU, PhantomVolume, _nodule_box, _nodule_density,
-                                     _smooth_noise)
+from ProbSAMLib.demo.nodule import LUNG_HU, PhantomVolume, _nodule_box, _nodule_density, _smooth_noise
 
 SCAN_SIZE = 512  # in-plane pixels of a LIDC-IDRI slice
 FAT_HU, MUSCLE_HU, SKIN_HU = -100.0, 45.0, 20.0

@@ -181,7 +181,7 @@ class SharedEmbeddings:
     def frozen_model(predictor):
         model = getattr(getattr(predictor, "learner", predictor), "model", None)
         config = getattr(model, "config", None)
-        return model if config is not None and config.frozen_backbone else None
+        return model if getattr(config, "frozen_backbone", False) else None
 
     def embeddings_of(self, predictor, batches):
         model = self.frozen_model(predictor)
