@@ -231,7 +231,8 @@ def cut_to_roi(result, roi: Optional[dict]) -> dict:
             setattr(result, name, np.where(inside, getattr(result, name), 0).astype(np.float32))
         result.agreement = agreement_masks(result.masks)
         result.consensus = result.agreement["majority"]
-        result.informative = result.informative & inside
+        if result.informative is not None:
+            result.informative = result.informative & inside
         timings = result.summary.get("timings_s", {})
         result.summary = dict(volume_summary(result, result.summary["settings"], timings), timings_s=timings)
     result.summary["roi_cut"] = {"voxels_outside_roi": outside, "mask_voxels_removed": removed}
