@@ -65,11 +65,12 @@ class ProbSAMSlicer(ScriptedLoadableModule):
             "and get one segmentation per ROI holding a consensus segment to edit, N plausible samples and "
             "where they agree; an uncertainty overlay (entropy, mean probability, variance or mutual "
             "information) and a table of per-sample volume and diameter.<br><br>"
-            "<b>What the model is:</b> SAM's image encoder and mask decoder plus a latent prior; each sample "
-            "is one draw of the latent, so the spread of the masks shows how uncertain the outline is.<br>"
-            "<b>What it is not:</b> the bundled demo model is a tiny network trained on <i>rendered phantom "
-            "data</i> (LIDC reader outlines drawn into synthetic CT). It is a demonstration, not validated on "
-            "real scans, and <b>not for clinical use</b>: no diagnosis, no treatment decisions.<br><br>"
+            "<b>What the model is:</b> LiteMedSAM (a SAM pretrained on medical images, kept frozen) plus a "
+            "latent prior; each sample is one draw of the latent, so the spread of the masks shows how "
+            "uncertain the outline is, and a marking head estimates the share of readers who would mark it.<br>"
+            "<b>What it is not:</b> a research model whose latent heads were trained on <i>rendered phantom "
+            "data</i> (LIDC reader outlines drawn into synthetic CT); not validated on real scans, and <b>not "
+            "for clinical use</b>: no diagnosis, no treatment decisions.<br><br>"
             "See docs/SLICER_GUIDE.md in the repository for installation and a walkthrough.")
         self.parent.acknowledgementText = _(
             "Built on Segment Anything (Meta AI, Apache-2.0) and 3D Slicer. The demo data derives from "
@@ -390,7 +391,7 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def modelWarning(model: str) -> str:
         """What to know before trusting this model's masks, shown under the model selector
-        ("DEMO model ... not for clinical use" for the bundled demo models); "" for other models."""
+        (the research model's "Not validated for clinical use"); "" for models without one."""
         entry = MODEL_ENTRIES.get(model)
         return _(entry.warning) if entry is not None and entry.warning else ""
 
@@ -532,7 +533,7 @@ class ProbSAMSlicerTest(ScriptedLoadableModuleTest):
     """A phantom CT and an ROI built in code, the default model on the CPU, assertions on the nodes."""
 
     # The model users get by default: the self-test checks what Slicer users run. minimumDice was measured
-    # with the bundled demo model; whoever changes DEFAULT_MODEL re-measures it.
+    # with lite_medsam on the chest-field demo nodule; whoever changes DEFAULT_MODEL re-measures it.
     modelArguments = {"model": DEFAULT_MODEL, "device": "cpu"}
     minimumDice = 0.8
     numberOfSamples = 8
@@ -603,9 +604,7 @@ class ProbSAMSlicerTest(ScriptedLoadableModuleTest):
         node = out.segmentationNode
         masks = [slicer.util.arrayFromSegmentBinaryLabelmap(node, segmentId, volumeNode) > 0
                  for segmentId in out.sampleSegmentIds()]
-        # Placement, not consensus: the demo models learned from LIDC's four reader slots that some readers do not
-        # mark a nodule at all, so some samples are (nearly) empty by design and the samples' majority is
-        # not the quality to check here. A misplaced output would make every sample miss the nodule.
+        # Placement first: a misplaced output would make every sample miss the nodule.
         score = max(dice(mask, reference) for mask in masks)
         self.delayDisplay(f"Best sample's Dice with the readers' majority: {score:.3f}")
         self.assertGreaterEqual(score, self.minimumDice)

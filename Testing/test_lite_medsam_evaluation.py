@@ -103,3 +103,28 @@ def test_product_checks_on_an_untrained_model(phantom, untrained_heads, tmp_path
     assert summary["marking_share_mean"] == pytest.approx(0.5) and summary["marking_share_off_lesion_mean"] == pytest.approx(0.5)
     assert sum(b["nodules"] for b in summary["reliability"]) >= 1
     assert "Reliability of the marking share" in (out / "checks.md").read_text()
+
+
+def test_the_backbone_anchor_keeps_the_mean_sample_on_the_backbones_mask():
+    """The drift guard as a loss: with the projection at zero every sample is the backbone's mask, so the term
+    is exactly the BCE of the backbone's own probabilities against its own mask; its gradient reaches the
+    heads (prior, projection) and never the frozen backbone."""
+    import torch.nn.functional as F
+
+    from Training.learning.learners import ProbSAMLearner
+    from Training.learning.loss import LossConfig
+
+    torch.manual_seed(0)
+    model = build_probsam(ProbSAMConfig.preset("tiny", frozen_backbone=True), seed=0)
+    learner = ProbSAMLearner(model, LossConfig(set_samples=3), backbone_anchor=1.0)
+    embeddings = torch.randn(2, 128, 16, 16)
+    boxes = torch.tensor([[20.0, 30.0, 70.0, 90.0], [40.0, 40.0, 100.0, 80.0]])
+    out = model(embeddings, boxes, torch.zeros(2, 64, 64))
+    term = learner._backbone_anchor_term(out, embeddings, boxes)
+    own = model.decode_backbone(embeddings, boxes).float()[:, 0]
+    expected = F.binary_cross_entropy(torch.sigmoid(own).clamp(1e-6, 1 - 1e-6), (own > 0).float(),
+                                      reduction="sum") / 2
+    assert term.item() == pytest.approx(expected.item(), rel=1e-4)
+    term.backward()
+    assert model.latent_projection.mlp[-1].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.sam.parameters())

@@ -39,6 +39,8 @@ class TrainConfig:
     # product model, whose samples are outlines; absent readers go to the marking head instead)
     marking_weight: float = 0.0  # weight of the marking head's BCE (the share of readers who marked the nodule)
     marking_negatives: float = 0.0  # share of each batch also shown a box around no lesion (marking target 0)
+    backbone_anchor: float = 0.0  # frozen backbone: weight of the term keeping the mean of loss.set_samples prior
+    # samples on the backbone's own mask (the drift guard as a loss; learners.ProbSAMLearner._backbone_anchor_term)
     init: Optional[str] = None  # start from these ProbSAM weights (safetensors)
     freeze_encoder: bool = True
     cache: bool = True  # frozen-encoder embedding cache (fp16 memmap); --no-cache / cache=false
@@ -177,6 +179,7 @@ _RANGES = {
     "log_interval": at_least(1), "num_threads": at_least(0), "refine_channels": at_least(0),
     "refine_lr_scale": positive(), "model": one_of(MODELS), "preset": one_of(PRESETS),
     "targets": one_of(TARGETS), "marking_weight": at_least(0), "marking_negatives": in_range(0, 1),
+    "backbone_anchor": at_least(0),
     "data": (lambda v: v != "", "a folder"), "out": (lambda v: v != "", "a folder"),
     "unet_channels": (lambda v: len(v) >= 2 and all(c >= 1 for c in v), "a list of 2+ positive whole numbers"),
 }
@@ -197,6 +200,9 @@ def validate(config: TrainConfig) -> None:
     if config.anchor and config.loss.anchor_weight == 0:
         raise SettingsError("setting anchor= names a reference model but anchor_weight is 0, so it would be "
                             "ignored; give anchor_weight > 0 or drop anchor=")
+    if config.backbone_anchor > 0 and not (config.model == "probsam" and config.preset == "lite_medsam"):
+        raise SettingsError("setting backbone_anchor keeps the samples on a frozen backbone's own masks, which only the "
+                            "lite_medsam preset has; use preset=lite_medsam or backbone_anchor=0")
     if config.marking_weight > 0 and not (config.model == "probsam" and config.preset == "lite_medsam"):
         raise SettingsError("setting marking_weight trains the marking head, which only the lite_medsam preset "
                             "has; use preset=lite_medsam or marking_weight=0")

@@ -196,7 +196,7 @@ class ProbSAMConfig:
             # frame), after the [-1000, 400] HU window; a 150 mm field around the box (field_of_view).
             base = dict(encoder="lite_medsam", img_size=256, patch_size=4, prompt_dim=256, decoder_mlp_dim=2048,
                         window=LITE_MEDSAM_WINDOW, latent_hidden=64, frozen_backbone=True, marking_head=True,
-                        field_of_view="physical", min_field_mm=150.0, shift_bound=1.0)
+                        field_of_view="physical", min_field_mm=150.0, shift_bound=0.5)
         elif name == "tiny":
             base = dict(encoder="tiny", img_size=128, patch_size=8, prompt_dim=128,
                         decoder_mlp_dim=512, window_size=8, latent_hidden=64)

@@ -173,6 +173,13 @@ class ProbSAM(nn.Module):
                                                  self.config.img_size)  # the refiner reads slice k alone
         return self.refiner(logits, frame)
 
+    def decode_backbone(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """(B, 1, S, S) the backbone's own logits for each box: the prompt tokens as SAM makes them, no latent
+        shift (what an untrained model decodes for every z)."""
+        sparse, dense = self._box_tokens(boxes)
+        return decode_masks(self.sam.mask_decoder, embeddings, self.sam.prompt_encoder.get_dense_pe(),
+                            sparse.unsqueeze(1), dense.unsqueeze(1))
+
     def forward(
         self, embeddings: torch.Tensor, boxes: torch.Tensor, masks_low_res: torch.Tensor, n_samples: int = 1,
         images01: Optional[torch.Tensor] = None,

@@ -42,7 +42,7 @@ class ProbSAMLearner(nn.Module):
     uses_embeddings = True
 
     def __init__(self, model, loss_config: LossConfig, anchor: Optional[Anchor] = None, marking_weight: float = 0.0,
-                 marking_negatives: float = 0.0):
+                 marking_negatives: float = 0.0, backbone_anchor: float = 0.0):
         """anchor: the anchor term's reference model (loss_config.anchor_weight > 0), or None (no anchor term).
         marking_weight: weight of the marking head's BCE; marking_negatives: share of the batch also shown a
         box moved off the lesion, whose target share is 0 (TrainConfig)."""
@@ -51,6 +51,7 @@ class ProbSAMLearner(nn.Module):
         self.loss_config = loss_config
         self.anchor = anchor
         self.marking_weight, self.marking_negatives = float(marking_weight), float(marking_negatives)
+        self.backbone_anchor = float(backbone_anchor)
 
     @property
     def caches_embeddings(self) -> bool:
@@ -89,7 +90,25 @@ class ProbSAMLearner(nn.Module):
         if marking is not None:
             parts["loss"] = parts["loss"] + self.marking_weight * marking
             parts["marking"] = marking.detach()
+        if self.backbone_anchor > 0:
+            term = self._backbone_anchor_term(out, embeddings, boxes_model)
+            parts["loss"] = parts["loss"] + self.backbone_anchor * term
+            parts["backbone_anchor"] = term.detach()
         return parts
+
+    def _backbone_anchor_term(self, out, embeddings, boxes_model) -> torch.Tensor:
+        """The drift guard as a loss (a frozen backbone only): the mean of K prior samples' probabilities, per
+        pixel, against the backbone's own mask for the box (binary cross-entropy summed over the decoder grid,
+        the reconstruction term's scale). The samples may spread around the backbone's outline, but their
+        average stays on it, so the consensus is the pretrained model's outline wherever the heads' training
+        images (rendered) differ from real CT."""
+        if not self.model.config.frozen_backbone:
+            raise ValueError("backbone_anchor needs a model with a frozen backbone (preset lite_medsam)")
+        with torch.no_grad():
+            own = (self.model.decode_backbone(embeddings, boxes_model) > 0).float()[:, 0]  # (B, S, S)
+        z = out.prior.rsample((self.loss_config.set_samples,)).transpose(0, 1)  # (B, K, L), reparameterised
+        mean = torch.sigmoid(self.model.decode(embeddings, boxes_model, z).float()).mean(1).clamp(1e-6, 1 - 1e-6)
+        return F.binary_cross_entropy(mean, own, reduction="sum") / len(own)
 
     def _marking_term(self, embeddings, boxes_model, voters) -> torch.Tensor:
         """BCE of the marking head against the share of reader slots whose reader marked the nodule, plus, for
@@ -236,7 +255,7 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
     # the anchor's reference: `anchor`, or the weights training starts from
     anchor = (Anchor(Path(cfg.anchor or cfg.init), model.config, cfg.sam_checkpoint) if cfg.loss.anchor_weight > 0
               else None)
-    return ProbSAMLearner(model, cfg.loss, anchor, cfg.marking_weight, cfg.marking_negatives)
+    return ProbSAMLearner(model, cfg.loss, anchor, cfg.marking_weight, cfg.marking_negatives, cfg.backbone_anchor)
 
 
 def boxes_off_lesion(boxes: torch.Tensor, img_size: int) -> torch.Tensor:
