@@ -162,7 +162,7 @@ def test_icon_is_a_128px_png():
     assert struct.unpack(">II", data[16:24]) == (128, 128)
 
 
-@pytest.mark.parametrize("phrase", ["not for clinical use", "rendered phantom", "demo model"])
+@pytest.mark.parametrize("phrase", ["not for clinical use", "rendered phantom", "research model", "LiteMedSAM"])
 def test_help_text_says_what_the_model_is_not(phrase):
     source = (MODULE / "ProbSAMSlicer.py").read_text(encoding="utf-8")
     help_text = source.split("helpText = _(")[1].split("acknowledgementText")[0]

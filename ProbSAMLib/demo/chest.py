@@ -34,11 +34,11 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 from scipy import ndimage, signal
 from scipy.special import expit
 
-from ProbSAMLib.demo.nodule import LUNG_HU, PhantomVolume, _nodule_box, _nodule_density, _smooth_noise
+from ProbSAMLib.demo.nodule import (LUNG_HU, PhantomVolume, _nodule_box, _nodule_density, _smooth_noise,
+                                    to_phantom_volume)
 
 SCAN_SIZE = 512  # in-plane pixels of a LIDC-IDRI slice
 FAT_HU, MUSCLE_HU, SKIN_HU = -100.0, 45.0, 20.0
@@ -621,11 +621,5 @@ def render_chest_volume(reader_masks: np.ndarray, spacing: Sequence[float],
     sigma = float(noise_hu) if noise_hu is not None else float(rng_tex.uniform(12.0, 26.0))
     image += sigma * _smooth_noise(rng_tex, (K, H, W), [0.0, 0.6, 0.6])
     info["noise_hu"] = sigma
-    hu = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
-
-    itk = sitk.GetImageFromArray(hu)
-    itk.SetSpacing([float(s) for s in spacing])
-    itk.SetOrigin([float(o) for o in origin])
-    itk.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    return PhantomVolume(image=itk, reader_masks=reader_masks, ratings=[dict(r) for r in ratings],
-                         offset=(0, int(grid_offset[0]), int(grid_offset[1])), info=info)
+    return to_phantom_volume(image, spacing, origin, reader_masks, ratings,
+                             (0, int(grid_offset[0]), int(grid_offset[1])), info)

@@ -22,6 +22,18 @@ _TEXTURE_HU = np.array([-600.0, -450.0, -300.0, -120.0, 30.0])
 _MARGIN_SIGMA_MM = np.array([1.6, 1.2, 0.8, 0.5, 0.25])
 
 
+def to_phantom_volume(image_hu: np.ndarray, spacing, origin, reader_masks, ratings, offset, info=None):
+    """A PhantomVolume from a rendered float HU array (K, J, I): rounded, clipped to CT's int16 range, on an
+    identity-direction grid with the given spacing (x, y, z) and origin."""
+    hu = np.clip(np.rint(image_hu), -1024, 3071).astype(np.int16)
+    itk = sitk.GetImageFromArray(hu)
+    itk.SetSpacing([float(s) for s in spacing])
+    itk.SetOrigin([float(o) for o in origin])
+    itk.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
+    return PhantomVolume(image=itk, reader_masks=reader_masks, ratings=[dict(r) for r in ratings],
+                         offset=tuple(offset), info=dict(info or {}))
+
+
 @dataclass
 class PhantomVolume:
     """A rendered phantom.

@@ -24,10 +24,10 @@ from importlib import resources
 from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-import SimpleITK as sitk
 
 from ProbSAMLib.demo.nodule import (LUNG_HU, VESSEL_HU, PhantomVolume, _grid_mm, _nodule_box,  # noqa: F401
-                                    _nodule_density, _smooth_noise, mean_rating, stable_seed, tube)
+                                    _nodule_density, _smooth_noise, mean_rating, stable_seed, to_phantom_volume,
+                                    tube)
 
 # pylidc's Annotation.feature_names order; the demo file stores ratings in this order.
 RATING_NAMES = ("subtlety", "internalStructure", "calcification", "sphericity", "margin",
@@ -127,14 +127,7 @@ def render_nodule_volume(reader_masks: np.ndarray, spacing: Sequence[float],
 
     in_plane = [0.0] + [0.6] * 2  # CT noise is correlated in-plane by the reconstruction kernel
     image += noise_hu * _smooth_noise(rng, grid, in_plane)
-    hu = np.clip(np.rint(image), -1024, 3071).astype(np.int16)
-
-    itk = sitk.GetImageFromArray(hu)
-    itk.SetSpacing([float(s) for s in spacing])
-    itk.SetOrigin([float(o) for o in origin])
-    itk.SetDirection((1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0))
-    return PhantomVolume(image=itk, reader_masks=masks, ratings=[dict(r) for r in ratings],
-                         offset=offset)
+    return to_phantom_volume(image, spacing, origin, masks, ratings, offset)
 
 
 # ----------------------------------------------------------------------------------------------

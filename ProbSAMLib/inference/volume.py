@@ -274,6 +274,16 @@ def _sample_slices(model: ProbSAM, images_hu: np.ndarray, box_in_window, eps: to
     return probs, z, shares
 
 
+def _run_outputs(model: ProbSAM, crop, eps: torch.Tensor):
+    """What a run fills slice by slice: probabilities (N, Kb, Jb, Ib) of the box, z (Kb, N, L), the marking
+    shares (Kb,) (None without a marking head), and the timings."""
+    n_slices, n_samples = eps.shape[:2]
+    rows, cols = crop
+    probs_box = np.zeros((n_samples, n_slices, rows.stop - rows.start, cols.stop - cols.start), np.float32)
+    shares = np.zeros(n_slices, dtype=np.float32) if model.marking is not None else None
+    return probs_box, np.zeros(tuple(eps.shape), dtype=np.float32), shares, {"encode_s": 0.0, "decode_s": 0.0}
+
+
 def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: torch.Tensor, batch: int,
                 progress: ProgressFn, cancel: Optional[CancelFn]):
     """All slices of ``region`` (Kb, h, w), ``batch`` at a time; the box part of every probability map.
@@ -281,12 +291,9 @@ def _run_chunks(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps: to
     Returns probabilities (N, Kb, Jb, Ib), z (Kb, N, L), the marking shares (Kb,) or None, the final
     batch, the OOM retries and timings.
     """
-    n_slices, n_samples = eps.shape[:2]
+    n_slices = eps.shape[0]
     rows, cols = crop
-    probs_box = np.zeros((n_samples, n_slices, rows.stop - rows.start, cols.stop - cols.start), np.float32)
-    z_used = np.zeros(tuple(eps.shape), dtype=np.float32)
-    shares = np.zeros(n_slices, dtype=np.float32) if model.marking is not None else None
-    timings = {"encode_s": 0.0, "decode_s": 0.0}
+    probs_box, z_used, shares, timings = _run_outputs(model, crop, eps)
     oom_retries, done = 0, 0
     while done < n_slices:
         if cancel is not None and cancel():
@@ -359,12 +366,9 @@ def _run_propagated(model: ProbSAM, region: np.ndarray, box_in_window, crop, eps
     """As _run_chunks, with each sample's box on a slice taken from its own mask on the slice before it (from
     the middle slice outwards, inside the ROI), LiteMedSAM's 3D recipe: the ROI's rectangle stays on the
     lesion where the lesion narrows at its ends. Every slice on its own, so the files do not depend on memory."""
-    n_slices, n_samples = eps.shape[:2]
+    n_slices = eps.shape[0]
     rows, cols = crop
-    probs_box = np.zeros((n_samples, n_slices, rows.stop - rows.start, cols.stop - cols.start), np.float32)
-    z_used = np.zeros(tuple(eps.shape), dtype=np.float32)
-    shares = np.zeros(n_slices, dtype=np.float32) if model.marking is not None else None
-    timings = {"encode_s": 0.0, "decode_s": 0.0}
+    probs_box, z_used, shares, timings = _run_outputs(model, crop, eps)
     margin = PROPAGATION_MARGIN_PX * max(region.shape[-2:]) / model.config.img_size
     roi_in_box = (0, 0, cols.stop - cols.start, rows.stop - rows.start)  # the ROI's box in box pixels
     to_window = np.array([cols.start, rows.start, cols.start, rows.start], dtype=np.float32)
