@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
@@ -91,7 +92,9 @@ def _package_file(entry: WeightsFile, cached: Path) -> Path:
     import importlib.resources
 
     try:
-        resource = importlib.resources.files(entry.package).joinpath(entry.filename)
+        with warnings.catch_warnings():  # importing the package may import timm's deprecated paths (FutureWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            resource = importlib.resources.files(entry.package).joinpath(entry.filename)
     except ModuleNotFoundError:
         resource = None
     if resource is None or not resource.is_file():

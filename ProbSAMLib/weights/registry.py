@@ -75,7 +75,7 @@ def _sam(variant: str, min_gpu_gib: float, filename: str, sha256: str, size: int
                       weights=weights)
 
 
-HEADS_SHA256, HEADS_SIZE = "0" * 64, 0  # filled in when the heads file is trained
+HEADS_SHA256, HEADS_SIZE = "663dc95fcdf2563d5d4d5d660ae4325a039c587f91885313e18def2f2f246aaf", 1610740
 LITE_MEDSAM_SHA256 = "79d8c9dca6db4d69d3f905579e5250af05e859fff9c1f543e89a513c3028ce76"
 RESEARCH_WARNING = ("Research model: LiteMedSAM (pretrained on medical images) with ProbSAM heads trained on "
                     "rendered phantom CT around real LIDC-IDRI reader outlines. Not validated for clinical use.")
