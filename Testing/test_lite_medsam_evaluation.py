@@ -84,11 +84,13 @@ def test_evaluate_scores_both_protocols_and_the_lite_medsam_baselines(phantom, u
     alone = next(v for k, v in diversity.items() if "alone" in k.lower())
     untrained = next(v for k, v in diversity.items() if "untrained" in k.lower())
     jitter = next(v for k, v in diversity.items() if "jitter" in k.lower())
-    assert alone == [0.0, 0.0] and untrained == [0.0, 0.0]  # untrained heads: LiteMedSAM's mask every time
+    assert alone == [0.0, 0.0] and max(untrained) < 0.01  # untrained heads: LiteMedSAM's mask every time
     assert max(jitter) > 0  # jittered boxes give different masks
     ged_alone = [r["ged_marked@4"] for r in next(v for k, v in tables.items() if "alone" in k.lower())]
     ged_untrained = [r["ged_marked@4"] for r in next(v for k, v in tables.items() if "untrained" in k.lower())]
-    assert ged_alone == pytest.approx(ged_untrained, abs=1e-6)  # the same masks from the shared encoding
+    # the same masks from the shared encoding (up to a pixel at the 0.5 cut: 1 sample vs 16 batched differ in
+    # float32 rounding, which depends on the thread count)
+    assert ged_alone == pytest.approx(ged_untrained, abs=0.02)
 
 
 def test_product_checks_on_an_untrained_model(phantom, untrained_heads, tmp_path):
@@ -99,7 +101,7 @@ def test_product_checks_on_an_untrained_model(phantom, untrained_heads, tmp_path
     assert main(["--data", str(phantom), "--split", "test", "--model", str(untrained_heads), "--samples", "3",
                  "--max-slices", "2", "--out", str(out), "--num-threads", "2"]) == 0
     summary = json.loads((out / "checks.json").read_text())
-    assert summary["slices"] == 2 and summary["drift_dice_mean"] == pytest.approx(1.0)
+    assert summary["slices"] == 2 and summary["drift_dice_mean"] == pytest.approx(1.0, abs=0.01)  # float32 rounding
     assert summary["marking_share_mean"] == pytest.approx(0.5) and summary["marking_share_off_lesion_mean"] == pytest.approx(0.5)
     assert sum(b["nodules"] for b in summary["reliability"]) >= 1
     assert "Reliability of the marking share" in (out / "checks.md").read_text()

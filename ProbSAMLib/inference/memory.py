@@ -36,8 +36,10 @@ def bytes_per_slice(model, n_samples: int, half: bool) -> int:
         # autocast runs softmax in float32, so half precision does not halve them (measured: 2.0 vs 2.4 GiB).
         attention = 3 * variant["num_heads"] * tokens ** 2 * 4
         activations = 16 * tokens * variant["embed_dim"] * element
-    # Decoder: N logit maps upsampled to img_size², in float32, plus the resized copies.
-    decoder = 3 * n_samples * config.img_size ** 2 * 4
+    # Decoder: N logit maps upsampled to img_size², in float32, plus the resized copies; and its two-way
+    # transformer, which holds the image tokens once per sample, several copies alive at once (measured: 100
+    # samples of LiteMedSAM's 64² x 256 tokens took several GiB a slice).
+    decoder = 3 * n_samples * config.img_size ** 2 * 4 + 6 * n_samples * tokens * config.prompt_dim * 4
     # Mask refiner: its input (2 channels) and two hidden maps alive at once, every sample at img_size².
     refiner = n_samples * config.img_size ** 2 * (2 + 2 * config.refine_channels) * 4 if config.refine_channels else 0
     return attention + activations + decoder + refiner
