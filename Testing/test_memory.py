@@ -31,7 +31,18 @@ def test_the_vit_b_estimate_covers_the_measured_peaks_without_wasting_half_the_g
 def test_samples_cost_decoder_memory_on_top_of_the_encoder():
     model = sam_like("vit_b")
     encoder_only, sixteen = memory.bytes_per_slice(model, 0, False), memory.bytes_per_slice(model, 16, False)
-    assert sixteen - encoder_only == 3 * 16 * 1024 ** 2 * 4
+    # the logit maps at 1024² and the two-way transformer's image tokens (64² x 256) once per sample
+    assert sixteen - encoder_only == 3 * 16 * 1024 ** 2 * 4 + 6 * 16 * 64 ** 2 * 256 * 4
+
+
+def test_the_lite_medsam_estimate_covers_its_decoder():
+    """LiteMedSAM: windowed attention only, so the N-sample decoder dominates (about 2.5 GiB for 100 samples,
+    what 16 slices of 100 samples in one batch exceeded 24 GiB by)."""
+    from ProbSAMLib.modeling.config import ProbSAMConfig
+
+    model = type("Model", (), {"config": ProbSAMConfig.preset("lite_medsam")})()
+    hundred = memory.bytes_per_slice(model, 100, False)
+    assert 2 * 2 ** 30 < hundred < 4 * 2 ** 30
 
 
 def test_free_cuda_memory_counts_the_allocators_unused_blocks(monkeypatch):
