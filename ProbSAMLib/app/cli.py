@@ -352,7 +352,7 @@ def cmd_info(args) -> None:
     print(f"weights (--model {DEFAULT_MODEL}, the default, uses '{model_entry(DEFAULT_MODEL).weights.name}'; "
           f"--model vit_b uses 'sam_vit_b' plus --checkpoint heads):")
     for entry in MANIFEST.values():
-        path = checkpoints.entry_path(entry)
+        path = checkpoints.located(entry)  # the cache, the package, or the installed package that ships it
         status = "present" if path.is_file() else "absent"
         if path.is_file() and args.verify:
             try:

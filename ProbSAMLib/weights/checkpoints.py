@@ -86,6 +86,23 @@ def resolve_weights(name: str, path: Optional[Path] = None, download: bool = Tru
     return target
 
 
+def located(entry: WeightsFile) -> Path:
+    """Where a weights file would be loaded from, unverified: the cache (or ProbSAMLib/models/), else the
+    installed package that ships it (entry.package), else where the cache would hold it."""
+    target = entry_path(entry)
+    if target.is_file() or entry.package is None:
+        return target
+    import importlib.resources
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            resource = importlib.resources.files(entry.package).joinpath(entry.filename)
+    except ModuleNotFoundError:
+        return target
+    return Path(str(resource)) if resource.is_file() else target
+
+
 def _package_file(entry: WeightsFile, cached: Path) -> Path:
     """The file shipped inside an installed package (entry.package), verified; a clear error naming both ways
     to get it when the package is missing."""
