@@ -65,7 +65,7 @@ def test_an_untrained_model_reproduces_the_packages_forward(untrained, package_m
             assert (plain[0, 0] - theirs[0, 0]).abs().max().item() <= 1e-5
             fast = untrained.decode(embeddings[b:b + 1], boxes[b:b + 1], torch.randn(1, 16, 6))
             assert (fast[0] - theirs[0]).abs().max().item() <= 1e-4  # 16 samples, all LiteMedSAM's mask
-            cropped = untrained.decode(embeddings[b:b + 1], boxes[b:b + 1], torch.randn(1, 2, 6), crop_to_box=True)
+            cropped = untrained.decode(embeddings[b:b + 1], boxes[b:b + 1], torch.randn(1, 2, 6), crop_around=boxes[b:b + 1])
             x1, y1, x2, y2 = (int(v) for v in boxes[b])  # the box on the 256 grid (logits at 256 = img_size)
             inside = (cropped[0, :, y1:y2, x1:x2] - theirs[0, :, y1:y2, x1:x2]).abs().max().item()
             assert inside <= 1e-4 and cropped[0, :, :2, :2].max().item() == -1e4  # far outside: not computed

@@ -15,7 +15,6 @@ import torch
 from ProbSAMLib.inference.device import autocast
 from ProbSAMLib.metrics import MASK_THRESHOLD
 from ProbSAMLib.modeling import preprocess
-from ProbSAMLib.modeling.decoding import box_crop, decode_masks
 from ProbSAMLib.modeling.probsam import ProbSAM
 
 
@@ -96,7 +95,8 @@ def sample_from_embeddings(
     if z is None:
         z = model.latents(embeddings, boxes_model, n_samples, generator, mode, noise)
     with autocast(embeddings.device):
-        logits = model.decode(embeddings, boxes_model, z.to(embeddings.device), images01, crop_to_box=crop_to_box)
+        logits = model.decode(embeddings, boxes_model, z.to(embeddings.device), images01,
+                              crop_around=boxes_model if crop_to_box else None)
     probs = torch.sigmoid(preprocess.logits_to_image(logits.float(), image_hw, model.config.img_size))
     return probs, z
 
@@ -121,18 +121,8 @@ def sample_with_boxes(model: ProbSAM, embeddings: torch.Tensor, roi_box: torch.T
     if len(live):
         boxes_model = preprocess.boxes_to_model_frame(sample_boxes[live].to(device, torch.float32), image_hw,
                                                       config.img_size)
-        sparse, dense = model._box_tokens(boxes_model)  # (n, 2, C), (n, C, h, w): one prompt per box
-        token_shift, dense_shift = model.latent_projection(z[:, live].to(sparse.dtype))
-        dense = dense[:1].unsqueeze(0) if dense_shift is None else dense[:1].unsqueeze(0) + dense_shift
-        grid = config.embedding_size  # every sample's box lies in the ROI's: decode only around that
-        crop = box_crop(roi_model, (grid, grid), config.img_size, margin=2) if model.refiner is None else None
-        with autocast(device):
-            logits = decode_masks(model.sam.mask_decoder, embeddings, model.sam.prompt_encoder.get_dense_pe(),
-                                  sparse.unsqueeze(0) + token_shift, dense, crop=crop,
-                                  outside=None if crop is None else -1e4)
-        if model.refiner is not None:
-            frame = preprocess.images_to_model_frame(preprocess.centre_slice(images01).to(device), config.img_size)
-            logits = model.refiner(logits, frame)
+        with autocast(device):  # every sample's box lies in the ROI's: decode only around that
+            logits = model.decode(embeddings, boxes_model[None], z[:, live], images01, crop_around=roi_model)
         probs[:, live] = torch.sigmoid(preprocess.logits_to_image(logits.float(), image_hw, config.img_size))
     return probs, z
 

@@ -135,35 +135,42 @@ class ProbSAM(nn.Module):
         folded = fold_mask(masks_low_res, self.config.embedding_size)
         return self.posterior(embeddings, coverage, folded)
 
+    def _prompts(self, boxes: torch.Tensor, z: Optional[torch.Tensor] = None):
+        """The decoder's prompts: sparse (B, N, 2, C) and dense (B, 1 or N, C, h, w).
+
+        boxes: (B, 4), one box per image, or (B, N, 4), one box per sample (box propagation, box jitter), in the
+        model frame. z: (B, N, L) latents, projected onto the box tokens (and the dense embedding with
+        config.latent_to_dense); None: the prompts as SAM makes them, N = 1 (or one per box).
+        """
+        sparse, dense = self._box_tokens(boxes.reshape(-1, 4))
+        if boxes.ndim == 3:
+            sparse = sparse.unflatten(0, boxes.shape[:2])
+            dense = dense.unflatten(0, boxes.shape[:2])[:, :1]  # the "no mask" embedding: the same for every box
+        else:
+            sparse, dense = sparse.unsqueeze(1), dense.unsqueeze(1)
+        if z is None:
+            return sparse, dense
+        token_shift, dense_shift = self.latent_projection(z.to(sparse.dtype))
+        return sparse + token_shift, dense if dense_shift is None else dense + dense_shift
+
     def decode(self, embeddings: torch.Tensor, boxes: torch.Tensor, z: torch.Tensor,
-               images01: Optional[torch.Tensor] = None, crop_to_box: bool = False,
+               images01: Optional[torch.Tensor] = None, crop_around: Optional[torch.Tensor] = None,
                fast: Optional[bool] = None) -> torch.Tensor:
         """N masks per image in one decoder pass.
 
         Arguments:
-          embeddings: (B, C, h, w); boxes: (B, 4) in the model frame; z: (B, N, L).
+          embeddings: (B, C, h, w); boxes: (B, 4), or (B, N, 4) one per sample, in the model frame; z: (B, N, L).
           images01: (B, H, W) or (B, 3, H, W) the encoded images in [0, 1]; needed only by a model with a
             refiner, which reads the segmented slice itself.
-          crop_to_box: compute only the logits around the boxes (decoding.box_crop: the boxes plus 2
-            embedding cells); elsewhere the logits are -1e4 (probability 0). For callers that keep only
-            the box (the volume sampler); ignored for a model with a refiner, which reads every logit.
+          crop_around: (..., 4) boxes in the model frame: compute only the logits around them
+            (decoding.box_crop: their union plus 2 embedding cells); elsewhere the logits are -1e4
+            (probability 0). For callers that keep only a box (the volume sampler); ignored for a model
+            with a refiner, which reads every logit. None: every logit.
           fast: decoding.decode_masks's switch (None: the fast path unless gradients are on).
         Returns:
           (B, N, S, S) logits on the padded square, S = config.mask_size (4h, or img_size with a refiner).
         """
-        sparse, dense = self._box_tokens(boxes)
-        token_shift, dense_shift = self.latent_projection(z.to(sparse.dtype))
-        sparse = sparse.unsqueeze(1) + token_shift  # (B, N, 2, C)
-        dense = dense.unsqueeze(1)  # (B, 1, C, h, w)
-        if dense_shift is not None:
-            dense = dense + dense_shift
-        image_pe = self.sam.prompt_encoder.get_dense_pe()
-        crop = None
-        if crop_to_box and self.refiner is None:
-            grid = self.config.embedding_size
-            crop = box_crop(boxes, (grid, grid), self.config.img_size, margin=2)
-        logits = decode_masks(self.sam.mask_decoder, embeddings, image_pe, sparse, dense, crop=crop,
-                              outside=None if crop is None else -1e4, fast=fast)
+        logits = self._decode_prompts(embeddings, *self._prompts(boxes, z), crop_around, fast)
         if self.refiner is None:
             return logits
         if images01 is None:
@@ -173,12 +180,21 @@ class ProbSAM(nn.Module):
                                                  self.config.img_size)  # the refiner reads slice k alone
         return self.refiner(logits, frame)
 
-    def decode_backbone(self, embeddings: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        """(B, 1, S, S) the backbone's own logits for each box: the prompt tokens as SAM makes them, no latent
-        shift (what an untrained model decodes for every z)."""
-        sparse, dense = self._box_tokens(boxes)
-        return decode_masks(self.sam.mask_decoder, embeddings, self.sam.prompt_encoder.get_dense_pe(),
-                            sparse.unsqueeze(1), dense.unsqueeze(1))
+    def decode_backbone(self, embeddings: torch.Tensor, boxes: torch.Tensor,
+                        crop_around: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, 1, S, S), or (B, N, S, S) for boxes (B, N, 4): the backbone's own logits for each box, the prompt
+        tokens as SAM makes them, no latent shift (what an untrained model decodes for every z), no refiner.
+        crop_around: as in decode."""
+        return self._decode_prompts(embeddings, *self._prompts(boxes), crop_around)
+
+    def _decode_prompts(self, embeddings, sparse, dense, crop_around=None, fast=None) -> torch.Tensor:
+        """SAM's mask decoder on the prompts, computed only around `crop_around` (model frame) if given."""
+        crop = None
+        if crop_around is not None and self.refiner is None:
+            grid = self.config.embedding_size
+            crop = box_crop(crop_around, (grid, grid), self.config.img_size, margin=2)
+        return decode_masks(self.sam.mask_decoder, embeddings, self.sam.prompt_encoder.get_dense_pe(), sparse, dense,
+                            crop=crop, outside=None if crop is None else -1e4, fast=fast)
 
     def forward(
         self, embeddings: torch.Tensor, boxes: torch.Tensor, masks_low_res: torch.Tensor, n_samples: int = 1,

@@ -26,7 +26,6 @@ import torch
 from ProbSAMLib.inference.sampling import sample_from_embeddings
 from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.modeling.config import LUNG_WINDOW
-from ProbSAMLib.modeling.decoding import box_crop, decode_masks
 from Training.evaluation.threshold import THRESHOLD_HU, threshold_component  # noqa: F401 (re-exported)
 
 
@@ -128,11 +127,8 @@ class BoxJitterBaseline(torch.nn.Module):
         for b in range(len(boxes)):
             jittered = self.jittered(boxes[b].float().cpu(), noise[b, :n_samples, :4].float(), image_hw)
             framed = preprocess.boxes_to_model_frame(jittered.to(embeddings.device), image_hw, config.img_size)
-            sparse, dense = model._box_tokens(framed)  # (N, 2, C), (N, C, h, w): one prompt per jittered box
-            grid = config.embedding_size  # decode only around the jittered boxes (exact there, 0 far away)
-            crop = box_crop(framed, (grid, grid), config.img_size, margin=2)
-            logits = decode_masks(model.sam.mask_decoder, embeddings[b:b + 1].float(),
-                                  model.sam.prompt_encoder.get_dense_pe(), sparse[None], dense[:1][None],
-                                  crop=crop, outside=-1e4)
+            # one prompt per jittered box, no latent shift (the model is the backbone alone); decoded only
+            # around the jittered boxes (exact there, probability 0 far away)
+            logits = model.decode_backbone(embeddings[b:b + 1].float(), framed[None], crop_around=framed)
             out.append(torch.sigmoid(preprocess.logits_to_image(logits.float(), image_hw, config.img_size)))
         return torch.cat(out)
