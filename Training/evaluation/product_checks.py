@@ -13,7 +13,7 @@ On every slice of the split (the readers' union box + 2 px as the prompt, as eva
   each nodule's slices, against the nodule's actual share (its readers / 4), as a reliability table (bins of
   the estimate: count, mean estimate, mean actual share), and the same head on each slice's box moved off
   the lesion (learners.boxes_off_lesion), which should be low.
-Each slice's latent noise depends only on (seed, slice), as in evaluate.py. Writes checks.md, checks.json
+Each slice's latent noise and moved box depend only on (seed, slice), as in evaluate.py. Writes checks.md, checks.json
 and per_slice.csv into --out (whole or not at all).
 """
 from __future__ import annotations
@@ -40,26 +40,27 @@ from ProbSAMLib.modeling import preprocess  # noqa: E402
 from Training import guards  # noqa: E402
 from Training.data.batches import SliceBatches, validation_positions  # noqa: E402
 from Training.data.dataset_format import load_split  # noqa: E402
-from Training.evaluation.evaluate import backbone_model  # noqa: E402
 from Training.evaluation.scoring import slice_noise  # noqa: E402
 from Training.learning.learners import boxes_off_lesion, load_weights  # noqa: E402
 
 SHARE_BINS = (0.0, 0.25, 0.5, 0.75, 1.0001)
 
 
-def check_slice(model, backbone, images, box, n_samples: int, noise: torch.Tensor) -> dict:
-    """One slice: drift Dice, empty samples, marking share on the lesion and off it."""
+def check_slice(model, images, box, n_samples: int, noise: torch.Tensor, generator: torch.Generator) -> dict:
+    """One slice: drift Dice, empty samples, marking share on the lesion and off it (the moved box drawn from
+    `generator`). The backbone's own mask comes from the same model and encoding (ProbSAM.decode_backbone:
+    its frozen SAM without the latent)."""
     image_hw = tuple(images.shape[-2:])
     with torch.no_grad():
         embeddings = model.encode(images.to(model.device)).float()
         probs, _ = sample_from_embeddings(model, embeddings, box, image_hw, n_samples, noise=noise[None])
-        own, _ = sample_from_embeddings(backbone, embeddings, box, image_hw, 1, mode="mean")
+        box_model = preprocess.boxes_to_model_frame(box.to(embeddings.device), image_hw, model.config.img_size)
+        own = preprocess.logits_to_image(model.decode_backbone(embeddings, box_model).float(), image_hw,
+                                         model.config.img_size)
         share = float(marking_shares(model, embeddings, box, image_hw)[0])
-        moved = boxes_off_lesion(preprocess.boxes_to_model_frame(box, image_hw, model.config.img_size),
-                                 model.config.img_size)
-        off = float(torch.sigmoid(model.marking_logit(embeddings, moved))[0])
+        off = float(torch.sigmoid(model.marking_logit(embeddings, boxes_off_lesion(box_model, model.config.img_size, generator)))[0])
     samples = (probs[0] > metrics.MASK_THRESHOLD).cpu().numpy()
-    reference = (own[0, 0] > metrics.MASK_THRESHOLD).cpu().numpy()
+    reference = (torch.sigmoid(own[0, 0]) > metrics.MASK_THRESHOLD).cpu().numpy()
     return {"drift_dice": float(metrics.dice(consensus_mask(samples), reference)),
             "backbone_empty": int(not reference.any()),
             "empty_samples": int((~samples.reshape(len(samples), -1).any(1)).sum()),
@@ -139,7 +140,6 @@ def _main(argv=None) -> int:
     if model is None or not model.config.frozen_backbone or model.marking is None:
         raise SettingsError(f"{args.model} is not a model on a frozen backbone with a marking head (lite_medsam)")
     model.eval()
-    backbone = backbone_model()
     batches = SliceBatches(load_split(args.data, args.split), window=model.config.window)
     positions = validation_positions(len(batches), args.max_slices, args.seed)
     table = batches.dataset.table
@@ -148,9 +148,11 @@ def _main(argv=None) -> int:
         batch = batches.read(np.array([position]))
         index = int(batches.dataset.indices[position])
         noise = slice_noise(args.seed, index, args.samples, model.config.latent_dim)
+        # the box moved off the lesion, like the noise, a function of (seed, slice) only
+        moved_box = torch.Generator().manual_seed(int(np.random.SeedSequence([args.seed, index, 11]).generate_state(1)[0]))
         row = {"slice": index, "patient_id": str(table["patient_id"][index]),
                "nodule_id": str(table["nodule_id"][index]), "n_readers": int(table["n_readers"][index])}
-        row.update(check_slice(model, backbone, batch.model_images(False), batch.boxes, args.samples, noise))
+        row.update(check_slice(model, batch.model_images(False), batch.boxes, args.samples, noise, moved_box))
         rows.append(row)
     summary = summarise(rows, args.samples)
     with output as tmp:

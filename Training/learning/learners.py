@@ -258,14 +258,15 @@ def build_learner(cfg: TrainConfig, intensity: str = "hu", context_size: Optiona
     return ProbSAMLearner(model, cfg.loss, anchor, cfg.marking_weight, cfg.marking_negatives, cfg.backbone_anchor)
 
 
-def boxes_off_lesion(boxes: torch.Tensor, img_size: int) -> torch.Tensor:
+def boxes_off_lesion(boxes: torch.Tensor, img_size: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """(B, 4) boxes in the model frame moved, same size, to a random place of the frame that does not overlap
-    the original (torch's global generator, seeded per step by train.py): boxes around no lesion."""
+    the original: boxes around no lesion. Drawn on the CPU from `generator` (default: torch's global one,
+    seeded per step by train.py)."""
     size = boxes[:, 2:] - boxes[:, :2]
     moved = []
     for box, side in zip(boxes, size):
         for _ in range(20):  # a free place exists unless the box covers most of the frame
-            corner = torch.rand(2, device=boxes.device) * (img_size - side).clamp(min=1)
+            corner = torch.rand(2, generator=generator).to(boxes.device) * (img_size - side).clamp(min=1)
             candidate = torch.cat([corner, corner + side])
             apart = (candidate[0] >= box[2]) | (candidate[2] <= box[0]) | (candidate[1] >= box[3]) | (candidate[3] <= box[1])
             if apart:
