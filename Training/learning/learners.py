@@ -23,7 +23,7 @@ from ProbSAMLib.errors import InputError, SettingsError, WeightsError
 from ProbSAMLib.inference.sampling import sample_from_embeddings
 from ProbSAMLib.modeling import preprocess
 from ProbSAMLib.modeling.config import LUNG_WINDOW, ProbSAMConfig
-from ProbSAMLib.weights.build import build_probsam, load_probsam
+from ProbSAMLib.weights.build import build_probsam, load_probsam, registered_backbone
 from ProbSAMLib.weights.checkpoints import FORMAT as PROBSAM_FORMAT
 from ProbSAMLib.weights.checkpoints import save_probsam
 from Training.config import TrainConfig
@@ -282,14 +282,9 @@ def preset_window(cfg: TrainConfig):
 
 
 def _backbone_file(cfg: TrainConfig) -> Optional[str]:
-    """The backbone weights a fresh model starts from: sam_checkpoint, or for lite_medsam the installed
-    package's verified file (the registry's entry)."""
-    if cfg.sam_checkpoint or cfg.preset != "lite_medsam":
-        return cfg.sam_checkpoint
-    from ProbSAMLib.weights.checkpoints import resolve_weights
-    from ProbSAMLib.weights.registry import model_entry
-
-    return str(resolve_weights(model_entry("lite_medsam").weights.name, download=False))
+    """The backbone weights a fresh model starts from: sam_checkpoint, or the registry's file for a preset
+    that has one (lite_medsam: the installed package's, verified)."""
+    return cfg.sam_checkpoint or registered_backbone(cfg.preset)
 
 
 def parameter_groups(learner: nn.Module, cfg: TrainConfig) -> list:
