@@ -214,27 +214,15 @@ def roi_inside(roi: dict, geometry, voxel_box) -> np.ndarray:
 
 
 def cut_to_roi(result, roi: Optional[dict]) -> dict:
-    """Cut a VolumeSamplingResult (in place) to the drawn ROI: masks off and maps 0 outside it; the
-    consensus, agreement and summary made again from the cut masks. What was cut, for the user."""
-    from ProbSAMLib.inference.agreement import agreement_masks
-    from ProbSAMLib.inference.summary import volume_summary
-    from ProbSAMLib.inference.uncertainty import MAP_NAMES
-
+    """Cut a VolumeSamplingResult (in place) to the drawn ROI (VolumeSamplingResult.restrict_to). What was cut,
+    for the user."""
     if not roi:
         return {"voxels_outside_roi": 0, "mask_voxels_removed": 0}
     inside = roi_inside(roi, result.geometry, result.voxel_box)
     outside = int((~inside).sum())
     removed = int((result.masks & ~inside).sum())
     if outside:
-        result.masks = result.masks & inside
-        for name in MAP_NAMES:
-            setattr(result, name, np.where(inside, getattr(result, name), 0).astype(np.float32))
-        result.agreement = agreement_masks(result.masks)
-        result.consensus = result.agreement["majority"]
-        if result.informative is not None:
-            result.informative = result.informative & inside
-        timings = result.summary.get("timings_s", {})
-        result.summary = dict(volume_summary(result, result.summary["settings"], timings), timings_s=timings)
+        result.restrict_to(inside)
     result.summary["roi_cut"] = {"voxels_outside_roi": outside, "mask_voxels_removed": removed}
     return dict(result.summary["roi_cut"])
 

@@ -55,7 +55,7 @@ from ProbSAMLib.inference.memory import (available_bytes, bytes_per_slice, choos
 from ProbSAMLib.inference.sampling import (images_to_unit, make_generator, marking_shares, sample_from_embeddings,
                                            sample_with_boxes)
 from ProbSAMLib.inference.summary import volume_summary
-from ProbSAMLib.inference.uncertainty import informative_mask, uncertainty_maps
+from ProbSAMLib.inference.uncertainty import MAP_NAMES, informative_mask, uncertainty_maps
 from ProbSAMLib.metrics import MASK_THRESHOLD
 from ProbSAMLib.modeling.probsam import ProbSAM
 
@@ -99,6 +99,20 @@ class VolumeSamplingResult:
     marking_share: Optional[float] = None
     eps: Optional[np.ndarray] = field(default=None, repr=False)
     z: Optional[np.ndarray] = field(default=None, repr=False)
+
+    def restrict_to(self, inside: np.ndarray) -> None:
+        """Cut the result, in place, to ``inside`` (Kb, Jb, Ib) bool, e.g. a rotated ROI's own box within its
+        axis-aligned voxel box: masks off and the four maps 0 outside it; the consensus, the agreement levels,
+        the informative mask and the summary follow the cut masks."""
+        self.masks = self.masks & inside
+        for name in MAP_NAMES:
+            setattr(self, name, np.where(inside, getattr(self, name), 0).astype(np.float32))
+        self.agreement = agreement_masks(self.masks)
+        self.consensus = self.agreement["majority"]
+        if self.informative is not None:
+            self.informative = self.informative & inside
+        timings = self.summary.get("timings_s", {})
+        self.summary = dict(volume_summary(self, self.summary["settings"], timings), timings_s=timings)
 
     def on_full_grid(self, name: str) -> np.ndarray:
         """``masks`` or one of the maps placed on the input's full grid, zeros outside the box."""
