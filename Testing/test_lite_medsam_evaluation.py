@@ -76,7 +76,7 @@ def test_evaluate_scores_both_protocols_and_the_lite_medsam_baselines(phantom, u
     assert main(["--data", str(phantom), "--split", "test", "--max-slices", "2", "--samples", "2", "4",
                  "--model", str(untrained_heads), "--name", "ProbSAM untrained", "--backbone-baseline",
                  "--jitter", "0.2", "--bootstrap", "20", "--out", str(out), "--num-threads", "2"]) == 0
-    text = (out / "results.md").read_text()
+    text = (out / "results.md").read_text(encoding="utf-8")
     assert "GED marked@2" in text and "HM-IoU marked@4" in text and "HM-IoU@4" in text
     tables = {path.stem: read_per_slice(path)[1] for path in out.glob("per_slice_*.csv")}
     assert len(tables) == 3
@@ -100,11 +100,11 @@ def test_product_checks_on_an_untrained_model(phantom, untrained_heads, tmp_path
     out = tmp_path / "checks"
     assert main(["--data", str(phantom), "--split", "test", "--model", str(untrained_heads), "--samples", "3",
                  "--max-slices", "2", "--out", str(out), "--num-threads", "2"]) == 0
-    summary = json.loads((out / "checks.json").read_text())
+    summary = json.loads((out / "checks.json").read_text(encoding="utf-8"))
     assert summary["slices"] == 2 and summary["drift_dice_mean"] == pytest.approx(1.0, abs=0.01)  # float32 rounding
     assert summary["marking_share_mean"] == pytest.approx(0.5) and summary["marking_share_off_lesion_mean"] == pytest.approx(0.5)
     assert sum(b["nodules"] for b in summary["reliability"]) >= 1
-    assert "Reliability of the marking share" in (out / "checks.md").read_text()
+    assert "Reliability of the marking share" in (out / "checks.md").read_text(encoding="utf-8")
 
 
 def test_the_backbone_anchor_keeps_the_mean_sample_on_the_backbones_mask():
