@@ -154,7 +154,7 @@ def test_server_in_process_samples_reuses_the_model_and_reports_errors(server, w
     ends that request; a client that closes its end mid-request ends the request and the server."""
     import hashlib
 
-    from ProbSAMLib.app import worker
+    from ProbSAMLib.app import jobs, worker
 
     send, receive, close, thread = server
     send({"type": "cancel", "id": 7})
@@ -173,7 +173,7 @@ def test_server_in_process_samples_reuses_the_model_and_reports_errors(server, w
 
     # the device check's answer goes to the client as a warning frame (replaced here: the real check
     # warns only on a GPU or for SAM models on the CPU)
-    monkeypatch.setattr(worker, "device_warning", lambda name, requested, device, gib: f"check of {name} on {device}")
+    monkeypatch.setattr(jobs, "device_warning", lambda name, requested, device, gib: f"check of {name} on {device}")
     send(request(9, weights))
     warning = receive()
     assert warning == {"type": "warning", "id": 9, "message": "check of file on cpu"}

@@ -44,10 +44,14 @@ import struct
 import sys
 import threading
 import traceback
-from pathlib import Path
 from typing import BinaryIO, Optional
 
 import numpy as np
+
+# The job itself (schema, checks, model cache, sampling) is shared with the HTTP server.
+from ProbSAMLib.app.jobs import ModelCache, SampleJob, cut_to_roi, device_warning, error_kind, roi_inside  # noqa: F401
+
+_error_kind = error_kind  # the name older tests and callers use
 
 _HEADER = struct.Struct("<Q")
 
@@ -80,29 +84,6 @@ def _read_exactly(stream: BinaryIO, count: int) -> Optional[bytes]:
 
 
 # --- the server ---------------------------------------------------------------------------------------
-class _Models:
-    """The last loaded model, reused while name, files and device stay the same."""
-
-    def __init__(self):
-        self.key, self.model, self.sha256, self.loads = None, None, None, 0
-
-    def get(self, spec: dict):
-        from ProbSAMLib.weights.build import load_model
-        from ProbSAMLib.weights.checkpoints import weights_sha256
-
-        key = tuple(spec.get(k) or None for k in ("name", "checkpoint", "sam_checkpoint", "device"))
-        reused = key == self.key
-        if not reused:
-            self.key, self.model = None, None  # free the old model before loading the next
-            checkpoint = Path(key[1]) if key[1] else None
-            sam_checkpoint = Path(key[2]) if key[2] else None
-            self.model = load_model(key[0], checkpoint=checkpoint, sam_checkpoint=sam_checkpoint,
-                                    device=key[3] or "auto")
-            self.sha256 = weights_sha256(key[0], checkpoint)
-            self.key, self.loads = key, self.loads + 1
-        return self.model, {"name": key[0], "sha256": self.sha256, "loads": self.loads, "reused": reused}
-
-
 class Server:
     """Serves requests read from ``inbox``; ``idle_timeout`` seconds without one end it (None: never)."""
 
@@ -112,7 +93,7 @@ class Server:
         self.cancelled = set()  # request ids; a set, not one flag, so a late cancel cannot hit the next run
         self.closing = False
         self.requests: "queue.Queue[Optional[dict]]" = queue.Queue()
-        self.models = _Models()
+        self.models = ModelCache()
         threading.Thread(target=self._read, args=(inbox,), name="ProbSAMWorkerInbox", daemon=True).start()
 
     def _read(self, inbox: BinaryIO) -> None:
@@ -146,47 +127,29 @@ class Server:
             try:
                 self._sample(request)
             except Exception as error:  # reported to the client, which shows it; the server lives on
-                self.send(type="error", id=request.get("id"), kind=_error_kind(error), message=str(error),
+                self.send(type="error", id=request.get("id"), kind=error_kind(error), message=str(error),
                           traceback=traceback.format_exc())
 
     def _sample(self, request: dict) -> None:
-        from ProbSAMLib.geometry import VolumeGeometry, VoxelBox
-        from ProbSAMLib.io.segfile import distinct_colors, segment_colors
-        from ProbSAMLib.inference.uncertainty import MAP_NAMES
-        from ProbSAMLib.inference.volume import Cancelled, input_region, sample_volume
+        from ProbSAMLib.errors import Cancelled
 
-        rid = request["id"]
+        rid = request.get("id")
 
         def cancel() -> bool:
             return self.closing or rid in self.cancelled
 
         if cancel():
             raise Cancelled("sampling was cancelled")
-        model, model_info = self.models.get(request["model"])
-        warning = device_warning(request["model"].get("name"), request["model"].get("device") or "auto",
-                                 model.device.type, _gpu_gib(model.device))
-        if warning:
-            self.send(type="warning", id=rid, message=warning)
-        geometry = VolumeGeometry.from_ijk_to_ras(np.asarray(request["ijk_to_ras"]), request["size_ijk"])
-        voxel_box = VoxelBox(request["lo"], request["hi"])
-        region = input_region(model, voxel_box, geometry.shape, geometry.spacing[:2])
-        self.send(type="window", id=rid, region=region)
+        job = SampleJob(request, self.models)
+        if job.warning:
+            self.send(type="warning", id=rid, message=job.warning)
+        self.send(type="window", id=rid, region=job.region)
         values = self._wait_for_region(rid, cancel)
-        k0, k1, r0, r1, c0, c1 = region
-        # Zero pages are not committed by the OS: only the block the model reads costs memory.
-        volume = np.zeros(geometry.shape, dtype=np.float32)
-        volume[k0:k1, r0:r1, c0:c1] = values
         if cancel():
             raise Cancelled("sampling was cancelled")
-        result = sample_volume(model, volume, geometry, voxel_box, n_samples=int(request["n_samples"]),
-                               seed=request.get("seed"), cancel=cancel,
-                               progress=lambda f, m: self.send(type="progress", id=rid, fraction=f, message=m))
-        roi_cut = cut_to_roi(result, request.get("roi"))
-        self.send(type="result", id=rid, masks=result.masks, lo=voxel_box.lo, summary=result.summary,
-                  consensus=result.consensus, agreement=result.agreement, marking_share=result.marking_share,
-                  informative=result.informative,
-                  colors=distinct_colors(len(result.masks)), segment_colors=segment_colors(), roi_cut=roi_cut,
-                  model=model_info, **{name: getattr(result, name) for name in MAP_NAMES})
+        fields = job.run(values, cancel=cancel,
+                         progress=lambda f, m: self.send(type="progress", id=rid, fraction=f, message=m))
+        self.send(type="result", id=rid, **fields)
 
     def _wait_for_region(self, rid, cancel) -> np.ndarray:
         from ProbSAMLib.errors import Cancelled
@@ -200,62 +163,6 @@ class Server:
                 return message["values"]
             if cancel():
                 raise Cancelled("sampling was cancelled")
-
-
-def roi_inside(roi: dict, geometry, voxel_box) -> np.ndarray:
-    """(Kb, Jb, Ib) bool: which voxels of the box have their centre inside the drawn (rotated) ROI."""
-    from ProbSAMLib.geometry import Box3D
-
-    box = Box3D.from_center_size(roi["center_ras"], roi["size_mm"], axes=roi["axes_ras"], space="ras")
-    k, j, i = np.meshgrid(*(np.arange(voxel_box.lo[a], voxel_box.hi[a]) for a in (2, 1, 0)), indexing="ij")
-    centres = geometry.index_to_physical(np.stack([i, j, k], axis=-1).astype(np.float64))
-    # A face through a voxel centre covers it, as voxel_box_from_physical counts it (0.1 µm of slack).
-    return box.contains(centres, tol=1e-4)
-
-
-def cut_to_roi(result, roi: Optional[dict]) -> dict:
-    """Cut a VolumeSamplingResult (in place) to the drawn ROI (VolumeSamplingResult.restrict_to). What was cut,
-    for the user."""
-    if not roi:
-        return {"voxels_outside_roi": 0, "mask_voxels_removed": 0}
-    inside = roi_inside(roi, result.geometry, result.voxel_box)
-    outside = int((~inside).sum())
-    removed = int((result.masks & ~inside).sum())
-    if outside:
-        result.restrict_to(inside)
-    result.summary["roi_cut"] = {"voxels_outside_roi": outside, "mask_voxels_removed": removed}
-    return dict(result.summary["roi_cut"])
-
-
-def _gpu_gib(device) -> Optional[float]:
-    import torch
-
-    return torch.cuda.get_device_properties(device).total_memory / 2 ** 30 if device.type == "cuda" else None
-
-
-def device_warning(name: str, requested: str, device_type: str, gpu_gib: Optional[float]) -> Optional[str]:
-    """A warning when the device is a poor fit: a GPU smaller than the model wants, or SAM on the CPU."""
-    from ProbSAMLib.weights.registry import model_entry
-
-    if device_type == "cuda":
-        need = model_entry(name).min_gpu_gib
-        if gpu_gib is not None and gpu_gib < need:
-            return (f"The GPU has {gpu_gib:.1f} GiB; model {name} wants about {need} GiB. If it runs out of "
-                    f"memory, choose device 'cpu' or fewer samples.")
-    elif device_type == "cpu" and requested == "auto" and name.startswith("vit"):
-        return "No usable GPU: SAM models on the CPU take minutes per ROI."
-    return None
-
-
-def _error_kind(error: BaseException) -> str:
-    from ProbSAMLib.errors import is_gpu_out_of_memory
-    from ProbSAMLib.errors import Cancelled
-
-    if isinstance(error, Cancelled):
-        return "cancelled"
-    if is_gpu_out_of_memory(error) or "out of GPU memory" in str(error) or isinstance(error, MemoryError):
-        return "out_of_memory"
-    return "error"
 
 
 def serve(idle_timeout: Optional[float] = None) -> int:
