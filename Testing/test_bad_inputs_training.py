@@ -28,6 +28,7 @@ from Training.evaluation import evaluate
 from Training.data import import_pickle, make_phantom, prepare_lidc
 from Training.config import TrainConfig
 from Training.data.dataset_format import N_READERS, Chunk, write_dataset
+from ProbSAMLib.io.outputdir import OutputFolder
 from Training.learning.learners import build_learner
 
 torch.set_num_threads(1)
@@ -35,7 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "Training" / "train.py"
 
 
-def tiny_dataset(out: Path, n: int = 30, size: int = 64) -> Path:
+def tiny_dataset(out: Path, n: int = 30, size: int = 64, tool: str = "make_phantom.py") -> Path:
     rng = np.random.default_rng(0)
     images = rng.normal(-800, 40, (n, size, size)).astype(np.int16)
     masks = np.zeros((n, N_READERS, size, size), bool)
@@ -45,8 +46,32 @@ def tiny_dataset(out: Path, n: int = 30, size: int = 64) -> Path:
              "n_readers": N_READERS, "n_marked": N_READERS, "truncated": 0, "source_key": str(i)}
             for i in range(n)]
     write_dataset(out, [Chunk(images, masks, np.ones((n, N_READERS), bool), rows)],
-                  {"source": "test", "intensity": "hu"})
+                  {"source": "test", "intensity": "hu"}, tool=tool)
     return out
+
+
+def resumable_run(run: Path, data: Path, step: int) -> Path:
+    """A train.py run folder stopped at ``step``: config.yaml and a ckpt.pt that train.py would resume (the
+    learner and optimiser of that config, as train.py builds them)."""
+    from Training.config import load_config
+    from Training.learning.learners import parameter_groups
+
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(f"data: {data}\nout: {run}\npreset: tiny\nbatch_size: 2\nnum_threads: 1\n"
+                                     f"max_steps: 10\n", encoding="utf-8")
+    cfg = load_config(str(run / "config.yaml"))
+    learner = build_learner(cfg, "hu", context_size=64)
+    optimiser = torch.optim.AdamW(parameter_groups(learner, cfg), lr=cfg.lr)
+    torch.save({"learner": learner.state_dict(), "optimiser": optimiser.state_dict(), "step": step,
+                "best_ged": 1.0, "config": cfg.to_dict()}, run / "ckpt.pt")
+    return run
+
+
+class LoadsAFile:
+    """Unpickling this would call numpy.load: a numpy function, but not one that builds an array."""
+
+    def __reduce__(self):
+        return np.load, ("/nowhere.npy",)
 
 
 class Evil:
@@ -106,16 +131,29 @@ def make_world(root: Path) -> dict:
                "image_3d": pickle.dumps({"k": dict(good_entry, image=np.zeros((2, 8, 8), np.float32))}),
                "nan_image": pickle.dumps({"k": dict(good_entry, image=np.full((8, 8), np.nan, np.float32))}),
                "all_empty": pickle.dumps({"k": dict(good_entry, masks=[np.zeros((8, 8))] * 4)}),
-               "hu_image": pickle.dumps({"k": dict(good_entry, image=np.full((8, 8), -1000.0, np.float32))})}
+               "hu_image": pickle.dumps({"k": dict(good_entry, image=np.full((8, 8), -1000.0, np.float32))}),
+               "evil_protocol5": pickle.dumps({"LIDC-IDRI-0001_slice_1": Evil(root / "pwned_by_pickle")},
+                                              protocol=5),
+               "numpy_load": pickle.dumps({"k": LoadsAFile()}, protocol=pickle.HIGHEST_PROTOCOL)}
     for name, blob in content.items():
         (pickles / f"{name}.pickle").write_bytes(blob)
     (root / "work").mkdir()
     (root / "dicom" / "LIDC-IDRI-0001").mkdir(parents=True)
     done = root / "done"  # an earlier output of the tools (with the marker)
     done.mkdir()
-    (done / ".probsam-output").write_text("")
+    (done / ".probsam-output").write_text("")  # the marker's first format: an empty file
+    sampled = root / "sampled"  # what `probsam sample` wrote
+    with OutputFolder(sampled, tool="probsam sample") as tmp:
+        (tmp / "summary.json").write_text("{}")
+    results = root / "results_a"  # an evaluate.py --out folder, later given to --reuse
+    with OutputFolder(results, tool="evaluate.py") as tmp:
+        (tmp / "per_slice_a.csv").write_text("slice\n")
+        (tmp / "my_notes.txt").write_text("written into the results folder by its user")
+    (root / "cfgrun").mkdir()  # a user's config, kept in a folder of its own
+    (root / "cfgrun" / "config.yaml").write_text(f"data: {data}\npreset: tiny\nbatch_size: 2\nnum_threads: 1\n")
+    resumable_run(runs / "ahead", data, step=5)
     return {"root": root, "data": data, "cut": cut, "foreign": foreign, "weights": weights, "runs": runs,
-            "pickles": pickles, "done": done}
+            "pickles": pickles, "done": done, "sampled": sampled, "results": results}
 
 
 def cases(w: dict) -> dict:
@@ -167,6 +205,37 @@ def cases(w: dict) -> dict:
                                          "not a readable training checkpoint"),
         "train: --resume ckpt with code": ("train.py", [f"out={runs / 'evil'}", "--resume"], 2,
                                            "not a readable training checkpoint"),
+        # --- output guard, round 3: inputs from the parser and config, markers naming the tool, --resume
+        "train: out= holds the config file": ("train.py", [root / "cfgrun" / "config.yaml", f"out={root / 'cfgrun'}"],
+                                              2, "holds the input"),
+        "train: out= written by probsam sample": ("train.py", [f"data={data}", f"out={w['sampled']}"], 2,
+                                                  "was written by probsam sample, not train.py"),
+        "train: --resume max_steps below the step reached": ("train.py", [f"out={runs / 'ahead'}", "--resume",
+                                                                          "max_steps=3"], 2,
+                                                             "max_steps=3 is below step 5"),
+        "evaluate: --out is --reuse, --force": (*ev("--reuse", w["results"], "--force", out=w["results"]), 2,
+                                                "holds the input"),
+        "evaluate: --out inside --reuse": (*ev("--reuse", w["results"], out=w["results"] / "again"), 2,
+                                           "is inside the input"),
+        "evaluate: --out inside --data": (*ev(out=data / "results"), 2, "is inside the input"),
+        "evaluate: --force over probsam sample's folder": (*ev("--force", out=w["sampled"]), 2,
+                                                           "was written by probsam sample, not evaluate.py"),
+        "evaluate: --force over an old marker": (*ev("--force", out=w["done"]), 2, "older ProbSAM"),
+        "import: --force over make_phantom's data set": ("import_pickle.py", [pickles / "hu_image.pickle", "--out", data,
+                                                                             "--force"], 2,
+                                                         "was written by make_phantom.py, not import_pickle.py"),
+        "import: protocol-5 pickle with code": (*pk("evil_protocol5"), 2, "only numpy arrays"),
+        "import: pickle calling numpy.load": (*pk("numpy_load"), 2, "wants to create numpy.load"),
+        "phantom: --work-dir is --out": ("make_phantom.py", ["--out", root / "ph", "--work-dir", root / "ph"], 2,
+                                         "overlap"),
+        "phantom: --work-dir inside --out": ("make_phantom.py", ["--out", root / "ph", "--work-dir", root / "ph" / "w"],
+                                             2, "overlap"),
+        "phantom: --work-dir holds --out": ("make_phantom.py", ["--out", root / "wd" / "ph", "--work-dir", root / "wd"],
+                                            2, "overlap"),
+        "lidc: --out inside --dicom-root": ("prepare_lidc.py", ["--dicom-root", root / "dicom", "--out",
+                                                                root / "dicom" / "built"], 2, "is inside the input"),
+        "lidc: --work-dir is --out": ("prepare_lidc.py", ["--dicom-root", root / "dicom", "--out", root / "l",
+                                                          "--work-dir", root / "l"], 2, "overlap"),
         "train: --resume a run with a removed setting": ("train.py", [f"out={runs / 'removed'}", "--resume"], 2,
                                                          "setting train_refiner_only was removed"),
         "train: loss.set_samples=0": (*train("loss.set_samples=0"), 2, "set_samples must be at least 1"),
@@ -450,3 +519,46 @@ def test_learner_argument_checks():
     for check in (load_weights, is_probsam_file):
         with pytest.raises(InputError, match="--model /nowhere/m.safetensors: no such file"):
             check("/nowhere/m.safetensors")
+
+
+# --- round 3: what must be accepted, and said -------------------------------------------------------------------
+def test_yaml_numbers_in_exponent_form_are_read_as_numbers(tmp_path):
+    """PyYAML reads YAML 1.1, where `1e-3` (no dot) is text; a config file and an override both mean the number."""
+    from Training.config import load_config
+
+    (tmp_path / "run.yaml").write_text("lr: 1e-3\nmin_lr: 5E-5\nweight_decay: 1.0e-2\nout: runs/1e5\n",
+                                       encoding="utf-8")
+    cfg = load_config(str(tmp_path / "run.yaml"), ["loss.beta=2e0"])
+    assert (cfg.lr, cfg.min_lr, cfg.weight_decay, cfg.loss.beta) == (1e-3, 5e-5, 1e-2, 2.0)
+    assert cfg.out == "runs/1e5"  # text stays text
+    with pytest.raises(errors.SettingsError, match="setting lr must be a number, got '1e'"):
+        load_config(None, ["lr=1e"])
+
+
+def test_import_pickle_reads_the_highest_protocol_and_warns_of_a_one_patient_split(tmp_path, capsys):
+    """pickle.HIGHEST_PROTOCOL (5) stores numpy arrays through numpy's _frombuffer: read, values unchanged. With
+    three patients, each split gets one: one warning line for each, naming the split."""
+    from Training.data.dataset_format import load_dataset
+
+    rng = np.random.default_rng(0)
+    slices = {f"LIDC-IDRI-000{p}_slice_{k}": {"image": rng.random((8, 8), dtype=np.float32),
+                                               "masks": [np.ones((8, 8))] * 4, "series_uid": f"1.{p}"}
+              for p in range(3) for k in range(2)}
+    (tmp_path / "lidc.pickle").write_bytes(pickle.dumps(slices, protocol=pickle.HIGHEST_PROTOCOL))
+    assert import_pickle.main([str(tmp_path / "lidc.pickle"), "--out", str(tmp_path / "ds")]) == 0
+    data = load_dataset(tmp_path / "ds")
+    assert np.array_equal(data.images[0], slices["LIDC-IDRI-0000_slice_0"]["image"])
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 3, warnings
+    for part, line in zip(("train", "val", "test"), warnings):
+        assert f"the {part} split holds only one patient (LIDC-IDRI-000" in line, line
+
+
+def test_resume_accepts_max_steps_at_or_above_the_step_reached(tmp_path):
+    from Training import guards
+
+    run = resumable_run(tmp_path / "run", tmp_path / "data", step=5)
+    for max_steps in (5, 6, None):
+        assert guards.load_resume_state(run / "ckpt.pt", "cpu", max_steps)["step"] == 5
+    with pytest.raises(errors.SettingsError, match="max_steps=4 is below step 5"):
+        guards.load_resume_state(run / "ckpt.pt", "cpu", 4)

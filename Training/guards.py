@@ -1,5 +1,9 @@
 """Generic checks a Training or research script runs before it creates anything: option ranges, input files
-and folders, the output folder (evaluate.py's --out, train.py's out= and its --resume checkpoint).
+and folders, the output folder (evaluate.py's --out, train.py's out= and its --resume checkpoint), a work
+folder apart from the output.
+
+The inputs an output may never overlap are taken from the script's own parser: declare every option that
+names a file or folder the script reads with ``type=Path`` (ProbSAMLib.io.outputdir.parser_inputs).
 
 The errors are ProbSAMLib.errors classes, so each script's main(), run by ProbSAMLib.errors.run_main (train.py:
 install_script_handler), ends with one ``<script>: error: ...`` line and an exit status by type (2 bad input,
@@ -11,11 +15,11 @@ from __future__ import annotations
 import shutil
 import sys
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Optional, Sequence
 
 from ProbSAMLib import errors
 from ProbSAMLib.errors import InputError, OutputRefusedError, SettingsError
-from ProbSAMLib.io.outputdir import OutputFolder
+from ProbSAMLib.io.outputdir import OutputFolder, overlapping, parser_inputs, read_marker
 
 
 def at_least(option: str, value, low) -> None:
@@ -37,11 +41,21 @@ def existing_folder(option: str, path) -> Path:
     return path
 
 
-def output_folder(out, force: bool, inputs: Iterable = ()) -> OutputFolder:
-    """The writer for an output folder, already checked (refusals happen before any work)."""
-    folder = OutputFolder(out, force, inputs=inputs)
+def output_folder(parser, args, tool: str) -> OutputFolder:
+    """The writer for ``args.out``, already checked (refusals happen before any work). Its inputs are every
+    ``type=Path`` option of ``parser``; ``tool`` (the script's name) goes into the folder's marker, so --force
+    replaces only that script's own output."""
+    folder = OutputFolder(args.out, args.force, inputs=parser_inputs(parser, args), tool=tool)
     folder.check()
     return folder
+
+
+def separate_folders(out, work_dir, out_option: str = "--out", work_option: str = "--work-dir") -> None:
+    """A work folder equal to, inside or above the output would be written into the output before it is
+    made (and then refuse it as existing): refuse the pair before any work."""
+    if work_dir is not None and overlapping(out, work_dir):
+        raise SettingsError(f"{work_option} {work_dir} and {out_option} {out} overlap (one is, or lies inside, "
+                            f"the other); give the partial results a folder of their own")
 
 
 def check_run_folder(out, resume: bool, inputs: Sequence = ()) -> bool:
@@ -55,6 +69,10 @@ def check_run_folder(out, resume: bool, inputs: Sequence = ()) -> bool:
     if (out / "ckpt.pt").exists():
         raise OutputRefusedError(f"{out} already holds a run (ckpt.pt); pass --resume to continue it or choose "
                                  f"another out=")
+    marker = read_marker(out) if out.is_dir() else None
+    if marker is not None:  # another tool's output: say which, as the other tools do
+        raise OutputRefusedError(f"out={out} was written by {marker.get('tool') or 'an older ProbSAM'}, not "
+                                 f"train.py; choose a new folder for the run")
     if out.exists() and not _unfinished_run(out):
         raise OutputRefusedError(f"out={out} exists and is neither empty nor a train.py run; choose a new folder "
                                  f"for the run")
@@ -76,8 +94,10 @@ def remove_unfinished_run(out: Path) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def load_resume_state(path: Path, device) -> dict:
-    """ckpt.pt for --resume, loaded with weights_only=True (a checkpoint never runs code)."""
+def load_resume_state(path: Path, device, max_steps: Optional[int] = None) -> dict:
+    """ckpt.pt for --resume, loaded with weights_only=True (a checkpoint never runs code). ``max_steps``:
+    the run's new budget, which may not lie below the step the run reached (nothing would train, and the
+    run's config.yaml would be rewritten with a budget it has already passed)."""
     import torch
 
     try:
@@ -90,8 +110,17 @@ def load_resume_state(path: Path, device) -> dict:
         raise InputError(f"{path} is not a train.py checkpoint (it needs {', '.join(needed)})")
     if not isinstance(state["step"], int) or state["step"] < 0:
         raise InputError(f"{path}: step {state['step']!r} is not a step count")
+    if max_steps is not None and max_steps < state["step"]:
+        raise SettingsError(f"setting max_steps={max_steps} is below step {state['step']}, which the run in "
+                            f"{path.parent} has already reached; give max_steps of at least {state['step']} to "
+                            f"continue it")
     return state
 
 
 def say(text: str) -> None:
     print(text, file=sys.stderr)
+
+
+def warn(text: str) -> None:
+    """One ``warning: ...`` line on stderr: something the run accepts but you should know."""
+    say(f"warning: {text}")

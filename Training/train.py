@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from ProbSAMLib.inference.device import autocast, choose_device
+from ProbSAMLib.io.outputdir import parser_inputs
 from Training import guards
 from Training.config import load_config
 from Training.data import embedding_cache
@@ -52,14 +53,14 @@ from Training.learning.learners import build_learner, parameter_groups
 
 # ---- settings -------------------------------------------------------------------------------------------
 parser = argparse.ArgumentParser(description="Train ProbSAM or the Prob U-Net baseline.")
-parser.add_argument("config", nargs="?", help="Training/configs/*.yaml")
+parser.add_argument("config", nargs="?", type=Path, help="Training/configs/*.yaml")  # type=Path: an input
 parser.add_argument("overrides", nargs="*", help="key=value settings that replace the config file's "
                     "(a loss setting: beta=2 or loss.beta=2)")
 parser.add_argument("--no-cache", action="store_true", help="encode images every step (to fine-tune the encoder)")
 parser.add_argument("--resume", action="store_true", help="continue the run in `out` from its ckpt.pt")
 args = parser.parse_intermixed_args()  # flags may come before, between or after key=value
-if args.config and "=" in args.config:  # only overrides were given
-    args.overrides.insert(0, args.config)
+if args.config and "=" in str(args.config):  # only overrides were given
+    args.overrides.insert(0, str(args.config))
     args.config = None
 # Every setting is checked (types, ranges, files, device, data set) before anything is created.
 cfg = load_config(args.config, args.overrides)
@@ -67,8 +68,11 @@ out = Path(cfg.out)
 if args.resume:
     guards.check_run_folder(out, resume=True)
     cfg = load_config(str(out / "config.yaml"), args.overrides)
-out_existed = guards.check_run_folder(out, args.resume,
-                                     inputs=[cfg.data, cfg.init, cfg.sam_checkpoint, cfg.anchor])
+# What the run reads: the parser's path options (the config file) and the config's (data=, init=, ...).
+reads = parser_inputs(parser, args, outputs=()) + cfg.inputs()
+if args.resume:  # the run's own config.yaml is read and rewritten by design
+    reads = [p for p in reads if Path(p).resolve() != (out / "config.yaml").resolve()]
+out_existed = guards.check_run_folder(out, args.resume, inputs=reads)
 for option in ("init", "sam_checkpoint", "anchor"):
     if getattr(cfg, option):
         guards.existing_file(option, getattr(cfg, option))
@@ -112,7 +116,8 @@ if learner.reads_neighbours and train_data.dataset.neighbours is None:
     raise errors.SettingsError(f"the model reads the slices below and above (neighbour_slices), but {cfg.data} has "
                                f"no neighbours.npy; rebuild it with make_phantom.py or prepare_lidc.py")
 use_cache = learner.caches_embeddings and cfg.cache
-resume_state = guards.load_resume_state(out / "ckpt.pt", device) if args.resume else None  # before any write
+resume_state = (guards.load_resume_state(out / "ckpt.pt", device, cfg.max_steps)  # before any write
+                if args.resume else None)
 if resume_state is not None:
     try:
         learner.load_state_dict(resume_state["learner"])

@@ -20,7 +20,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 
 from ProbSAMLib.errors import SettingsError, run_main  # noqa: E402
-from Training.data.dataset_format import COLUMNS, Chunk, check_output, load_dataset, write_dataset  # noqa: E402
+from ProbSAMLib.io.outputdir import parser_inputs  # noqa: E402
+from Training.data.dataset_format import (COLUMNS, Chunk, check_output, load_dataset, warn_small_splits,  # noqa: E402
+                                          write_dataset)
+
+TOOL = "subsample.py"  # in the data set's marker: only this script's --force replaces it
+
 
 def chosen_patients(splits: dict, fraction: float, seed: int) -> set:
     """The same fraction of every split's patients (at least one each), drawn with ``seed``."""
@@ -37,7 +42,7 @@ def subsample(source, out, fraction: float, seed: int = 0, force: bool = False) 
     """Write the subsample of ``source`` to ``out``; returns its meta dict."""
     if not 0 < fraction <= 1:
         raise SettingsError(f"--fraction must be in (0, 1], got {fraction}")
-    check_output(out, force, inputs=[source])  # even with --force, never the source itself
+    check_output(out, force, inputs=[source], tool=TOOL)  # even with --force, never the source itself
     data = load_dataset(source)
     keep = chosen_patients(data.splits, fraction, seed)
     index = np.flatnonzero(np.isin(data.table["patient_id"], sorted(keep)))
@@ -47,7 +52,8 @@ def subsample(source, out, fraction: float, seed: int = 0, force: bool = False) 
     # Counts, format, crop and date are recomputed by write_dataset; only the note is ours to extend.
     note = (data.meta.get("note", "") + f"; patient subsample {fraction} of {source} (seed {seed})").lstrip("; ")
     meta = dict(data.meta, note=note)
-    return write_dataset(out, [chunk], meta, seed=data.splits.get("seed", 0), force=force, splits=data.splits)
+    return write_dataset(out, [chunk], meta, seed=data.splits.get("seed", 0), force=force, splits=data.splits,
+                         tool=TOOL, inputs=[source])
 
 
 def _plain(value):
@@ -60,14 +66,17 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", help="a data set folder (make_phantom.py, prepare_lidc.py, import_pickle.py)")
-    parser.add_argument("--out", required=True, help="folder to create")
+    parser.add_argument("source", type=Path,  # type=Path: every path option is an input of the output guard
+                        help="a data set folder (make_phantom.py, prepare_lidc.py, import_pickle.py)")
+    parser.add_argument("--out", required=True, type=Path, help="folder to create")
     parser.add_argument("--fraction", type=float, required=True, help="share of each split's patients")
     parser.add_argument("--seed", type=int, default=0, help="which patients are drawn (default 0)")
     parser.add_argument("--force", action="store_true", help="replace an existing data set at --out")
     args = parser.parse_args(argv)
+    check_output(args.out, args.force, parser_inputs(parser, args), TOOL)
     meta = subsample(args.source, args.out, args.fraction, args.seed, args.force)
     print(f"{args.out}: {meta['n_slices']} slices of {meta['n_patients']} patients")
+    warn_small_splits(args.out)
     return 0
 
 

@@ -18,9 +18,9 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 
 from ProbSAMLib.errors import InputError, SettingsError
-from ProbSAMLib.io.outputdir import OutputFolder
+from ProbSAMLib.io.outputdir import OutputFolder, parser_inputs
 from Training import guards
-from Training.data.dataset_format import Chunk, check_output, write_dataset
+from Training.data.dataset_format import Chunk, check_output, warn_small_splits, write_dataset
 
 
 @dataclass
@@ -94,18 +94,22 @@ class BuildReport:
 
 def build(out, scans: Sequence, make_chunk: Callable, meta: dict, params: dict,
           work_dir=None, seed: int = 0, force: bool = False, progress: bool = True,
-          desc: str = "scans", splits: Optional[dict] = None) -> BuildReport:
+          desc: str = "scans", splits: Optional[dict] = None, tool: str = "ProbSAMLib",
+          inputs: Sequence = ()) -> BuildReport:
     """Run `make_chunk(scan) -> (Chunk, info dict of counts)` on every scan and write the data set.
 
     Failed scans are left out of the data set and listed in the report and in meta["failed"]; the
     work directory is then kept, so a rerun with --force retries only them. `splits`: a patient
-    split decided before the build (see write_dataset); None splits the written patients.
+    split decided before the build (see write_dataset); None splits the written patients. `tool`: the
+    builder's name for the data set's marker; `inputs`: what it reads (the output may not overlap them).
+    The work directory may not overlap the output (it would be written into it before the output exists).
     """
     from tqdm import tqdm
 
     started = time.time()
-    out = check_output(out, force)
+    out = check_output(out, force, inputs, tool)
     work = Path(work_dir) if work_dir else out.parent / f"{out.name}.work"
+    guards.separate_folders(out, work)
     store = ChunkStore(work, params, force)
     failed, done, n_slices = [], [], 0
     bar = tqdm(scans, desc=desc, unit="scan", disable=not progress)
@@ -130,7 +134,7 @@ def build(out, scans: Sequence, make_chunk: Callable, meta: dict, params: dict,
     infos = [store.info(key) for key in done]
     totals = {name: int(sum(i.get(name, 0) for i in infos)) for name in infos[0]} if infos else {}
     meta = dict(meta, params=params, scans=len(done), failed=failed, **totals)
-    meta = write_dataset(out, [store.get(key) for key in done], meta, seed, force, splits)
+    meta = write_dataset(out, [store.get(key) for key in done], meta, seed, force, splits, tool=tool, inputs=inputs)
     if not failed:
         shutil.rmtree(work, ignore_errors=True)
     return BuildReport(meta, failed, time.time() - started)
@@ -148,17 +152,21 @@ def print_report(report: BuildReport, out) -> None:
               "(rerun with --force to retry just these):")
         for f in report.failed:
             print(f"  {f['patient_id']}  {f['series_uid']}  {f['error']}")
+    warn_small_splits(out)
 
 
-def check_build_arguments(args, max_crop: int, inputs=()) -> None:
-    """The shared options' ranges, the output and the work folder, before anything is read or created."""
+def check_build_arguments(parser, args, max_crop: int, tool: str) -> None:
+    """The shared options' ranges, the output and the work folder, before anything is read or created. The
+    inputs the two folders may not overlap are the parser's ``type=Path`` options but --out and --work-dir."""
     guards.at_least("--scans", args.scans, 1)
     guards.at_least("--pad-slices", args.pad_slices, 0)
     guards.at_least("--seed", args.seed, 0)
     if not 16 <= args.crop <= max_crop:
         raise SettingsError(f"--crop must be between 16 and {max_crop}, got {args.crop}")
-    check_output(args.out, args.force, inputs=inputs)
+    inputs = parser_inputs(parser, args, outputs=("out", "work_dir"))
+    check_output(args.out, args.force, inputs, tool)
     if args.work_dir is not None:
+        guards.separate_folders(args.out, args.work_dir)
         OutputFolder(args.work_dir, True, inputs=inputs, option="--work-dir").check_location()
 
 

@@ -34,6 +34,7 @@ from ProbSAMLib.demo.phantom import RATING_NAMES
 from ProbSAMLib.errors import InputError, SettingsError
 from ProbSAMLib.geometry import slices_with_neighbours
 from ProbSAMLib.io.outputdir import OutputFolder
+from Training import guards
 
 FORMAT = "probsam-lidc-slices"
 VERSION = 1
@@ -139,9 +140,10 @@ def literature_splits(series_uids: Iterable[str]) -> dict:
             "train": sorted(train), "val": sorted(val), "test": sorted(test)}
 
 
-def check_output(out, force: bool, inputs=()) -> Path:
-    """Refuse an unusable output (exists without `force`, holds an input, ...) before any work."""
-    OutputFolder(out, force, inputs=inputs).check()
+def check_output(out, force: bool, inputs=(), tool: str = "ProbSAMLib") -> Path:
+    """Refuse an unusable output (exists without `force`, overlaps an input, another tool's folder, ...)
+    before any work. `tool`: the builder's name, written into the data set's marker."""
+    OutputFolder(out, force, inputs=inputs, tool=tool).check()
     return Path(out)
 
 
@@ -166,23 +168,40 @@ def _write_csv(path: Path, rows: List[dict]) -> None:
 
 
 def write_dataset(out, chunks: Sequence, meta: dict, seed: int = 0, force: bool = False,
-                  splits: Optional[dict] = None, split_rule: str = "patient") -> dict:
+                  splits: Optional[dict] = None, split_rule: str = "patient", tool: str = "ProbSAMLib",
+                  inputs: Sequence = ()) -> dict:
     """Write chunks (anything with `.n` and `.load() -> Chunk`) as one data set at `out`.
 
     split_rule: "patient" (make_splits, seeded) or "literature" (literature_splits on series UIDs).
     Arrays are streamed into memory-mapped .npy files in a temporary sibling directory, which is
     renamed to `out` at the end. `splits` (make_splits of a superset of the patients, decided before
     the slices were made) is written restricted to the patients present; None splits the patients of
-    the written slices. Returns the final meta dict.
+    the written slices. `tool` (the builder's name) goes into the marker: --force replaces only its own data
+    sets; `inputs` are what the builder read (the output may not overlap them). Returns the final meta dict.
     """
     if split_rule not in ("patient", "literature"):
         raise SettingsError(f"split rule must be 'patient' or 'literature', got {split_rule!r}")
-    out = check_output(out, force)
+    out = check_output(out, force, inputs, tool)
     chunks = [c for c in chunks if c.n > 0]
     if not chunks:
         raise InputError("no slice with a non-empty mask: nothing to write")
-    with OutputFolder(out, force) as tmp:  # the one writer: nothing under `out` until complete
+    with OutputFolder(out, force, inputs=inputs, tool=tool) as tmp:  # the one writer: nothing under out until whole
         return _write_into(tmp, chunks, meta, seed, splits, split_rule)
+
+
+def warn_small_splits(out) -> None:
+    """After a builder wrote the data set at ``out``: one ``warning:`` line for each split of fewer than two
+    patients (or series), whose scores and bootstrap intervals would rest on one patient, or that holds none.
+    The builders' command lines call it (make_phantom.py, prepare_lidc.py, import_pickle.py, subsample.py)."""
+    splits = _read_json(Path(out) / "splits.json")
+    unit = "series" if splits.get("unit") == "series_uid" else "patient"
+    for part in ("train", "val", "test"):
+        members = splits[part]
+        if len(members) == 0:
+            guards.warn(f"data set {out}: the {part} split holds no {unit}; nothing can be trained or scored on it")
+        elif len(members) == 1:
+            guards.warn(f"data set {out}: the {part} split holds only one {unit} ({members[0]}); its scores and "
+                        f"their bootstrap intervals rest on that one {unit}")
 
 
 def _write_into(tmp: Path, chunks: Sequence, meta: dict, seed: int, splits: Optional[dict] = None,

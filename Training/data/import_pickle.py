@@ -31,21 +31,23 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import numpy as np  # noqa: E402
 
 from ProbSAMLib.errors import InputError, SettingsError, run_main  # noqa: E402
+from ProbSAMLib.io.outputdir import parser_inputs  # noqa: E402
 from Training import guards  # noqa: E402
-from Training.data.dataset_format import N_READERS, Chunk, check_output, write_dataset  # noqa: E402
+from Training.data.dataset_format import N_READERS, Chunk, check_output, warn_small_splits, write_dataset  # noqa: E402
 
 _PATIENT = re.compile(r"LIDC-IDRI-\d+")
 _SLICE = re.compile(r"[_-]?slice[_-]?(\d+)", re.IGNORECASE)
 
 
 # What the LIDC pickle may contain: numpy arrays and scalars (plus the codec numpy uses for their bytes
-# under protocol 2); dicts, lists, strings and numbers need no lookup at all. Anything else is refused
-# before it is built, so a crafted file cannot run code.
+# under protocol 2, and under protocol 5, pickle.HIGHEST_PROTOCOL, numpy's _frombuffer, which only views
+# bytes as an array of a dtype: an object dtype is refused by numpy itself); dicts, lists, strings and
+# numbers need no lookup at all. Anything else is refused before it is built, so a crafted file cannot run
+# code. numpy 2 writes numpy._core, numpy 1 numpy.core.
 _ALLOWED_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
-}
+    (f"{package}.{module}", name) for package in ("numpy.core", "numpy._core")
+    for module, name in (("multiarray", "_reconstruct"), ("multiarray", "scalar"), ("numeric", "_frombuffer"))
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -128,6 +130,9 @@ def pickle_chunk(data: Mapping, keep_empty: bool = False) -> tuple:
     return Chunk(np.stack(images), np.stack(masks), present, rows), dropped
 
 
+TOOL = "import_pickle.py"  # in the data set's marker: only this script's --force replaces it
+
+
 def import_pickle(pickle_path, out, seed: int = 0, force: bool = False,
                   data: Optional[Mapping] = None, split: str = "patient") -> dict:
     """Convert the pickle at `pickle_path` (or an already loaded `data` dict) into a data set.
@@ -135,7 +140,8 @@ def import_pickle(pickle_path, out, seed: int = 0, force: bool = False,
     split: "patient" (seeded patient split, empty slices dropped) or "literature" (see the module doc)."""
     if split not in ("patient", "literature"):
         raise SettingsError(f"split must be 'patient' or 'literature', got {split!r}")
-    check_output(out, force, inputs=[pickle_path] if pickle_path is not None else [])
+    inputs = [pickle_path] if pickle_path is not None else []
+    check_output(out, force, inputs, TOOL)
     data = load_lidc_pickle(pickle_path) if data is None else data
     chunk, dropped = pickle_chunk(data, keep_empty=split == "literature")
     value_range = (float(chunk.images.min()), float(chunk.images.max()))
@@ -143,7 +149,7 @@ def import_pickle(pickle_path, out, seed: int = 0, force: bool = False,
         raise InputError(f"pickle images span {value_range}, expected [0, 1]")
     meta = {"source": "lidc-pickle", "intensity": "unit", "pickle": str(pickle_path), "split_rule": split,
             "dropped_empty_slices": dropped}
-    return write_dataset(out, [chunk], meta, seed=seed, force=force, split_rule=split)
+    return write_dataset(out, [chunk], meta, seed=seed, force=force, split_rule=split, tool=TOOL, inputs=inputs)
 
 
 def main(argv=None) -> int:
@@ -162,10 +168,12 @@ def _main(argv=None) -> int:
                              "slice kept")
     args = parser.parse_args(argv)
     guards.existing_file("pickle", args.pickle)
+    check_output(args.out, args.force, parser_inputs(parser, args), TOOL)  # every path option is an input
     guards.at_least("--seed", args.seed, 0)
     meta = import_pickle(args.pickle, args.out, args.seed, args.force, split=args.split)
     print(f"wrote {args.out}: {meta['n_slices']} slices, {meta['n_patients']} patients "
           f"({meta['dropped_empty_slices']} slices without any mask left out)")
+    warn_small_splits(args.out)
     return 0
 
 

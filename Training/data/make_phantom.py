@@ -106,6 +106,9 @@ def split_before_rendering(scans, seed: int) -> dict:
     return make_splits(usable, seed)
 
 
+TOOL = "make_phantom.py"  # in the data set's marker: only this script's --force replaces it
+
+
 def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[str]] = None,
                  crop: Optional[int] = None, pad_slices: int = 2, seed: int = 0, force: bool = False,
                  work_dir=None, progress: bool = True, generator: int = GENERATOR_VERSION) -> BuildReport:
@@ -131,7 +134,7 @@ def make_phantom(out, scans: Optional[int] = None, patients: Optional[Sequence[s
     test = frozenset(splits["test"]) if splits else frozenset()
     return build(out, selected, lambda s: phantom_chunk(s, crop, pad_slices, seed, generator, test),
                  meta, params, work_dir=work_dir, seed=seed, force=force, progress=progress,
-                 desc="phantom", splits=splits)
+                 desc="phantom", splits=splits, tool=TOOL)
 
 
 def main(argv=None) -> int:
@@ -152,7 +155,7 @@ def _main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.crop is None:
         args.crop = default_crop(args.generator)
-    check_build_arguments(args, max_crop=512)
+    check_build_arguments(parser, args, max_crop=512, tool=TOOL)
     report = make_phantom(args.out, args.scans, args.patients, args.crop, args.pad_slices,
                           args.seed, args.force, args.work_dir, generator=args.generator)
     print_report(report, args.out)

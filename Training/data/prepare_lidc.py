@@ -65,12 +65,15 @@ def dicom_chunk(scan, crop: int = 128, pad_slices: int = 2):
     return chunk, info
 
 
+TOOL = "prepare_lidc.py"  # in the data set's marker: only this script's --force replaces it
+
+
 def prepare_lidc(dicom_root, out, scans: Optional[int] = None,
                  patients: Optional[Sequence[str]] = None, crop: int = 128, pad_slices: int = 2,
                  seed: int = 0, force: bool = False, work_dir=None,
                  progress: bool = True) -> BuildReport:
     """Build the LIDC-IDRI data set at `out` from the DICOM files under `dicom_root`."""
-    check_output(out, force, inputs=[dicom_root])
+    check_output(out, force, inputs=[dicom_root], tool=TOOL)
     root = Path(dicom_root)
     set_dicom_root(root)
     selected = select_scans(patients=patients, limit=scans)
@@ -82,7 +85,8 @@ def prepare_lidc(dicom_root, out, scans: Optional[int] = None,
     params = {"crop": crop, "pad_slices": pad_slices, "dicom_root": str(root.resolve())}
     meta = {"source": "lidc-dicom", "intensity": "hu", "patients_not_found": len(missing)}
     report = build(out, available, lambda s: dicom_chunk(s, crop, pad_slices), meta, params,
-                   work_dir=work_dir, seed=seed, force=force, progress=progress, desc="LIDC")
+                   work_dir=work_dir, seed=seed, force=force, progress=progress, desc="LIDC", tool=TOOL,
+                   inputs=[dicom_root])
     report.meta["patients_not_found_list"] = missing
     return report
 
@@ -100,7 +104,7 @@ def _main(argv=None) -> int:
                         seed_help="split seed (default 0)")
     args = parser.parse_args(argv)
     guards.existing_folder("--dicom-root", args.dicom_root)
-    check_build_arguments(args, max_crop=IMAGE_SIZE, inputs=[args.dicom_root])
+    check_build_arguments(parser, args, max_crop=IMAGE_SIZE, tool=TOOL)
     report = prepare_lidc(args.dicom_root, args.out, args.scans, args.patients, args.crop,
                           args.pad_slices, args.seed, args.force, args.work_dir)
     print_report(report, args.out)

@@ -77,9 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True)
+    # Every option naming a file or folder the run reads is type=Path: the output guard takes its inputs
+    # from those (ProbSAMLib.io.outputdir.parser_inputs), so --out may never be, hold or lie inside one.
+    parser.add_argument("--data", required=True, type=Path)
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--model", action="append", default=[], help="weights file; repeat to compare")
+    parser.add_argument("--model", action="append", default=[], type=Path, help="weights file; repeat to compare")
     parser.add_argument("--name", action="append", help="column name per --model (default: file's folder)")
     parser.add_argument("--threshold-baseline", action="store_true",
                         help="add the -400 HU threshold + connected-component baseline")
@@ -96,22 +98,22 @@ def _main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--max-slices", type=int, default=0, help="seeded subset of the split (0 = all)")
     parser.add_argument("--box-margin", type=float, default=2.0)
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates")
-    parser.add_argument("--sam-checkpoint", default=None)
+    parser.add_argument("--sam-checkpoint", default=None, type=Path)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=0,
                         help="slices per batch; 0 = chosen from free memory, at most 16 (results do not depend on it)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--num-threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--force", action="store_true", help="replace an existing --out folder")
-    parser.add_argument("--reuse", action="append", default=[], metavar="DIR",
+    parser.add_argument("--reuse", action="append", default=[], metavar="DIR", type=Path,
                         help="an earlier --out folder: a method found there under the same name is read from its "
                              "per-slice table instead of evaluated again (same model file, seed, slices, box "
                              "margin and sample sizes, else an error); repeat to combine runs made in parallel")
     args = parser.parse_args(argv)
     names = args.name or [Path(m).resolve().parent.name for m in args.model]
     check_arguments(args, names)
-    output = guards.output_folder(args.out, args.force, inputs=[args.data, args.sam_checkpoint, *args.model])
+    output = guards.output_folder(parser, args, tool="evaluate.py")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     device = choose_device(args.device)

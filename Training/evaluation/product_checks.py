@@ -118,21 +118,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", required=True, type=Path)  # type=Path: an input the output guard knows
     parser.add_argument("--split", default="test", choices=["train", "val", "test"])
-    parser.add_argument("--model", required=True, help="a heads file of a lite_medsam model")
+    parser.add_argument("--model", required=True, type=Path, help="a heads file of a lite_medsam model")
     parser.add_argument("--samples", type=int, default=16)
     parser.add_argument("--max-slices", type=int, default=0, help="seeded subset of the split (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-threads", type=int, default=0)
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
     guards.at_least("--samples", args.samples, 1)
     guards.at_least("--max-slices", args.max_slices, 0)
     if not Path(args.model).is_file():
         raise SettingsError(f"no weights file at {args.model}")
-    output = guards.output_folder(args.out, args.force, inputs=[args.data, args.model])
+    output = guards.output_folder(parser, args, tool="product_checks.py")
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     learner = load_weights(args.model, None)
