@@ -101,9 +101,19 @@ def message(error: BaseException) -> str:
                 f"(train.py: batch_size, or cache=true with a frozen encoder; evaluate.py: --batch-size; "
                 f"probsam: --slice-batch, --samples), or --device cpu")
     if isinstance(error, OSError) and error.strerror and error.filename:
-        return f"{error.strerror}: {error.filename}"
-    text = " ".join(str(error).split()) or type(error).__name__
+        return printable(f"{error.strerror}: {error.filename}")
+    text = printable(" ".join(str(error).split()) or type(error).__name__)
     return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print on any console: a path byte that is not UTF-8 (kept by os.fsdecode as a lone
+    surrogate, which a stream cannot encode) is shown as ``\\xff``, the byte itself."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte: show its code point
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def is_gpu_out_of_memory(error: BaseException) -> bool:
@@ -135,10 +145,49 @@ def _raise_terminated(signum, frame):
 
 def tolerant_console() -> None:
     """A console that cannot show a character (an ASCII locale, a pipe) prints an escape for it instead of
-    failing the run: tables use arrows and ±, paths and patient ids may be anything."""
+    failing the run: tables use arrows and ±, paths and patient ids may be anything. A stdout whose reader
+    has gone (``probsam info | head -1``) is pointed at /dev/null instead of failing the run."""
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):  # a real text stream, not a test's capture object
             stream.reconfigure(errors="backslashreplace")
+    if not isinstance(sys.stdout, _StdoutReaderMayLeave) and _has_fd(sys.stdout):
+        sys.stdout = _StdoutReaderMayLeave(sys.stdout)
+
+
+def _has_fd(stream) -> bool:
+    try:
+        stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return False
+    return True
+
+
+class _StdoutReaderMayLeave:
+    """sys.stdout, but a reader that closed the pipe (``| head -1``, ``| true``) is not an error: the rest
+    of the output goes to /dev/null and the run goes on to its own end and exit status (Python's recipe
+    for BrokenPipeError, applied where the write happens, so a run whose files are still being written
+    is not cut short by its printout)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def write(self, text):
+        return self._guarded(self._stream.write, text)
+
+    def flush(self):
+        return self._guarded(self._stream.flush)
+
+    def _guarded(self, operation, *args):
+        try:
+            return operation(*args)
+        except BrokenPipeError:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())
+            os.close(devnull)
+            return operation(*args)
 
 
 @contextlib.contextmanager
@@ -198,6 +247,7 @@ def run_main(prog: str, main: Callable[[], Optional[int]], nothing_written: bool
         with terminate_as_exception():
             pause_point("startup")  # test hook: a signal before the entry point's heavy imports
             status = main()
+            sys.stdout.flush()  # a closed pipe shows here, while it can still be handled
     except (Exception, KeyboardInterrupt, Terminated) as error:
         if debugging():
             _run_failure_callbacks()

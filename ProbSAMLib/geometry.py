@@ -99,6 +99,28 @@ class VolumeGeometry:
         """numpy shape ``(K, J, I)`` of an array on this grid."""
         return self.size[::-1]
 
+    @property
+    def voxel_volume_mm3(self) -> float:
+        """One voxel's volume, |det(direction · diag(spacing))|: the product of the spacings only when the
+        axes are at right angles (a sheared grid, e.g. a gantry tilt, has smaller voxels)."""
+        return float(abs(np.linalg.det(self.direction * self.spacing)))
+
+    def shear_note(self, tolerance_deg: float = 0.01) -> Optional[str]:
+        """None for a grid whose index axes are at right angles; else one sentence saying by how much they
+        are not and what that does to the numbers ProbSAM reports."""
+        axes = self.direction / np.linalg.norm(self.direction, axis=0)
+        angles = {f"{_AXIS_NAMES[a]}-{_AXIS_NAMES[b]}": math.degrees(math.acos(np.clip(axes[:, a] @ axes[:, b], -1, 1)))
+                  for a, b in ((0, 1), (0, 2), (1, 2))}
+        off = {pair: angle for pair, angle in angles.items() if abs(angle - 90.0) > tolerance_deg}
+        if not off:
+            return None
+        listed = ", ".join(f"{pair} {angle:.2f}°" for pair, angle in off.items())
+        return (f"the voxel grid is sheared (angle between index axes {listed}, not 90°, e.g. a gantry tilt): "
+                f"volumes use the true voxel volume {self.voxel_volume_mm3:.4g} mm³ (the product of the spacings "
+                f"would give {float(np.prod(self.spacing)):.4g}); diameters are measured in each slice's own "
+                f"plane; the model sees each slice as if its axes were at right angles, so resample to an "
+                f"orthogonal grid for reliable outlines")
+
     def ijk_to_lps_matrix(self) -> np.ndarray:
         """4×4 homogeneous index → LPS matrix."""
         m = np.eye(4)
@@ -344,16 +366,17 @@ def _outside_message(box: Box3D, geometry: VolumeGeometry, cmin, cmax) -> str:
 
 def parse_box_values(text) -> np.ndarray:
     """``"X1,Y1,Z1,X2,Y2,Z2"`` (or 6 numbers) → (2, 3) float array of the two corners."""
+    shown = repr(text) if len(repr(text)) <= 100 else repr(text)[:100] + " ..."  # 400 digits: not all
     if isinstance(text, str):
         parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
         try:
-            values = [float(p) for p in parts]
+            values = [float(p) for p in parts]  # a number too large for a float reads as inf: refused below
         except ValueError:
-            raise ValueError(f"box must be 6 numbers X1,Y1,Z1,X2,Y2,Z2, got {text!r}") from None
+            raise ValueError(f"box must be 6 numbers X1,Y1,Z1,X2,Y2,Z2, got {shown}") from None
     else:
         values = list(np.asarray(text, dtype=np.float64).ravel())
     if len(values) != 6 or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"box must be 6 finite numbers X1,Y1,Z1,X2,Y2,Z2, got {text!r}")
+        raise ValueError(f"box must be 6 finite numbers X1,Y1,Z1,X2,Y2,Z2, got {shown}")
     return np.array(values).reshape(2, 3)
 
 

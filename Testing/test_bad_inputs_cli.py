@@ -105,6 +105,25 @@ def make_world(root: Path, model_path: Path, model) -> dict:
         if name == "dup":
             data = files[2].read_bytes()
             files[1].write_bytes(data.replace(b"1.2.3.3.3", b"1.2.3.3.9"))
+    # damaged files that still decode: a NIfTI cut short, plain and as a complete gzip of the cut file
+    sitk.WriteImage(sitk.ReadImage(str(ct)), str(inputs / "ct.nii"))
+    whole = (inputs / "ct.nii").read_bytes()
+    (inputs / "cut.nii").write_bytes(whole[:len(whole) * 2 // 3])
+    (inputs / "cut_then_zipped.nii.gz").write_bytes(gzip.compress(whole[:len(whole) * 2 // 3]))
+    # a series with one odd slice carrying the series' UID: rotated in-plane, coronal, another pixel size
+    for name, tag, value in (("rotated", "0020|0037", "0\\1\\0\\-1\\0\\0"),
+                             ("coronal", "0020|0037", "1\\0\\0\\0\\0\\-1"), ("finer", "0028|0030", "0.5\\0.5")):
+        folder = inputs / name
+        folder.mkdir()
+        write_dicom_series(folder, np.full((6, 20, 20), -800), "1.2.3.77", "s")
+        odd = sitk.ReadImage(str(folder / "s003.dcm"))
+        odd.SetMetaData(tag, value)
+        if tag == "0028|0030":  # the writer takes the pixel spacing from the image, not the tag
+            odd.SetSpacing((0.5, 0.5, 2.5))
+        writer = sitk.ImageFileWriter()
+        writer.KeepOriginalImageUIDOn()
+        writer.SetFileName(str(folder / "s003.dcm"))
+        writer.Execute(odd)
     (inputs / "nodicom").mkdir()
     (inputs / "nodicom" / "readme.txt").write_text("no images here")
     # markups
@@ -114,12 +133,14 @@ def make_world(root: Path, model_path: Path, model) -> dict:
                "inside_out_text": roi(insideOut="yes"), "no_list": {"markups": {"type": "ROI"}},
                "points": {"markups": [{"type": "Fiducial", "name": "F"}]},
                "two": {"markups": roi()["markups"] * 2}, "orientation_short": roi(orientation=[1, 0, 0])}
+    markups["huge_number"] = roi(center=[int("9" * 400), 0, 0])
     for name, document in markups.items():
         (inputs / f"{name}.mrk.json").write_text(json.dumps(document))
     (inputs / "broken.mrk.json").write_text("{not json")
     geometry = VolumeGeometry.from_sitk(sitk.ReadImage(str(ct)))
     centre = geometry.index_to_physical([21, 23, 6])
     write_roi_json(Box3D(centre, [10, 10, 10]), inputs / "good.mrk.json")
+    write_roi_json(Box3D(centre + 500, [10, 10, 10]), inputs / "outside.mrk.json")
     # weights
     weights = root / "weights"
     weights.mkdir()
@@ -198,6 +219,14 @@ def cases(w: dict) -> dict:
         "NaN voxels": (sample(inputs / "nan.nrrd", *BOX), 2, "non-finite"),
         "missing input": (sample(inputs / "nope.nrrd", *BOX), 2, "not found"),
         "--series-uid on a file": (sample(ct, *BOX, "--series-uid", "1.2"), 2, "only to a DICOM folder"),
+        "truncated .nii": (sample(inputs / "cut.nii", *BOX), 2, "header promises 55648 bytes"),
+        "gzip of a truncated .nii": (sample(inputs / "cut_then_zipped.nii.gz", *BOX), 2, "once decompressed"),
+        "DICOM slice rotated in-plane": (sample(inputs / "rotated", "--box", "2,2,0,9,9,3", "--box-space", "ijk"), 2,
+                                         "s003.dcm has ImageOrientationPatient (0020,0037) 0\\1\\0\\-1\\0\\0"),
+        "DICOM coronal slice in an axial series": (sample(inputs / "coronal", "--box", "2,2,0,9,9,3", "--box-space",
+                                                          "ijk"), 2, "s003.dcm has ImageOrientationPatient"),
+        "DICOM slice of another pixel spacing": (sample(inputs / "finer", "--box", "2,2,0,9,9,3", "--box-space",
+                                                        "ijk"), 2, "s003.dcm has PixelSpacing (0028,0030) 0.5\\0.5"),
         # --- boxes
         "box outside": (sample(ct, "--box", "100,100,3,120,120,9", "--box-space", "ijk"), 2, "outside the volume"),
         "box outside (mm)": (sample(ct, "--box", "500,500,500,510,510,510"), 2, "outside the volume"),
@@ -207,6 +236,11 @@ def cases(w: dict) -> dict:
         "five numbers": (sample(ct, "--box", "1,2,3,4,5", "--box-space", "ijk"), 2, "6 finite numbers"),
         "fractional voxel index": (sample(ct, "--box", "1.5,2,3,20,20,8", "--box-space", "ijk"), 2, "integers"),
         "box too thin": (sample(ct, "--box", "14,16,3,14,31,9", "--box-space", "ijk"), 2, "1 x 16 voxels"),
+        "box: a 400-digit number": (sample(ct, "--box", "1,2,3,4,5," + "9" * 400), 2, "--box: box must be 6 finite"),
+        "box given twice": (sample(ct, *BOX, "--box", "1,1,1,5,5,5"), 2, "--box given twice"),
+        "--box-space with --roi": (sample(ct, "--roi", inputs / "good.mrk.json", "--box-space", "lps"), 2,
+                                   "--box-space applies to --box only"),
+        "box outside (named)": (sample(ct, "--box", "500,500,500,510,510,510"), 2, "--box (--box-space ras): the box"),
         # --- markups
         "ROI centre is text": (sample(ct, "--roi", inputs / "center_text.mrk.json"), 2, "'center' must be 3"),
         "ROI negative size": (sample(ct, "--roi", inputs / "negative.mrk.json"), 2, "negative ROI size"),
@@ -222,6 +256,10 @@ def cases(w: dict) -> dict:
         "ROI index negative": (sample(ct, "--roi", inputs / "two.mrk.json", "--roi-index", "-1"), 2, "out of range"),
         "ROI index with --box": (sample(ct, *BOX, "--roi-index", "0"), 2, "--roi-index applies to --roi"),
         "markups file missing": (sample(ct, "--roi", inputs / "none.mrk.json"), 2, "not found"),
+        "ROI: a 400-digit number": (sample(ct, "--roi", inputs / "huge_number.mrk.json"), 2,
+                                    "huge_number.mrk.json (ROI 0 ''): 'center' must be 3 finite numbers"),
+        "ROI outside the volume": (sample(ct, "--roi", inputs / "outside.mrk.json"), 2,
+                                   "outside.mrk.json: the box lies outside the volume"),
         # --- weights
         "weights: zero patch size": (sample_with_weights("zero_patch.safetensors"), 2, "patch_size = 0"),
         "weights: size is text": (sample_with_weights("text_size.safetensors"), 2, "img_size = 'abc'"),
@@ -235,6 +273,12 @@ def cases(w: dict) -> dict:
         "weights: offline, not cached": (sample(ct, *BOX, with_model=False) + ["--model", "vit_b", "--offline"], 2,
                                          "not available offline"),
         "unknown model": (sample(ct, *BOX, with_model=False) + ["--model", "vit_z"], 2, "unknown model 'vit_z'"),
+        "--sam-checkpoint with a full model": (sample(ct, *BOX) + ["--sam-checkpoint", weights / "fake_sam.pth"], 2,
+                                               "--sam-checkpoint does not apply"),
+        "--checkpoint: a full model for lite_medsam": (sample(ct, *BOX, with_model=False) + ["--checkpoint", m], 2,
+                                                       "but --model lite_medsam takes only ProbSAM heads"),
+        "--checkpoint: a .pth for lite_medsam": (sample(ct, *BOX, with_model=False) + ["--checkpoint",
+                                                 weights / "fake_sam.pth"], 2, "for --model lite_medsam --checkpoint"),
         "--model file without checkpoint": (sample(ct, *BOX, with_model=False) + ["--model", "file"], 2,
                                             "needs --checkpoint"),
         # --- settings and limits
@@ -545,3 +589,32 @@ def test_itk_native_messages_of_a_failed_read_are_not_printed(tmp_path):
                           encoding="utf-8", env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
     assert done.stderr.startswith("error: cannot read") and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "MetaImage" not in done.stderr
+
+
+# --- wrong numbers and raw warnings (issue 36) ------------------------------------------------------------
+def test_a_sheared_grid_reports_the_true_volume_and_one_warning_line_each(world, capsys):
+    """A sheared grid (i and j at 73.3°): volumes from |det(direction · diag(spacing))|, not the product of the
+    spacings (4.4 % too large here); a NIfTI whose sform ITK distrusts: ITK's multi-line block is one line."""
+    direction = np.array([[1.0, 0.3, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    direction[:, 1] /= np.linalg.norm(direction[:, 1])
+    image = sitk.ReadImage(str(world["ct"]))
+    image.SetDirection(direction.ravel().tolist())
+    sitk.WriteImage(image, str(world["inputs"] / "sheared.nrrd"))
+    sitk.WriteImage(sitk.ReadImage(str(world["ct"])), str(world["inputs"] / "odd_sform.nii"))
+    data = bytearray((world["inputs"] / "odd_sform.nii").read_bytes())
+    data[280:328] = np.array([-0.8, 0.3, 0, 20, 0, -0.7, 0, -15, 0, 0, 2.5, -40], "<f4").tobytes()
+    (world["inputs"] / "odd_sform.nii").write_bytes(bytes(data))
+    for name, words in (("sheared.nrrd", "the voxel grid is sheared (angle between index axes i-j 73.30°"),
+                        ("odd_sform.nii", "odd_sform.nii: NiftiImageIO: ")):
+        out = world["root"] / name.replace(".", "_")
+        assert cli.main(["sample", str(world["inputs"] / name), *BOX, "--samples", "2", "--out", str(out), "--model",
+                         "file", "--checkpoint", str(world["model"]), "--quiet"]) == 0
+        err = capsys.readouterr().err
+        warned = [line for line in err.splitlines() if line.startswith("probsam: warning: ")]
+        assert len(warned) == 1 and words in warned[0] and err.count("\n") == 1 and "WARNING: In" not in err, err
+    summary = json.loads((world["root"] / "sheared_nrrd" / "summary.json").read_text(encoding="utf-8"))
+    voxel = 0.8 * 0.7 * 2.5 * np.linalg.det(direction)
+    geometry = summary["geometry"]
+    assert geometry["voxel_volume_mm3"] == pytest.approx(voxel) and "sheared" in geometry["warning"]
+    for sample in summary["samples"]:
+        assert sample["voxels"] > 0 and sample["volume_mm3"] == pytest.approx(sample["voxels"] * voxel)

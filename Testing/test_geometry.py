@@ -198,3 +198,16 @@ def test_box_validation():
     np.testing.assert_allclose(box.center, [-1, -2, 3])
     np.testing.assert_allclose(box.axes_in("ras"), rotation(2, 30), atol=1e-12)
     assert box.contains(box.center) and not box.contains(box.center + [0, 0, 3.01])
+
+
+def test_voxel_volume_is_the_determinant_and_a_shear_is_named():
+    rotated = VolumeGeometry((4, 4, 4), (0, 0, 0), (0.8, 0.7, 2.5), rotation(2, 30))
+    assert rotated.voxel_volume_mm3 == pytest.approx(0.8 * 0.7 * 2.5) and rotated.shear_note() is None
+    tilt = np.eye(3)
+    tilt[:, 2] = [0.0, np.sin(np.radians(20)), np.cos(np.radians(20))]  # k leans 20° towards j: a gantry tilt
+    sheared = VolumeGeometry((4, 4, 4), (0, 0, 0), (0.8, 0.7, 2.5), tilt)
+    # the product of the spacings is 1/cos(20°) = 6.4 % too large; the determinant is the true volume
+    assert sheared.voxel_volume_mm3 == pytest.approx(0.8 * 0.7 * 2.5 * np.cos(np.radians(20)))
+    assert "j-k 70.00°" in sheared.shear_note() and "i-j" not in sheared.shear_note()
+    # what SimpleITK gives for the same grid: the 4x4 index -> LPS matrix agrees with the volume
+    assert abs(np.linalg.det(sheared.ijk_to_lps_matrix())) == pytest.approx(sheared.voxel_volume_mm3)

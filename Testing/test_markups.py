@@ -104,3 +104,19 @@ def test_clear_errors(tmp_path):
     with pytest.raises(MarkupsError, match="inside out"):
         read_roi_json(write(tmp_path, slicer_roi((0, 0, 0), (1, 1, 1), np.eye(3), insideOut=True),
                             name="g.mrk.json"))
+
+
+@pytest.mark.parametrize("text, words", [
+    ("[" + "9" * 400 + ", 0, 0]", "'center' must be 3 finite numbers, got [999"),  # too large for a float
+    ("[NaN, 0, 0]", "'center' must be 3 finite numbers, got [nan, 0, 0]"),
+    ("[-Infinity, 0, 0]", "'center' must be 3 finite numbers, got [-inf, 0, 0]"),
+    ("[1e400, 0, 0]", "'center' must be 3 finite numbers, got [inf, 0, 0]"),
+    ("[" + "9" * 5000 + ", 0, 0]", "is not a JSON file Slicer writes (Exceeds the limit"),  # past int()'s digits
+])
+def test_numbers_a_float_cannot_hold_are_refused_naming_the_file_and_field(tmp_path, text, words):
+    path = tmp_path / "big.mrk.json"
+    path.write_text('{"markups": [{"type": "ROI", "size": [5, 5, 5], "center": ' + text + "}]}", encoding="utf-8")
+    with pytest.raises(MarkupsError) as caught:
+        read_roi_json(path)
+    message = str(caught.value)
+    assert message.startswith(str(path)) and words in message and len(message) < 400, message

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import shutil
 import sys
 import warnings
@@ -28,6 +29,9 @@ from ProbSAMLib.errors import EXIT_INTERRUPTED, SettingsError
 from ProbSAMLib.weights.registry import DEFAULT_MODEL, MANIFEST, MODEL_NAMES, model_entry
 
 MAX_SEED = 2 ** 63 - 1
+# Subcommands that live in their own module: each has add_parser(commands), which sets the parser's
+# default ``run`` to its command function (args) -> None.
+_EXTRA_COMMANDS = {"batch": "ProbSAMLib.app.batch", "serve": "ProbSAMLib.app.server.command"}
 
 
 class UsageError(SettingsError):
@@ -75,11 +79,11 @@ def _sampling_options(parser: argparse.ArgumentParser, out_default: Optional[str
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="probsam", description="Probabilistic Segment Anything for lung-nodule CT: N plausible 3D "
         "segmentations of the object in a box, and their uncertainty. Research software, not for clinical use.")
     parser.add_argument("--version", action="version", version=f"probsam {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=_Parser)
 
     sample = commands.add_parser("sample", help="sample a CT volume inside a 3D box",
                                  description="Sample N segmentations of the object inside a 3D box.")
@@ -90,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--box", metavar="X1,Y1,Z1,X2,Y2,Z2",
                        help="two opposite corners of the box, e.g. --box -40.5,20,-110,-20,45,-90")
     where.add_argument("--roi", type=Path, metavar="ROI.mrk.json", help="a Markups ROI saved from 3D Slicer")
-    sample.add_argument("--box-space", choices=("ras", "lps", "ijk"), default="ras",
+    sample.add_argument("--box-space", choices=("ras", "lps", "ijk"), default=None,
                         help="coordinates of --box: ras (3D Slicer's, mm; default), lps (ITK/DICOM, mm) or "
                              "ijk (inclusive voxel indices)")
     sample.add_argument("--roi-index", type=int, metavar="N", help="which ROI of a file holding several (0-based)")
@@ -113,7 +117,44 @@ def build_parser() -> argparse.ArgumentParser:
     fetch.add_argument("name", help="manifest name (see probsam info), e.g. sam_vit_b")
     fetch.add_argument("--from", dest="source", type=Path, metavar="FILE",
                        help="install this local file (e.g. copied from a machine with internet access)")
+    for name, module in _EXTRA_COMMANDS.items():  # commands with their own module: options and cmd there
+        importlib.import_module(module).add_parser(commands)
     return parser
+
+
+class _StoreOnce(argparse._StoreAction):
+    """argparse's "store", but an option given twice (a second --box) is recorded instead of the last one
+    silently winning; :func:`_check_repeats` refuses it with the one-line error of every bad setting."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        given = namespace.__dict__.setdefault("_given_options", {})
+        if option_string and self.dest in given:
+            namespace.__dict__.setdefault("_repeated_options", []).append(
+                (given[self.dest][0], option_string, given[self.dest][1], values))
+        if option_string:
+            given[self.dest] = (option_string, values)
+        super().__call__(parser, namespace, values, option_string)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Every parser of the command, subcommands' included: options are stored once (:class:`_StoreOnce`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register("action", None, _StoreOnce)
+        self.register("action", "store", _StoreOnce)
+
+    def _print_message(self, message, file=None):  # argparse's own errors may quote a path that is not UTF-8
+        super()._print_message(errors.printable(message) if message else message, file)
+
+
+def _check_repeats(args) -> None:
+    for first, second, value, again in getattr(args, "_repeated_options", []):
+        shown = [errors.printable(str(v))[:80] for v in (value, again)]
+        same = f"{first}" if first == second else f"{first} and {second}"
+        hint = " (one box per run: run probsam sample again, or probsam batch, for another)" \
+            if first in ("--box", "--roi") else ""
+        raise UsageError(f"{same} given twice ({shown[0]!r} and {shown[1]!r}); give it once{hint}")
 
 
 def _join_negative_box(argv: Sequence[str]) -> list:
@@ -134,15 +175,18 @@ def _say(args, text: str) -> None:
 
 
 def _inputs(args) -> list:
-    """Every file or folder the command reads: --force may never delete them."""
-    names = ("input", "roi", "checkpoint", "sam_checkpoint")
-    return [getattr(args, name) for name in names if getattr(args, name, None) is not None]
+    """Every file or folder the command reads (its parser's ``type=Path`` options but --out): --force may
+    never delete them, and --out may not lie inside them."""
+    from ProbSAMLib.io.outputdir import parser_inputs
+
+    return parser_inputs(build_parser(), args)
 
 
 def _output_folder(args):
     from ProbSAMLib.io.outputdir import OutputFolder
 
-    return OutputFolder(args.out, args.force, inputs=_inputs(args))
+    # the marker names the command, so --force replaces only what this command wrote
+    return OutputFolder(args.out, args.force, inputs=_inputs(args), tool=f"probsam {args.command}")
 
 
 def _check_output(args) -> None:
@@ -167,8 +211,83 @@ def _check_numbers(args) -> None:
     for option, path in (("--checkpoint", args.checkpoint), ("--sam-checkpoint", args.sam_checkpoint)):
         if path is not None and not Path(path).is_file():
             raise errors.WeightsError(f"{option} {path}: no such file")
+    _check_weights_options(args)
     args.offline = args.offline or errors.env_flag("PROBSAM_OFFLINE")
     choose_device(args.device)  # an unavailable device is refused before any reading
+
+
+def _check_weights_options(args) -> None:
+    """--checkpoint and --sam-checkpoint only where --model reads them, and --checkpoint of the kind it takes
+    (heads for lite_medsam and vit_*, a full model for file): a file the model would ignore, or one loaded
+    under the wrong model's name, is refused instead."""
+    entry = model_entry(args.model)
+    for option, path in (("--checkpoint", args.checkpoint), ("--sam-checkpoint", args.sam_checkpoint)):
+        if path is not None and entry.loader == "bundled":
+            raise UsageError(f"{option} does not apply to --model {args.model}, which is bundled whole; run other "
+                             f"weights with --model file --checkpoint PATH")
+    if args.checkpoint is None:
+        return
+    contents = _probsam_contents(args.checkpoint, args.model)
+    if contents == "full" and entry.loader != "file":
+        raise UsageError(f"--checkpoint {args.checkpoint} holds a full ProbSAM model, but --model {args.model} takes "
+                         f"only ProbSAM heads for its own backbone; run a full model with --model file "
+                         f"--checkpoint {args.checkpoint}")
+    if contents == "full" and args.sam_checkpoint is not None:
+        raise UsageError(f"--sam-checkpoint does not apply: --checkpoint {args.checkpoint} holds a full ProbSAM "
+                         f"model, backbone included; leave --sam-checkpoint out")
+
+
+def _probsam_contents(path: Path, model: str) -> Optional[str]:
+    """"heads" or "full" from a ProbSAM file's header (not its tensors); None where the loader must judge."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            metadata = handle.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise errors.WeightsError(
+            f"--checkpoint {path} is not a ProbSAM .safetensors file (truncated or corrupt? {error}); for --model "
+            f"{model} --checkpoint takes " + ("a full ProbSAM model" if model == "file" else
+                                              "ProbSAM heads (a backbone's or SAM's .pth goes to --sam-checkpoint)")
+        ) from None
+    return metadata.get("contents") if metadata.get("format") else None
+
+
+def _check_prompt(args) -> None:
+    """--box-space goes with --box, --roi-index with --roi; --box's numbers are checked here, naming the
+    option, before the volume is read."""
+    from ProbSAMLib.geometry import parse_box_values
+
+    if args.roi is not None and args.box_space is not None:
+        raise UsageError(f"--box-space applies to --box only; the ROI file {args.roi} carries its own coordinate "
+                         f"system")
+    if args.box is not None and args.roi_index is not None:
+        raise UsageError("--roi-index applies to --roi only")
+    args.box_space = args.box_space or "ras"
+    if args.box is not None:
+        try:
+            parse_box_values(args.box)
+        except ValueError as error:
+            raise UsageError(f"--box: {error}") from None
+
+
+def _voxel_box(args, geometry):
+    """(VoxelBox, request) of --box or --roi; an error names which one it is about."""
+    from ProbSAMLib.geometry import voxel_box_from_cli, voxel_box_from_physical
+    from ProbSAMLib.io.markups import read_roi_json
+
+    if args.roi is not None:
+        box, source = read_roi_json(args.roi, args.roi_index), f"the ROI of {args.roi}"
+        request = {"roi": str(args.roi), "roi_index": args.roi_index}
+    else:
+        box, source = None, f"--box (--box-space {args.box_space})"
+        request = {"box": args.box, "box_space": args.box_space}
+    try:
+        if box is not None:
+            return voxel_box_from_physical(box, geometry), request
+        return voxel_box_from_cli(args.box, args.box_space, geometry), request
+    except ValueError as error:
+        raise UsageError(f"{source}: {error}") from None
 
 
 def _load_model(args):
@@ -254,21 +373,14 @@ def cmd_sample(args) -> None:
 
     from ProbSAMLib.io import imageio
     from ProbSAMLib.app import report
-    from ProbSAMLib.geometry import VolumeGeometry, voxel_box_from_cli, voxel_box_from_physical
-    from ProbSAMLib.io.markups import read_roi_json
+    from ProbSAMLib.geometry import VolumeGeometry
 
     _check_numbers(args)
+    _check_prompt(args)
     _check_output(args)
     image = imageio.read_volume(args.input, args.series_uid)
     geometry = VolumeGeometry.from_sitk(image)
-    if args.roi is not None:
-        voxel_box = voxel_box_from_physical(read_roi_json(args.roi, args.roi_index), geometry)
-        request = {"roi": str(args.roi), "roi_index": args.roi_index}
-    else:
-        if args.roi_index is not None:
-            raise UsageError("--roi-index applies to --roi only")
-        voxel_box = voxel_box_from_cli(args.box, args.box_space, geometry)
-        request = {"box": args.box, "box_space": args.box_space}
+    voxel_box, request = _voxel_box(args, geometry)
     model = _load_model(args)
     volume = sitk.GetArrayViewFromImage(image).astype(np.float32, copy=False)
     result = _sample(args, model, volume, geometry, voxel_box)
@@ -392,7 +504,7 @@ COMMANDS = {"sample": cmd_sample, "demo": cmd_demo, "info": cmd_info, "fetch": c
 def _warnings_as_lines():
     """Library warnings (e.g. 'no ProbSAM heads given') as one line each, not Python's file:line format."""
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"probsam: warning: {message}", file=sys.stderr)
+        print(f"probsam: warning: {errors.printable(' '.join(str(message).split()))}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("default")
@@ -414,9 +526,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(args) -> int:
     from ProbSAMLib.errors import Cancelled
 
+    _check_repeats(args)
     try:
         with _warnings_as_lines():
-            COMMANDS[args.command](args)
+            (COMMANDS.get(args.command) or args.run)(args)
     except Cancelled:
         print("probsam: cancelled; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED

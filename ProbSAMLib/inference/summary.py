@@ -1,8 +1,10 @@
 """What a volume sampling run found: per-sample sizes, the spread across samples, and the run's summary.
 
-Per sample: volume in mm³ (voxel count x voxel volume) and the longest axial diameter in mm — the
-longest in-plane distance between two points of the mask on any one slice, measured edge to edge (the
-outer corners of the boundary voxels), the way a reader measures a nodule on an axial image.
+Per sample: volume in mm³ (voxel count x the voxel volume |det(direction · diag(spacing))|, right on a
+sheared grid too) and the longest axial diameter in mm — the longest in-plane distance between two points
+of the mask on any one slice, measured edge to edge (the outer corners of the boundary voxels, mapped
+through the full direction matrix, so also right in a sheared slice's own plane), the way a reader
+measures a nodule on an axial image.
 Across samples: mean ± sd (sd with ddof = 1), pairwise Dice over distinct pairs, and the sample
 diversity E[d(S, S')] = mean 1 − IoU over distinct pairs (the sample term of GED; metrics.py).
 The summary is JSON-ready; ProbSAMLib.app.report writes it (summary.json) with the volumes.
@@ -77,13 +79,18 @@ def box_description(voxel_box: VoxelBox, geometry: VolumeGeometry) -> dict:
 
 
 def geometry_description(geometry: VolumeGeometry) -> dict:
-    return {"size_ijk": list(geometry.size), "origin_lps": geometry.origin.tolist(),
-            "spacing": geometry.spacing.tolist(), "direction": geometry.direction.ravel().tolist()}
+    description = {"size_ijk": list(geometry.size), "origin_lps": geometry.origin.tolist(),
+                   "spacing": geometry.spacing.tolist(), "direction": geometry.direction.ravel().tolist(),
+                   "voxel_volume_mm3": geometry.voxel_volume_mm3}
+    note = geometry.shear_note()
+    if note:
+        description["warning"] = note
+    return description
 
 
 def _per_sample(masks: np.ndarray, geometry: VolumeGeometry, box: VoxelBox, noise) -> list:
     """One dict per sample of box-cropped masks (N, Kb, Jb, Ib): voxels, volume, diameter, draw."""
-    voxel_mm3 = float(np.prod(geometry.spacing))
+    voxel_mm3 = geometry.voxel_volume_mm3
     names = segment_names(len(masks))
     samples = []
     for n, mask in enumerate(masks):
@@ -123,9 +130,9 @@ def volume_summary(result, settings: dict, timings: dict) -> dict:
     entropy = result.entropy
     uncertainty = {"mean_entropy_in_box_nats": float(entropy.mean()), "max_entropy_nats": float(entropy.max()),
                    "mean_mutual_information_in_box_nats": float(result.mutual_information.mean())}
-    spread = _spread(masks, samples, float(np.prod(geometry.spacing)))
+    spread = _spread(masks, samples, geometry.voxel_volume_mm3)
     if result.consensus is not None:
-        spread["consensus_volume_mm3"] = float(result.consensus.sum() * np.prod(geometry.spacing))
+        spread["consensus_volume_mm3"] = float(result.consensus.sum() * geometry.voxel_volume_mm3)
     share = result.marking_share
     return {"disclaimer": DISCLAIMER, "settings": settings, "box": box_description(box, geometry),
             "geometry": geometry_description(geometry), "samples": samples, "spread": spread,

@@ -85,8 +85,10 @@ def _load(path) -> dict:
         raise FileNotFoundError(f"markups file not found: {path}")
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise MarkupsError(f"{path} is not a JSON file ({error}); expected a Slicer .mrk.json") from None
+    except (ValueError, RecursionError) as error:  # ValueError: bad UTF-8 or JSON, or a number past
+        # Python's 4300-digit limit for int(); RecursionError: brackets nested thousands deep
+        raise MarkupsError(f"{path} is not a JSON file Slicer writes ({str(error)[:120]}); expected a "
+                           f"Slicer .mrk.json") from None
     if not isinstance(document, dict) or not isinstance(document.get("markups"), list):
         raise MarkupsError(f"{path} is JSON but not a Slicer markups file (no 'markups' list)")
     return document
@@ -107,25 +109,40 @@ def _vector(markup: dict, key: str, count: int, where: str) -> np.ndarray:
         raise MarkupsError(f"{where}: the ROI has no '{key}' field")
     values = markup[key]
     ok = (isinstance(values, list) and len(values) == count
-          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values))
+          and all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in values))
     if not ok:
-        raise MarkupsError(f"{where}: '{key}' must be {count} finite numbers, got {values!r}")
+        raise MarkupsError(f"{where}: '{key}' must be {count} finite numbers, got {_shown(values)}")
     return np.array(values, dtype=np.float64)
+
+
+def _finite(value) -> bool:
+    """A JSON number usable as a float: not NaN/Infinity (which json accepts) and not an integer too large
+    for a float (a 400-digit one raises OverflowError in float())."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _shown(value, limit: int = 120) -> str:
+    """A field's value for a message, cut short (a 400-digit number must not flood the line)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + " ..."
 
 
 def _roi_to_box(markup: dict, where: str) -> Box3D:
     system = markup.get("coordinateSystem", "LPS")  # the schema's default is LPS
     if not isinstance(system, str) or system.upper() not in ("LPS", "RAS"):
-        raise MarkupsError(f"{where}: unknown coordinateSystem {system!r} (expected LPS or RAS)")
+        raise MarkupsError(f"{where}: unknown coordinateSystem {_shown(system)} (expected LPS or RAS)")
     system = system.upper()
     units = markup.get("coordinateUnits", "mm")
     if isinstance(units, list):  # coded entry [code, scheme, meaning]
         units = units[0] if units else "mm"
     if not isinstance(units, str) or units not in _UNIT_TO_MM:
-        raise MarkupsError(f"{where}: unsupported coordinateUnits {units!r} (expected mm or um)")
+        raise MarkupsError(f"{where}: unsupported coordinateUnits {_shown(units)} (expected mm or um)")
     inside_out = markup.get("insideOut", False)
     if not isinstance(inside_out, bool):
-        raise MarkupsError(f"{where}: 'insideOut' must be true or false, got {inside_out!r}")
+        raise MarkupsError(f"{where}: 'insideOut' must be true or false, got {_shown(inside_out)}")
     if inside_out:
         raise MarkupsError(f"{where}: the ROI is 'inside out', which cannot be used as a box prompt")
     scale = _UNIT_TO_MM[units]

@@ -48,10 +48,28 @@ class OutputExistsError(OutputRefusedError):
     """The output folder exists and replacing it was not asked for."""
 
 
+class InputPath(type(Path())):
+    """A path the run reads, with the option that named it (``option``), so a refusal can say which."""
+
+    option: Optional[str] = None
+
+
+def named_input(path, option: Optional[str]) -> Path:
+    named = InputPath(path)
+    named.option = option
+    return named
+
+
+def _input_name(path: Path) -> str:
+    option = getattr(path, "option", None)
+    return f"{path} (given as {option})" if option else str(path)
+
+
 def parser_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace,
                   outputs: Sequence[str] = ("out",)) -> List[Path]:
     """Every file or folder the run reads: the values of the parser's ``type=Path`` options (in the chosen
-    subcommand too, repeated or ``nargs`` ones included), except the options named in ``outputs`` (dests)."""
+    subcommand too, repeated or ``nargs`` ones included), except the options named in ``outputs`` (dests).
+    Each carries the option that named it (InputPath.option), for the refusal's message."""
     found = []
     for action in parser._actions:  # argparse keeps no public list of a parser's options
         if isinstance(action, argparse._SubParsersAction):
@@ -61,7 +79,8 @@ def parser_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace,
         elif action.type is Path and action.dest not in outputs:
             value = getattr(args, action.dest, None)
             values = value if isinstance(value, (list, tuple)) else [value]
-            found += [Path(v) for v in values if v is not None]
+            name = action.option_strings[0] if action.option_strings else action.metavar or action.dest.upper()
+            found += [named_input(v, name) for v in values if v is not None]
     return found
 
 
@@ -117,7 +136,7 @@ class OutputFolder:
                  tool: str = "ProbSAMLib"):
         self.out_dir = Path(out_dir).expanduser().absolute()
         self.force = force
-        self.inputs = [Path(p).expanduser() for p in inputs if p is not None]
+        self.inputs = [named_input(Path(p).expanduser(), getattr(p, "option", None)) for p in inputs if p is not None]
         self.option = option
         self.tool = tool
         self.tmp: Optional[Path] = None
@@ -187,10 +206,10 @@ class OutputFolder:
             raise OutputRefusedError(f"{self._named(out)} exists and is not a folder")
         for path in self.inputs:
             if _is_within(path.resolve(), real):
-                raise OutputRefusedError(f"{self._named(out)} holds the input {path}; choose a folder that "
+                raise OutputRefusedError(f"{self._named(out)} holds the input {_input_name(path)}; choose a folder that "
                                          f"holds none of the inputs")
             if _is_within(real, path.resolve()):
-                raise OutputRefusedError(f"{self._named(out)} is inside the input {path}; choose a folder "
+                raise OutputRefusedError(f"{self._named(out)} is inside the input {_input_name(path)}; choose a folder "
                                          f"outside every input")
 
     # --- temporary and stale folders ------------------------------------------------------------------
