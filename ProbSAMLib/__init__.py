@@ -1,12 +1,12 @@
 """ProbSAMLib: Probabilistic Segment Anything — many plausible masks per box, and their uncertainty.
 
-Research software. Models trained on rendered phantom data are DEMO models; nothing here is validated
-for clinical use.
+Research software: the default model (ProbSAM heads on the pretrained LiteMedSAM) is a research model,
+and nothing here is validated for clinical use.
 
 Typical use::
 
     from ProbSAMLib import load_model, sample_masks
-    model = load_model("demo_v7")                  # bundled tiny demo model, CPU/CUDA/MPS chosen for you
+    model = load_model("lite_medsam")              # the default model; CUDA, MPS or CPU chosen for you
     result = sample_masks(model, ct_slice_hu, box_xyxy, n_samples=16, seed=0)
     result.masks.shape                             # (1, 16, H, W)
 """
