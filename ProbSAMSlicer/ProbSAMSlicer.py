@@ -41,6 +41,7 @@ from ProbSAMLib import __version__ as PROBSAM_VERSION  # noqa: E402  (cheap: no 
 from ProbSAMLib.weights.registry import DEFAULT_MODEL, MODEL_NAMES, MODELS as MODEL_ENTRIES  # noqa: E402
 from ProbSAMLib.errors import Cancelled  # noqa: E402  (torch-free)
 from ProbSAMSlicerLib import dependencies, outputs, results, sampling_process  # noqa: E402  (needs the path above)
+from ProbSAMSlicerLib import remote_mode  # noqa: E402  (the server's settings; no HTTP in this process)
 from ProbSAMSlicerLib.roi_geometry import matrix_to_numpy, roi_request_parts  # noqa: E402
 from ProbSAMSlicerLib.sampling_process import SamplingRequest, SamplingRun, SamplingSettings  # noqa: E402
 
@@ -113,6 +114,8 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._outputs = []
         self._shownKind = None
         self._timer = None
+        self._connectionTest = None  # a "Test connection" in flight (remote_mode.ConnectionTest)
+        self._connectionTimer = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -129,6 +132,7 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._timer = qt.QTimer()
         self._timer.setInterval(self.POLL_MS)
         self._timer.connect("timeout()", self.onPollJob)
+        self._setupServerSection()
         self.ui.sampleButton.connect("clicked(bool)", self.onSampleButton)
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.browseCheckpointButton.connect("clicked(bool)", lambda: self.onBrowse("checkpointPath"))
@@ -149,6 +153,11 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.onCancelButton()
         if self._timer is not None:
             self._timer.stop()
+        if self._connectionTimer is not None:
+            self._connectionTimer.stop()
+        if self._connectionTest is not None:
+            self.logic.worker.release(self._connectionTest)
+            self._connectionTest = None
         self._run = None
         self.removeObservers()
         self.logic.stopWorker()
@@ -225,7 +234,9 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _updateButtons(self, caller=None, event=None) -> None:
         problem = self.logic.inputProblem(self._parameterNode) if self._parameterNode else _("no parameters")
         running = self._run is not None
-        self.ui.sampleButton.enabled = problem is None and not running
+        testing = self._connectionTest is not None  # it holds the worker until the server answers
+        self.ui.sampleButton.enabled = problem is None and not running and not testing
+        self.ui.testConnectionButton.enabled = not running and not testing
         self.ui.sampleButton.toolTip = problem or _("Sample masks in every selected ROI")
         self.ui.cancelButton.enabled = running
         model = self._parameterNode.model if self._parameterNode else ""
@@ -294,6 +305,59 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshResults()
         self._showMap(self._runVolume, built[-1] if built else None)
         self.ui.statusLabel.text = self.logic.statusMessage(built)
+
+    # remote mode: URL, token and CA file live in Slicer's settings, never in the parameter node or scene
+    def _setupServerSection(self) -> None:
+        stored = remote_mode.stored_settings()
+        self.ui.serverUrlLineEdit.text = stored["url"]
+        self.ui.serverTokenLineEdit.text = stored["token"]
+        self.ui.serverCaFileLineEdit.text = stored["cafile"]
+        for edit in (self.ui.serverUrlLineEdit, self.ui.serverTokenLineEdit, self.ui.serverCaFileLineEdit):
+            edit.connect("editingFinished()", self.onServerSettingsEdited)
+        self.ui.testConnectionButton.connect("clicked(bool)", self.onTestConnection)
+        self._connectionTimer = qt.QTimer()
+        self._connectionTimer.setInterval(self.POLL_MS)
+        self._connectionTimer.connect("timeout()", self.onPollConnection)
+        self._showServerMode()
+
+    def onServerSettingsEdited(self) -> None:
+        remote_mode.save_server_settings(self.ui.serverUrlLineEdit.text, self.ui.serverTokenLineEdit.text,
+                                         self.ui.serverCaFileLineEdit.text)
+        self._showServerMode()
+        self._updateButtons()
+
+    def _showServerMode(self) -> None:
+        server = remote_mode.server_settings()
+        self.ui.serverStatusLabel.text = (
+            _("Local mode: sampling runs on this computer.") if server is None else
+            _("Remote mode: sampling runs on {url}.").format(url=server["url"]))
+
+    def onTestConnection(self) -> None:
+        """Asked of the worker process (HTTP never runs in Slicer's process); onPollConnection shows the answer."""
+        self.onServerSettingsEdited()
+        server = remote_mode.server_settings()
+        if server is None:
+            self.ui.serverStatusLabel.text = _("Enter the server's URL first (empty: sampling runs on this computer).")
+            return
+        try:
+            self._connectionTest = remote_mode.ConnectionTest(self.logic.worker, server).start()
+        except Exception as error:  # a run holds the worker, or it cannot start
+            self.ui.serverStatusLabel.text = _("Cannot test the connection now: {error}").format(error=error)
+            return
+        self.ui.serverStatusLabel.text = _("Testing the connection to {url}...").format(url=server["url"])
+        self._connectionTimer.start()
+        self._updateButtons()
+
+    def onPollConnection(self) -> None:
+        test = self._connectionTest
+        if test is None or test.poll():
+            self._connectionTimer.stop()
+            self._connectionTest = None
+        if test is None or not test.done:
+            return
+        self.ui.serverStatusLabel.text = test.message if test.ok else _("Connection failed: {message}").format(
+            message=test.message)
+        self._updateButtons()
 
     # results
     def refreshResults(self) -> None:
@@ -386,7 +450,8 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def settingsFromParameters(p) -> SamplingSettings:
         return SamplingSettings(int(p.numberOfSamples), int(p.seed), p.model, p.checkpointPath,
-                                p.samCheckpointPath, p.device, p.uncertaintyKind)
+                                p.samCheckpointPath, p.device, p.uncertaintyKind,
+                                server=remote_mode.server_settings())
 
     @staticmethod
     def modelWarning(model: str) -> str:
@@ -401,7 +466,7 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
             return _("Select an input volume.")
         if not self.roiNodesFromParameters(p):
             return _("Place a Markups ROI around the object.")
-        if MODEL_ENTRIES[p.model].needs_checkpoint and not p.checkpointPath:
+        if MODEL_ENTRIES[p.model].needs_checkpoint and not p.checkpointPath and remote_mode.server_settings() is None:
             return _("Choose a weights file for model '{model}'.").format(model=p.model)
         return None
 
@@ -425,24 +490,28 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
     def process(self, inputVolume, roiNodes, numberOfSamples: int = 16, seed: Optional[int] = 0,
                 model: str = DEFAULT_MODEL, checkpointPath: str = "", samCheckpointPath: str = "", device: str = "auto",
                 uncertaintyKind: str = "entropy", outputMode: str = "replace", closedSurface: bool = False,
-                progress=None, cancel=None) -> list:
+                progress=None, cancel=None, server: Optional[dict] = None) -> list:
         """Sample every ROI in the worker process, wait for it, then build the nodes; a list of RoiOutputs.
 
         ``roiNodes``: one ROI node or a list. Each RoiOutputs has ``segmentationNode`` (consensus, samples,
         agreement), ``mapNodes`` (the four uncertainty volumes) and ``tableNode``. ``outputMode``:
         "replace" (the ROI's previous result) or "new node". A failure raises and adds nothing to the scene.
         ``progress(fraction, message)``; ``cancel() -> bool``: True stops the run (ProbSAMLib.errors.Cancelled).
+        ``server``: {url, token, cafile} to sample on a ``probsam serve`` server (remote mode; the worker
+        process sends the CT block around each ROI there); None: on this computer.
         """
         roiNodes = list(roiNodes) if isinstance(roiNodes, (list, tuple)) else [roiNodes]
         settings = SamplingSettings(int(numberOfSamples), seed, model, checkpointPath or "", samCheckpointPath or "",
-                                    device, uncertaintyKind)
+                                    device, uncertaintyKind, server=server)
         self._checkOutputMode(outputMode)
         run = self.startProcessing(inputVolume, roiNodes, settings)
         run.wait(progress, cancel)
         return self.finishProcessing(run, inputVolume, outputMode=outputMode, closedSurface=closedSurface)
 
     def startProcessing(self, inputVolume, roiNodes: list, settings: SamplingSettings) -> SamplingRun:
-        """Send the work to the worker; poll the run (``run.poll()``), then ``finishProcessing``."""
+        """Send the work to the worker; poll the run (``run.poll()``), then ``finishProcessing``. A run already
+        going on the session's worker (another logic's, the widget's) refuses this one: WorkerBusy, nothing
+        sent, nothing added."""
         self._checkSettings(settings)
         requests = self.prepareRequests(inputVolume, roiNodes)
         ijkToRAS = vtk.vtkMatrix4x4()
@@ -513,7 +582,7 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
             raise ValueError(_("uncertainty must be one of {kinds}").format(kinds=", ".join(UNCERTAINTY_KINDS)))
         if settings.model not in MODELS:
             raise ValueError(_("model must be one of {models}").format(models=", ".join(MODELS)))
-        if MODEL_ENTRIES[settings.model].needs_checkpoint and not settings.checkpointPath:
+        if MODEL_ENTRIES[settings.model].needs_checkpoint and not settings.checkpointPath and not settings.server:
             raise ValueError(_("model '{model}' needs a weights file (checkpointPath)").format(model=settings.model))
 
     # display

@@ -1,6 +1,8 @@
 """ProbSAMLib.app.worker, the sampling server the Slicer module runs in a child process: its protocol on
-stdout only, even when libraries print, and cancel by request id. Waits on the worker's pipes."""
+stdout only, even when libraries print, cancel by request id, its frames (wire messages, never pickle;
+size limits checked before anything is allocated) and its heartbeat. Waits on the worker's pipes."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +50,14 @@ def noisy_worker(tmp_path):
     process.wait()
 
 
+def next_frame(stream):
+    """The next frame that is not a heartbeat (the worker sends one every HEARTBEAT_S while it works)."""
+    message = read_frame(stream)
+    while message is not None and message["type"] == "heartbeat":
+        message = read_frame(stream)
+    return message
+
+
 def request(rid, weights):
     return {"type": "sample", "id": rid, "model": {"name": "file", "checkpoint": str(weights), "device": "cpu"},
             "ijk_to_ras": np.eye(4), "size_ijk": (16, 16, 3), "lo": (4, 4, 0), "hi": (12, 12, 3), "n_samples": 2,
@@ -59,11 +69,11 @@ def test_frames_only_on_stdout_and_cancel_by_request_id(noisy_worker, weights):
     goes to stderr while stdout carries intact frames only."""
     write_frame(noisy_worker.stdin, {"type": "cancel", "id": 7})
     write_frame(noisy_worker.stdin, request(7, weights))
-    message = read_frame(noisy_worker.stdout)
+    message = next_frame(noisy_worker.stdout)
     assert (message["type"], message["id"], message["kind"]) == ("error", 7, "cancelled")
 
     write_frame(noisy_worker.stdin, request(8, weights))
-    window = read_frame(noisy_worker.stdout)
+    window = next_frame(noisy_worker.stdout)
     assert window["type"] == "window" and window["id"] == 8
     k0, k1, r0, r1, c0, c1 = window["region"]
     assert (k0, k1) == (0, 3) and r0 <= 4 and r1 >= 12 and c0 <= 4 and c1 >= 12  # the box's block, at least
@@ -71,13 +81,13 @@ def test_frames_only_on_stdout_and_cancel_by_request_id(noisy_worker, weights):
     write_frame(noisy_worker.stdin, {"type": "region", "id": 8, "values": values})
     kinds = []
     while True:
-        message = read_frame(noisy_worker.stdout)
+        message = next_frame(noisy_worker.stdout)
         kinds.append(message["type"])
         if message["type"] != "progress":
             break
     assert message["type"] == "result", message
     assert message["masks"].shape == (2, 3, 8, 8) and message["entropy"].shape == (3, 8, 8)
-    assert message["lo"] == (4, 4, 0) and len(message["colors"]) == 2 and message["model"]["loads"] == 1
+    assert message["lo"] == [4, 4, 0] and len(message["colors"]) == 2 and message["model"]["loads"] == 1
     assert "progress" in kinds
     write_frame(noisy_worker.stdin, {"type": "quit"})
     out, err = noisy_worker.communicate(timeout=60)
@@ -118,9 +128,12 @@ def server():
     thread = threading.Thread(target=srv.serve, name="test-worker-serve", daemon=True)
     thread.start()
 
-    def receive():
-        assert select.select([from_server], [], [], 60)[0], "no frame from the server within 60 s"
-        return read_frame(from_server)
+    def receive(heartbeats=False):
+        while True:
+            assert select.select([from_server], [], [], 60)[0], "no frame from the server within 60 s"
+            message = read_frame(from_server)
+            if heartbeats or message is None or message["type"] != "heartbeat":
+                return message
 
     def close():
         if not to_server.closed:
@@ -168,7 +181,7 @@ def test_server_in_process_samples_reuses_the_model_and_reports_errors(server, w
     assert result["type"] == "result", result
     assert len(frames) > 1 and all(0 <= f["fraction"] <= 1 for f in frames[:-1])
     assert result["masks"].shape == (2, 3, 8, 8) and result["mean_probability"].shape == (3, 8, 8)
-    assert result["model"]["loads"] == 1 and not result["model"]["reused"] and result["lo"] == (4, 4, 0)
+    assert result["model"]["loads"] == 1 and not result["model"]["reused"] and result["lo"] == [4, 4, 0]
     assert result["model"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
     # the device check's answer goes to the client as a warning frame (replaced here: the real check
@@ -292,3 +305,160 @@ def test_masks_are_cut_to_a_rotated_roi_and_the_summary_follows():
     assert result.summary["samples"][0]["voxels"] == int(result.masks[0].sum())
     assert result.summary["roi_cut"] == cut
     assert cut_to_roi(result, None) == {"voxels_outside_roi": 0, "mask_voxels_removed": 0}
+
+
+# --- frames under faults ----------------------------------------------------------------------------------
+class Reads:
+    """A stream that records how many bytes were asked of it (readinto), to prove a refusal came first."""
+
+    def __init__(self, data: bytes):
+        import io
+
+        self.stream, self.asked, self.resident = io.BytesIO(data), [], []
+
+    def readinto(self, buffer):
+        self.asked.append(len(buffer))
+        self.resident.append(resident_bytes())
+        return self.stream.readinto(buffer)
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (Linux), 0 elsewhere."""
+    if not os.path.exists("/proc/self/statm"):
+        return 0
+    with open("/proc/self/statm", encoding="utf-8") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_frames_cut_short_or_oversized_are_wire_errors_and_a_clean_end_is_none():
+    import io
+    import struct
+
+    from ProbSAMLib.app import worker
+    from ProbSAMLib.app.wire import WireError
+
+    frame = io.BytesIO()
+    write_frame(frame, {"type": "region", "id": 1, "values": np.ones((2, 3, 4), np.float32)})
+    data = frame.getvalue()
+    assert read_frame(io.BytesIO(data))["values"].shape == (2, 3, 4)
+    assert read_frame(io.BytesIO(b"")) is None  # the end of the stream, between frames
+    with pytest.raises(WireError, match="frame's length was cut short: 3 of 8 bytes"):
+        read_frame(io.BytesIO(data[:3]))
+    with pytest.raises(WireError, match=f"message was cut short: 10 of {len(data) - 8} bytes"):
+        read_frame(io.BytesIO(data[:18]))
+    # A forged length far above the limit: refused after reading the 8-byte prefix, nothing allocated.
+    stream = Reads(struct.pack("<Q", 2 ** 62) + b"x" * 100)
+    with pytest.raises(WireError, match=f"the limit is {worker.MAX_FROM_WORKER_BYTES} bytes"):
+        read_frame(stream)
+    assert stream.asked == [8]
+    with pytest.raises(WireError, match="limit is 100 bytes"):
+        read_frame(io.BytesIO(data), max_bytes=100)
+    # A forged length under the limit costs only the bytes that really arrive (the buffer is not zero-filled).
+    if os.path.exists("/proc/self/statm"):
+        stream = Reads(struct.pack("<Q", 2 ** 30) + b"PSW1" + b"x" * 96)
+        before = resident_bytes()
+        with pytest.raises(WireError, match=f"message was cut short: 100 of {2 ** 30} bytes"):
+            read_frame(stream)
+        assert max(stream.resident) - before < 2 ** 27  # far below the 1 GiB announced
+    # What one 16-sample result of the largest box a request may ask for weighs fits the limit.
+    from ProbSAMLib.app.jobs import MAX_BOX_VOXELS
+
+    assert (16 + 21) * MAX_BOX_VOXELS < worker.MAX_FROM_WORKER_BYTES
+
+
+def test_a_pickled_request_ends_the_worker_and_runs_nothing(tmp_path):
+    """A frame holding a pickle (whose unpickling would create a folder) is refused as not a wire message:
+    the worker ends with status 2 and one line on stderr, and the folder does not exist."""
+    import pickle
+    import struct
+
+    class Evil:
+        def __reduce__(self):
+            return os.mkdir, (str(tmp_path / "pwned"),)
+
+    payload = pickle.dumps({"type": "sample", "id": 1, "model": Evil()})
+    process = subprocess.Popen([sys.executable, "-m", "ProbSAMLib.app.worker"], cwd=ROOT, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = process.communicate(struct.pack("<Q", len(payload)) + payload, timeout=60)
+    assert process.returncode == 2 and out == b"", (process.returncode, err)
+    lines = err.decode("utf-8").strip().splitlines()
+    assert len(lines) == 1 and "damaged message from the client" in lines[0] and "wrong magic" in lines[0]
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_heartbeats_while_the_model_loads(server, weights, monkeypatch):
+    """The worker says it is alive while it works without other frames (a slow model load here), so a
+    client can tell slow from hung."""
+    import time
+
+    from ProbSAMLib.app import jobs, worker
+
+    monkeypatch.setattr(worker, "HEARTBEAT_S", 0.05)
+    real_get = jobs.ModelCache.get
+    monkeypatch.setattr(jobs.ModelCache, "get", lambda self, spec: time.sleep(0.5) or real_get(self, spec))
+    send, receive, close, thread = server
+    send(request(5, weights))
+    beats = []
+    message = receive(heartbeats=True)
+    while message["type"] == "heartbeat":
+        beats.append(message)
+        message = receive(heartbeats=True)
+    assert message["type"] == "window" and len(beats) >= 3 and all(b == {"type": "heartbeat", "id": 5} for b in beats)
+    send({"type": "cancel", "id": 5})
+    assert receive()["kind"] == "cancelled"
+
+
+def test_a_result_too_large_to_send_is_refused_before_sampling(server, weights, monkeypatch):
+    """A request whose result would exceed what a frame may weigh is answered with a clear error before any
+    sampling (not sent, then refused by the client as a damaged message)."""
+    from ProbSAMLib.app import worker
+
+    monkeypatch.setattr(worker, "MAX_FROM_WORKER_BYTES", 2 ** 10)  # the box below: 192 voxels x 23 bytes
+    send, receive, close, thread = server
+    send(request(6, weights))
+    error = receive()
+    assert (error["type"], error["id"], error["kind"]) == ("error", 6, "bad_request")
+    assert "would weigh" in error["message"] and "smaller ROI or fewer samples" in error["message"]
+
+
+NOISY_JOB = """
+import os, sys
+sys.path.insert(0, {root!r})
+from ProbSAMLib.app import worker
+if {unredirected!r}:
+    worker.os.dup2 = lambda fd, fd2: None  # the control: fd 1 left on the protocol pipe
+class NoisyJob:
+    def __init__(self, request, models):
+        os.write(1, b"a C library writing to fd 1\\n")
+        raise ValueError("the noisy job failed on purpose")
+worker.SampleJob = NoisyJob
+sys.exit(worker.main())
+"""
+
+
+@pytest.mark.parametrize("unredirected", [False, True])
+def test_a_c_level_write_to_fd_1_in_a_request_cannot_corrupt_the_frames(tmp_path, unredirected):
+    """os.write(1, ...) inside a request: the client reads a clean error frame and the text is on stderr.
+    The control run, with the worker's redirection of fd 1 switched off, shows the write would otherwise
+    land in the frames (the client gets a WireError): the first case's check can fail."""
+    from ProbSAMLib.app.wire import WireError
+
+    script = tmp_path / "noisy_job.py"
+    script.write_text(NOISY_JOB.format(root=str(ROOT), unredirected=unredirected), encoding="utf-8")
+    process = subprocess.Popen([sys.executable, str(script)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    try:
+        write_frame(process.stdin, {"type": "sample", "id": 1})
+        if unredirected:
+            with pytest.raises(WireError):
+                read_frame(process.stdout)
+            return
+        message = next_frame(process.stdout)
+        assert (message["type"], message["id"], message["message"]) == ("error", 1, "the noisy job failed on purpose")
+        write_frame(process.stdin, {"type": "quit"})
+        out, err = process.communicate(timeout=60)
+        assert out == b"" and b"a C library writing to fd 1" in err and process.returncode == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()

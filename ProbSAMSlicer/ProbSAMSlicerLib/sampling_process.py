@@ -10,9 +10,18 @@ holds a model (and on CUDA, GPU memory). It ends itself after ``idle_timeout_s()
 request (the "ProbSAM/WorkerIdleTimeoutSeconds" setting), when Slicer exits (atexit, and its stdin closes
 with Slicer), and a dead one is started again by the next run.
 
-Two reader threads (stdout frames, stderr lines) only block on pipes and fill queues: they need no
-GIL while waiting. The main thread polls (the widget's QTimer) or waits (``process()``) on the queue.
-Nothing of MRML crosses: the run asks ``read_region`` for the block the model needs and sends a copy.
+Two reader threads (stdout frames, stderr lines) and a writer thread only block on pipes and fill or
+drain queues: they need no GIL while waiting, and a worker that stops reading cannot block Slicer's main
+thread. The main thread polls (the widget's QTimer) or waits (``process()``) on the queue. Nothing of
+MRML crosses: the run asks ``read_region`` for the block the model needs and sends a copy.
+
+Faults, each ending the run with one clear line (SamplingRun.error) and nothing added to the scene (the
+Logic builds nodes only from a finished run): a damaged frame (cut short, garbage, not the wire format,
+a message missing its fields, a result that does not fit its request) or one above the size limit: the
+worker is killed; the worker dying (killed, out of memory) even mid-frame: its exit status; a worker
+silent for ``silence_timeout_s()`` seconds (the "ProbSAM/WorkerSilenceTimeoutSeconds" setting; it sends
+a heartbeat every few seconds while it works, loading the model included): it is killed; a second run
+while one is going on the same worker: refused (WorkerBusy), never interleaved.
 """
 
 import atexit
@@ -26,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
@@ -34,8 +43,13 @@ import numpy as np
 from ProbSAMLib.weights.registry import DEFAULT_MODEL  # cheap: no torch
 
 CANCEL_GRACE_S = 1.0
+DAMAGED_EXIT_WAIT_S = 0.5  # after a frame cut short: time for a dying worker to be seen as dead, not damaged
 DEFAULT_IDLE_TIMEOUT_S = 300.0  # a few minutes: long enough between two runs, short enough to free a GPU
 IDLE_TIMEOUT_SETTING = "ProbSAM/WorkerIdleTimeoutSeconds"
+# A working worker sends a frame at least every ProbSAMLib.app.worker.HEARTBEAT_S (5 s): a minute of
+# silence means it is hung, not slow.
+DEFAULT_SILENCE_TIMEOUT_S = 60.0
+SILENCE_TIMEOUT_SETTING = "ProbSAM/WorkerSilenceTimeoutSeconds"
 KILL_WAIT_S = 10.0  # a killed process is gone in milliseconds; this only bounds the wait
 LIBRARY_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__import__("ProbSAMLib").__file__)))
 
@@ -49,6 +63,9 @@ class SamplingSettings:
     samCheckpointPath: str = ""
     device: str = "auto"
     uncertaintyKind: str = "entropy"
+    # {url, token, cafile}: the worker runs the requests on that probsam server (remote mode); repr=False
+    # keeps the token out of logs
+    server: Optional[dict] = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,14 @@ class WorkerError(RuntimeError):
     """The worker failed; the message is for the user (nothing was added to the scene)."""
 
 
+class WorkerBusy(WorkerError):
+    """A run was asked for while another one is going on the same worker."""
+
+
+class DamagedMessage(Exception):
+    """A message from the worker that breaks the protocol (a field missing, a result of the wrong shape)."""
+
+
 def python_executable() -> str:
     """Slicer's Python, found as slicer.util.executePythonModule finds it; outside Slicer, this Python."""
     if os.name == "nt":
@@ -83,20 +108,30 @@ def _cancelled(message: str) -> Exception:
 
 
 def idle_timeout_s() -> float:
-    """The worker's idle time in seconds: the Slicer setting IDLE_TIMEOUT_SETTING where Qt is there, else
-    the default; 0 means never."""
+    """The worker's idle time in seconds (IDLE_TIMEOUT_SETTING); 0 means never."""
+    return _seconds_setting(IDLE_TIMEOUT_SETTING, DEFAULT_IDLE_TIMEOUT_S)
+
+
+def silence_timeout_s() -> float:
+    """How long a run waits for any frame from a working worker before it kills it (SILENCE_TIMEOUT_SETTING);
+    0 means forever."""
+    return _seconds_setting(SILENCE_TIMEOUT_SETTING, DEFAULT_SILENCE_TIMEOUT_S)
+
+
+def _seconds_setting(name: str, default: float) -> float:
+    """A Slicer setting in seconds where Qt is there, else ``default``; a value that is not a number of
+    seconds is logged and replaced by ``default``."""
     try:
         import qt
 
-        value = qt.QSettings().value(IDLE_TIMEOUT_SETTING)
+        value = qt.QSettings().value(name)
     except Exception:  # no Qt (scripts, CI) or no settings object
         value = None
     try:
-        return max(0.0, float(value)) if value not in (None, "") else DEFAULT_IDLE_TIMEOUT_S
+        return max(0.0, float(value)) if value not in (None, "") else default
     except (TypeError, ValueError):
-        logging.warning(f"ProbSAM: setting {IDLE_TIMEOUT_SETTING}={value!r} is not a number of seconds; "
-                        f"using {DEFAULT_IDLE_TIMEOUT_S:g}")
-        return DEFAULT_IDLE_TIMEOUT_S
+        logging.warning(f"ProbSAM: setting {name}={value!r} is not a number of seconds; using {default:g}")
+        return default
 
 
 def hidden_console_options() -> dict:
@@ -137,14 +172,18 @@ class WorkerProcess:
     """``python -m ProbSAMLib.app.worker`` with ProbSAMLib on its path; frames in, frames out.
 
     ``idle_timeout``: seconds without a request after which the worker ends itself (None: the setting).
+    ``current_run``: the one SamplingRun using it (``claim``); its messages all go to that run.
     """
 
     def __init__(self, python: Optional[str] = None, idle_timeout: Optional[float] = None):
         self.python = python or python_executable()
         self.idle_timeout = idle_timeout
         self.process = None
+        self.current_run = None
         self._messages = queue.Queue()
+        self._outbox = queue.Queue()
         self._stderr = collections.deque(maxlen=40)
+        self._stderr_thread = None
         self._ids = itertools.count(1)  # request ids, unique for as long as this handle lives
 
     @property
@@ -157,27 +196,49 @@ class WorkerProcess:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [LIBRARY_ROOT, env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        self._messages, self._stderr = queue.Queue(), collections.deque(maxlen=40)
+        self._outbox.put(None)  # the previous worker's writer thread ends
+        self._messages, self._outbox, self._stderr = queue.Queue(), queue.Queue(), collections.deque(maxlen=40)
         idle = idle_timeout_s() if self.idle_timeout is None else self.idle_timeout
         self.process = subprocess.Popen([self.python, "-m", "ProbSAMLib.app.worker", "--idle-timeout", f"{idle:g}"],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                         env=env, **hidden_console_options())
         threading.Thread(target=self._read_frames, args=(self.process, self._messages), daemon=True).start()
-        threading.Thread(target=self._read_stderr, args=(self.process, self._stderr), daemon=True).start()
+        threading.Thread(target=self._write_frames, args=(self.process, self._outbox), daemon=True).start()
+        self._stderr_thread = threading.Thread(target=self._read_stderr, args=(self.process, self._stderr),
+                                               daemon=True)
+        self._stderr_thread.start()
 
     @staticmethod
     def _read_frames(process, messages) -> None:
-        from ProbSAMLib.app.worker import read_frame
+        """Every frame into ``messages``, then ``{"type": "exit"}``; a damaged stream (cut short, garbage,
+        above the size limit) kills the worker: no frame boundary can be found after it."""
+        from ProbSAMLib.app.wire import WireError
+        from ProbSAMLib.app.worker import MAX_FROM_WORKER_BYTES, read_frame
 
         try:
             while True:
-                message = read_frame(process.stdout)
+                message = read_frame(process.stdout, MAX_FROM_WORKER_BYTES)
                 if message is None:
                     break
                 messages.put(message)
-        except (OSError, ValueError, EOFError):
+        except WireError as error:
+            damaged = _stop_damaged(process, str(error))
+            if damaged is not None:
+                messages.put(damaged)
+        except (OSError, ValueError):
             pass
         messages.put({"type": "exit", "returncode": process.wait()})
+
+    @staticmethod
+    def _write_frames(process, outbox) -> None:
+        """Encoded frames from ``outbox`` to the worker, in order, until None or the pipe breaks."""
+        from ProbSAMLib.app.worker import write_parts
+
+        for parts in iter(outbox.get, None):
+            try:
+                write_parts(process.stdin, parts)
+            except (OSError, ValueError):
+                return  # the worker is gone; its "exit" message says so
 
     @staticmethod
     def _read_stderr(process, lines) -> None:
@@ -187,12 +248,11 @@ class WorkerProcess:
             logging.debug(f"ProbSAM worker: {line}")
 
     def send(self, **message) -> None:
-        from ProbSAMLib.app.worker import write_frame
+        """Encoded here (a value that cannot be sent raises TypeError to the caller), written by the writer
+        thread: a worker that does not read its stdin cannot block the caller."""
+        from ProbSAMLib.app.worker import encode_frame
 
-        try:
-            write_frame(self.process.stdin, message)
-        except (BrokenPipeError, OSError, ValueError):
-            pass  # the worker is gone; its "exit" message says so
+        self._outbox.put(encode_frame(message))
 
     def next_message(self, timeout: Optional[float]) -> Optional[dict]:
         try:
@@ -204,7 +264,25 @@ class WorkerProcess:
     def next_id(self) -> int:
         return next(self._ids)
 
+    def claim(self, run: "SamplingRun") -> None:
+        """Make ``run`` the worker's one run: requests go one at a time and every message to one reader,
+        so a second run while one is going is refused (WorkerBusy), never interleaved. A cancelled run that
+        nobody polls any more (its scene was closed) is ended first, within CANCEL_GRACE_S."""
+        current = self.current_run
+        while current is not None and not current.done and current.cancelling:
+            current.poll(timeout=0.05)
+        if current is not None and not current.done:
+            raise WorkerBusy("a sampling run is already in progress: wait for it to finish, or cancel it, "
+                             "then sample again")
+        self.current_run = run
+
+    def release(self, run: "SamplingRun") -> None:
+        if self.current_run is run:
+            self.current_run = None
+
     def stderr_tail(self, lines: int = 8) -> str:
+        if self._stderr_thread is not None and not self.alive:
+            self._stderr_thread.join(1.0)  # the dead worker's last lines are still being read
         return "\n".join(list(self._stderr)[-lines:])
 
     def kill(self) -> None:
@@ -217,6 +295,7 @@ class WorkerProcess:
                 self.process.wait(KILL_WAIT_S)
             except subprocess.TimeoutExpired:
                 logging.warning("ProbSAM: the sampling process did not exit after SIGKILL")
+        self._outbox.put(None)
 
     def stop(self) -> None:
         """Ask the worker to quit; kill it if it does not within the grace time."""
@@ -226,6 +305,20 @@ class WorkerProcess:
                 self.process.wait(CANCEL_GRACE_S)
             except subprocess.TimeoutExpired:
                 self.kill()  # reaped before returning: `alive` is False afterwards
+        self._outbox.put(None)
+
+
+def _stop_damaged(process, detail: str) -> Optional[dict]:
+    """After a damaged frame: None if the worker died by itself (its exit status tells the user why: a frame
+    cut short by a SIGKILL is a death, not damage), else the worker is killed and a "damaged" message says
+    what arrived."""
+    try:
+        if process.wait(DAMAGED_EXIT_WAIT_S) != 0:
+            return None
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    return {"type": "damaged", "message": detail}
 
 
 class SamplingRun:
@@ -245,23 +338,36 @@ class SamplingRun:
         self.warnings = []  # from the worker (e.g. a GPU small for the model), for the user
         self._fraction, self._message = 0.0, "starting the sampling process"
         self._cancel_deadline = None
-        self._id = None
+        self._id, self._index = None, 0  # the request in flight: its id (an int: it survives the wire), its ROI
         self._answered = False  # whether the worker has said anything about the current request
         self._restarts = 0
+        self.silence_timeout = silence_timeout_s()
+        self._last_heard = time.monotonic()
+
+    @property
+    def cancelling(self) -> bool:
+        return self._cancel_deadline is not None
 
     def start(self) -> "SamplingRun":
-        self.worker.ensure_started()
-        self._submit(0)
+        self.worker.claim(self)
+        try:
+            self.worker.ensure_started()
+            self._submit(0)
+        except Exception:
+            self.worker.release(self)  # nothing was sent: the worker is free for the next run
+            raise
         return self
 
     def _submit(self, index: int) -> None:
         request, s = self.requests[index], self.settings
-        self._id = (self.worker.next_id(), index)
+        self._id, self._index = self.worker.next_id(), index
         model = {"name": s.model, "checkpoint": s.checkpointPath or None,
                  "sam_checkpoint": s.samCheckpointPath or None, "device": s.device}
         self._answered = False
+        self._last_heard = time.monotonic()
         self.worker.send(type="sample", id=self._id, model=model, lo=request.voxelBox.lo, hi=request.voxelBox.hi,
-                         n_samples=s.numberOfSamples, seed=s.seed, roi=request.roi, **self._geometry)
+                         n_samples=s.numberOfSamples, seed=s.seed, roi=request.roi, **self._geometry,
+                         **({"server": s.server} if s.server else {}))
         self._message = f"{request.roiName}: loading the model"
 
     def progress(self) -> tuple:
@@ -284,8 +390,10 @@ class SamplingRun:
                 timeout = min(timeout, left)
             message = self.worker.next_message(timeout)
             if message is None:
+                self._check_silence()
                 break
-            self._handle(message)
+            self._last_heard = time.monotonic()
+            self._handle_safely(message)
             timeout = 0.0
         return self.done
 
@@ -304,11 +412,39 @@ class SamplingRun:
             raise self.error
         return self.results
 
+    def _check_silence(self) -> None:
+        """A worker that sent nothing (not even its heartbeat) for ``silence_timeout`` s is hung: kill it."""
+        silent = time.monotonic() - self._last_heard
+        if self.done or not self.silence_timeout or silent < self.silence_timeout:
+            return
+        self.worker.kill()
+        self._finish(WorkerError(
+            f"The sampling process sent nothing for {silent:.0f} s (not even its heartbeat) and was stopped. "
+            f"Nothing was added to the scene. Sample again to start a new one; if it hangs again, try device "
+            f"'cpu' or raise the setting {SILENCE_TIMEOUT_SETTING} ({self.silence_timeout:g} s)."))
+
+    def _handle_safely(self, message: dict) -> None:
+        """``_handle``, and the run's end with a one-line error whatever goes wrong in it (the widget's
+        timer must never be left polling a run that cannot finish)."""
+        try:
+            self._handle(message)
+        except DamagedMessage as error:
+            self.worker.kill()  # it breaks the protocol: nothing it sends next can be trusted
+            self._finish(_damaged_error(str(error)))
+        except Exception as error:  # our side failed (reading the block): the worker drops the request
+            logging.exception("ProbSAM: handling the sampling process's message failed")
+            self.worker.send(type="cancel", id=self._id)
+            self._finish(WorkerError(f"Reading the CT block for the sampling process failed: {error}. Nothing was "
+                                     f"added to the scene."))
+
     def _handle(self, message: dict) -> None:
         kind = message.get("type")
         if kind == "exit":
             if not self._ended_idle(message.get("returncode")):
                 self._finish(self._exit_error(message.get("returncode")))
+            return
+        if kind == "damaged":
+            self._finish(_damaged_error(str(message.get("message"))))
             return
         if message.get("id") != self._id:
             return  # left over from a cancelled run, or the "idle" notice of a worker that is ending
@@ -316,16 +452,19 @@ class SamplingRun:
         if self._cancel_deadline is not None and kind in ("window", "result"):
             self._finish(_cancelled("sampling was cancelled"))  # asked to stop: keep nothing
         elif kind == "window":
-            values = self._read_region(self._id[1], tuple(message["region"]))
+            region = _field(message, "region", lambda r: tuple(int(n) for n in r) if len(r) == 6 else None)
+            values = self._read_region(self._index, region)
             self.worker.send(type="region", id=self._id, values=np.ascontiguousarray(values, dtype=np.float32))
         elif kind == "warning":
-            logging.warning(f"ProbSAM: {message['message']}")
-            self.warnings.append(message["message"])
+            text = str(_field(message, "message"))
+            logging.warning(f"ProbSAM: {text}")
+            self.warnings.append(text)
         elif kind == "progress":
-            index, count = self._id[1], len(self.requests)
-            self._fraction = (index + float(message["fraction"])) / count
-            self._message = f"{self.requests[index].roiName}: {message['message']}"
+            fraction = _field(message, "fraction", float)
+            self._fraction = (self._index + min(max(fraction, 0.0), 1.0)) / len(self.requests)
+            self._message = f"{self.requests[self._index].roiName}: {message.get('message', '')}"
         elif kind == "result":
+            check_result(message, self.requests[self._index], self.settings.numberOfSamples)
             self.results.append(message)
             if len(self.results) == len(self.requests):
                 self._fraction, self._message = 1.0, "done"
@@ -334,6 +473,7 @@ class SamplingRun:
                 self._submit(len(self.results))
         elif kind == "error":
             self._finish(self._worker_error(message))
+        # "heartbeat": nothing to do; poll() has noted that the worker is alive
 
     def _ended_idle(self, returncode) -> bool:
         """A worker that ended itself for idleness (status 0) just as this run's request was sent never saw
@@ -348,6 +488,8 @@ class SamplingRun:
 
     def _finish(self, error: Optional[Exception]) -> None:
         self.error, self.done = error, True
+        if self.worker is not None:
+            self.worker.release(self)
 
     def _worker_error(self, message: dict) -> Exception:
         if message.get("kind") == "cancelled":
@@ -364,6 +506,62 @@ class SamplingRun:
         how = f"was killed by signal {-returncode}" if returncode is not None and returncode < 0 \
             else f"exited with status {returncode}"
         tail = self.worker.stderr_tail()
+        if tail:
+            logging.error(f"ProbSAM: the sampling process's last output:\n{tail}")
+        last = tail.strip().splitlines()[-1] if tail.strip() else ""
         return WorkerError(f"The sampling process {how} before it finished (out of memory, or a crash in "
                            f"PyTorch). Nothing was added to the scene. Try device 'cpu' or fewer samples."
-                           + (f"\n\nLast output:\n{tail}" if tail else ""))
+                           + (f" Its last output: {last}" if last else ""))
+
+
+def _damaged_error(detail: str) -> WorkerError:
+    return WorkerError(f"The sampling process sent a damaged message ({detail}) and was stopped. Nothing was "
+                       f"added to the scene. Sample again to start a new one; if this repeats, the module and "
+                       f"its ProbSAMLib may be of different versions: reinstall the extension.")
+
+
+def _field(message: dict, name: str, convert: Callable = lambda value: value):
+    """``convert(message[name])``; DamagedMessage, naming the field, if it is missing or does not convert."""
+    try:
+        value = convert(message[name])
+    except (KeyError, TypeError, ValueError):
+        value = None
+    if value is None:
+        raise DamagedMessage(f"its {message.get('type')!r} message has no valid field {name!r}")
+    return value
+
+
+def check_result(result: dict, request: SamplingRequest, n_samples: int) -> None:
+    """DamagedMessage unless ``result`` holds every field the Logic builds nodes from, each with the shape
+    of ``request``'s box (a result of another box or version would build wrong or half-built nodes)."""
+    from ProbSAMLib.inference.agreement import AGREEMENT_LEVELS
+    from ProbSAMLib.inference.uncertainty import MAP_NAMES
+
+    lo, hi = request.voxelBox.lo, request.voxelBox.hi
+    box = tuple(int(hi[a]) - int(lo[a]) for a in (2, 1, 0))  # (Kb, Jb, Ib)
+    _check_array(result, "masks", bool, (n_samples,) + box)
+    for name in ("consensus", "informative"):
+        _check_array(result, name, bool, box)
+    for name in MAP_NAMES:
+        _check_array(result, name, float, box)
+    agreement = result.get("agreement")
+    if not isinstance(agreement, dict) or set(agreement) != set(AGREEMENT_LEVELS):
+        raise DamagedMessage(f"the result's field 'agreement' must hold {list(AGREEMENT_LEVELS)}")
+    for level in AGREEMENT_LEVELS:
+        _check_array(agreement, level, bool, box, "agreement.")
+    if [int(n) for n in result.get("lo") or ()] != [int(n) for n in lo]:
+        raise DamagedMessage(f"the result is for a box at {result.get('lo')}, not at {list(lo)}")
+    summary = result.get("summary")
+    samples = summary.get("samples") if isinstance(summary, dict) else None
+    if not isinstance(samples, list) or len(samples) != n_samples or len(result.get("colors") or ()) != n_samples:
+        raise DamagedMessage(f"the result's summary or colours do not describe {n_samples} samples")
+
+
+def _check_array(fields: dict, name: str, kind: type, shape: tuple, prefix: str = "") -> None:
+    value = fields.get(name)
+    if isinstance(value, np.ndarray) and value.shape == shape and \
+            (value.dtype == bool if kind is bool else value.dtype.kind == "f"):
+        return
+    got = f"{value.dtype} {value.shape}" if isinstance(value, np.ndarray) else type(value).__name__
+    raise DamagedMessage(f"the result's field '{prefix}{name}' is {got}; the box needs "
+                         f"{'bool' if kind is bool else 'float'} {shape}")
