@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -329,7 +330,9 @@ def start_server_process(weights, port=0):
     process = subprocess.Popen([sys.executable, "-m", "ProbSAMLib.app.cli", "serve", "--model", "file",
                                 "--checkpoint", str(weights), "--device", "cpu", "--port", str(port)],
                                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "PROBSAM_SERVER_TOKEN": TOKEN})
+                               # the reference ran here: the same CPU thread count gives the same float sums
+                               env={**os.environ, "PROBSAM_SERVER_TOKEN": TOKEN,
+                                    "OMP_NUM_THREADS": str(torch.get_num_threads())})
     line = process.stdout.readline()
     assert line.startswith("probsam serve: model file"), (line, process.stderr.read() if process.poll() else "")
     return process, line.split(" at ")[1].split("/v1")[0]
@@ -436,6 +439,14 @@ def test_worker_relays_a_job_to_the_server_and_tests_the_connection(weights, ser
             assert result["type"] == "result", result
             del result["type"], result["id"]
             assert_same_result(local, result)
+            assert jobs.info()["states"] == {}
+
+            # cancelled while the worker waits for the CT block: the server's job goes at once, not at expiry
+            write_frame(worker.stdin, remote_request(weights, url) | {"id": 4})
+            assert answer()["type"] == "window" and jobs.info()["states"]
+            write_frame(worker.stdin, {"type": "cancel", "id": 4})
+            cancelled = answer()
+            assert (cancelled["type"], cancelled["kind"]) == ("error", "cancelled")
             assert jobs.info()["states"] == {}
         write_frame(worker.stdin, {"type": "quit"})
         assert worker.wait(20) == 0

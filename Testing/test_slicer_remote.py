@@ -66,8 +66,15 @@ def test_token_is_kept_in_slicers_settings_not_in_the_scene(slicer, module, sett
 
 
 def test_remote_run_equals_the_local_run_and_the_widget_uses_the_server(slicer, module, logic, settings,
-                                                                       tiny_weights, server):
+                                                                       tiny_weights, server, shared_worker,
+                                                                       monkeypatch):
+    import torch
+
     url, jobs = server
+    # The server runs in this process: a worker with the same CPU thread count sums floats the same way
+    # (the next run starts a new one with this setting).
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
+    shared_worker.stop()
     volume = add_oblique_volume(slicer)
     roi = add_rotated_roi(slicer, volume, BLOB_CENTRE_IJK, (18.0, 16.0, 9.0))
     settings_local = module.SamplingSettings(2, 5, "file", str(tiny_weights), "", "cpu")

@@ -462,3 +462,17 @@ def test_a_c_level_write_to_fd_1_in_a_request_cannot_corrupt_the_frames(tmp_path
         if process.poll() is None:
             process.kill()
         process.wait()
+
+
+def test_a_sheared_grid_is_warned_about_in_slicer_too(server, weights):
+    """The summary's geometry warning (volumes from the determinant on a sheared grid) reaches the client as
+    a warning frame, so Slicer shows it as the CLI does; an orthogonal grid gets none (the test above)."""
+    send, receive, close, thread = server
+    sheared = np.eye(4)
+    sheared[:3, 1] = [0.5, np.sqrt(0.75), 0.0]  # the j axis 30 degrees off perpendicular to i
+    send(dict(request(21, weights), ijk_to_ras=sheared))
+    frames = _run_to_result(send, receive, 21)
+    assert frames[-1]["type"] == "warning" and "sheared" in frames[-1]["message"], frames[-1]
+    result = receive()
+    assert result["type"] == "result" and result["summary"]["geometry"]["warning"] == frames[-1]["message"]
+    assert abs(result["summary"]["geometry"]["voxel_volume_mm3"] - np.sqrt(0.75)) < 1e-9

@@ -127,6 +127,9 @@ class SampleJob:
         self.region = tuple(int(n) for n in input_region(self.model, self.voxel_box, self.geometry.shape,
                                                            self.geometry.spacing[:2]))
 
+    def abandon(self) -> None:
+        """The client will not send the block: nothing to free here (RemoteJob drops its server job)."""
+
     def run(self, values: np.ndarray, progress: Optional[Callable] = None,
             cancel: Optional[Callable] = None) -> dict:
         """The result message's fields (see the module docstring) for the block ``values`` of ``region``."""

@@ -178,6 +178,10 @@ class RemoteJob:
             if status["state"] in ("failed", "cancelled"):
                 raise job_failure(status)
 
+    def abandon(self) -> None:
+        """The client will not send the CT block or fetch the result: drop the job on the server now."""
+        self._forget()
+
     def _forget(self) -> None:
         """Cancel the job on the server (it stops at its next slice chunk); a server gone is no news."""
         try:

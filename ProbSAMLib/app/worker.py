@@ -230,11 +230,18 @@ class Server:
         if job.warning:
             self.send(type="warning", id=rid, message=job.warning)
         self.send(type="window", id=rid, region=job.region)
-        values = self._wait_for_region(rid, cancel)
-        if cancel():
-            raise Cancelled("sampling was cancelled")
+        try:
+            values = self._wait_for_region(rid, cancel)
+            if cancel():
+                raise Cancelled("sampling was cancelled")
+        except Cancelled:
+            job.abandon()  # a server's job would otherwise hold a backlog slot until it expires
+            raise
         fields = job.run(values, cancel=cancel,
                          progress=lambda f, m: self.send(type="progress", id=rid, fraction=f, message=m))
+        geometry_warning = fields["summary"].get("geometry", {}).get("warning")
+        if geometry_warning:  # e.g. a sheared grid: the user should see it, not only summary.json
+            self.send(type="warning", id=rid, message=geometry_warning)
         self.send(type="result", id=rid, **fields)
 
     def _wait_for_region(self, rid, cancel) -> np.ndarray:
