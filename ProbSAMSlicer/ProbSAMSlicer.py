@@ -256,8 +256,9 @@ class ProbSAMSlicerWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             with slicer.util.tryWithErrorDisplay(_("Sampling could not start."), waitCursor=True):
                 self.ui.statusLabel.text = _("Checking Python packages...")
                 slicer.app.processEvents()
-                self.logic.ensureDependencies(ask=True)
                 settings = self.logic.settingsFromParameters(p)
+                # remote mode samples on the server: this computer needs no PyTorch
+                self.logic.ensureDependencies(ask=True, remote=settings.server is not None)
                 self.ui.deviceWarningLabel.text = ""
                 self._runVolume = p.inputVolume
                 self._run = self.logic.startProcessing(p.inputVolume, self.logic.roiNodesFromParameters(p), settings)
@@ -421,13 +422,14 @@ class ProbSAMSlicerLogic(ScriptedLoadableModuleLogic):
 
     # dependencies
     @staticmethod
-    def missingDependencies() -> list:
-        return dependencies.missing_dependencies()
+    def missingDependencies(remote: bool = False) -> list:
+        return dependencies.missing_dependencies(remote)
 
     @staticmethod
-    def ensureDependencies(ask: bool = True) -> list:
-        """Install what is missing (asking when ``ask``); DependencyError with a message otherwise."""
-        return dependencies.ensure_dependencies(ask)
+    def ensureDependencies(ask: bool = True, remote: bool = False) -> list:
+        """Install what is missing (asking when ``ask``; ``remote``: only what remote mode needs, no
+        PyTorch); DependencyError with a message otherwise."""
+        return dependencies.ensure_dependencies(ask, remote)
 
     # parameters -> arguments
     @staticmethod

@@ -408,12 +408,15 @@ def test_serve_off_loopback_with_token_and_insecure_http_passes_the_checks(tmp_p
 
 # --- the Slicer worker relaying to a server ---------------------------------------------------------------
 def test_worker_relays_a_job_to_the_server_and_tests_the_connection(weights, served, reference):
-    """The worker process (what Slicer runs) with ``server`` in the request: the same window, progress and
+    """The worker process (what Slicer runs), without torch, with ``server`` in the request: the same window, progress and
     result messages as a local job, the arrays of the local run; "test_connection" answers one line."""
     from ProbSAMLib.app.worker import read_frame, write_frame
 
     region, values, local = reference
-    worker = subprocess.Popen([sys.executable, "-m", "ProbSAMLib.app.worker"], cwd=ROOT, stdin=subprocess.PIPE,
+    # torch and torchvision made unimportable: remote mode must run on a laptop without PyTorch
+    no_torch = ("import sys; sys.modules['torch'] = sys.modules['torchvision'] = None; "
+                "from ProbSAMLib.app import worker; sys.exit(worker.main())")
+    worker = subprocess.Popen([sys.executable, "-c", no_torch], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
 
     def answer():

@@ -102,3 +102,12 @@ def test_older_slicer_confirms_then_pip_installs(module, installers, slicer, mon
     with pytest.raises(installers.deps.DependencyError, match="declined"):
         module.ProbSAMSlicerLogic.ensureDependencies(ask=True)
     assert answers and ("pip_install",) not in [c[:1] for c in installers.calls]
+
+
+def test_remote_mode_needs_no_pytorch(module, installers):
+    """A laptop that samples on a server installs nothing of PyTorch (the worker only relays the job:
+    numpy and the standard library, checked by test_server's relay through a worker without torch)."""
+    assert module.ProbSAMSlicerLogic.missingDependencies(remote=True) == []
+    assert module.ProbSAMSlicerLogic.ensureDependencies(ask=True, remote=True) == []
+    assert installers.calls == []
+    assert module.ProbSAMSlicerLogic.missingDependencies() == ["torch", "segment-anything>=1.0"]  # local mode

@@ -73,9 +73,15 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
-def missing_dependencies() -> list:
-    """Pip requirements of what is not importable now; "torch" / "torchvision" stand for PyTorchUtils."""
-    entries = read_requirements()
+# What the worker needs to relay a run to a `probsam serve` server (remote mode): ProbSAMLib's job, wire
+# format and HTTP client use numpy and the standard library only, so a laptop needs no PyTorch.
+REMOTE_MODE = ("numpy",)
+
+
+def missing_dependencies(remote: bool = False) -> list:
+    """Pip requirements of what is not importable now; "torch" / "torchvision" stand for PyTorchUtils.
+    ``remote``: only what remote mode needs."""
+    entries = [e for e in read_requirements() if not remote or e[0] in REMOTE_MODE]
     missing = [name for name, module, _ in entries if name in PYTORCH and not _importable(module)]
     return missing + [requirement for name, module, requirement in entries
                       if name not in PYTORCH and not _importable(module)]
@@ -138,12 +144,13 @@ def install_packages(requirements: list, ask: bool) -> None:
     importlib.invalidate_caches()
 
 
-def ensure_dependencies(ask: bool = True) -> list:
-    """Install whatever is missing (asking first when ``ask``); returns what was missing.
+def ensure_dependencies(ask: bool = True, remote: bool = False) -> list:
+    """Install whatever is missing (asking first when ``ask``; with ``remote``, only what remote mode needs);
+    returns what was missing.
 
     Raises DependencyError with a message for the user when something is still missing afterwards.
     """
-    missing = missing_dependencies()
+    missing = missing_dependencies(remote)
     if not missing:
         return []
     if testing_mode():
@@ -155,7 +162,7 @@ def ensure_dependencies(ask: bool = True) -> list:
     packages = [requirement for requirement in missing if requirement not in PYTORCH]
     if packages:
         install_packages(packages, ask)
-    still = missing_dependencies()
+    still = missing_dependencies(remote)
     if still:
         raise DependencyError("still missing (installation declined or failed): " + ", ".join(still)
                               + ". Restart Slicer and try again, or install them from the Python console.")
