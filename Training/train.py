@@ -293,4 +293,7 @@ if main_process:
     if writer:
         writer.close()
 if distributed:
+    # Leave together: a rank that tears gloo down while rank 0 still writes its files can abort at exit
+    # ("terminate called without an active exception") on a loaded machine.
+    barrier()
     dist.destroy_process_group()
