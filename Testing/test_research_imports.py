@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOOLS = sorted(path.stem for path in (ROOT / "research").glob("*.py"))
+TOOLS = sorted(".".join(path.relative_to(ROOT / "research").with_suffix("").parts)
+               for pattern in ("*.py", "tools/*.py") for path in (ROOT / "research").glob(pattern))
 
 
 def test_there_are_tools_to_check():
@@ -17,4 +18,4 @@ def test_there_are_tools_to_check():
 @pytest.mark.parametrize("tool", TOOLS)
 def test_the_research_tool_imports(tool):
     module = importlib.import_module(f"research.{tool}")
-    assert callable(getattr(module, "main", None)), f"research/{tool}.py has no main()"
+    assert callable(getattr(module, "main", None)), f"research/{tool.replace('.', '/')}.py has no main()"
