@@ -139,6 +139,10 @@ def test_rotated_roi_from_a_markups_file(files, tmp_path):
     assert all(l >= e for l, e in zip(lo, expected.lo)) and all(h <= e for h, e in zip(hi, expected.hi))
     summary = json.loads((tmp_path / "o" / "summary.json").read_text(encoding="utf-8"))
     assert summary["box"]["ijk_first"] == list(expected.lo) and summary["request"]["roi"].endswith("mrk.json")
+    # cut to the rotated ROI itself, as Slicer's worker cuts: no mask voxel has its centre outside it
+    ijk = np.argwhere(masks.any(0))[:, ::-1].astype(float)
+    assert len(ijk) and box.contains(source.index_to_physical(ijk), tol=1e-4).all()
+    assert summary["roi_cut"]["voxels_outside_roi"] > 0
 
 
 def test_same_seed_gives_identical_files(files, tmp_path):

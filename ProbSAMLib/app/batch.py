@@ -279,14 +279,16 @@ def run_case(case: Case, args, model, out: Path) -> dict:
 def _sample_case(case: Case, args, model, out: Path, record: dict) -> dict:
     """Read, sample and write one case (timing each step into ``record``); its summary."""
     from ProbSAMLib.app import report
+    from ProbSAMLib.app.jobs import cut_to_roi
     from ProbSAMLib.inference.volume import sample_volume
     from ProbSAMLib.io.outputdir import OutputFolder
 
     clock = time.perf_counter()
-    volume, geometry, voxel_box, request = _read_case(case)
+    volume, geometry, voxel_box, request, roi = _read_case(case)
     clock = _lap(record, "read_s", clock)
     result = sample_volume(model, volume, geometry, voxel_box, n_samples=args.samples, seed=record["seed"],
                            z_mode=args.z_mode, slice_batch=args.slice_batch, box_mode=args.box_mode)
+    cut_to_roi(result, roi)  # a rotated ROI: the samples end at its own faces, as `probsam sample`'s do
     clock = _lap(record, "sample_s", clock)
     extra = {"command": "batch", "probsam_version": __version__, "model": options.model_description(args),
              "input": {"path": str(case.volume), "series_uid": case.series_uid}, "request": request,
@@ -300,7 +302,8 @@ def _sample_case(case: Case, args, model, out: Path, record: dict) -> dict:
 
 
 def _read_case(case: Case) -> tuple:
-    """(volume in HU (K, J, I), geometry, voxel box, request) of a case; a clamped box is a warning."""
+    """(volume in HU (K, J, I), geometry, voxel box, request, the ROI's Box3D or None) of a case; a clamped
+    box is a warning."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -309,12 +312,12 @@ def _read_case(case: Case) -> tuple:
 
     image = read_volume(case.volume, case.series_uid)
     geometry = VolumeGeometry.from_sitk(image)
-    voxel_box, request = options.voxel_box_for(geometry, case.box, case.box_space, case.roi, case.roi_index,
-                                               names=("box", "box_space"))
+    voxel_box, request, roi = options.voxel_box_for(geometry, case.box, case.box_space, case.roi, case.roi_index,
+                                                    names=("box", "box_space"))
     if voxel_box.clamped:
         warnings.warn(voxel_box.warning)
     # a copy, not a view: the image is freed when this returns
-    return sitk.GetArrayFromImage(image).astype(np.float32, copy=False), geometry, voxel_box, request
+    return sitk.GetArrayFromImage(image).astype(np.float32, copy=False), geometry, voxel_box, request, roi
 
 
 def _lap(record: dict, name: str, started: float) -> float:

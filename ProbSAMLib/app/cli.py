@@ -174,7 +174,7 @@ def _check_prompt(args) -> None:
 
 
 def _voxel_box(args, geometry):
-    """(VoxelBox, request) of --box or --roi; an error names which one it is about."""
+    """(VoxelBox, request, the ROI's Box3D or None) of --box or --roi; an error names which one it is about."""
     return options.voxel_box_for(geometry, args.box, args.box_space, args.roi, args.roi_index)
 
 
@@ -239,6 +239,7 @@ def cmd_sample(args) -> None:
 
     from ProbSAMLib.io import imageio
     from ProbSAMLib.app import report
+    from ProbSAMLib.app.jobs import cut_to_roi
     from ProbSAMLib.geometry import VolumeGeometry
 
     options.check_settings(args)
@@ -246,10 +247,11 @@ def cmd_sample(args) -> None:
     _check_output(args)
     image = imageio.read_volume(args.input, args.series_uid)
     geometry = VolumeGeometry.from_sitk(image)
-    voxel_box, request = _voxel_box(args, geometry)
+    voxel_box, request, roi = _voxel_box(args, geometry)
     model = options.load_model(args)
     volume = sitk.GetArrayViewFromImage(image).astype(np.float32, copy=False)
     result = _sample(args, model, volume, geometry, voxel_box)
+    cut_to_roi(result, roi)  # a rotated ROI: the samples end at its own faces, not its voxel hull's (as in Slicer)
     extra = {"command": "sample", "probsam_version": __version__, "model": options.model_description(args),
              "input": {"path": str(args.input), "series_uid": args.series_uid}, "request": request}
     with _output_folder(args) as tmp:

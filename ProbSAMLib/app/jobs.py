@@ -153,23 +153,31 @@ class SampleJob:
                     **{name: getattr(result, name) for name in MAP_NAMES})
 
 
-def roi_inside(roi: dict, geometry, voxel_box) -> np.ndarray:
-    """(Kb, Jb, Ib) bool: which voxels of the box have their centre inside the drawn (rotated) ROI."""
+def roi_box(roi: dict):
+    """A request's ROI ({center_ras, axes_ras, size_mm}, in its ijk_to_ras space) as a Box3D."""
     from ProbSAMLib.geometry import Box3D
 
-    box = Box3D.from_center_size(roi["center_ras"], roi["size_mm"], axes=roi["axes_ras"], space="ras")
+    return Box3D.from_center_size(roi["center_ras"], roi["size_mm"], axes=roi["axes_ras"], space="ras")
+
+
+def roi_inside(box, geometry, voxel_box) -> np.ndarray:
+    """(Kb, Jb, Ib) bool: which voxels of ``voxel_box`` have their centre inside ``box`` (a Box3D, possibly
+    rotated against the voxel grid)."""
     k, j, i = np.meshgrid(*(np.arange(voxel_box.lo[a], voxel_box.hi[a]) for a in (2, 1, 0)), indexing="ij")
     centres = geometry.index_to_physical(np.stack([i, j, k], axis=-1).astype(np.float64))
     # A face through a voxel centre covers it, as voxel_box_from_physical counts it (0.1 µm of slack).
     return box.contains(centres, tol=1e-4)
 
 
-def cut_to_roi(result, roi: Optional[dict]) -> dict:
-    """Cut a VolumeSamplingResult (in place) to the drawn ROI (VolumeSamplingResult.restrict_to). What was cut,
-    for the user."""
-    if not roi:
+def cut_to_roi(result, roi) -> dict:
+    """Cut a VolumeSamplingResult (in place, VolumeSamplingResult.restrict_to) to the drawn ROI itself, not
+    just the voxel hull that was sampled: ``roi`` is a Box3D (the CLI's and batch's ROI file) or a request's
+    ROI dict (Slicer's); None cuts nothing. What was cut, for the user; also in the summary as ``roi_cut``."""
+    from ProbSAMLib.geometry import Box3D
+
+    if roi is None or (isinstance(roi, dict) and not roi):
         return {"voxels_outside_roi": 0, "mask_voxels_removed": 0}
-    inside = roi_inside(roi, result.geometry, result.voxel_box)
+    inside = roi_inside(roi if isinstance(roi, Box3D) else roi_box(roi), result.geometry, result.voxel_box)
     outside = int((~inside).sum())
     removed = int((result.masks & ~inside).sum())
     if outside:

@@ -161,9 +161,11 @@ def sample_tags(model_name: str, count: int) -> list:
 # --- the box of a request -------------------------------------------------------------------------------
 def voxel_box_for(geometry, box: Optional[str] = None, box_space: str = "ras", roi=None,
                   roi_index: Optional[int] = None, names: tuple = ("--box", "--box-space")) -> tuple:
-    """(VoxelBox, request) for a box "X1,Y1,Z1,X2,Y2,Z2" in ``box_space`` or a Slicer ROI file (``roi``, with
-    ``roi_index`` picking one of several); ``request`` is what summary.json records about it. An error names
-    the box by ``names`` (the option or column names of the box and its space) or the ROI by its file."""
+    """(VoxelBox, request, shape) for a box "X1,Y1,Z1,X2,Y2,Z2" in ``box_space`` or a Slicer ROI file
+    (``roi``, with ``roi_index`` picking one of several); ``request`` is what summary.json records about it,
+    ``shape`` the ROI's Box3D (None for --box), to cut the samples to a rotated ROI itself afterwards
+    (jobs.cut_to_roi). An error names the box by ``names`` (the option or column names of the box and its
+    space) or the ROI by its file."""
     from ProbSAMLib.geometry import voxel_box_from_cli, voxel_box_from_physical
     from ProbSAMLib.io.markups import read_roi_json
 
@@ -175,7 +177,7 @@ def voxel_box_for(geometry, box: Optional[str] = None, box_space: str = "ras", r
         request = {"box": box, "box_space": box_space}
     try:
         if shape is not None:
-            return voxel_box_from_physical(shape, geometry), request
-        return voxel_box_from_cli(box, box_space, geometry), request
+            return voxel_box_from_physical(shape, geometry), request, shape
+        return voxel_box_from_cli(box, box_space, geometry), request, None
     except ValueError as error:
         raise UsageError(f"{source}: {error}") from None
