@@ -112,6 +112,7 @@ def made_result(masks: np.ndarray, mean: np.ndarray, lo=(16, 14, 1), informative
     """A worker "result" message for ``masks`` (N, Kb, Jb, Ib) with the given mean probability; informative:
     the worker's "not every sample confidently off or on" mask (default: where the masks differ)."""
     from ProbSAMLib.inference.agreement import agreement_masks
+    from ProbSAMLib.io.segfile import segment_colors
 
     agreement = agreement_masks(masks)
     n = len(masks)
@@ -126,6 +127,7 @@ def made_result(masks: np.ndarray, mean: np.ndarray, lo=(16, 14, 1), informative
             "mean_probability": mean.astype(np.float32), "entropy": np.full(shape, 0.5, np.float32),
             "variance": np.full(shape, 0.1, np.float32), "mutual_information": np.full(shape, 0.2, np.float32),
             "marking_share": 0.75, "colors": [(0.1 * i, 0.5, 0.5) for i in range(n)],
+            "segment_colors": segment_colors(),  # what the worker sends (ProbSAMLib.io.segfile's colours)
             "summary": {"samples": samples, "spread": {"volume_mm3": stats, "longest_axial_diameter_mm": stats},
                         "settings": {"seed": 0, "n_samples": n, "device": "cpu"},
                         "box": {"ijk_first": list(lo), "ijk_last": [v + s - 1 for v, s in zip(lo, shape[::-1])]}},

@@ -187,14 +187,13 @@ def voxels_digest(voxels: np.ndarray) -> str:
 # --- the segmentation -----------------------------------------------------------------------------------
 def _segment_plan(result: dict) -> list:
     """(id, name, colour, visible, mask (Kb, Jb, Ib)) of every segment: consensus, samples, agreement."""
-    colors = result.get("segment_colors") or {}
-    plan = [(CONSENSUS_ID, CONSENSUS_NAME, colors.get("consensus", (1.0, 0.82, 0.2)), True, result["consensus"])]
+    colors = result["segment_colors"]  # ProbSAMLib.io.segfile's, as in the CLI's samples.seg.nrrd (checked on arrival)
+    plan = [(CONSENSUS_ID, CONSENSUS_NAME, colors["consensus"], True, result["consensus"])]
     names = [sample["name"] for sample in result["summary"]["samples"]]
     plan += [(sample_segment_id(names[n]), names[n], result["colors"][n], False, result["masks"][n])
              for n in range(len(names))]
-    agreement_colors = colors.get("agreement", {})
-    plan += [(agreement_segment_id(level), AGREEMENT_NAMES[level], agreement_colors.get(level, (0.3, 0.7, 0.4)),
-              False, result["agreement"][level]) for level in AGREEMENT_LEVELS]
+    plan += [(agreement_segment_id(level), AGREEMENT_NAMES[level], colors["agreement"][level], False,
+              result["agreement"][level]) for level in AGREEMENT_LEVELS]
     return plan
 
 

@@ -555,6 +555,10 @@ def check_result(result: dict, request: SamplingRequest, n_samples: int) -> None
     samples = summary.get("samples") if isinstance(summary, dict) else None
     if not isinstance(samples, list) or len(samples) != n_samples or len(result.get("colors") or ()) != n_samples:
         raise DamagedMessage(f"the result's summary or colours do not describe {n_samples} samples")
+    colors = result.get("segment_colors")
+    levels = colors.get("agreement") if isinstance(colors, dict) else None
+    if not (isinstance(levels, dict) and set(levels) == set(AGREEMENT_LEVELS) and "consensus" in colors):
+        raise DamagedMessage("the result's field 'segment_colors' must give the consensus and agreement colours")
 
 
 def _check_array(fields: dict, name: str, kind: type, shape: tuple, prefix: str = "") -> None:
