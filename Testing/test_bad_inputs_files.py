@@ -50,6 +50,21 @@ def test_a_nifti_cut_short_is_refused_plain_or_zipped_and_a_whole_one_reads(tmp_
         assert read_volume(tmp_path / name).GetSize() == (24, 20, 6), name
 
 
+def test_a_hdr_img_pair_whose_img_is_cut_short_is_refused_and_a_whole_one_reads(tmp_path):
+    """The .hdr of a NIfTI pair (or Analyze 7.5) promises the .img's bytes: ITK reads a cut .img as zeros."""
+    write_ct(tmp_path / "ct.hdr")
+    image = (tmp_path / "ct.img").read_bytes()
+    assert len(image) == 24 * 20 * 6 * 2
+    assert read_volume(tmp_path / "ct.hdr").GetSize() == (24, 20, 6)
+    (tmp_path / "ct.img").write_bytes(image[:1000])
+    with pytest.raises(VolumeReadError, match=r"ct\.img \(the voxels of ct\.hdr\) is cut short: .* promises "
+                                              rf"{len(image)} bytes .* holds 1000;"):
+        read_volume(tmp_path / "ct.hdr")
+    (tmp_path / "ct.img").unlink()
+    with pytest.raises((VolumeReadError, ValueError), match=r"\.img file is missing"):
+        read_volume(tmp_path / "ct.hdr")
+
+
 def test_the_nifti_size_check_reads_both_byte_orders_and_nifti_2():
     one = bytearray(348)
     struct.pack_into(">i", one, 0, 348)

@@ -156,14 +156,34 @@ def _check_decoded_size(path: Path) -> None:
     decode to its end, and a NIfTI file must hold as many bytes as its header promises (the check works
     on the decoded bytes, so it also catches a complete gzip of a cut .nii)."""
     head, size, compressed = _check_complete_gzip(path)
-    promised = _nifti_size(head)
+    promised, data = _nifti_size(head), path
+    if promised is None and _is_header_of_pair(path):  # a .hdr/.img pair: the voxels are in the .img
+        data = _image_of_pair(path)
+        promised = _nifti_size(head, pair=True)
+        if data is None:
+            raise VolumeReadError(f"{path} is the header of a .hdr/.img pair, but its .img file is missing")
+        _, size, compressed = _check_complete_gzip(data)
     if promised is not None and size < promised[0]:
         expected, voxels, bits, offset = promised
         decoded = " once decompressed" if compressed else ""
+        where = f"{data} (the voxels of {path.name})" if data != path else f"{path}"
         raise VolumeReadError(
-            f"{path} is cut short: its NIfTI header promises {expected} bytes ({offset}-byte header + {voxels} "
+            f"{where} is cut short: its NIfTI header promises {expected} bytes ({offset}-byte header + {voxels} "
             f"voxels of {bits} bits) but the file holds {size}{decoded}; it is truncated: copy or "
             f"download it again")
+
+
+def _is_header_of_pair(path: Path) -> bool:
+    return path.name.lower().endswith((".hdr", ".hdr.gz"))
+
+
+def _image_of_pair(header: Path) -> Optional[Path]:
+    """The .img (or .img.gz) beside a .hdr (or .hdr.gz), None if there is none."""
+    stem = header.name[:-len(".hdr.gz")] if header.name.lower().endswith(".hdr.gz") else header.name[:-len(".hdr")]
+    for suffix in (".img", ".img.gz", ".IMG", ".IMG.GZ"):
+        if (header.parent / (stem + suffix)).is_file():
+            return header.parent / (stem + suffix)
+    return None
 
 
 def _check_complete_gzip(path: Path) -> tuple:
@@ -188,11 +208,15 @@ def _check_complete_gzip(path: Path) -> tuple:
     return head, size, True
 
 
-def _nifti_size(head: bytes) -> Optional[tuple]:
+def _nifti_size(head: bytes, pair: bool = False) -> Optional[tuple]:
     """(bytes promised, voxels, bits per voxel, header bytes) of a single-file NIfTI-1/2 header, or None
-    for anything else (another format, a .hdr/.img pair, or values ITK refuses by itself)."""
+    for anything else (another format, or values ITK refuses by itself). ``pair``: ``head`` is the .hdr of
+    a .hdr/.img pair (NIfTI-1 "ni1", or Analyze 7.5, which has the same layout and no magic) and the bytes
+    promised are the .img's."""
     for order in "<>":
-        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348 and head[344:348] == b"n+1\0":
+        single = head[344:348] == b"n+1\0" and not pair
+        paired = pair and head[344:348] != b"n+1\0"  # "ni1", or Analyze's field that is no magic
+        if len(head) >= 348 and struct.unpack(order + "i", head[:4])[0] == 348 and (single or paired):
             dims = struct.unpack(order + "8h", head[40:56])
             bits = struct.unpack(order + "h", head[72:74])[0]
             offset = struct.unpack(order + "f", head[108:112])[0]

@@ -118,6 +118,9 @@ def nifti_cut(folder: Path) -> tuple:
     cut.write_bytes(data[: len(data) - 4000])
     gz = folder / "cut_then_gzipped.nii.gz"
     gz.write_bytes(gzip.compress(data[: len(data) - 4000]))
+    write_ct(folder / "pair.hdr")  # a .hdr/.img pair whose .img is cut short
+    image = (folder / "pair.img").read_bytes()
+    (folder / "pair.img").write_bytes(image[: len(image) // 2])
     return cut, gz
 
 
@@ -261,6 +264,8 @@ def cases(w: dict) -> list:
              ("cut.nii",), everything),
         Case("gzip of a cut .nii", "damaged file", sample(str(w["gz_cut_nii"]), *BOX_IJK), 2,
              ("cut_then_gzipped.nii.gz",), everything),
+        Case(".hdr/.img pair with the .img cut short", "damaged file",
+             sample(str(w["inputs"] / "pair.hdr"), *BOX_IJK), 2, ("pair.img",), everything),
         Case("DICOM: one slice rotated in-plane", "damaged file",
              sample(str(w["dicom_rotated"].parent), *BOX_IJK), 2, ("s003.dcm",), everything),
         Case("DICOM: a coronal slice with the axial UID", "damaged file",
