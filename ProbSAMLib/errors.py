@@ -106,6 +106,12 @@ def message(error: BaseException) -> str:
     return text if len(text) <= 2000 else text[:2000] + " ..."
 
 
+def shown(value, limit: int = 100) -> str:
+    """A value for a one-line message, its repr cut short: a 400-digit number must not flood the line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]} ... ({len(text)} characters)"
+
+
 def printable(text: str) -> str:
     """``text`` safe to print on any console: a path byte that is not UTF-8 (kept by os.fsdecode as a lone
     surrogate, which a stream cannot encode) is shown as ``\\xff``, the byte itself."""

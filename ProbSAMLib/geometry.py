@@ -366,7 +366,9 @@ def _outside_message(box: Box3D, geometry: VolumeGeometry, cmin, cmax) -> str:
 
 def parse_box_values(text) -> np.ndarray:
     """``"X1,Y1,Z1,X2,Y2,Z2"`` (or 6 numbers) → (2, 3) float array of the two corners."""
-    shown = repr(text) if len(repr(text)) <= 100 else repr(text)[:100] + " ..."  # 400 digits: not all
+    from ProbSAMLib.errors import shown as cut_short
+
+    shown = cut_short(text)  # 400 digits: not all
     if isinstance(text, str):
         parts = [p for p in text.replace(";", ",").replace(" ", ",").split(",") if p]
         try:

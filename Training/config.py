@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from ProbSAMLib.errors import SettingsError
+from ProbSAMLib.errors import SettingsError, shown
 from Training.learning.loss import LossConfig
 from Training.settings import at_least, check_fields, in_range, one_of, positive
 
@@ -132,7 +132,10 @@ def _set(target, key: str, value, source: str) -> None:
     if isinstance(default, bool) and not isinstance(value, bool):
         raise SettingsError(f"{source}: {key} must be true or false, got {value!r}")
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # a 400-digit integer
+            raise SettingsError(f"{source}: setting {key} must be a finite number, got {shown(value)}") from None
     setattr(target, key, value)
 
 

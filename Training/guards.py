@@ -22,9 +22,16 @@ from ProbSAMLib.errors import InputError, OutputRefusedError, SettingsError
 from ProbSAMLib.io.outputdir import OutputFolder, overlapping, parser_inputs, read_marker
 
 
-def at_least(option: str, value, low) -> None:
-    if value is not None and value < low:
-        raise SettingsError(f"{option} must be at least {low}, got {value}")
+# Bounds beyond which a count is a typo, not a request (they also keep every size inside what torch takes):
+MAX_SAMPLES = 1000       # samples per slice an evaluation draws; the literature's largest N is 100
+MAX_BOOTSTRAP = 100_000  # bootstrap replicates; 1000 already gives stable 95 % intervals
+
+
+def at_least(option: str, value, low, high=2 ** 63 - 1) -> None:
+    """An option's number within [low, high]; the default high is int64's, which torch and numpy take."""
+    if value is not None and not low <= value <= high:
+        bound = f"at least {low}" if value < low else f"at most {high}"
+        raise SettingsError(f"{option} must be {bound}, got {errors.shown(value)}")
 
 
 def existing_file(option: str, path) -> Path:

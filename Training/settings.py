@@ -11,7 +11,7 @@ import math
 import typing
 from typing import Any, Callable, Dict, List, Tuple
 
-from ProbSAMLib.errors import SettingsError
+from ProbSAMLib.errors import SettingsError, shown
 
 Rule = Tuple[Callable[[Any], bool], str]  # (is the value allowed, what is allowed, for the message)
 
@@ -39,10 +39,15 @@ _TYPE_NAMES = {int: "a whole number", float: "a number", bool: "true or false", 
 def _type_ok(value, kind) -> bool:
     if kind is bool:
         return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is int:  # at most int64: torch tensors, float() and the schedules take it
+        return isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 63
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        try:
+            return math.isfinite(float(value))
+        except OverflowError:  # an integer beyond float's range
+            return False
     return isinstance(value, kind)
 
 
@@ -63,7 +68,8 @@ def check_fields(settings, rules: Dict[str, Rule]) -> None:
         else:
             ok, expected = _type_ok(value, base), _TYPE_NAMES.get(base, base.__name__)
         if not ok:
-            raise SettingsError(f"setting {item.name} must be {expected}, got {value!r}")
+            bound = " below 2**63" if base is int and isinstance(value, int) and not isinstance(value, bool) else ""
+            raise SettingsError(f"setting {item.name} must be {expected}{bound}, got {shown(value)}")
         rule = rules.get(item.name)
         if rule is not None and not rule[0](value):
-            raise SettingsError(f"setting {item.name} must be {rule[1]}, got {value!r}")
+            raise SettingsError(f"setting {item.name} must be {rule[1]}, got {shown(value)}")

@@ -18,7 +18,7 @@ from typing import Optional
 
 import numpy as np
 
-from ProbSAMLib.errors import InputError
+from ProbSAMLib.errors import InputError, shown
 from ProbSAMLib.geometry import Box3D
 
 SCHEMA_URL = ("https://raw.githubusercontent.com/slicer/slicer/master/Modules/Loadable/Markups/"
@@ -111,7 +111,7 @@ def _vector(markup: dict, key: str, count: int, where: str) -> np.ndarray:
     ok = (isinstance(values, list) and len(values) == count
           and all(isinstance(v, (int, float)) and not isinstance(v, bool) and _finite(v) for v in values))
     if not ok:
-        raise MarkupsError(f"{where}: '{key}' must be {count} finite numbers, got {_shown(values)}")
+        raise MarkupsError(f"{where}: '{key}' must be {count} finite numbers, got {shown(values)}")
     return np.array(values, dtype=np.float64)
 
 
@@ -124,25 +124,19 @@ def _finite(value) -> bool:
         return False
 
 
-def _shown(value, limit: int = 120) -> str:
-    """A field's value for a message, cut short (a 400-digit number must not flood the line)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + " ..."
-
-
 def _roi_to_box(markup: dict, where: str) -> Box3D:
     system = markup.get("coordinateSystem", "LPS")  # the schema's default is LPS
     if not isinstance(system, str) or system.upper() not in ("LPS", "RAS"):
-        raise MarkupsError(f"{where}: unknown coordinateSystem {_shown(system)} (expected LPS or RAS)")
+        raise MarkupsError(f"{where}: unknown coordinateSystem {shown(system)} (expected LPS or RAS)")
     system = system.upper()
     units = markup.get("coordinateUnits", "mm")
     if isinstance(units, list):  # coded entry [code, scheme, meaning]
         units = units[0] if units else "mm"
     if not isinstance(units, str) or units not in _UNIT_TO_MM:
-        raise MarkupsError(f"{where}: unsupported coordinateUnits {_shown(units)} (expected mm or um)")
+        raise MarkupsError(f"{where}: unsupported coordinateUnits {shown(units)} (expected mm or um)")
     inside_out = markup.get("insideOut", False)
     if not isinstance(inside_out, bool):
-        raise MarkupsError(f"{where}: 'insideOut' must be true or false, got {_shown(inside_out)}")
+        raise MarkupsError(f"{where}: 'insideOut' must be true or false, got {shown(inside_out)}")
     if inside_out:
         raise MarkupsError(f"{where}: the ROI is 'inside out', which cannot be used as a box prompt")
     scale = _UNIT_TO_MM[units]

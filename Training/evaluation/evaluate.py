@@ -271,11 +271,11 @@ def check_arguments(args, names: Sequence[str]) -> None:
     if not args.model and not (args.threshold_baseline or args.backbone_baseline or args.jitter):
         raise SettingsError("nothing to evaluate: give --model and/or --threshold-baseline")
     for value in args.samples:
-        guards.at_least("--samples", value, 1)
+        guards.at_least("--samples", value, 1, guards.MAX_SAMPLES)
     guards.at_least("--max-slices", args.max_slices, 0)
     guards.at_least("--batch-size", args.batch_size, 0)
     guards.at_least("--seed", args.seed, 0)
-    guards.at_least("--bootstrap", args.bootstrap, 1)
+    guards.at_least("--bootstrap", args.bootstrap, 1, guards.MAX_BOOTSTRAP)
     guards.at_least("--num-threads", args.num_threads, 0)
     if not np.isfinite(args.box_margin) or args.box_margin < 0:
         raise SettingsError(f"--box-margin must be a finite number >= 0, got {args.box_margin}")

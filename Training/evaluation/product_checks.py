@@ -128,7 +128,7 @@ def _main(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    guards.at_least("--samples", args.samples, 1)
+    guards.at_least("--samples", args.samples, 1, guards.MAX_SAMPLES)
     guards.at_least("--max-slices", args.max_slices, 0)
     if not Path(args.model).is_file():
         raise SettingsError(f"no weights file at {args.model}")

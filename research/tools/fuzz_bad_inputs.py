@@ -286,6 +286,14 @@ def cases(w: dict) -> list:
              ("huge.mrk.json", "center"), everything),
         Case("400-digit number in --box", "crash", sample(ct, "--box", "1" * 400 + ",1,1,2,2,2"), 2, ("--box",),
              everything),
+        Case("400-digit max_steps= for train.py", "crash", train + [
+            f"data={w['data']}", f"out={root / 'huge_run'}", "preset=tiny", "max_steps=1" + "0" * 400], 2,
+             ("max_steps",), everything),
+        Case("400-digit lr= for train.py", "crash", train + [
+            f"data={w['data']}", f"out={root / 'huge_run'}", "preset=tiny", "lr=1" + "0" * 400], 2, ("lr",),
+             everything),
+        Case("400-digit --bootstrap for evaluate.py", "crash", evaluate + ev_args + [
+            "--out", str(root / "huge_eval"), "--bootstrap", "1" * 400], 2, ("--bootstrap",), everything),
         Case("probsam sample ... | true", "crash",
              " ".join(map(_quote, sample(ct, *BOX_IJK, out=root / "piped_out"))).replace(" --quiet", "") + " | true",
              0, (), (str(w["inputs"]),), shell=True, check=no_broken_pipe),
