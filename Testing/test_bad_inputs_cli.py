@@ -282,9 +282,11 @@ def cases(w: dict) -> dict:
         "--model file without checkpoint": (sample(ct, *BOX, with_model=False) + ["--model", "file"], 2,
                                             "needs --checkpoint"),
         # --- settings and limits
-        "no samples": (sample(ct, *BOX, "--samples", "0"), 2, "--samples must be at least 1"),
-        "negative samples": (sample(ct, *BOX, "--samples", "-3"), 2, "--samples must be at least 1"),
-        "samples that cannot fit": (sample(ct, *BOX, "--samples", "100000000"), 2, "use fewer samples"),
+        "no samples": (sample(ct, *BOX, "--samples", "0"), 2, "--samples must be 1..1000, got 0"),
+        "negative samples": (sample(ct, *BOX, "--samples", "-3"), 2, "--samples must be 1..1000"),
+        "a typo's number of samples": (sample(ct, *BOX, "--samples", "100000000"), 2, "--samples must be 1..1000"),
+        "a 400-digit number of samples": (sample(ct, *BOX, "--samples", "1" + "0" * 400), 2,
+                                          "--samples must be 1..1000, got 1000"),
         "slice batch 0": (sample(ct, *BOX, "--slice-batch", "0"), 2, "--slice-batch must be"),
         "negative seed": (sample(ct, *BOX, "--seed", "-1"), 2, "--seed must be"),
         "unknown device": (sample(ct, *BOX, "--device", "tpu"), 2, "unknown device 'tpu'"),
@@ -618,3 +620,14 @@ def test_a_sheared_grid_reports_the_true_volume_and_one_warning_line_each(world,
     assert geometry["voxel_volume_mm3"] == pytest.approx(voxel) and "sheared" in geometry["warning"]
     for sample in summary["samples"]:
         assert sample["voxels"] > 0 and sample["volume_mm3"] == pytest.approx(sample["voxels"] * voxel)
+
+
+def test_samples_that_cannot_fit_are_refused_before_any_work(model_file, monkeypatch):
+    """Within the option's range, the memory estimate decides: a run that would not fit says what to change."""
+    from ProbSAMLib.geometry import VoxelBox
+    from ProbSAMLib.inference import volume
+
+    monkeypatch.setattr(volume, "host_available_bytes", lambda: 2 ** 20)  # a machine with 1 MiB free
+    with pytest.raises(errors.SettingsError, match=r"^1000 samples on a box of 15 x 15 x 6 voxels need about .* "
+                                                   r"use fewer samples \(about \d+ fit\) or a smaller box"):
+        volume.check_fits(model_file[1], 1000, VoxelBox((14, 16, 3), (29, 31, 9)))

@@ -274,7 +274,7 @@ def cmd_demo(args) -> None:
     options.check_settings(args)
     _check_output(args)
     if not 0 <= args.nodule < demo_count():
-        raise UsageError(f"--nodule must be 0..{demo_count() - 1}, got {args.nodule}")
+        raise UsageError(f"--nodule must be 0..{demo_count() - 1}, got {errors.shown(args.nodule)}")
     model = options.load_model(args)
     # A model that sees millimetres or whole slices (LiteMedSAM) gets a whole chest slice around the nodule,
     # as in its training data; the tiny crop models the small patch they were trained on.

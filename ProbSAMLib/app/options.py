@@ -17,6 +17,9 @@ from ProbSAMLib.errors import SettingsError
 from ProbSAMLib.weights.registry import MODEL_NAMES, model_entry
 
 MAX_SEED = 2 ** 63 - 1
+# Beyond this a sample count is a typo, not a request (the literature's largest N is 100; within it, the
+# memory estimate says whether the box fits).
+MAX_SAMPLES = 1000
 BOX_SPACES = ("ras", "lps", "ijk")
 
 
@@ -46,7 +49,7 @@ def model_options(parser: argparse.ArgumentParser, default: str) -> None:
 def sampling_options(parser: argparse.ArgumentParser) -> None:
     """How each box is sampled and what is written besides the defaults (not --out / --force, whose meaning
     differs between commands)."""
-    parser.add_argument("--samples", type=int, default=16, metavar="N", help="number of samples (default 16)")
+    parser.add_argument("--samples", type=int, default=16, metavar="N", help="number of samples, 1..1000 (default 16)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed -> same files (default 0)")
     parser.add_argument("--z-mode", choices=("per_sample", "per_slice"), default="per_sample",
                         help="per_sample: one latent draw per sample on every slice (coherent 3D samples, "
@@ -67,12 +70,12 @@ def check_settings(args) -> None:
     """Refuse bad numbers, an unknown model, missing weights files or an unavailable device before any work."""
     from ProbSAMLib.inference.device import choose_device
 
-    if args.samples < 1:
-        raise UsageError(f"--samples must be at least 1, got {args.samples}")
-    if args.slice_batch is not None and args.slice_batch < 1:
-        raise UsageError(f"--slice-batch must be at least 1, got {args.slice_batch}")
+    if not 1 <= args.samples <= MAX_SAMPLES:
+        raise UsageError(f"--samples must be 1..{MAX_SAMPLES}, got {errors.shown(args.samples)}")
+    if args.slice_batch is not None and not 1 <= args.slice_batch <= MAX_SEED:
+        raise UsageError(f"--slice-batch must be at least 1, got {errors.shown(args.slice_batch)}")
     if not 0 <= args.seed <= MAX_SEED:
-        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {errors.shown(args.seed)}")
     if args.model not in MODEL_NAMES:
         raise UsageError(f"unknown model {args.model!r}; choose one of {', '.join(MODEL_NAMES)} "
                          f"(probsam info lists them and their weights)")

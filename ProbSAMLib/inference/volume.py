@@ -46,7 +46,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from ProbSAMLib.errors import Cancelled, SettingsError, is_gpu_out_of_memory  # noqa: F401 (Cancelled: re-exported)
+from ProbSAMLib.errors import Cancelled, SettingsError, is_gpu_out_of_memory, shown  # noqa: F401 (Cancelled: re-exported)
 from ProbSAMLib.geometry import VolumeGeometry, VoxelBox, slice_boxes_2d, slices_with_neighbours
 from ProbSAMLib.inference.agreement import agreement_masks
 from ProbSAMLib.inference.device import autocast, synchronize
@@ -225,7 +225,7 @@ def check_fits(model: ProbSAM, n_samples: int, voxel_box: VoxelBox) -> None:
     if problems:
         per_sample = max(1, on_host // max(1, n_samples))
         fitting = max(0, int(host_free // per_sample) - 1)
-        raise SettingsError(f"{n_samples} samples on a box of {voxel_box.size[0]} x {voxel_box.size[1]} x "
+        raise SettingsError(f"{shown(n_samples)} samples on a box of {voxel_box.size[0]} x {voxel_box.size[1]} x "
                             f"{voxel_box.size[2]} voxels need {' and '.join(problems)}; use fewer samples "
                             f"(about {fitting} fit) or a smaller box")
 

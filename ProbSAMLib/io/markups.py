@@ -48,7 +48,7 @@ def read_roi_json(path, index: Optional[int] = None) -> Box3D:
             raise MarkupsError(f"{path} contains {len(rois)} ROIs ({listing}); choose one by its index")
         index = 0
     if not 0 <= index < len(rois):
-        raise MarkupsError(f"ROI index {index} is out of range: {path} contains {len(rois)} ROI(s)")
+        raise MarkupsError(f"ROI index {shown(index)} is out of range: {path} contains {len(rois)} ROI(s)")
     return _roi_to_box(rois[index], f"{path} (ROI {index} {rois[index].get('name', '')!r})")
 
 

@@ -286,6 +286,10 @@ def cases(w: dict) -> list:
              ("huge.mrk.json", "center"), everything),
         Case("400-digit number in --box", "crash", sample(ct, "--box", "1" * 400 + ",1,1,2,2,2"), 2, ("--box",),
              everything),
+        Case("400-digit --samples", "crash", PROBSAM + ["sample", ct, *BOX_IJK, "--model", "file", "--checkpoint",
+             model, "--samples", "1" * 400, "--out", str(root / "x")], 2, ("--samples",), everything),
+        Case("400-digit --roi-index", "crash", sample(ct, "--roi", str(w["roi"]), "--roi-index", "1" * 400), 2,
+             ("ROI index", "roi.mrk.json"), everything),
         Case("400-digit max_steps= for train.py", "crash", train + [
             f"data={w['data']}", f"out={root / 'huge_run'}", "preset=tiny", "max_steps=1" + "0" * 400], 2,
              ("max_steps",), everything),

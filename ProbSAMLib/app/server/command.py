@@ -10,7 +10,7 @@ import socket
 from pathlib import Path
 
 from ProbSAMLib.app.server.protocol import DEFAULT_PORT, PREFIX, TOKEN_ENV
-from ProbSAMLib.errors import SettingsError
+from ProbSAMLib.errors import SettingsError, shown
 from ProbSAMLib.weights.registry import DEFAULT_MODEL, MODEL_NAMES
 
 
@@ -48,9 +48,9 @@ def check_options(args):
     from ProbSAMLib.app.server.security import check_exposure, read_token
 
     if not 0 <= args.port <= 65535:
-        raise SettingsError(f"--port must be 0..65535, got {args.port}")
+        raise SettingsError(f"--port must be 0..65535, got {shown(args.port)}")
     if args.max_backlog < 1:
-        raise SettingsError(f"--max-backlog must be at least 1, got {args.max_backlog}")
+        raise SettingsError(f"--max-backlog must be at least 1, got {shown(args.max_backlog)}")
     if not args.max_request_mb > 0 or not args.rate_limit >= 0:
         raise SettingsError("--max-request-mb must be > 0 and --rate-limit >= 0")
     if (args.certfile is None) != (args.keyfile is None):
