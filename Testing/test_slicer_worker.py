@@ -120,10 +120,10 @@ def test_unresponsive_worker_is_killed_then_a_crash_is_a_clear_error(slicer, mod
 def test_out_of_memory_is_reported_with_what_to_do(module):
     import torch
 
-    from ProbSAMLib.app.worker import _error_kind
+    from ProbSAMLib.app.jobs import error_kind
 
-    assert _error_kind(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) == "out_of_memory"
-    assert _error_kind(ValueError("bad box")) == "error"
+    assert error_kind(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")) == "out_of_memory"
+    assert error_kind(ValueError("bad box")) == "error"
     settings = module.SamplingSettings(64, 0, "vit_h", "", "", "cuda", "entropy")
     run = module.sampling_process.SamplingRun(None, [], settings, np.eye(4), (1, 1, 1), None)
     error = run._worker_error({"kind": "out_of_memory", "message": "CUDA out of memory"})

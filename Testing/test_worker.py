@@ -98,7 +98,7 @@ def test_frames_only_on_stdout_and_cancel_by_request_id(noisy_worker, weights):
 def test_device_warnings_come_from_the_worker():
     """The worker checks the device (Slicer's own process never initialises CUDA)."""
     from ProbSAMLib.weights.registry import MODELS
-    from ProbSAMLib.app.worker import device_warning
+    from ProbSAMLib.app.jobs import device_warning
 
     need = MODELS["vit_h"].min_gpu_gib
     assert "wants about" in device_warning("vit_h", "cuda", "cuda", need - 1) and "'cpu'" in \
@@ -218,14 +218,14 @@ def test_server_in_process_samples_reuses_the_model_and_reports_errors(server, w
 
 def test_error_kinds_sent_to_the_client():
     """How a failed request is labelled: cancelled, out of (GPU or host) memory, or any other error."""
-    from ProbSAMLib.app.worker import _error_kind
+    from ProbSAMLib.app.jobs import error_kind
     from ProbSAMLib.errors import Cancelled
 
-    assert _error_kind(Cancelled("stop")) == "cancelled"
-    assert _error_kind(MemoryError()) == "out_of_memory"
-    assert _error_kind(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) == "out_of_memory"
-    assert _error_kind(ValueError("the sampler ran out of GPU memory at 16 samples")) == "out_of_memory"
-    assert _error_kind(ValueError("box outside the image")) == "error"
+    assert error_kind(Cancelled("stop")) == "cancelled"
+    assert error_kind(MemoryError()) == "out_of_memory"
+    assert error_kind(RuntimeError("CUDA out of memory. Tried to allocate 2 GiB")) == "out_of_memory"
+    assert error_kind(ValueError("the sampler ran out of GPU memory at 16 samples")) == "out_of_memory"
+    assert error_kind(ValueError("box outside the image")) == "error"
 
 
 def test_main_in_process_keeps_the_real_stdout_for_frames(tmp_path, monkeypatch):
@@ -276,7 +276,7 @@ def test_idle_server_ends_with_an_idle_frame(tmp_path):
 def test_masks_are_cut_to_a_rotated_roi_and_the_summary_follows():
     """cut_to_roi: a box rotated 45 degrees in its voxel hull keeps only voxels whose centre is inside it;
     the consensus, agreement and summary are made again from the cut masks; the maps are 0 outside."""
-    from ProbSAMLib.app.worker import cut_to_roi
+    from ProbSAMLib.app.jobs import cut_to_roi
     from ProbSAMLib.geometry import VolumeGeometry, VoxelBox
     from ProbSAMLib.inference.agreement import agreement_masks
     from ProbSAMLib.inference.summary import volume_summary

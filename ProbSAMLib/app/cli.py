@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--box", metavar="X1,Y1,Z1,X2,Y2,Z2",
                        help="two opposite corners of the box, e.g. --box -40.5,20,-110,-20,45,-90")
     where.add_argument("--roi", type=Path, metavar="ROI.mrk.json", help="a Markups ROI saved from 3D Slicer")
-    sample.add_argument("--box-space", choices=("ras", "lps", "ijk"), default=None,
+    sample.add_argument("--box-space", choices=options.BOX_SPACES, default=None,
                         help="coordinates of --box: ras (3D Slicer's, mm; default), lps (ITK/DICOM, mm) or "
                              "ijk (inclusive voxel indices)")
     sample.add_argument("--roi-index", type=int, metavar="N", help="which ROI of a file holding several (0-based)")

@@ -84,18 +84,14 @@ def check_region(values, region: tuple) -> np.ndarray:
 class ModelCache:
     """The last loaded model, reused while name, files and device stay the same."""
 
-    def __init__(self, allow_files: bool = True):
+    def __init__(self):
         self.key, self.model, self.sha256, self.loads = None, None, None, 0
-        self.allow_files = allow_files  # a server does not load files named by a remote client
 
     def get(self, spec: dict):
         from ProbSAMLib.weights.build import load_model
         from ProbSAMLib.weights.checkpoints import weights_sha256
 
         key = tuple(spec.get(k) or None for k in ("name", "checkpoint", "sam_checkpoint", "device"))
-        if not self.allow_files and (key[1] or key[2]):
-            raise RequestError("this server loads only its own models; it does not read weights files named "
-                               "by the client (leave checkpoint and sam_checkpoint empty)")
         reused = key == self.key
         if not reused:
             self.key, self.model = None, None  # free the old model before loading the next

@@ -65,10 +65,8 @@ import numpy as np
 from ProbSAMLib.app import wire
 from ProbSAMLib.app.wire import WireError
 # The job itself (schema, checks, model cache, sampling) is shared with the HTTP server.
-from ProbSAMLib.app.jobs import ModelCache, SampleJob, cut_to_roi, device_warning, error_kind, roi_inside  # noqa: F401
+from ProbSAMLib.app.jobs import ModelCache, SampleJob, error_kind
 from ProbSAMLib.app.remote import RemoteJob, test_connection  # the same job on a probsam server (stdlib only)
-
-_error_kind = error_kind  # the name older tests and callers use
 
 _HEADER = struct.Struct("<Q")
 # What one frame may weigh. Worker -> client: a result is about (N + 21) bytes per box voxel (N bool

@@ -15,7 +15,7 @@ from ProbSAMLib.app.jobs import ModelCache, RequestError
 class ServedModel:
     def __init__(self, name: str, checkpoint: Optional[Path] = None, sam_checkpoint: Optional[Path] = None,
                  device: str = "auto"):
-        cache = ModelCache(allow_files=True)  # the operator's files, named on the server's command line
+        cache = ModelCache()  # the operator's files, named on the server's command line; get() refuses a client's
         spec = {"name": name, "checkpoint": str(checkpoint) if checkpoint else None,
                 "sam_checkpoint": str(sam_checkpoint) if sam_checkpoint else None, "device": device}
         self.model, info = cache.get(spec)
