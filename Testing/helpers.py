@@ -64,3 +64,21 @@ def diverse_tiny_model(seed: int = 0):
     torch.manual_seed(1)
     torch.nn.init.normal_(model.latent_projection.mlp[-1].weight, std=0.5)
     return model
+
+
+def tiny_dataset(out: Path, n: int = 30, size: int = 64, patients: int = 6, tool: str = "make_phantom.py") -> Path:
+    """A tiny synthetic slice data set (no pylidc): ``n`` slices of -800 HU noise, every reader marking the
+    same square, spread over ``patients`` patients; written as ``tool`` writes one (its output marker)."""
+    from Training.data.dataset_format import N_READERS, Chunk, write_dataset
+
+    rng = np.random.default_rng(0)
+    images = rng.normal(-800, 40, (n, size, size)).astype(np.int16)
+    masks = np.zeros((n, N_READERS, size, size), bool)
+    masks[:, :, 20:40, 22:42] = True
+    rows = [{"patient_id": f"LIDC-IDRI-{i % patients:04d}", "series_uid": f"1.{i % patients}",
+             "scan_id": i % patients, "nodule_id": f"n{i % patients}", "k": i, "z_mm": float(i), "crop_row0": 0,
+             "crop_col0": 0, "n_readers": N_READERS, "n_marked": N_READERS, "truncated": 0, "source_key": str(i)}
+            for i in range(n)]
+    write_dataset(out, [Chunk(images, masks, np.ones((n, N_READERS), bool), rows)],
+                  {"source": "test", "intensity": "hu"}, tool=tool)
+    return out

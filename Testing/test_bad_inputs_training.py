@@ -6,7 +6,7 @@ removed (a hashed snapshot of the whole test folder before and after).
 train.py is a top-level script: the table runs it in-process with runpy and ends an uncaught error
 through ``errors.finish_script`` — the function its exception hook calls — and a few cases run it as a
 real subprocess to cover the hook itself. The data set is a tiny synthetic one written by
-``write_dataset`` (no pylidc), so the whole module takes seconds.
+``Testing.helpers.tiny_dataset`` (no pylidc), so the whole module takes seconds.
 """
 
 import os
@@ -23,31 +23,16 @@ import torch
 from safetensors.torch import save_file
 
 from ProbSAMLib import errors
-from Testing.helpers import snapshot
+from Testing.helpers import snapshot, tiny_dataset
 from Training.evaluation import evaluate
 from Training.data import import_pickle, make_phantom, prepare_lidc
 from Training.config import TrainConfig
-from Training.data.dataset_format import N_READERS, Chunk, write_dataset
 from ProbSAMLib.io.outputdir import OutputFolder
 from Training.learning.learners import build_learner
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "Training" / "train.py"
-
-
-def tiny_dataset(out: Path, n: int = 30, size: int = 64, tool: str = "make_phantom.py") -> Path:
-    rng = np.random.default_rng(0)
-    images = rng.normal(-800, 40, (n, size, size)).astype(np.int16)
-    masks = np.zeros((n, N_READERS, size, size), bool)
-    masks[:, :, 20:40, 22:42] = True
-    rows = [{"patient_id": f"LIDC-IDRI-{i % 6:04d}", "series_uid": f"1.{i % 6}", "scan_id": i % 6,
-             "nodule_id": f"n{i % 6}", "k": i, "z_mm": float(i), "crop_row0": 0, "crop_col0": 0,
-             "n_readers": N_READERS, "n_marked": N_READERS, "truncated": 0, "source_key": str(i)}
-            for i in range(n)]
-    write_dataset(out, [Chunk(images, masks, np.ones((n, N_READERS), bool), rows)],
-                  {"source": "test", "intensity": "hu"}, tool=tool)
-    return out
 
 
 def resumable_run(run: Path, data: Path, step: int) -> Path:

@@ -40,8 +40,7 @@ sys.path.insert(0, str(ROOT))
 from ProbSAMLib import save_probsam  # noqa: E402
 from ProbSAMLib.geometry import Box3D, VolumeGeometry  # noqa: E402
 from ProbSAMLib.io.markups import write_roi_json  # noqa: E402
-from Testing.helpers import diverse_tiny_model, rotation, snapshot, write_dicom_series  # noqa: E402
-from Training.data.dataset_format import N_READERS, Chunk, write_dataset  # noqa: E402
+from Testing.helpers import diverse_tiny_model, snapshot, tiny_dataset, write_dicom_series  # noqa: E402
 
 PROBSAM = [sys.executable, "-m", "ProbSAMLib.app.cli"]
 TRAINING = ROOT / "Training"
@@ -73,20 +72,6 @@ def write_ct(path: Path, direction=np.eye(3), dtype=np.int16, size=(48, 48, 12))
     image = geometry.apply_to(sitk.GetImageFromArray(values.astype(dtype)))
     sitk.WriteImage(image, str(path), useCompression=path.suffix == ".nrrd")
     return path
-
-
-def tiny_dataset(out: Path, patients: int = 6, n: int = 30, size: int = 64) -> Path:
-    rng = np.random.default_rng(0)
-    images = rng.normal(-800, 40, (n, size, size)).astype(np.int16)
-    masks = np.zeros((n, N_READERS, size, size), bool)
-    masks[:, :, 20:40, 22:42] = True
-    rows = [{"patient_id": f"LIDC-IDRI-{i % patients:04d}", "series_uid": f"1.{i % patients}",
-             "scan_id": i % patients, "nodule_id": f"n{i % patients}", "k": i, "z_mm": float(i), "crop_row0": 0,
-             "crop_col0": 0, "n_readers": N_READERS, "n_marked": N_READERS, "truncated": 0, "source_key": str(i)}
-            for i in range(n)]
-    write_dataset(out, [Chunk(images, masks, np.ones((n, N_READERS), bool), rows)],
-                  {"source": "fuzz", "intensity": "hu"})
-    return out
 
 
 def dicom_with_odd_slice(folder: Path, odd: str) -> Path:
